@@ -1,0 +1,233 @@
+"""Settings: one typed object, built once from layers and passed down.
+
+Layers, lowest first: built-in defaults, a TOML file (``GLITE_VM_CONFIG`` or
+``/etc/glite-vm/config.toml``), HTCondor's configuration (``GLITE_VM_*`` knobs read through
+``htcondor2.param`` when the bindings are importable and asked for), and finally the process
+environment (``GLITE_VM_*`` variables). Keys are the knob names without the ``GLITE_VM_`` prefix,
+case-insensitive in the TOML file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import tomllib
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from glite_vm.errors import RequestError
+
+KIB = 1024
+MIB = 1024 * KIB
+GIB = 1024 * MIB
+TIB = 1024 * GIB
+
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": KIB,
+    "kb": KIB,
+    "kib": KIB,
+    "m": MIB,
+    "mb": MIB,
+    "mib": MIB,
+    "g": GIB,
+    "gb": GIB,
+    "gib": GIB,
+    "t": TIB,
+    "tb": TIB,
+    "tib": TIB,
+}
+
+
+def parse_size(text: str | int, field: str = "size") -> int:
+    """Parse ``"30GB"``, ``"512 MiB"``, ``"1073741824"`` into bytes (binary units)."""
+    if isinstance(text, bool):
+        raise RequestError(field, f"expected a size like '2GB', got {text!r}")
+    if isinstance(text, int):
+        if text < 0:
+            raise RequestError(field, f"must not be negative, got {text}")
+        return text
+    s = text.strip().lower().replace(" ", "")
+    num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
+    unit = s[len(num) :]
+    if unit not in _UNITS or not num:
+        raise RequestError(field, f"expected a size like '2GB' or '512MiB', got {text!r}")
+    try:
+        value = float(num)
+    except ValueError:
+        raise RequestError(field, f"expected a size like '2GB' or '512MiB', got {text!r}") from None
+    if value < 0 or value != value or value == float("inf"):
+        raise RequestError(field, f"must be a finite, non-negative size, got {text!r}")
+    return int(value * _UNITS[unit])
+
+
+def format_size(n: int) -> str:
+    """Human-readable binary size: ``1.5 GiB``."""
+    value = float(n)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(value) < 1024 or unit == "TiB":
+            return f"{value:.0f} {unit}" if unit == "B" else f"{value:.1f} {unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def _bool(v: str) -> bool:
+    s = v.strip().lower()
+    if s in ("1", "true", "yes", "on"):
+        return True
+    if s in ("0", "false", "no", "off", ""):
+        return False
+    raise ValueError(f"expected true/false, got {v!r}")
+
+
+def _list(v: str) -> tuple[str, ...]:
+    return tuple(p for p in (x.strip() for x in v.replace(",", " ").split()) if p)
+
+
+def _default_state_dir() -> Path:
+    if os.geteuid() == 0:
+        return Path("/var/lib/glite-vm")
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "glite-vm"
+
+
+def _default_socket() -> Path:
+    return Path("/run/glite-vm/glite-vm.sock")
+
+
+@dataclasses.dataclass(frozen=True)
+class Settings:
+    """Every knob glite-vm reads. Build with :meth:`load`; pass it down, never make it global."""
+
+    state_dir: Path = dataclasses.field(default_factory=_default_state_dir)
+    libvirt_uri: str = ""  # empty: qemu:///system as root, qemu:///session otherwise
+    hypervisor: str = "auto"  # auto | kvm | qemu
+    # image cache and catalogue
+    cache_dir: Path | None = None  # default: state_dir/cache
+    cache_max_bytes: int = 50 * GIB
+    catalogue: str = ""
+    custom_image_sources: tuple[str, ...] = ()
+    max_image_virtual_bytes: int = 64 * GIB
+    max_image_file_bytes: int = 32 * GIB
+    download_timeout: float = 60.0  # seconds without progress before a download fails
+    lock_timeout: float = 1800.0  # seconds a job waits for another job's download
+    # VM sizing bounds and defaults (the site's historical VM: 1 core / 2 GB / 30 GB)
+    default_cpus: int = 1
+    default_memory_mib: int = 2048
+    default_disk_bytes: int = 30 * GIB
+    max_cpus: int = 64
+    max_memory_mib: int = 256 * 1024
+    max_disk_bytes: int = 2 * TIB
+    # life cycle
+    boot_timeout: float = 300.0
+    teardown_timeout: float = 30.0
+    snapshot_dir: Path | None = None  # default: state_dir/snapshots
+    run_dir: Path | None = None  # default: state_dir/run (overlays of running VMs, boot logs)
+    guest_user: str = "glite"  # default unprivileged guest account
+    # policy
+    root_users: tuple[str, ...] = ()
+    default_image: str = ""
+    network: str = "none"
+    socket_path: Path = dataclasses.field(default_factory=_default_socket)
+
+    # -- derived ------------------------------------------------------------------------------
+
+    @property
+    def effective_libvirt_uri(self) -> str:
+        if self.libvirt_uri:
+            return self.libvirt_uri
+        return "qemu:///system" if os.geteuid() == 0 else "qemu:///session"
+
+    @property
+    def effective_cache_dir(self) -> Path:
+        return self.cache_dir or self.state_dir / "cache"
+
+    @property
+    def effective_snapshot_dir(self) -> Path:
+        return self.snapshot_dir or self.state_dir / "snapshots"
+
+    @property
+    def effective_run_dir(self) -> Path:
+        return self.run_dir or self.state_dir / "run"
+
+    # -- loading ------------------------------------------------------------------------------
+
+    @classmethod
+    def load(
+        cls,
+        environ: Mapping[str, str] | None = None,
+        *,
+        config_file: Path | None = None,
+        use_condor: bool = False,
+        overrides: Mapping[str, Any] | None = None,
+    ) -> Settings:
+        """Build settings from the layers (see the module docstring); ``overrides`` win."""
+        env = os.environ if environ is None else environ
+        raw: dict[str, str] = {}
+        path = config_file or Path(env.get("GLITE_VM_CONFIG", "/etc/glite-vm/config.toml"))
+        if path.is_file():
+            with path.open("rb") as f:
+                data = tomllib.load(f)
+            for key, value in data.items():
+                raw[key.lower()] = value if isinstance(value, str) else _toml_to_str(value)
+        if use_condor:
+            raw.update(_condor_params())
+        for key, value in env.items():
+            if key.startswith("GLITE_VM_") and key != "GLITE_VM_CONFIG":
+                raw[key[len("GLITE_VM_") :].lower()] = value
+        return cls.from_strings(raw, overrides)
+
+    @classmethod
+    def from_strings(
+        cls, raw: Mapping[str, str], overrides: Mapping[str, Any] | None = None
+    ) -> Settings:
+        kwargs: dict[str, Any] = {}
+        fields = {f.name: f for f in dataclasses.fields(cls)}
+        for key, text in raw.items():
+            if key not in fields:
+                continue  # unknown knobs belong to other tools or later versions
+            try:
+                kwargs[key] = _PARSERS[fields[key].type](text)
+            except (ValueError, RequestError) as exc:
+                raise ValueError(f"setting GLITE_VM_{key.upper()}: {exc}") from None
+        kwargs.update(overrides or {})
+        return cls(**kwargs)
+
+
+def _toml_to_str(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, list):
+        return " ".join(str(v) for v in value)
+    return str(value)
+
+
+def _opt_path(v: str) -> Path | None:
+    return Path(v) if v.strip() else None
+
+
+_PARSERS: dict[object, Callable[[str], Any]] = {
+    "Path": Path,
+    "Path | None": _opt_path,
+    "str": str,
+    "int": lambda v: parse_size(v, "setting") if v.strip()[-1:].isalpha() else int(v),
+    "float": float,
+    "bool": _bool,
+    "tuple[str, ...]": _list,
+}
+
+
+def _condor_params() -> dict[str, str]:
+    """GLITE_VM_* knobs from HTCondor's configuration, when the bindings are installed."""
+    try:
+        import htcondor2  # noqa: PLC0415 - optional and slow; only when asked for
+    except ImportError:
+        return {}
+    out: dict[str, str] = {}
+    for f in dataclasses.fields(Settings):
+        value = htcondor2.param.get("GLITE_VM_" + f.name.upper())
+        if value is not None:
+            out[f.name] = str(value)
+    return out

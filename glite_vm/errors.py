@@ -1,0 +1,143 @@
+"""The exception tree.
+
+Every error the library raises on purpose is a :class:`GliteVmError`. Each one knows whether the
+job should be **held** (the user must change something: unknown image, bad checksum, refused
+image, root not permitted, impossible sizes) or **requeued** (this host failed: libvirt down,
+disk full, download failure, boot timeout), and its ``str()`` is the message the user reads.
+Errors also subclass the closest built-in exception so callers can catch them naturally
+(``except ValueError`` still catches a bad request).
+"""
+
+from __future__ import annotations
+
+import enum
+from pathlib import Path
+
+
+class Disposition(enum.Enum):
+    """What HTCondor should do with a job that failed with this error."""
+
+    HOLD = "hold"
+    REQUEUE = "requeue"
+
+
+class GliteVmError(Exception):
+    """Base of every error glite-vm raises on purpose."""
+
+    disposition: Disposition = Disposition.REQUEUE
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+    @property
+    def is_user_error(self) -> bool:
+        return self.disposition is Disposition.HOLD
+
+
+# --- user errors: hold the job --------------------------------------------------------------
+
+
+class UserError(GliteVmError):
+    """The job asked for something that can never work here; the user must change it."""
+
+    disposition = Disposition.HOLD
+
+
+class RequestError(UserError, ValueError):
+    """A field of the job's request is missing, malformed or out of bounds."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+        self.problem = problem
+
+
+class UnknownImageError(UserError, LookupError):
+    """The job names an image the catalogue does not list."""
+
+    def __init__(self, name: str, known: list[str]) -> None:
+        shown = ", ".join(known[:20]) + (", ..." if len(known) > 20 else "")
+        super().__init__(f"unknown image {name!r}; known: {shown or '(the catalogue is empty)'}")
+        self.name = name
+        self.known = known
+
+
+class ChecksumMismatchError(UserError):
+    """Downloaded bytes do not have the digest the job or catalogue promised."""
+
+    def __init__(self, source: str, expected: str, actual: str) -> None:
+        super().__init__(
+            f"checksum mismatch for {source}: expected sha256 {expected}, got {actual}; "
+            "fix the digest in the submit file (GliteVmImageSha256) or the image"
+        )
+        self.source = source
+        self.expected = expected
+        self.actual = actual
+
+
+class ImageRefusedError(UserError):
+    """The image failed a safety check (backing file, external data file, size, format)."""
+
+    def __init__(self, source: str, reason: str) -> None:
+        super().__init__(f"image {source} refused: {reason}")
+        self.source = source
+        self.reason = reason
+
+
+class RootNotPermittedError(UserError, PermissionError):
+    """The job asked for root in the guest where that is not allowed."""
+
+
+class AccessDeniedError(UserError, PermissionError):
+    """A caller asked to act on something it does not own."""
+
+
+# --- host errors: requeue the job -----------------------------------------------------------
+
+
+class HostError(GliteVmError):
+    """This execute host failed; the job may well run elsewhere."""
+
+    disposition = Disposition.REQUEUE
+
+
+class HypervisorError(HostError):
+    """libvirt or QEMU is unavailable or refused to run the domain."""
+
+
+class DownloadError(HostError, ConnectionError):
+    """The image could not be fetched (network, server, timeout)."""
+
+
+class CacheFullError(HostError, OSError):
+    """The image cache (or the disk under it) has no room for this image."""
+
+
+class LockTimeoutError(HostError, TimeoutError):
+    """Another process held a lock for longer than the bound allows."""
+
+
+class BootError(HostError):
+    """The guest died or its agent never answered; the message quotes the boot log."""
+
+    def __init__(self, message: str, boot_log: Path | None = None, tail: str = "") -> None:
+        text = message
+        if boot_log is not None:
+            text += f"; boot log: {boot_log}"
+        if tail:
+            text += "\n--- last lines of the boot log ---\n" + tail
+        super().__init__(text)
+        self.boot_log = boot_log
+        self.tail = tail
+
+
+class AgentError(HostError):
+    """The guest agent failed while the job was running."""
+
+
+class ServiceUnavailableError(HostError, ConnectionError):
+    """The glite-vm service did not answer in time."""
