@@ -10,6 +10,7 @@ case-insensitive in the TOML file.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import tomllib
 from collections.abc import Callable, Mapping
@@ -58,7 +59,7 @@ def parse_size(text: str | int, field: str = "size") -> int:
         value = float(num)
     except ValueError:
         raise RequestError(field, f"expected a size like '2GB' or '512MiB', got {text!r}") from None
-    if value < 0 or value != value or value == float("inf"):
+    if not math.isfinite(value) or value < 0:
         raise RequestError(field, f"must be a finite, non-negative size, got {text!r}")
     return int(value * _UNITS[unit])
 
@@ -108,6 +109,8 @@ class Settings:
     cache_dir: Path | None = None  # default: state_dir/cache
     cache_max_bytes: int = 50 * GIB
     catalogue: str = ""
+    catalogue_max_age: float = 60.0  # seconds a fetched catalogue is used without revalidating
+    cache_min_free_bytes: int = 512 * MIB  # free space a download must leave on the cache's disk
     custom_image_sources: tuple[str, ...] = ()
     max_image_virtual_bytes: int = 64 * GIB
     max_image_file_bytes: int = 32 * GIB

@@ -28,7 +28,9 @@ class KeepSnapshot(enum.Enum):
             return cls(value.strip().lower().replace("-", "_"))
         except (ValueError, AttributeError):
             choices = ", ".join(repr(k.value) for k in cls)
-            raise RequestError("GliteVmKeepSnapshot", f"must be one of {choices}, got {value!r}")
+            raise RequestError(
+                "GliteVmKeepSnapshot", f"must be one of {choices}, got {value!r}"
+            ) from None
 
     def keeps(self, failed: bool) -> bool:
         return self is KeepSnapshot.ALWAYS or (self is KeepSnapshot.ON_FAILURE and failed)
@@ -94,8 +96,10 @@ class VMRequest:
             )
         if not isinstance(root, bool):
             raise RequestError("GliteVmRoot", f"must be True or False, got {root!r}")
-        keep = keep_snapshot if isinstance(keep_snapshot, KeepSnapshot) else (
-            KeepSnapshot.parse(keep_snapshot)
+        keep = (
+            keep_snapshot
+            if isinstance(keep_snapshot, KeepSnapshot)
+            else (KeepSnapshot.parse(keep_snapshot))
         )
         if image_sha256 is not None:
             image_sha256 = image_sha256.strip().lower()

@@ -16,7 +16,12 @@ from glite_vm.config import Settings
 from glite_vm.errors import GliteVmError
 
 # Modules that contribute sub-commands, in the order `--help` lists them.
-_COMMAND_MODULES = ("glite_vm.cli.vm", "glite_vm.cli.images")
+_COMMAND_MODULES = (
+    "glite_vm.cli.vm",
+    "glite_vm.cli.images",
+    "glite_vm.cli.condor",
+    "glite_vm.cli.identity",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -1,0 +1,151 @@
+"""One job in one VM, start to finish, on this host: the path `glite-vm run` and the API share.
+
+``run_job`` resolves the image through the cache, boots a VM, copies the input directory in,
+runs the command with its output streamed, copies new and changed files out, and tears the VM
+down whatever happens (an exception, Ctrl-C, a cancel event), keeping the snapshot by policy.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import getpass
+import os
+import threading
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+
+import libvirt
+
+from glite_vm.config import Settings
+from glite_vm.errors import HypervisorError
+from glite_vm.request import KeepSnapshot, VMRequest
+from glite_vm.vm.hypervisor import HypervisorInfo, detect_cached
+from glite_vm.vm.lifecycle import OutputSink, Timings, VmHost
+
+Progress = Callable[[int, int | None], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class JobSpec:
+    """A command to run in a fresh VM of ``image``."""
+
+    image: str
+    argv: Sequence[str]
+    image_sha256: str | None = None
+    root: bool = False
+    cpus: int | None = None
+    memory_mib: int | None = None
+    disk: int | str | None = None
+    keep_snapshot: KeepSnapshot | str = KeepSnapshot.ON_FAILURE
+    input_dir: Path | None = None
+    output_dir: Path | None = None
+    env: Mapping[str, str] = dataclasses.field(default_factory=dict)
+    timeout: float | None = None
+    job_id: str | None = None
+    owner: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class JobResult:
+    """What happened, with everything a user needs to look at afterwards."""
+
+    domain: str
+    exit_code: int | None
+    signal: int | None
+    shell_status: int
+    snapshot_path: Path | None
+    boot_log_path: Path
+    record_path: Path
+    hypervisor: str
+    image_digest: str
+    cache_hit: bool
+    outputs: list[str]
+    timings: Timings
+
+
+def hypervisor_for(settings: Settings) -> HypervisorInfo:
+    return detect_cached(settings.hypervisor, settings.state_dir / "hypervisor.json")
+
+
+def open_host(settings: Settings, hypervisor: HypervisorInfo | None = None) -> VmHost:
+    """Connect to libvirt and pick the accelerator (probe remembered across runs)."""
+    hv = hypervisor or hypervisor_for(settings)
+    try:
+        conn = libvirt.open(settings.effective_libvirt_uri)
+    except libvirt.libvirtError as exc:
+        raise HypervisorError(
+            f"cannot connect to libvirt at {settings.effective_libvirt_uri}: {exc}; "
+            "is libvirtd running?"
+        ) from exc
+    return VmHost(conn, settings, hv)
+
+
+def run_job(
+    host: VmHost,
+    spec: JobSpec,
+    *,
+    stdout: OutputSink | None = None,
+    stderr: OutputSink | None = None,
+    progress: Progress | None = None,
+    cancel: threading.Event | None = None,
+    allow_local: bool = True,
+) -> JobResult:
+    from glite_vm.images import acquire_image  # noqa: PLC0415 - keeps this module light
+
+    settings = host.settings
+    job_id = spec.job_id or f"local-{int(time.time())}-{os.getpid()}"
+    request = VMRequest.create(
+        settings,
+        image=spec.image,
+        job_id=job_id,
+        owner=spec.owner or getpass.getuser(),
+        cpus=spec.cpus,
+        memory_mib=spec.memory_mib,
+        disk=spec.disk,
+        root=spec.root,
+        keep_snapshot=spec.keep_snapshot,
+        image_sha256=spec.image_sha256,
+    )
+    with acquire_image(
+        settings,
+        spec.image,
+        sha256=spec.image_sha256,
+        job_id=job_id,
+        progress=progress,
+        allow_local=allow_local,
+    ) as lease:
+        image = lease.image
+        vm = host.start(request, image, fetch_seconds=image.fetch_seconds)
+        outputs: list[str] = []
+        with vm:
+            vm.wait_ready()
+            if spec.input_dir is not None:
+                vm.push(spec.input_dir)
+            result = vm.run(
+                spec.argv,
+                env=spec.env,
+                stdout=stdout,
+                stderr=stderr,
+                timeout=spec.timeout,
+                cancel=cancel,
+            )
+            if spec.output_dir is not None:
+                spec.output_dir.mkdir(parents=True, exist_ok=True)
+                outputs = vm.pull(spec.output_dir, unchanged_from=spec.input_dir)
+        done = vm.torn_down
+        assert done is not None  # the with-block always tears down
+        return JobResult(
+            domain=vm.name,
+            exit_code=result.exit_code,
+            signal=result.signal,
+            shell_status=result.shell_status,
+            snapshot_path=done.snapshot_path,
+            boot_log_path=done.boot_log_path,
+            record_path=done.record_path,
+            hypervisor=host.hypervisor.kind,
+            image_digest=image.sha256,
+            cache_hit=image.cache_hit,
+            outputs=outputs,
+            timings=vm.timings,
+        )

@@ -1,0 +1,578 @@
+"""The life of one job's VM: overlay, define, boot, agent ready, run, copy, teardown.
+
+The libvirt connection is injected (never global). Each VM owns a directory
+``<snapshot_dir>/<domain name>/`` holding ``overlay.qcow2`` while it runs, ``boot.log`` from
+the first byte, ``xfer.img`` (the transfer disk, see :mod:`glite_vm.vm.transfer`) and, after
+teardown, ``record.json`` and — when the policy keeps it — ``snapshot.qcow2``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import secrets
+import shlex
+import shutil
+import subprocess
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from pathlib import Path
+from typing import Protocol
+
+import libvirt
+
+from glite_vm.config import Settings
+from glite_vm.errors import AgentError, BootError, HypervisorError, RequestError
+from glite_vm.request import VMRequest
+from glite_vm.vm import transfer
+from glite_vm.vm.agent import GuestAgent
+from glite_vm.vm.domain_xml import (
+    DOMAIN_PREFIX,
+    METADATA_NS,
+    METADATA_PREFIX,
+    DomainSpec,
+    JobMetadata,
+    build_domain_xml,
+    domain_name,
+)
+from glite_vm.vm.hypervisor import HypervisorInfo
+
+log = logging.getLogger(__name__)
+
+GUEST_WORKDIR = "/var/tmp/glite-vm-job"
+GUEST_STATE = "/run/glite-vm"
+GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+BOOT_LOG_TAIL_LINES = 25
+
+# Runs the payload in the guest (as root, through the agent): switches to the job's user, its
+# working directory and environment, and *execs* the payload so that its exit code or signal is
+# what the agent reports. Arguments: WORKDIR USER CMD [ARGS...].
+GUEST_RUN = r"""
+work=$1; runas=$2; shift 2
+cd "$work" || exit 126
+out=/run/glite-vm/stdout; err=/run/glite-vm/stderr
+if [ "$runas" = root ]; then
+    exec "$@" </dev/null >"$out" 2>"$err"
+fi
+if command -v setpriv >/dev/null 2>&1; then
+    exec setpriv --reuid="$(id -u "$runas")" --regid="$(id -g "$runas")" --init-groups \
+        -- "$@" </dev/null >"$out" 2>"$err"
+fi
+exec su -s /bin/sh "$runas" -c 'exec "$0" "$@"' "$@" </dev/null >"$out" 2>"$err"
+"""
+
+GUEST_PREPARE = r"""
+umask 022
+mkdir -p /run/glite-vm && chmod 0700 /run/glite-vm
+: > /run/glite-vm/stdout && : > /run/glite-vm/stderr
+mkdir -p "$1" && chown "$2" "$1" && chmod 0755 "$1"
+"""
+
+
+class BaseImage(Protocol):
+    """What the VM layer needs of a resolved image (``glite_vm.images.ResolvedImage``)."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def path(self) -> Path: ...
+    @property
+    def format(self) -> str: ...
+    @property
+    def sha256(self) -> str: ...
+    @property
+    def virtual_size(self) -> int: ...
+    @property
+    def kernel(self) -> Path | None: ...
+    @property
+    def initrd(self) -> Path | None: ...
+    @property
+    def cmdline(self) -> str | None: ...
+    @property
+    def guest_user(self) -> str | None: ...
+
+
+@dataclasses.dataclass
+class Timings:
+    """Seconds spent in each phase (``None``: the phase did not happen)."""
+
+    fetch: float | None = None
+    overlay: float | None = None
+    boot: float | None = None  # request to domain running (overlay, define, start)
+    ready: float | None = None  # domain running to agent answering
+    payload: float | None = None
+    teardown: float | None = None
+
+    def as_dict(self) -> dict[str, float | None]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExecResult:
+    """How a command in the guest ended."""
+
+    exit_code: int | None
+    signal: int | None
+    seconds: float
+
+    @property
+    def failed(self) -> bool:
+        return self.exit_code != 0
+
+    @property
+    def shell_status(self) -> int:
+        """The status a shell would report: the exit code, or 128 + the signal."""
+        if self.signal is not None:
+            return 128 + self.signal
+        return self.exit_code if self.exit_code is not None else 255
+
+
+@dataclasses.dataclass(frozen=True)
+class TeardownResult:
+    snapshot_path: Path | None
+    boot_log_path: Path
+    record_path: Path
+    seconds: float
+
+
+OutputSink = Callable[[bytes], None]
+
+
+def run_tool(argv: Sequence[str], what: str, timeout: float = 120.0) -> str:
+    """Run a host tool (qemu-img, ...) and return stdout; failures are host errors."""
+    try:
+        proc = subprocess.run(
+            list(argv), capture_output=True, text=True, timeout=timeout, check=False
+        )
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise HypervisorError(f"{what}: {exc}") from exc
+    if proc.returncode != 0:
+        raise HypervisorError(f"{what}: {proc.stderr.strip() or proc.returncode}")
+    return proc.stdout
+
+
+def boot_log_tail(path: Path, lines: int = BOOT_LOG_TAIL_LINES) -> str:
+    try:
+        with path.open("rb") as f:
+            f.seek(0, os.SEEK_END)
+            f.seek(max(0, f.tell() - 16384))
+            text = f.read().decode("utf-8", errors="replace")
+    except OSError:
+        return ""
+    return "\n".join(text.replace("\r", "").splitlines()[-lines:])
+
+
+class VmHost:
+    """Creates and finds this tool's VMs on one libvirt connection."""
+
+    def __init__(
+        self, conn: libvirt.virConnect, settings: Settings, hypervisor: HypervisorInfo
+    ) -> None:
+        self.conn = conn
+        self.settings = settings
+        self.hypervisor = hypervisor
+
+    def start(
+        self,
+        request: VMRequest,
+        image: BaseImage,
+        *,
+        owner_uid: int | None = None,
+        starter_pid: int | None = None,
+        scratch_dir: Path | None = None,
+        fetch_seconds: float | None = None,
+    ) -> Vm:
+        """Create the overlay, define and start the domain. Call :meth:`Vm.wait_ready` next.
+
+        On any failure everything created so far is removed again.
+        """
+        t0 = time.monotonic()
+        token = secrets.token_hex(3)
+        name = domain_name(request.job_id, request.owner, token)
+        vm_dir = self.settings.effective_snapshot_dir / name
+        vm_dir.mkdir(parents=True, mode=0o711)
+        vm = Vm(self, name, vm_dir, request, image, owner_uid=owner_uid)
+        vm.timings.fetch = fetch_seconds
+        try:
+            t1 = time.monotonic()
+            size = max(image.virtual_size, request.disk_bytes)
+            run_tool(
+                [
+                    "qemu-img",
+                    "create",
+                    "-q",
+                    "-f",
+                    "qcow2",
+                    "-u",
+                    "-b",
+                    str(image.path),
+                    "-F",
+                    image.format,
+                    str(vm.overlay),
+                    str(size),
+                ],
+                "creating the overlay",
+            )
+            vm.timings.overlay = time.monotonic() - t1
+            with vm.xfer.open("wb") as f:
+                f.truncate(request.disk_bytes)
+            metadata = JobMetadata(
+                job_id=request.job_id,
+                owner=request.owner,
+                owner_uid=os.getuid() if owner_uid is None else owner_uid,
+                image=image.name,
+                image_sha256=image.sha256,
+                keep_snapshot=request.keep_snapshot.value,
+                vm_dir=str(vm_dir),
+                created=time.time(),
+                starter_pid=starter_pid,
+                scratch_dir=str(scratch_dir) if scratch_dir else None,
+            )
+            spec = DomainSpec(
+                name=name,
+                uuid=str(uuid.uuid4()),
+                domain_type=self.hypervisor.kind,
+                emulator=self.hypervisor.emulator,
+                cpus=request.cpus,
+                memory_mib=request.memory_mib,
+                overlay=vm.overlay,
+                base_image=image.path,
+                base_format=image.format,
+                boot_log=vm.boot_log,
+                xfer_disk=vm.xfer,
+                metadata=metadata,
+                kernel=image.kernel,
+                initrd=image.initrd,
+                cmdline=image.cmdline,
+                network=self.settings.network,
+            )
+            xml = build_domain_xml(spec)
+            (vm_dir / "domain.xml").write_text(xml)
+            try:
+                vm.domain = self.conn.defineXML(xml)
+                vm.domain.create()
+            except libvirt.libvirtError as exc:
+                raise HypervisorError(f"libvirt could not start {name}: {exc}") from exc
+            vm.timings.boot = time.monotonic() - t0
+        except BaseException:
+            vm.teardown(failed=True, keep_override=False)
+            raise
+        return vm
+
+    def our_domains(self) -> Iterator[tuple[libvirt.virDomain, JobMetadata | None]]:
+        """Every domain this tool made, with its job metadata when readable."""
+        for dom in self.conn.listAllDomains(0):
+            if not dom.name().startswith(DOMAIN_PREFIX):
+                continue
+            try:
+                text = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, METADATA_NS)
+                meta: JobMetadata | None = JobMetadata.from_xml(text)
+            except (libvirt.libvirtError, KeyError, ValueError):
+                meta = None
+            yield dom, meta
+
+
+class Vm:
+    """One running (or torn down) VM of one job. Use as a context manager for teardown."""
+
+    def __init__(
+        self,
+        host: VmHost,
+        name: str,
+        vm_dir: Path,
+        request: VMRequest,
+        image: BaseImage,
+        *,
+        owner_uid: int | None,
+    ) -> None:
+        self.host = host
+        self.name = name
+        self.dir = vm_dir
+        self.request = request
+        self.image = image
+        self.owner_uid = owner_uid
+        self.overlay = vm_dir / "overlay.qcow2"
+        self.boot_log = vm_dir / "boot.log"
+        self.xfer = vm_dir / "xfer.img"
+        self.snapshot = vm_dir / "snapshot.qcow2"
+        self.record = vm_dir / "record.json"
+        self.domain: libvirt.virDomain | None = None
+        self.timings = Timings()
+        self.exec_result: ExecResult | None = None
+        self.torn_down: TeardownResult | None = None
+        self._started = time.monotonic()
+        self._lock = threading.Lock()
+
+    # -- readiness ---------------------------------------------------------------------------
+
+    @property
+    def agent(self) -> GuestAgent:
+        if self.domain is None:
+            raise AgentError(f"{self.name} has no domain")
+        return GuestAgent(self.domain)
+
+    @property
+    def guest_user(self) -> str:
+        return (
+            "root"
+            if self.request.root
+            else (self.image.guest_user or self.host.settings.guest_user)
+        )
+
+    def wait_ready(self, timeout: float | None = None) -> float:
+        """Wait until the guest agent answers; seconds from domain start. Raises BootError."""
+        bound = self.host.settings.boot_timeout if timeout is None else timeout
+        start = time.monotonic()
+        deadline = start + bound
+        agent = self.agent
+        while True:
+            if not self._domain_active():
+                raise BootError(
+                    f"the VM {self.name} stopped before its guest agent answered",
+                    self.boot_log,
+                    boot_log_tail(self.boot_log),
+                )
+            if agent.ping(timeout=1):
+                break
+            if time.monotonic() >= deadline:
+                raise BootError(
+                    f"the guest agent of {self.name} did not answer within {bound:g} s",
+                    self.boot_log,
+                    boot_log_tail(self.boot_log),
+                )
+            time.sleep(0.1)
+        self.timings.ready = time.monotonic() - start
+        return self.timings.ready
+
+    def _domain_active(self) -> bool:
+        try:
+            return self.domain is not None and bool(self.domain.isActive())
+        except libvirt.libvirtError:
+            return False
+
+    # -- running things ----------------------------------------------------------------------
+
+    def prepare_workdir(self) -> None:
+        owner = self.guest_user
+        self._root_script(GUEST_PREPARE, [GUEST_WORKDIR, f"{owner}:"], "preparing the guest")
+
+    def push(self, src: Path) -> int:
+        """Copy the contents of host directory ``src`` into the guest's working directory."""
+        written = transfer.pack_tree(src, self.xfer)
+        self._root_script(
+            transfer.GUEST_UNPACK, [GUEST_WORKDIR, f"{self.guest_user}:"], "copying files in"
+        )
+        return written
+
+    def pull(
+        self, dest: Path, *, unchanged_from: Path | None = None, refused: list[str] | None = None
+    ) -> list[str]:
+        """Copy the guest's working directory back into ``dest``; names of files copied.
+
+        With ``unchanged_from``, files byte-identical to the same name there are skipped, so
+        only new and changed files land in ``dest``.
+        """
+        self._root_script(transfer.GUEST_PACK, [GUEST_WORKDIR], "copying files out")
+        staging = transfer.new_staging_dir(self.dir)
+        try:
+            names = transfer.unpack_tree(self.xfer, staging, refused)
+            return transfer.copy_changed(staging, names, dest, unchanged_from)
+        finally:
+            shutil.rmtree(staging, ignore_errors=True)
+
+    def _root_script(self, script: str, args: list[str], what: str) -> None:
+        st = self.agent.run(
+            ["/bin/sh", "-c", script, "glite-vm", *args], timeout=600, env=[f"PATH={GUEST_PATH}"]
+        )
+        if st.exitcode != 0 or st.signal is not None:
+            detail = st.stderr.decode(errors="replace").strip() or f"status {st.exitcode}"
+            raise AgentError(f"{what} failed in the guest: {detail}")
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        stdout: OutputSink | None = None,
+        stderr: OutputSink | None = None,
+        timeout: float | None = None,
+        cancel: threading.Event | None = None,
+    ) -> ExecResult:
+        """Run the payload in the guest's working directory as the job's guest user.
+
+        stdout and stderr are streamed to the sinks as the payload writes them (polled through
+        the agent), kept apart and byte-exact. Returns the exit code or the signal.
+        """
+        if not argv:
+            raise RequestError("command", "is empty")
+        self.prepare_workdir()
+        user = self.guest_user
+        home = "/root" if user == "root" else f"/home/{user}"
+        base = {"PATH": GUEST_PATH, "HOME": home, "USER": user, "LOGNAME": user}
+        full_env = {**base, **(env or {})}
+        env_list = [f"{k}={v}" for k, v in full_env.items()]
+        agent = self.agent
+        start = time.monotonic()
+        pid = agent.spawn(
+            "/bin/sh", ["-c", GUEST_RUN, "glite-vm", GUEST_WORKDIR, user, *argv], env=env_list
+        )
+        streams = [
+            (agent.open(f"{GUEST_STATE}/stdout"), stdout),
+            (agent.open(f"{GUEST_STATE}/stderr"), stderr),
+        ]
+        delay = 0.02
+        try:
+            while True:
+                got = self._drain(streams)
+                status = agent.status(pid)
+                if status.exited:
+                    self._drain(streams)
+                    break
+                if cancel is not None and cancel.is_set():
+                    raise AgentError("the payload was cancelled")
+                if timeout is not None and time.monotonic() - start > timeout:
+                    raise AgentError(f"the payload did not finish within {timeout:g} s")
+                delay = 0.02 if got else min(delay * 1.5, 0.25)
+                time.sleep(delay)
+        finally:
+            for handle, _sink in streams:
+                with contextlib.suppress(AgentError):
+                    agent.close(handle)
+        result = ExecResult(status.exitcode, status.signal, time.monotonic() - start)
+        self.timings.payload = result.seconds
+        self.exec_result = result
+        return result
+
+    def _drain(self, streams: list[tuple[int, OutputSink | None]]) -> bool:
+        got = False
+        for handle, sink in streams:
+            for _ in range(64):  # bounded: at most 64 MiB per stream per poll
+                data, _eof = self.agent.read(handle)
+                if not data:
+                    break
+                got = True
+                if sink is not None:
+                    sink(data)
+        return got
+
+    # -- teardown ----------------------------------------------------------------------------
+
+    def __enter__(self) -> Vm:
+        return self
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        failed = exc is not None or (self.exec_result is not None and self.exec_result.failed)
+        self.teardown(failed=failed)
+
+    def teardown(self, *, failed: bool, keep_override: bool | None = None) -> TeardownResult:
+        """Destroy and undefine the domain; keep the overlay as the snapshot by policy.
+
+        Idempotent and never raises for a domain that is already gone.
+        """
+        with self._lock:
+            if self.torn_down is not None:
+                return self.torn_down
+            t0 = time.monotonic()
+            dom = self.domain
+            if dom is None:
+                try:
+                    dom = self.host.conn.lookupByName(self.name)
+                except libvirt.libvirtError:
+                    dom = None
+            if dom is not None:
+                destroy_domain(dom)
+            keep = (
+                self.request.keep_snapshot.keeps(failed) if keep_override is None else keep_override
+            )
+            self.xfer.unlink(missing_ok=True)
+            snapshot: Path | None = None
+            if keep and self.overlay.exists():
+                self.overlay.rename(self.snapshot)
+                snapshot = self.snapshot
+            else:
+                self.overlay.unlink(missing_ok=True)
+            self.timings.teardown = time.monotonic() - t0
+            self._write_record(failed, snapshot)
+            self._give_to_owner([p for p in (snapshot, self.boot_log, self.record) if p])
+            self.torn_down = TeardownResult(
+                snapshot, self.boot_log, self.record, self.timings.teardown
+            )
+            return self.torn_down
+
+    def _write_record(self, failed: bool, snapshot: Path | None) -> None:
+        r = self.exec_result
+        record = {
+            "domain": self.name,
+            "job_id": self.request.job_id,
+            "owner": self.request.owner,
+            "image": self.image.name,
+            "image_sha256": self.image.sha256,
+            "base_image": str(self.image.path),
+            "base_format": self.image.format,
+            "hypervisor": self.host.hypervisor.kind,
+            "root": self.request.root,
+            "failed": failed,
+            "exit_code": r.exit_code if r else None,
+            "signal": r.signal if r else None,
+            "snapshot": str(snapshot) if snapshot else None,
+            "boot_log": str(self.boot_log),
+            "timings": self.timings.as_dict(),
+            "finished": time.time(),
+        }
+        tmp = self.record.with_suffix(".tmp")
+        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        tmp.replace(self.record)
+
+    def _give_to_owner(self, paths: list[Path]) -> None:
+        """Kept files belong to the job's owner alone (when running as root for others)."""
+        if self.owner_uid is None or os.geteuid() != 0:
+            return
+        for p in [self.dir, *paths]:
+            try:
+                os.chown(p, self.owner_uid, -1)
+                os.chmod(p, 0o700 if p == self.dir else 0o600)
+            except OSError as exc:
+                log.warning("cannot give %s to uid %s: %s", p, self.owner_uid, exc)
+
+
+def destroy_domain(dom: libvirt.virDomain) -> None:
+    """Stop and undefine a domain, tolerating one that is already gone."""
+    try:
+        if dom.isActive():
+            dom.destroy()
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+            log.warning("destroying %s: %s", _safe_name(dom), exc)
+    try:
+        dom.undefine()
+    except libvirt.libvirtError as exc:
+        if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
+            log.warning("undefining %s: %s", _safe_name(dom), exc)
+
+
+def _safe_name(dom: libvirt.virDomain) -> str:
+    try:
+        return str(dom.name())
+    except libvirt.libvirtError:
+        return "?"
+
+
+def quote_command(argv: Sequence[str]) -> str:
+    return " ".join(shlex.quote(a) for a in argv)
+
+
+__all__ = [
+    "METADATA_PREFIX",
+    "BaseImage",
+    "ExecResult",
+    "TeardownResult",
+    "Timings",
+    "Vm",
+    "VmHost",
+    "destroy_domain",
+]

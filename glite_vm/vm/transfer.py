@@ -1,0 +1,161 @@
+"""Moving a job's files into and out of its guest.
+
+Mechanism: a raw, sparse **transfer disk** attached to every VM (virtio-blk, serial
+``glitevm-xfer``). To copy files in, the host writes a tar stream at the start of that disk and
+the guest extracts it from the block device; to copy files out, the guest writes a tar stream
+onto the device and the host reads it from the file. Why not the alternatives:
+
+* the agent's ``guest-file-write`` moves base64 in ~1 MiB JSON messages through a serial
+  channel: fine for a certificate, slow for a build tree (measured in ``bench/transfer.py``);
+* virtiofs needs shared memory backing and a ``virtiofsd`` per VM, and exposes a live host
+  directory to the guest for the job's whole life;
+* ``mkfs.ext4 -d`` images need the guest to mount a filesystem the host built, and reading one
+  back on the host needs a filesystem parser; a tar stream needs only ``tar`` in the guest,
+  which every image has, and Python's ``tarfile`` on the host, whose ``data`` filter refuses
+  absolute paths, ``..``, links leaving the tree and device files.
+
+The host never follows a symlink of the sandbox when packing (links travel as links), and
+unpacks with the ``data`` filter, so neither direction can reach outside the job's directory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import stat
+import tarfile
+import tempfile
+from pathlib import Path
+
+from glite_vm.errors import AgentError
+
+# Shell fragment (POSIX sh, run as root in the guest) that sets $dev to the transfer disk.
+FIND_XFER_DEVICE = r"""
+dev=
+for d in /sys/block/*; do
+    if [ -r "$d/serial" ] && [ "$(cat "$d/serial" 2>/dev/null)" = glitevm-xfer ]; then
+        dev=/dev/${d##*/}
+    fi
+done
+if [ -z "$dev" ]; then echo "glite-vm: no transfer disk in the guest" >&2; exit 90; fi
+"""
+
+# Extract the tar the host wrote onto the transfer disk into $1, owned by $2 (uid:gid).
+GUEST_UNPACK = (
+    FIND_XFER_DEVICE
+    + r"""
+sync
+echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || blockdev --flushbufs "$dev"
+mkdir -p "$1"
+tar -xf "$dev" -C "$1" || exit 91
+chown -R "$2" "$1"
+chmod 0755 "$1"
+"""
+)
+
+# Write everything under $1 as a tar stream onto the transfer disk.
+GUEST_PACK = (
+    FIND_XFER_DEVICE
+    + r"""
+sync
+cd "$1" || exit 92
+tar -cf "$dev" . || exit 93
+sync
+"""
+)
+
+
+def pack_tree(src: Path, xfer_disk: Path) -> int:
+    """Write ``src``'s contents as a tar stream at the start of ``xfer_disk``; bytes written.
+
+    Symlinks are stored as links (never followed); special files are skipped.
+    """
+    with xfer_disk.open("r+b") as raw:
+        with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            for path in sorted(_walk(src)):
+                rel = path.relative_to(src).as_posix()
+                info = tar.gettarinfo(str(path), arcname=rel)
+                info.uid = info.gid = 0
+                info.uname = info.gname = ""
+                if info.isreg():
+                    with path.open("rb") as f:
+                        tar.addfile(info, f)
+                elif info.isdir() or info.issym():
+                    tar.addfile(info)
+        written = raw.tell()
+        raw.flush()
+        os.fsync(raw.fileno())
+    return written
+
+
+def _walk(src: Path) -> list[Path]:
+    out: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(src, followlinks=False):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            mode = p.lstat().st_mode
+            if stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode):
+                out.append(p)
+    return out
+
+
+def unpack_tree(xfer_disk: Path, dest: Path, refused: list[str] | None = None) -> list[str]:
+    """Extract the guest's tar stream into ``dest`` safely; relative names of regular files.
+
+    Members the ``data`` filter refuses (absolute or escaping links, devices) are skipped and
+    their names appended to ``refused``: a job that leaves such a link behind still succeeds.
+    """
+    names: list[str] = []
+    with xfer_disk.open("rb") as raw:
+        try:
+            with tarfile.open(fileobj=raw, mode="r:") as tar:
+                for member in tar:
+                    if member.name in (".", "./"):
+                        continue
+                    try:
+                        tar.extract(member, dest, filter="data")
+                    except tarfile.FilterError as exc:
+                        if refused is not None:
+                            refused.append(f"{member.name}: {exc}")
+                        continue
+                    if member.isreg():
+                        names.append(os.path.normpath(member.name))
+        except tarfile.ReadError as exc:
+            raise AgentError(f"the guest's output stream is not a tar archive: {exc}") from exc
+    return names
+
+
+def file_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def copy_changed(staging: Path, names: list[str], dest: Path, original: Path | None) -> list[str]:
+    """Move files from ``staging`` to ``dest`` unless ``original`` holds identical bytes."""
+    changed: list[str] = []
+    for name in names:
+        src = staging / name
+        if original is not None:
+            before = original / name
+            if (
+                before.is_file()
+                and not before.is_symlink()
+                and before.stat().st_size == src.stat().st_size
+                and file_digest(before) == file_digest(src)
+            ):
+                continue
+        target = dest / name
+        target.parent.mkdir(parents=True, exist_ok=True)
+        if target.is_symlink() or target.exists():
+            target.unlink()
+        shutil.move(str(src), str(target))
+        changed.append(name)
+    return changed
+
+
+def new_staging_dir(parent: Path) -> Path:
+    return Path(tempfile.mkdtemp(prefix="out-", dir=parent))
