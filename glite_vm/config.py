@@ -132,8 +132,20 @@ class Settings:
     # policy
     root_users: tuple[str, ...] = ()
     default_image: str = ""
+    max_host_failures: int = 3  # host failures of one job before it is held (0: never)
     network: str = "none"
     socket_path: Path = dataclasses.field(default_factory=_default_socket)
+    # guest identity: hostname and host certificate (docs/identity.md)
+    hostname_pattern: str = "{host}-{slot}.{domain}"
+    allow_job_hostname: bool = False  # may a job name its VM (GliteVmHostname)?
+    job_hostname_domains: tuple[str, ...] = ()  # if set, job-chosen names must lie inside these
+    host_cert_dir: Path | None = None  # pre-issued pairs: <dir>/<hostname>/host{cert,key}.pem
+    ca_cert: Path | None = None  # local CA certificate (also the trust anchor put into guests)
+    ca_key: Path | None = None  # local CA key: mint a certificate per VM
+    host_key_type: str = "rsa"  # rsa (RSA 2048) | ec (P-256) for minted host keys
+    cert_margin: float = 3600.0  # seconds a minted certificate outlives the job's expected run
+    cert_default_runtime: float = 86400.0  # seconds assumed when the job states no run time
+    cert_max_lifetime: float = 7 * 86400.0  # seconds; upper bound of a minted certificate
 
     # -- derived ------------------------------------------------------------------------------
 
