@@ -71,6 +71,8 @@ def hypervisor_for(settings: Settings) -> HypervisorInfo:
 def open_host(settings: Settings, hypervisor: HypervisorInfo | None = None) -> VmHost:
     """Connect to libvirt and pick the accelerator (probe remembered across runs)."""
     hv = hypervisor or hypervisor_for(settings)
+    # libvirt's default error handler prints every error to stderr; ours are raised instead.
+    libvirt.registerErrorHandler(_ignore_libvirt_error, None)
     try:
         conn = libvirt.open(settings.effective_libvirt_uri)
     except libvirt.libvirtError as exc:
@@ -79,6 +81,10 @@ def open_host(settings: Settings, hypervisor: HypervisorInfo | None = None) -> V
             "is libvirtd running?"
         ) from exc
     return VmHost(conn, settings, hv)
+
+
+def _ignore_libvirt_error(_ctx: object, _err: object) -> None:
+    return None
 
 
 def run_job(

@@ -88,14 +88,17 @@ class DomainSpec:
     initrd: Path | None = None
     cmdline: str | None = None
     network: str = "none"  # none | user | <libvirt network name>
+    # Images below the base, for overlays on a kept snapshot: ((path, format), ...).
+    base_chain: tuple[tuple[Path, str], ...] = ()
     machine: str = "pc"
 
 
 def build_domain_xml(spec: DomainSpec) -> str:
     if spec.domain_type not in ("kvm", "qemu"):
         raise ValueError(f"domain type must be 'kvm' or 'qemu', not {spec.domain_type!r}")
-    if spec.base_format not in ("qcow2", "raw"):
-        raise ValueError(f"base image format must be qcow2 or raw, not {spec.base_format!r}")
+    for fmt in (spec.base_format, *(f for _p, f in spec.base_chain)):
+        if fmt not in ("qcow2", "raw"):
+            raise ValueError(f"base image format must be qcow2 or raw, not {fmt!r}")
     ET.register_namespace(METADATA_PREFIX, METADATA_NS)
     dom = ET.Element("domain", type=spec.domain_type)
     ET.SubElement(dom, "name").text = spec.name
@@ -159,10 +162,13 @@ def _root_disk(devices: ET.Element, spec: DomainSpec) -> None:
     disk = ET.SubElement(devices, "disk", type="file", device="disk")
     ET.SubElement(disk, "driver", name="qemu", type="qcow2", discard="unmap")
     ET.SubElement(disk, "source", file=str(spec.overlay))
-    backing = ET.SubElement(disk, "backingStore", type="file")
-    ET.SubElement(backing, "format", type=spec.base_format)
-    ET.SubElement(backing, "source", file=str(spec.base_image))
-    ET.SubElement(backing, "backingStore")  # the chain ends here: no further probing
+    parent = disk
+    for path, fmt in ((spec.base_image, spec.base_format), *spec.base_chain):
+        backing = ET.SubElement(parent, "backingStore", type="file")
+        ET.SubElement(backing, "format", type=fmt)
+        ET.SubElement(backing, "source", file=str(path))
+        parent = backing
+    ET.SubElement(parent, "backingStore")  # the chain ends here: no further probing
     ET.SubElement(disk, "target", dev="vda", bus="virtio")
 
 

@@ -59,9 +59,10 @@ out=/run/glite-vm/stdout; err=/run/glite-vm/stderr
 if [ "$runas" = root ]; then
     exec "$@" </dev/null >"$out" 2>"$err"
 fi
-if command -v setpriv >/dev/null 2>&1; then
-    exec setpriv --reuid="$(id -u "$runas")" --regid="$(id -g "$runas")" --init-groups \
-        -- "$@" </dev/null >"$out" 2>"$err"
+uid=$(id -u "$runas") && gid=$(id -g "$runas") || exit 125
+# util-linux setpriv execs directly (busybox's lacks --reuid; then su, which also execs there)
+if setpriv --reuid="$uid" --regid="$gid" --init-groups true 2>/dev/null; then
+    exec setpriv --reuid="$uid" --regid="$gid" --init-groups -- "$@" </dev/null >"$out" 2>"$err"
 fi
 exec su -s /bin/sh "$runas" -c 'exec "$0" "$@"' "$@" </dev/null >"$out" 2>"$err"
 """
@@ -186,6 +187,7 @@ class VmHost:
         starter_pid: int | None = None,
         scratch_dir: Path | None = None,
         fetch_seconds: float | None = None,
+        base_chain: tuple[tuple[Path, str], ...] = (),
     ) -> Vm:
         """Create the overlay, define and start the domain. Call :meth:`Vm.wait_ready` next.
 
@@ -250,6 +252,7 @@ class VmHost:
                 initrd=image.initrd,
                 cmdline=image.cmdline,
                 network=self.settings.network,
+                base_chain=base_chain,
             )
             xml = build_domain_xml(spec)
             (vm_dir / "domain.xml").write_text(xml)

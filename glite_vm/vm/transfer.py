@@ -113,17 +113,64 @@ def unpack_tree(xfer_disk: Path, dest: Path, refused: list[str] | None = None) -
                 for member in tar:
                     if member.name in (".", "./"):
                         continue
-                    try:
-                        tar.extract(member, dest, filter="data")
-                    except tarfile.FilterError as exc:
+                    problem = _extract_member(tar, member, dest)
+                    if problem is not None:
                         if refused is not None:
-                            refused.append(f"{member.name}: {exc}")
+                            refused.append(f"{member.name}: {problem}")
                         continue
                     if member.isreg():
                         names.append(os.path.normpath(member.name))
         except tarfile.ReadError as exc:
             raise AgentError(f"the guest's output stream is not a tar archive: {exc}") from exc
     return names
+
+
+def _inside(name: str) -> bool:
+    norm = os.path.normpath(name)
+    return not (os.path.isabs(name) or norm == ".." or norm.startswith("../") or "\0" in name)
+
+
+def _extract_member(tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Path) -> str | None:
+    """Extract one member under ``dest``; the reason when it is refused.
+
+    The rules of tarfile's ``data`` filter (which this Python may lack), written out: no
+    absolute names or ``..``; symlinks only when relative and staying inside; no hard links,
+    devices or fifos; never write through a symlink; no setuid/setgid bits.
+    """
+    name = os.path.normpath(member.name)
+    if not _inside(member.name):
+        return "path leaves the working directory"
+    target = dest / name
+    for parent in reversed(target.relative_to(dest).parents[:-1]):
+        p = dest / parent
+        if p.is_symlink() or (p.exists() and not p.is_dir()):
+            return f"parent {parent} is not a directory"
+    if member.isdir():
+        target.mkdir(parents=True, exist_ok=True)
+        target.chmod((member.mode & 0o755) | 0o700)
+        return None
+    target.parent.mkdir(parents=True, exist_ok=True)
+    if target.is_symlink() or target.exists():
+        if target.is_dir() and not target.is_symlink():
+            return "a directory of that name exists"
+        target.unlink()
+    if member.issym():
+        link = member.linkname
+        if os.path.isabs(link) or not _inside(os.path.join(os.path.dirname(name), link)):
+            return f"symlink to {link} points outside the working directory"
+        target.symlink_to(link)
+        return None
+    if not member.isreg():
+        return "only regular files, directories and relative symlinks are copied"
+    src = tar.extractfile(member)
+    if src is None:
+        return "unreadable member"
+    fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "wb") as out:
+        shutil.copyfileobj(src, out, 1 << 20)
+    target.chmod(member.mode & 0o755)
+    os.utime(target, (member.mtime, member.mtime), follow_symlinks=False)
+    return None
 
 
 def file_digest(path: Path) -> str:

@@ -1,0 +1,95 @@
+"""Shared fixtures: real libvirtd, real QEMU, the test guests built by tests/guest/build.sh."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from glite_vm.config import Settings
+from glite_vm.session import open_host
+from glite_vm.vm.lifecycle import VmHost
+from tests.support import LocalImage, local_image
+
+REPO = Path(__file__).resolve().parent.parent
+GUEST_DIR = Path(os.environ.get("GLITE_VM_TEST_GUESTS", REPO / "tests" / "guest" / "build"))
+
+
+@pytest.fixture(scope="session")
+def guest_dir(state_dir: Path) -> Path:
+    """The test guests, copied where QEMU's own user can read them (the checkout may not be)."""
+    manifest = GUEST_DIR / "guests.json"
+    if not manifest.exists():
+        subprocess.run(["bash", str(REPO / "tests/guest/build.sh"), str(GUEST_DIR)], check=True)
+    data = json.loads(manifest.read_text())
+    dest = state_dir / "guests"
+    dest.mkdir(mode=0o755)
+    for name in ["guests.json", *data["sha256"]]:
+        shutil.copyfile(GUEST_DIR / name, dest / name)
+        (dest / name).chmod(0o644)
+    return dest
+
+
+@pytest.fixture(scope="session")
+def guests(guest_dir: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((guest_dir / "guests.json").read_text())
+    return data
+
+
+@pytest.fixture(scope="session")
+def direct_image(guests: dict[str, Any], guest_dir: Path) -> LocalImage:
+    d = guests["direct"]
+    return local_image(
+        guest_dir / d["disk"],
+        name="test-direct",
+        kernel=guest_dir / d["kernel"],
+        initrd=guest_dir / d["initrd"],
+        cmdline=d["cmdline"],
+        guest_user=guests["user"],
+    )
+
+
+@pytest.fixture(scope="session")
+def disk_image(guests: dict[str, Any], guest_dir: Path) -> LocalImage:
+    return local_image(
+        guest_dir / guests["disk"]["disk"], name="test-disk", guest_user=guests["user"]
+    )
+
+
+def world_traversable_tmpdir(prefix: str) -> Path:
+    """QEMU runs as its own user under qemu:///system: our directories must be traversable."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp"))
+    path.chmod(0o711)
+    return path
+
+
+@pytest.fixture(scope="session")
+def state_dir() -> Iterator[Path]:
+    path = world_traversable_tmpdir("glite-vm-test-")
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def vm_settings(state_dir: Path) -> Settings:
+    return Settings(
+        state_dir=state_dir, boot_timeout=120.0, default_memory_mib=512, default_disk_bytes=2 << 30
+    )
+
+
+@pytest.fixture(scope="session")
+def vm_host(vm_settings: Settings) -> Iterator[VmHost]:
+    host = open_host(vm_settings)
+    yield host
+    leftovers = [d.name() for d, _m in host.our_domains()]
+    overlays = list(vm_settings.effective_snapshot_dir.glob("*/overlay.qcow2"))
+    host.conn.close()
+    assert not leftovers, f"domains left behind: {leftovers}"
+    assert not overlays, f"overlays left outside kept snapshots: {overlays}"
