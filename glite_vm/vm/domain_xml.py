@@ -135,6 +135,7 @@ def build_domain_xml(spec: DomainSpec) -> str:
 
     devices = ET.SubElement(dom, "devices")
     ET.SubElement(devices, "emulator").text = spec.emulator
+    ET.SubElement(devices, "controller", type="usb", model="none")
     _root_disk(devices, spec)
     if spec.xfer_disk is not None:
         _xfer_disk(devices, spec.xfer_disk)
@@ -166,7 +167,10 @@ def _root_disk(devices: ET.Element, spec: DomainSpec) -> None:
     for path, fmt in ((spec.base_image, spec.base_format), *spec.base_chain):
         backing = ET.SubElement(parent, "backingStore", type="file")
         ET.SubElement(backing, "format", type=fmt)
-        ET.SubElement(backing, "source", file=str(path))
+        source = ET.SubElement(backing, "source", file=str(path))
+        # Shared, read-only images stay root-owned: libvirt must not hand them to QEMU's user
+        # (a compromised QEMU could then rewrite a base other jobs boot from).
+        ET.SubElement(source, "seclabel", model="dac", relabel="no")
         parent = backing
     ET.SubElement(parent, "backingStore")  # the chain ends here: no further probing
     ET.SubElement(disk, "target", dev="vda", bus="virtio")

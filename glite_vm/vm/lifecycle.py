@@ -223,6 +223,15 @@ class VmHost:
             vm.timings.overlay = time.monotonic() - t1
             with vm.xfer.open("wb") as f:
                 f.truncate(request.disk_bytes)
+            # libvirt hands kernel and initrd to QEMU's user while the VM runs; per-VM copies
+            # keep the cached originals root-owned and unwritable by any QEMU.
+            kernel = initrd = None
+            if image.kernel is not None:
+                kernel = vm_dir / "vmlinuz"
+                shutil.copyfile(image.kernel, kernel)
+            if image.initrd is not None:
+                initrd = vm_dir / "initrd.img"
+                shutil.copyfile(image.initrd, initrd)
             metadata = JobMetadata(
                 job_id=request.job_id,
                 owner=request.owner,
@@ -248,8 +257,8 @@ class VmHost:
                 boot_log=vm.boot_log,
                 xfer_disk=vm.xfer,
                 metadata=metadata,
-                kernel=image.kernel,
-                initrd=image.initrd,
+                kernel=kernel,
+                initrd=initrd,
                 cmdline=image.cmdline,
                 network=self.settings.network,
                 base_chain=base_chain,
@@ -348,7 +357,7 @@ class Vm:
                     self.boot_log,
                     boot_log_tail(self.boot_log),
                 )
-            time.sleep(0.1)
+            time.sleep(0.02)
         self.timings.ready = time.monotonic() - start
         return self.timings.ready
 
@@ -492,7 +501,8 @@ class Vm:
             keep = (
                 self.request.keep_snapshot.keeps(failed) if keep_override is None else keep_override
             )
-            self.xfer.unlink(missing_ok=True)
+            for scratch in (self.xfer, self.dir / "vmlinuz", self.dir / "initrd.img"):
+                scratch.unlink(missing_ok=True)
             snapshot: Path | None = None
             if keep and self.overlay.exists():
                 self.overlay.rename(self.snapshot)
