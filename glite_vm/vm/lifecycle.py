@@ -377,7 +377,9 @@ class Vm:
         """Copy the contents of host directory ``src`` into the guest's working directory."""
         written = transfer.pack_tree(src, self.xfer)
         self._root_script(
-            transfer.GUEST_UNPACK, [GUEST_WORKDIR, f"{self.guest_user}:"], "copying files in"
+            transfer.GUEST_UNPACK,
+            [GUEST_WORKDIR, f"{self.guest_user}:", str(written)],
+            "copying files in",
         )
         return written
 
