@@ -1,0 +1,212 @@
+"""The condor_config.d snippet of an execute host (``glite-vm config``). Pure: text out.
+
+Knob names and behaviour were checked against HTCondor 25.0.13 (docs/condor.md):
+
+* ``STARTER_JOB_HOOK_KEYWORD`` is the admin's keyword; a job's ``+HookKeyword`` cannot replace it.
+* Static slots: ``SLOT_TYPE_<n>`` / ``NUM_SLOTS_TYPE_<n>`` / ``SLOT_TYPE_<n>_PARTITIONABLE``.
+  Memory may be absolute (MiB); disk only as a fraction, so ``DISK`` (KiB) sets the total the
+  fractions divide: the VMs' disks live in glite-vm's state directory, not in HTCondor's
+  execute directory, and their size is the site's choice.
+* ``STARTD_ATTRS`` publishes ``GliteVmRootEnabled``; ``SLOT_TYPE_<n>_GliteVmRootEnabled``
+  overrides it per slot type. Slots of type 1 (user) are numbered before type 2 (root).
+* The negotiator's default ``NEGOTIATOR_PRE_JOB_RANK`` starts with ``10000000 * My.Rank``, so
+  a slot ``RANK`` that is higher on user slots makes ordinary jobs prefer them; the ``RANK``
+  is constant per slot, so it never preempts a running job.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from pathlib import Path
+from typing import Final
+
+from glite_vm import __version__
+from glite_vm.config import GIB, KIB, MIB, Settings, format_size
+
+HOOK_KEYWORD: Final = "GLITE_VM"
+#: HTCondor hook name -> file in the hooks directory.
+HOOK_FILES: Final = {
+    "PREPARE_JOB": "prepare_job",
+    "UPDATE_JOB_INFO": "update_job_info",
+    "JOB_EXIT": "job_exit",
+}
+LAUNCHER_FILE: Final = "launcher"
+#: STARTD_CRON job name -> ``glite-vm`` sub-command.
+CRON_JOBS: Final = {"GLITE_VM_ADVERTISE": "advertise", "GLITE_VM_REAP": "reap"}
+USER_SLOT_TYPE: Final = 1
+ROOT_SLOT_TYPE: Final = 2
+
+# Characters a value may carry into condor_config unquoted: no blanks, '$' (macro expansion),
+# quotes or backslashes (they end up inside ClassAd strings of the START expression).
+_CONFIG_SAFE = re.compile(r"^[A-Za-z0-9_./+@%,:=~-]+$")
+_USER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")  # as VMRequest checks owners
+
+
+def default_hooks_dir() -> Path:
+    """``hooks/`` of the source tree this package runs from."""
+    return Path(__file__).resolve().parents[2] / "hooks"
+
+
+@dataclasses.dataclass(frozen=True)
+class SlotLayout:
+    """Static VM slots of one execute host; the last ``root_slots`` of them are root-enabled."""
+
+    slots: int = 3
+    root_slots: int = 1
+    cpus: int = 1
+    memory_mib: int = 2048
+    disk_bytes: int = 30 * GIB
+
+    def __post_init__(self) -> None:
+        if self.slots < 1:
+            raise ValueError(f"a host needs at least 1 slot, got {self.slots}")
+        if not 0 <= self.root_slots <= self.slots:
+            raise ValueError(f"root slots must be within 0 .. {self.slots}, got {self.root_slots}")
+        if self.cpus < 1:
+            raise ValueError(f"a slot needs at least 1 CPU, got {self.cpus}")
+        if self.memory_mib < 64:
+            raise ValueError(f"a slot needs at least 64 MiB of memory, got {self.memory_mib} MiB")
+        if self.disk_bytes < 64 * MIB:
+            raise ValueError(
+                f"a slot needs at least 64 MiB of disk, got {format_size(self.disk_bytes)}"
+            )
+
+    @property
+    def user_slots(self) -> int:
+        return self.slots - self.root_slots
+
+
+@dataclasses.dataclass(frozen=True)
+class ExecuteHostConfig:
+    """Everything the snippet states. Build with :meth:`from_settings` or directly."""
+
+    hooks_dir: Path
+    glite_vm: Path  # the executable STARTD_CRON runs
+    layout: SlotLayout = SlotLayout()
+    default_image: str = ""
+    root_users: tuple[str, ...] = ()
+    max_host_failures: int = 3
+    job_exit_timeout: int = 60  # seconds; HTCondor's default is 30
+    advertise_period: int = 60
+    reap_period: int = 30
+
+    def __post_init__(self) -> None:
+        for label, path in (("hooks directory", self.hooks_dir), ("glite-vm", self.glite_vm)):
+            if not path.is_absolute() or not _CONFIG_SAFE.match(str(path)):
+                raise ValueError(
+                    f"{label} path {str(path)!r} must be absolute and free of blanks, quotes, "
+                    "backslashes and '$'"
+                )
+        if self.default_image and not _CONFIG_SAFE.match(self.default_image):
+            raise ValueError(
+                f"default image {self.default_image!r} must be free of blanks, quotes, "
+                "backslashes and '$'"
+            )
+        for user in self.root_users:
+            if not _USER_NAME.match(user):
+                raise ValueError(f"root user {user!r} is not a valid user name")
+        for label, seconds in (
+            ("job exit timeout", self.job_exit_timeout),
+            ("advertise period", self.advertise_period),
+            ("reap period", self.reap_period),
+        ):
+            if seconds < 1:
+                raise ValueError(f"{label} must be at least 1 s, got {seconds}")
+        if self.max_host_failures < 0:
+            raise ValueError(
+                f"max host failures must not be negative, got {self.max_host_failures}"
+            )
+
+    @classmethod
+    def from_settings(
+        cls, settings: Settings, *, hooks_dir: Path, glite_vm: Path, layout: SlotLayout
+    ) -> ExecuteHostConfig:
+        return cls(
+            hooks_dir=hooks_dir,
+            glite_vm=glite_vm,
+            layout=layout,
+            default_image=settings.default_image,
+            root_users=settings.root_users,
+            max_host_failures=settings.max_host_failures,
+            # teardown is bounded by teardown_timeout; leave room for the hook's own start-up
+            job_exit_timeout=math.ceil(settings.teardown_timeout) + 15,
+        )
+
+
+def _slot_type(n: int, count: int, layout: SlotLayout) -> list[str]:
+    return [
+        f"SLOT_TYPE_{n} = cpus={layout.cpus}, memory={layout.memory_mib}, disk=1/{layout.slots}",
+        f"NUM_SLOTS_TYPE_{n} = {count}",
+        f"SLOT_TYPE_{n}_PARTITIONABLE = False",
+    ]
+
+
+def render_execute_config(cfg: ExecuteHostConfig) -> str:
+    """The complete snippet, ready for ``/etc/condor/config.d/``."""
+    layout = cfg.layout
+    kw = HOOK_KEYWORD
+    lines = [
+        f"# glite-vm {__version__}: execute-host configuration, written by `glite-vm config`.",
+        "# Regenerate rather than edit. Slot changes need `condor_restart -startd`; the rest",
+        "# `condor_reconfig`.",
+        "",
+        "# --- hooks: every job on this host runs in its own VM ---",
+        "# The admin's keyword wins over a job's +HookKeyword, so a job cannot skip the hooks.",
+        f"STARTER_JOB_HOOK_KEYWORD = {kw}",
+        *(f"{kw}_HOOK_{hook} = {cfg.hooks_dir / name}" for hook, name in HOOK_FILES.items()),
+        f"{kw}_HOOK_JOB_EXIT_TIMEOUT = {cfg.job_exit_timeout}",
+        f"GLITE_VM_LAUNCHER = {cfg.hooks_dir / LAUNCHER_FILE}",
+        "",
+        "# --- policy, read by the hooks and by START below ---",
+        f"GLITE_VM_DEFAULT_IMAGE = {cfg.default_image}",
+        f"GLITE_VM_ROOT_USERS = {', '.join(cfg.root_users)}",
+        f"GLITE_VM_MAX_HOST_FAILURES = {cfg.max_host_failures}",
+        "",
+        f"# --- {layout.slots} static VM slots of {layout.cpus} CPU(s), "
+        f"{format_size(layout.memory_mib * MIB)}, {format_size(layout.disk_bytes)} disk; "
+        f"the last {layout.root_slots} root-enabled ---",
+        "# VM vCPUs are host threads: the startd counts exactly the VMs' CPUs.",
+        f"NUM_CPUS = {layout.slots * layout.cpus}",
+        "# KiB shared out as the slots' Disk (the VMs' disk size; overlays are sparse).",
+        f"DISK = {layout.slots * (layout.disk_bytes // KIB)}",
+    ]
+    if layout.user_slots:
+        lines += _slot_type(USER_SLOT_TYPE, layout.user_slots, layout)
+    if layout.root_slots:
+        lines += _slot_type(ROOT_SLOT_TYPE, layout.root_slots, layout)
+    lines += [
+        "GliteVmRootEnabled = False",
+        f"SLOT_TYPE_{ROOT_SLOT_TYPE}_GliteVmRootEnabled = True",
+        "STARTD_ATTRS = $(STARTD_ATTRS) GliteVmRootEnabled",
+        "",
+        "# --- matching ---",
+        "# Root jobs only on root-enabled slots, and only for GLITE_VM_ROOT_USERS when set;",
+        "# jobs without GliteVmImage only when there is a default image.",
+        "GLITE_VM_ROOT_JOB = (TARGET.GliteVmRoot =?= True)",
+        # stringListsIntersect, not stringListMember: the PyPI classad2 bindings answer error
+        # for stringListMember, and tools evaluating this policy with them must agree.
+        'GLITE_VM_ROOT_USER_OK = (size("$(GLITE_VM_ROOT_USERS)") == 0 || '
+        'stringListsIntersect(TARGET.Owner, "$(GLITE_VM_ROOT_USERS)", ", "))',
+        "GLITE_VM_IMAGE_OK = (TARGET.GliteVmImage =!= undefined || "
+        'size("$(GLITE_VM_DEFAULT_IMAGE)") > 0)',
+        "GLITE_VM_START = $(GLITE_VM_IMAGE_OK) && ifThenElse($(GLITE_VM_ROOT_JOB), "
+        "MY.GliteVmRootEnabled =?= True && $(GLITE_VM_ROOT_USER_OK), True)",
+        "START = ($(START)) && $(GLITE_VM_START)",
+        "# Ordinary jobs prefer user slots (NEGOTIATOR_PRE_JOB_RANK weighs the slot's RANK).",
+        "RANK = ($(RANK:0)) + ifThenElse(MY.GliteVmRootEnabled =?= True, 0, 1)",
+        "",
+        "# --- host facts for slot ads (GliteVmHypervisors, GliteVmCachedImages, ...) and the",
+        "# reaper of VMs whose job is gone ---",
+        f"STARTD_CRON_JOBLIST = $(STARTD_CRON_JOBLIST) {' '.join(CRON_JOBS)}",
+    ]
+    periods = {"advertise": cfg.advertise_period, "reap": cfg.reap_period}
+    for job, command in CRON_JOBS.items():
+        lines += [
+            f"STARTD_CRON_{job}_EXECUTABLE = {cfg.glite_vm}",
+            f"STARTD_CRON_{job}_ARGS = {command}",
+            f"STARTD_CRON_{job}_MODE = Periodic",
+            f"STARTD_CRON_{job}_PERIOD = {periods[command]}s",
+        ]
+    return "\n".join(lines) + "\n"

@@ -1,0 +1,260 @@
+"""A real HTCondor personal pool for tests, from the HTCondor tarball the project tests against.
+
+The tarball and its ``personal-pool.sh`` are found in ``$GLITE_VM_HTCONDOR_TARBALL``'s
+directory, else in ``../shared/htcondor/`` beside the repository. :func:`unpack_release`
+extracts a release tree (tools only); :class:`PersonalPool` starts master, collector,
+negotiator, schedd and startd on a free loopback port with an extra configuration, submits as an
+unprivileged user, polls with bounded waits and stops every daemon it started.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import pwd
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Iterator, Sequence
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+TARBALL_ENV = "GLITE_VM_HTCONDOR_TARBALL"
+TEST_USER = "glitevm-test"
+
+JobAd = dict[str, Any]
+
+
+class PoolError(RuntimeError):
+    """The pool did not do what the test needs, within the bound."""
+
+
+def find_tarball() -> Path:
+    """The HTCondor build to test against; ``FileNotFoundError`` names where it looked."""
+    given = os.environ.get(TARBALL_ENV)
+    if given:
+        path = Path(given)
+        if not path.is_file():
+            raise FileNotFoundError(f"{TARBALL_ENV}={given} is not a file")
+        return path
+    shared = REPO.parent / "shared" / "htcondor"
+    found = sorted(shared.glob("htcondor-*.tar.gz"))
+    if not found:
+        raise FileNotFoundError(
+            f"no htcondor-*.tar.gz in {shared}; set {TARBALL_ENV} to an HTCondor tarball"
+        )
+    return found[-1]
+
+
+def unpack_release(tarball: Path, prefix: Path) -> Path:
+    """Extract ``tarball`` into ``prefix`` (which must exist); return ``prefix``."""
+    subprocess.run(["tar", "xzf", str(tarball), "-C", str(prefix)], check=True, timeout=120)
+    if not (prefix / "sbin" / "condor_master").is_file():
+        raise PoolError(f"{tarball} has no sbin/condor_master")
+    return prefix
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def ensure_user(name: str = TEST_USER) -> pwd.struct_passwd:
+    """A normal local account to submit jobs as (created once, kept)."""
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        subprocess.run(
+            ["useradd", "--create-home", "--shell", "/bin/sh", name],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
+        return pwd.getpwnam(name)
+
+
+def wait_until(what: str, probe: Callable[[], Any], timeout: float, interval: float = 1.0) -> Any:
+    """``probe()``'s first truthy result; :class:`PoolError` after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while True:
+        result = probe()
+        if result:
+            return result
+        if time.monotonic() >= deadline:
+            raise PoolError(f"timed out after {timeout:.0f} s waiting for {what}")
+        time.sleep(interval)
+
+
+class PersonalPool:
+    """One personal pool under ``prefix`` (an unpacked release); see the module docstring."""
+
+    def __init__(self, prefix: Path, user: pwd.struct_passwd) -> None:
+        self.prefix = prefix
+        self.local_dir = prefix / "local"
+        self.user = user
+        self.port = 0
+        # The daemons inherit this environment, and with it the hooks: keep the developer's
+        # _CONDOR_* overrides and GLITE_VM_* settings out of the pool.
+        self.env = {
+            k: v for k, v in os.environ.items() if not k.startswith(("_CONDOR_", "GLITE_VM_"))
+        }
+        self.env.update(
+            CONDOR_CONFIG=str(prefix / "etc" / "condor_config"),
+            PATH=f"{prefix / 'bin'}:{prefix / 'sbin'}:{os.environ.get('PATH', '/usr/bin:/bin')}",
+        )
+
+    @property
+    def libexec(self) -> Path:
+        return self.prefix / "libexec"
+
+    def start(self, extra_config: str, timeout: float = 90.0) -> None:
+        script = find_tarball().parent / "personal-pool.sh"
+        extra = self.prefix / "extra.conf"
+        # A starter whose PREPARE_JOB just failed ignores a fast shutdown until the startd
+        # kills it after KILLING_TIMEOUT (default 30 s); tests need not wait that long.
+        extra.write_text("KILLING_TIMEOUT = 5\n" + extra_config)
+        self.port = free_port()
+        env = dict(self.env, CONDOR_PORT=str(self.port), CONDOR_EXTRA_CONFIG=str(extra))
+        try:
+            subprocess.run(
+                ["bash", str(script), str(self.prefix), str(self.local_dir)],
+                env=env,
+                check=True,
+                capture_output=True,
+                text=True,
+                timeout=timeout,
+            )
+        except subprocess.CalledProcessError as exc:
+            self.stop()
+            raise PoolError(f"personal-pool.sh failed: {exc.stdout}{exc.stderr}") from None
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise PoolError(f"personal-pool.sh did not finish within {timeout:.0f} s") from None
+
+    # -- running tools ----------------------------------------------------------------------
+
+    def run(
+        self,
+        argv: Sequence[str],
+        *,
+        as_user: bool = False,
+        cwd: Path | None = None,
+        timeout: float = 60.0,
+        check: bool = True,
+    ) -> subprocess.CompletedProcess[str]:
+        command = list(argv)
+        if as_user:
+            keep = {k: self.env[k] for k in ("CONDOR_CONFIG", "PATH")}
+            command = [
+                "runuser",
+                "-u",
+                self.user.pw_name,
+                "--",
+                "env",
+                *(f"{k}={v}" for k, v in keep.items()),
+                *command,
+            ]
+        result = subprocess.run(
+            command,
+            check=False,
+            env=self.env,
+            cwd=cwd,
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+        )
+        if check and result.returncode != 0:
+            raise PoolError(f"{' '.join(argv)} failed ({result.returncode}): {result.stderr}")
+        return result
+
+    def job_dir(self, name: str) -> Path:
+        """A directory owned by the test user to submit from."""
+        path = self.prefix / "jobs" / name
+        path.mkdir(parents=True, exist_ok=True)
+        for p in (path.parent, path):
+            os.chown(p, self.user.pw_uid, self.user.pw_gid)
+        return path
+
+    def submit(self, name: str, description: str) -> int:
+        """Submit ``description`` as the test user from ``job_dir(name)``; the cluster id."""
+        directory = self.job_dir(name)
+        sub = directory / f"{name}.sub"
+        sub.write_text(description)
+        os.chown(sub, self.user.pw_uid, self.user.pw_gid)
+        out = self.run(["condor_submit", "-terse", str(sub)], as_user=True, cwd=directory).stdout
+        return int(out.split(".")[0])
+
+    def _json(self, argv: Sequence[str]) -> list[JobAd]:
+        text = self.run(argv).stdout.strip()
+        ads: list[JobAd] = json.loads(text) if text else []
+        return ads
+
+    def queue_ad(self, cluster: int) -> JobAd | None:
+        ads = self._json(["condor_q", "-json", f"{cluster}.0"])
+        return ads[0] if ads else None
+
+    def history_ad(self, cluster: int) -> JobAd | None:
+        ads = self._json(["condor_history", "-json", "-limit", "1", f"{cluster}.0"])
+        return ads[0] if ads else None
+
+    def wait_for_history(self, cluster: int, timeout: float) -> JobAd:
+        ad: JobAd = wait_until(
+            f"job {cluster} to leave the queue", lambda: self.history_ad(cluster), timeout
+        )
+        return ad
+
+    def wait_for_status(self, cluster: int, status: int, timeout: float) -> JobAd:
+        """The queue ad once ``JobStatus == status`` (1 idle, 2 running, 5 held)."""
+
+        def probe() -> JobAd | None:
+            ad = self.queue_ad(cluster)
+            return ad if ad is not None and ad.get("JobStatus") == status else None
+
+        ad: JobAd = wait_until(f"job {cluster} to reach JobStatus {status}", probe, timeout)
+        return ad
+
+    def slot_ads(self) -> list[JobAd]:
+        return self._json(["condor_status", "-json"])
+
+    # -- stopping ---------------------------------------------------------------------------
+
+    def _our_pids(self) -> list[int]:
+        """Processes running a program of this release (exact path, not a name match)."""
+        pids = []
+        sbin = str(self.prefix) + os.sep
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit():
+                continue
+            with contextlib.suppress(OSError):
+                if os.readlink(entry / "exe").startswith(sbin):
+                    pids.append(int(entry.name))
+        return pids
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """``condor_off -fast -master``, wait for the daemons to go, then kill what is left."""
+        if self.port:
+            self.run(["condor_off", "-fast", "-master"], check=False, timeout=20)
+        deadline = time.monotonic() + timeout
+        while self._our_pids() and time.monotonic() < deadline:
+            time.sleep(0.5)
+        for pid in self._our_pids():
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
+        self.port = 0
+
+
+@contextlib.contextmanager
+def running_pool(
+    prefix: Path, extra_config: str, user: pwd.struct_passwd
+) -> Iterator[PersonalPool]:
+    pool = PersonalPool(prefix, user)
+    pool.start(extra_config)
+    try:
+        yield pool
+    finally:
+        pool.stop()
