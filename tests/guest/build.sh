@@ -386,6 +386,9 @@ EOF
 
     mkdir -p "$r/usr/share/udhcpc"
     install -m 755 "$UDHCPC_SCRIPT" "$r/usr/share/udhcpc/default.script"
+    # busybox udhcpc looks for /etc/udhcpc/default.script
+    mkdir -p "$r/etc/udhcpc"
+    ln -sf /usr/share/udhcpc/default.script "$r/etc/udhcpc/default.script"
 
     write_common_sh "$r/etc/glite-guest/common.sh"
     write_shutdown "$r/sbin/shutdown"
