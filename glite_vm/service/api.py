@@ -1,0 +1,89 @@
+"""The contract between the bootstrapper service and its clients (hooks, launcher, CLI, API).
+
+The service (``glite-vm serve``, root) owns libvirt, the image cache, VMs and snapshots; clients
+run as job owners and talk to it over a Unix socket. This module holds only the shapes both
+sides agree on, so hooks can import it without libvirt. ``glite_vm.service.client.ServiceClient``
+implements :class:`VmService` over the socket; ``glite_vm.service.server`` serves it, and an
+in-process implementation may serve the same calls for a single user (``glite-vm run``).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping, Sequence
+from typing import Protocol
+
+PROTOCOL_VERSION = 1
+
+OutputSink = Callable[[bytes], None]
+
+
+@dataclasses.dataclass(frozen=True)
+class PrepareResult:
+    """A booted VM with its agent ready, and what the job ad should learn about it."""
+
+    vm: str  # domain name; the handle for every later call
+    ad_attributes: dict[str, object]  # GliteVmDomain, GliteVmHypervisor, ..., timings so far
+    guest_user: str
+    boot_log_path: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ExecOutcome:
+    exit_code: int | None
+    signal: int | None
+    seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
+class TeardownOutcome:
+    snapshot_path: str | None
+    boot_log_path: str
+    record_path: str
+    ad_attributes: dict[str, object]  # GliteVmSnapshotPath, GliteVmTimeTeardown, ...
+
+
+@dataclasses.dataclass(frozen=True)
+class VmSummary:
+    vm: str
+    owner: str
+    owner_uid: int
+    job_id: str
+    image: str
+    age_seconds: float
+    running: bool
+
+
+class VmService(Protocol):
+    """What a client may ask. Every call acts only on the caller's own jobs and VMs.
+
+    Errors arrive as :class:`glite_vm.errors.GliteVmError` subclasses with their hold/requeue
+    disposition and message intact.
+    """
+
+    def prepare(
+        self,
+        job_ad: Mapping[str, object],
+        *,
+        machine_ad: Mapping[str, object] | None,
+        scratch_dir: str,
+        starter_pid: int | None,
+    ) -> PrepareResult: ...
+
+    def push(self, vm: str, src_dir: str) -> int: ...
+
+    def exec(
+        self,
+        vm: str,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        stdout: OutputSink | None = None,
+        stderr: OutputSink | None = None,
+    ) -> ExecOutcome: ...
+
+    def pull(self, vm: str, dest_dir: str, *, unchanged_from: str | None = None) -> list[str]: ...
+
+    def teardown(self, vm: str, *, failed: bool) -> TeardownOutcome: ...
+
+    def list_vms(self) -> list[VmSummary]: ...
