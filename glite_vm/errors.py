@@ -88,6 +88,15 @@ class ImageRefusedError(UserError):
         self.reason = reason
 
 
+class ImageNotFoundError(UserError, FileNotFoundError):
+    """A custom image's URL or path does not exist (HTTP 404/410, no such file)."""
+
+    def __init__(self, source: str, detail: str) -> None:
+        super().__init__(f"image {source} not found: {detail}; check GliteVmImage")
+        self.source = source
+        self.detail = detail
+
+
 class RootNotPermittedError(UserError, PermissionError):
     """The job asked for root in the guest where that is not allowed."""
 
@@ -111,6 +120,10 @@ class HypervisorError(HostError):
 
 class DownloadError(HostError, ConnectionError):
     """The image could not be fetched (network, server, timeout)."""
+
+
+class CatalogueError(HostError, ValueError):
+    """The central catalogue is missing, unreadable or malformed (a repository problem)."""
 
 
 class CacheFullError(HostError, OSError):

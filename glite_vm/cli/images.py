@@ -1,0 +1,304 @@
+"""`glite-vm images|cache|catalogue ...`: look at and manage the catalogue and the local cache."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from glite_vm.config import Settings, format_size, parse_size
+from glite_vm.errors import GliteVmError
+from glite_vm.images import (
+    ImageCache,
+    Limits,
+    acquire_image,
+    build_catalogue,
+    load_catalogue,
+    write_catalogue,
+)
+from glite_vm.images.build import CATALOGUE_NAME
+from glite_vm.images.catalogue import format_age
+
+
+def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    images = subparsers.add_parser("images", help="list catalogue images, fetch them")
+    isub = images.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = isub.add_parser("list", help="the catalogue, with what is cached on this host")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=images_list)
+    p = isub.add_parser(
+        "pull",
+        help="fetch images into the cache now",
+        description="Fetch catalogue images, custom image URLs or local image files "
+        "(paths need a '/': ./disk.qcow2) into the cache, with the same checks a job gets.",
+    )
+    p.add_argument("refs", nargs="+", metavar="IMAGE", help="catalogue name, URL or path")
+    p.add_argument("--sha256", help="expected digest (only with a single IMAGE)")
+    p.add_argument(
+        "--progress",
+        choices=("auto", "always", "never"),
+        default="auto",
+        help="progress bar on stderr (auto: when stderr is a terminal)",
+    )
+    p.set_defaults(handler=images_pull)
+
+    cache = subparsers.add_parser("cache", help="inspect, prune and verify the image cache")
+    csub = cache.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = csub.add_parser("status", help="bytes, entries, leases and budget")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(handler=cache_status)
+    p = csub.add_parser(
+        "prune",
+        help="evict unused images down to a size",
+        description="Remove dead leases and interrupted downloads, then evict the least "
+        "recently used images that no job is using until the cache fits SIZE.",
+    )
+    p.add_argument("--to", metavar="SIZE", help="target size, e.g. 20GiB (default: the budget)")
+    p.set_defaults(handler=cache_prune)
+    p = csub.add_parser("verify", help="re-hash every cached file; remove corrupt ones")
+    p.add_argument("--keep-bad", action="store_true", help="report corrupt files, keep them")
+    p.set_defaults(handler=cache_verify)
+
+    cat = subparsers.add_parser("catalogue", help="build the catalogue of an image repository")
+    tsub = cat.add_subparsers(dest="action", metavar="ACTION", required=True)
+    p = tsub.add_parser(
+        "build",
+        help="write catalogue.json for a directory of images",
+        description="Inspect every image in DIR (*.qcow2, *.raw, *.img, or any file with a "
+        "<file>.json sidecar giving name/os/arch/guest_user/description/boot/kernel/initrd/"
+        "cmdline) and write DIR/catalogue.json. See docs/images.md.",
+    )
+    p.add_argument("directory", type=Path, metavar="DIR")
+    p.add_argument(
+        "-o", "--output", type=Path, help=f"where to write (default: DIR/{CATALOGUE_NAME})"
+    )
+    p.add_argument("--base-url", help="absolute URL prefix for image URLs (default: relative)")
+    p.add_argument("--arch", default="x86_64", help="arch of images without a sidecar value")
+    p.add_argument("--guest-user", help="guest user of images without a sidecar value")
+    p.set_defaults(handler=catalogue_build)
+
+
+# --- images ----------------------------------------------------------------------------------
+
+
+def images_list(args: argparse.Namespace, settings: Settings) -> int:
+    catalogue = load_catalogue(settings)
+    cache = ImageCache(settings)
+    entries = [catalogue.get(name) for name in catalogue.names()]
+    cached = {e.name: cache.entry(e.sha256) is not None for e in entries}
+    if catalogue.stale:
+        print(
+            f"note: repository unreachable; catalogue as of {format_age(catalogue.age())} ago",
+            file=sys.stderr,
+        )
+    if args.json:
+        rows = [
+            {
+                "name": e.name,
+                "os": e.os,
+                "arch": e.arch,
+                "boot": e.boot,
+                "format": e.format,
+                "size": e.size,
+                "sha256": e.sha256,
+                "cached": cached[e.name],
+                "description": e.description,
+            }
+            for e in entries
+        ]
+        print(json.dumps(rows, indent=2))
+        return 0
+    table = [["NAME", "OS", "ARCH", "BOOT", "SIZE", "CACHED"]]
+    for e in entries:
+        size = format_size(e.size) if e.size is not None else "?"
+        table.append([e.name, e.os, e.arch, e.boot, size, "yes" if cached[e.name] else "no"])
+    _print_table(table)
+    return 0
+
+
+def images_pull(args: argparse.Namespace, settings: Settings) -> int:
+    if args.sha256 and len(args.refs) != 1:
+        print("glite-vm: --sha256 needs exactly one IMAGE", file=sys.stderr)
+        return 2
+    show = args.progress == "always" or (args.progress == "auto" and sys.stderr.isatty())
+    worst = 0
+    for ref in args.refs:
+        target = local_ref(ref)
+        bar = ProgressBar(ref, sys.stderr) if show else None
+        try:
+            with acquire_image(
+                settings,
+                target,
+                sha256=args.sha256,
+                job_id=f"cli-pull-{os.getpid()}",
+                progress=bar,
+                allow_local=True,
+            ) as lease:
+                image = lease.image
+        except GliteVmError as exc:
+            if bar is not None:
+                bar.finish()
+            kind = "error (fix the request)" if exc.is_user_error else "error (host problem)"
+            print(f"glite-vm: {ref}: {kind}: {exc}", file=sys.stderr)
+            worst = max(worst, 2 if exc.is_user_error else 3)
+            continue
+        if bar is not None:
+            bar.finish()
+        how = "cached" if image.cache_hit else f"fetched in {image.fetch_seconds:.2f}s"
+        print(f"{image.name}\t{image.format}\t{image.sha256}\t{image.path}\t{how}")
+    return worst
+
+
+def local_ref(ref: str) -> str:
+    """A path the user typed (anything with '/' and no scheme) made absolute."""
+    if "://" in ref or "/" not in ref or ref.startswith("/"):
+        return ref
+    return os.path.abspath(ref)
+
+
+class ProgressBar:
+    """``name  42% 215.0 MiB / 512.0 MiB  110.3 MiB/s`` redrawn in place, at most 10 times/s."""
+
+    def __init__(self, label: str, stream: TextIO, width: int = 30) -> None:
+        self.label = label if len(label) <= 40 else "..." + label[-37:]
+        self.stream = stream
+        self.width = width
+        self.started = time.monotonic()
+        self._last = 0.0
+        self._drawn = False
+
+    def __call__(self, done: int, total: int | None) -> None:
+        now = time.monotonic()
+        if now - self._last < 0.1 and (total is None or done < total):
+            return
+        self._last = now
+        rate = done / max(now - self.started, 1e-6)
+        if total:
+            frac = min(1.0, done / total)
+            filled = int(frac * self.width)
+            bar = "#" * filled + "-" * (self.width - filled)
+            text = f"{frac:4.0%} [{bar}] {format_size(done)} / {format_size(total)}"
+        else:
+            text = format_size(done)
+        self.stream.write(f"\r{self.label}  {text}  {format_size(int(rate))}/s\x1b[K")
+        self.stream.flush()
+        self._drawn = True
+
+    def finish(self) -> None:
+        if self._drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._drawn = False
+
+
+# --- cache -----------------------------------------------------------------------------------
+
+
+def cache_status(args: argparse.Namespace, settings: Settings) -> int:
+    st = ImageCache(settings).status()
+    if args.json:
+        doc: dict[str, Any] = {
+            "root": str(st.root),
+            "budget": st.budget,
+            "used_bytes": st.used_bytes,
+            "partial_bytes": st.partial_bytes,
+            "free_bytes": st.free_bytes,
+            "live_leases": st.live_leases,
+            "dead_leases": st.dead_leases,
+            "entries": [
+                {
+                    **{k: v for k, v in dataclasses.asdict(e.entry).items() if k != "path"},
+                    "path": str(e.entry.path),
+                    "leases": [
+                        {"job_id": r.job_id, "pid": r.pid, "since": r.created} for r in e.leases
+                    ],
+                }
+                for e in st.entries
+            ],
+        }
+        print(json.dumps(doc, indent=2))
+        return 0
+    pct = 100.0 * st.used_bytes / st.budget if st.budget else 0.0
+    print(f"cache      {st.root}")
+    print(
+        f"budget     {format_size(st.budget)}; used {format_size(st.used_bytes)} ({pct:.0f}%); "
+        f"partial downloads {format_size(st.partial_bytes)}; disk free {format_size(st.free_bytes)}"
+    )
+    print(f"entries    {len(st.entries)}; leases {st.live_leases} live, {st.dead_leases} dead")
+    if st.entries:
+        table = [["SHA256", "SIZE", "FORMAT", "LEASES", "LAST USED", "SOURCES"]]
+        for e in sorted(st.entries, key=lambda x: -x.entry.last_used):
+            used = datetime.datetime.fromtimestamp(e.entry.last_used).strftime("%Y-%m-%d %H:%M")
+            table.append(
+                [
+                    e.entry.sha256[:12],
+                    format_size(e.entry.size),
+                    e.entry.format or e.entry.kind,
+                    ", ".join(r.job_id for r in e.leases) or "-",
+                    used,
+                    ", ".join(e.entry.sources),
+                ]
+            )
+        print()
+        _print_table(table)
+    return 0
+
+
+def cache_prune(args: argparse.Namespace, settings: Settings) -> int:
+    target = parse_size(args.to, "--to") if args.to else None
+    report = ImageCache(settings).prune(target)
+    print(
+        f"removed {len(report.removed)} image file(s), freed {format_size(report.freed_bytes)}; "
+        f"dropped {report.partials_removed} interrupted download(s) and "
+        f"{report.dead_leases_removed} dead lease(s)"
+    )
+    for e in report.removed:
+        print(f"  removed {e.sha256[:12]} {format_size(e.size)} {', '.join(e.sources)}")
+    if report.kept_in_use:
+        print(f"{report.kept_in_use} image(s) in use were kept; the cache is still above target")
+        return 1
+    return 0
+
+
+def cache_verify(args: argparse.Namespace, settings: Settings) -> int:
+    results = ImageCache(settings).verify(remove_bad=not args.keep_bad)
+    bad = 0
+    for r in results:
+        if r.ok:
+            print(f"ok   {r.sha256}")
+        else:
+            bad += 1
+            print(f"BAD  {r.sha256}: {r.detail}")
+    print(f"{len(results)} file(s) checked, {bad} bad")
+    return 1 if bad else 0
+
+
+# --- catalogue -------------------------------------------------------------------------------
+
+
+def catalogue_build(args: argparse.Namespace, settings: Settings) -> int:
+    limits = Limits(settings.max_image_virtual_bytes, settings.max_image_file_bytes)
+    doc = build_catalogue(
+        args.directory,
+        limits=limits,
+        base_url=args.base_url,
+        default_arch=args.arch,
+        default_guest_user=args.guest_user,
+    )
+    output = write_catalogue(doc, args.output or args.directory / CATALOGUE_NAME)
+    print(f"wrote {output}: {len(doc['images'])} image(s)")
+    for entry in doc["images"]:
+        print(f"  {entry['name']}\t{entry['format']}\t{format_size(entry['size'])}\t{entry['url']}")
+    return 0
+
+
+def _print_table(rows: list[list[str]]) -> None:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())

@@ -1,0 +1,201 @@
+"""Safety checks on a disk image before anything boots it or opens it read-write.
+
+Two layers. First the file's header is read here, in Python, so that images which would make
+even a read-only ``qemu-img info`` open other host files are refused without running it: a
+qcow2 with a backing file or an external data file, VMDK descriptors (their extents are host
+paths), and every other format we do not boot. Then ``qemu-img info -U --output=json -f FORMAT``
+confirms the header with QEMU's own parser. The format is *pinned* (qcow2 when the file carries
+the qcow2 magic, raw otherwise) and passed with ``-f``: QEMU never probes, so a raw image whose
+guest-writable first sector looks like a qcow2 header can never be reinterpreted later.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import shutil
+import struct
+import subprocess
+from pathlib import Path
+from typing import Any
+
+from glite_vm.config import format_size
+from glite_vm.errors import HypervisorError, ImageRefusedError
+
+SUPPORTED_FORMATS = ("qcow2", "raw")
+QEMU_IMG_TIMEOUT = 60.0
+_QCOW_MAGIC = b"QFI\xfb"
+_QCOW2_INCOMPAT_CORRUPT = 1 << 1
+_QCOW2_INCOMPAT_DATA_FILE = 1 << 2
+_QCOW2_KNOWN_INCOMPAT = (1 << 0) | _QCOW2_INCOMPAT_CORRUPT | _QCOW2_INCOMPAT_DATA_FILE | (1 << 3)
+# Magic numbers of formats we refuse by name (so the user reads "vmdk", not "raw, won't boot").
+_OTHER_MAGIC: tuple[tuple[int, bytes, str], ...] = (
+    (0, b"KDMV", "vmdk"),
+    (0, b"# Disk DescriptorFile", "vmdk"),
+    (0, b"COWD", "vmdk"),
+    (0, b"vhdxfile", "vhdx"),
+    (0, b"conectix", "vpc"),
+    (0, b"QED\x00", "qed"),
+    (0, b"LUKS\xba\xbe", "luks"),
+    (0, b"WithoutFreeSpace", "parallels"),
+    (0, b"WithouFreSpacExt", "parallels"),
+    (0, b"Bochs Virtual HD Image", "bochs"),
+    (0, b"#!/bin/sh\n#V2.0 Format", "cloop"),
+    (0x40, struct.pack("<I", 0xBEDA107F), "vdi"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageInfo:
+    """What the checks established about an image file."""
+
+    format: str  # "qcow2" or "raw"; boot with exactly this format
+    virtual_size: int
+    file_size: int
+    qemu_img: dict[str, Any]  # the raw `qemu-img info` answer, for logs
+
+
+@dataclasses.dataclass(frozen=True)
+class Limits:
+    max_virtual_bytes: int
+    max_file_bytes: int
+
+
+def inspect_image(
+    path: Path, *, source: str, limits: Limits, declared_format: str | None = None
+) -> ImageInfo:
+    """Check ``path`` and pin its format; raise ImageRefusedError (hold) with the reason.
+
+    ``source`` names the image in messages. ``declared_format`` (from the catalogue) must agree
+    with what the file is. Raise HypervisorError when ``qemu-img`` itself is unusable.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+    except OSError as exc:
+        raise ImageRefusedError(source, f"cannot be read: {exc.strerror}") from exc
+    try:
+        file_size = os.fstat(fd).st_size
+        header = os.pread(fd, 512, 0)
+    finally:
+        os.close(fd)
+    if file_size > limits.max_file_bytes:
+        raise ImageRefusedError(
+            source,
+            f"file size {format_size(file_size)} exceeds the limit "
+            f"{format_size(limits.max_file_bytes)} (GLITE_VM_MAX_IMAGE_FILE_BYTES)",
+        )
+    fmt = _check_header(header, source)
+    if declared_format is not None and declared_format != fmt:
+        raise ImageRefusedError(
+            source, f"the catalogue says format {declared_format} but the file is {fmt}"
+        )
+    info = qemu_img_info(path, fmt, source=source)
+    _check_info(info, fmt, source)
+    virtual_size = int(info["virtual-size"])
+    if virtual_size > limits.max_virtual_bytes:
+        raise ImageRefusedError(
+            source,
+            f"virtual size {format_size(virtual_size)} exceeds the limit "
+            f"{format_size(limits.max_virtual_bytes)} (GLITE_VM_MAX_IMAGE_VIRTUAL_BYTES)",
+        )
+    return ImageInfo(format=fmt, virtual_size=virtual_size, file_size=file_size, qemu_img=info)
+
+
+def _check_header(header: bytes, source: str) -> str:
+    """Pin the format from the header; refuse what would make qemu-img touch other files."""
+    if header[:4] == _QCOW_MAGIC:
+        if len(header) < 72:
+            raise ImageRefusedError(source, "truncated qcow header")
+        version, backing_offset = struct.unpack_from(">IQ", header, 4)
+        if version not in (2, 3):
+            raise ImageRefusedError(source, f"qcow version {version} is not supported (use qcow2)")
+        if backing_offset != 0:
+            raise ImageRefusedError(source, "it has a backing file (a path on the host)")
+        (crypt_method,) = struct.unpack_from(">I", header, 32)
+        if crypt_method != 0:
+            raise ImageRefusedError(source, "it is encrypted")
+        if version == 3:
+            if len(header) < 104:
+                raise ImageRefusedError(source, "truncated qcow2 header")
+            (incompatible,) = struct.unpack_from(">Q", header, 72)
+            if incompatible & _QCOW2_INCOMPAT_DATA_FILE:
+                raise ImageRefusedError(source, "it has an external data file (a path on the host)")
+            if incompatible & _QCOW2_INCOMPAT_CORRUPT:
+                raise ImageRefusedError(source, "qcow2 marks it as corrupt")
+            if incompatible & ~_QCOW2_KNOWN_INCOMPAT:
+                raise ImageRefusedError(source, "it uses unknown qcow2 features")
+        return "qcow2"
+    for offset, magic, name in _OTHER_MAGIC:
+        if header[offset : offset + len(magic)] == magic:
+            raise ImageRefusedError(
+                source, f"format {name} is not supported; convert it to qcow2 or raw"
+            )
+    return "raw"
+
+
+def _check_info(info: dict[str, Any], fmt: str, source: str) -> None:
+    """Second opinion from QEMU's parser on what the header check already established."""
+    if info.get("format") != fmt:
+        raise ImageRefusedError(source, f"qemu-img reads it as {info.get('format')!r}, not {fmt}")
+    if info.get("backing-filename") or info.get("full-backing-filename"):
+        raise ImageRefusedError(source, "it has a backing file (a path on the host)")
+    if info.get("encrypted"):
+        raise ImageRefusedError(source, "it is encrypted")
+    specific = info.get("format-specific")
+    data = specific.get("data") if isinstance(specific, dict) else None
+    if isinstance(data, dict):
+        if data.get("data-file"):
+            raise ImageRefusedError(source, "it has an external data file (a path on the host)")
+        if data.get("corrupt"):
+            raise ImageRefusedError(source, "qcow2 marks it as corrupt")
+    if not isinstance(info.get("virtual-size"), int) or info["virtual-size"] < 0:
+        raise ImageRefusedError(source, "qemu-img reports no virtual size")
+
+
+def qemu_img_info(path: Path, fmt: str, *, source: str | None = None) -> dict[str, Any]:
+    """``qemu-img info -U --output=json -f FMT PATH``; ImageRefusedError if QEMU rejects it."""
+    exe = shutil.which("qemu-img")
+    if exe is None:
+        raise HypervisorError("qemu-img is not installed; it is needed to inspect images")
+    if fmt not in SUPPORTED_FORMATS:
+        raise ValueError(f"refusing to run qemu-img with format {fmt!r}")
+    # An absolute path never parses as a QEMU protocol prefix ("nbd:", "json:", ...).
+    argv = [exe, "info", "-U", "--output=json", "-f", fmt, str(path.absolute())]
+    try:
+        done = subprocess.run(
+            argv,
+            capture_output=True,
+            timeout=QEMU_IMG_TIMEOUT,
+            check=False,
+            stdin=subprocess.DEVNULL,
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise HypervisorError(f"qemu-img info did not finish in {QEMU_IMG_TIMEOUT:.0f}s") from exc
+    except OSError as exc:
+        raise HypervisorError(f"cannot run qemu-img: {exc}") from exc
+    if done.returncode != 0:
+        reason = done.stderr.decode(errors="replace").strip().splitlines()
+        detail = reason[-1] if reason else f"exit status {done.returncode}"
+        raise ImageRefusedError(source or str(path), f"qemu-img cannot read it as {fmt}: {detail}")
+    try:
+        info = json.loads(done.stdout)
+    except ValueError as exc:
+        raise HypervisorError("qemu-img info printed something that is not JSON") from exc
+    if not isinstance(info, dict):
+        raise HypervisorError("qemu-img info printed something that is not a JSON object")
+    return info
+
+
+def qemu_img_version() -> str:
+    exe = shutil.which("qemu-img")
+    if exe is None:
+        return "unknown"
+    try:
+        done = subprocess.run(
+            [exe, "--version"], capture_output=True, timeout=10, check=False, text=True
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return "unknown"
+    first = done.stdout.splitlines()[:1]
+    return first[0].strip() if first else "unknown"
