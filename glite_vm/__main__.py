@@ -1,0 +1,7 @@
+"""``python -m glite_vm``: the same as the ``glite-vm`` command."""
+
+import sys
+
+from glite_vm.cli import main
+
+sys.exit(main())
