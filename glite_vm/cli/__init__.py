@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="glite-vm",
         description="Run jobs in short-lived virtual machines; inspect and clean up after them.",
         epilog="Settings come from GLITE_VM_* environment variables, HTCondor's configuration "
-        "and /etc/glite-vm/config.toml; see docs/admin.md.",
+        "and /etc/glite-vm/config.toml; see the docs/ directory.",
     )
     parser.add_argument("--version", action="version", version=f"glite-vm {__version__}")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
