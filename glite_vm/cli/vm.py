@@ -226,6 +226,17 @@ def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
             "" if info.accelerated else "VMs run under QEMU TCG (slower); enable KVM for speed",
         )
     )
+    if hv.KVM_DEVICE.exists():
+        st = hv.KVM_DEVICE.stat()
+        checks.append(
+            _check(
+                "kvm device",
+                bool(st.st_mode & 0o060),
+                f"{hv.KVM_DEVICE} mode {st.st_mode & 0o777:o}, gid {st.st_gid}",
+                "chgrp kvm /dev/kvm && chmod 0660 /dev/kvm (Debian's udev default); "
+                "otherwise libvirt re-probes QEMU on every VM start",
+            )
+        )
     checks.append(
         _check("qemu", bool(info.emulator), info.emulator or "not found", "install qemu-system-x86")
     )
