@@ -30,7 +30,7 @@ from glite_vm.config import Settings  # noqa: E402
 from glite_vm.request import VMRequest  # noqa: E402
 from glite_vm.session import open_host  # noqa: E402
 from glite_vm.vm.lifecycle import VmHost  # noqa: E402
-from tests.support import LocalImage, local_image  # noqa: E402
+from tests.support import LocalImage, direct_image_in, install_guests  # noqa: E402
 
 GUESTS = Path(os.environ.get("GLITE_VM_TEST_GUESTS", REPO / "tests" / "guest" / "build"))
 MEMORY_MIB = 512
@@ -144,22 +144,10 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
     args = parser.parse_args()
-    manifest = json.loads((GUESTS / "guests.json").read_text())
     work = Path(tempfile.mkdtemp(prefix="glite-vm-bench-", dir="/var/tmp"))
     work.chmod(0o711)
     try:
-        for name in ["guests.json", *manifest["sha256"]]:
-            shutil.copyfile(GUESTS / name, work / name)
-            (work / name).chmod(0o644)
-        d = manifest["direct"]
-        image = local_image(
-            work / d["disk"],
-            name="bench-direct",
-            kernel=work / d["kernel"],
-            initrd=work / d["initrd"],
-            cmdline=d["cmdline"],
-            guest_user=manifest["user"],
-        )
+        image = direct_image_in(work, install_guests(GUESTS, work), "bench-direct")
         settings = Settings(state_dir=work / "state", default_disk_bytes=2 << 30)
         host = open_host(settings)
         accel = "kvm" if host.hypervisor.kind == "kvm" else "tcg"

@@ -26,7 +26,7 @@ sys.path.insert(0, str(REPO))
 from glite_vm.config import Settings  # noqa: E402
 from glite_vm.request import VMRequest  # noqa: E402
 from glite_vm.session import open_host  # noqa: E402
-from tests.support import local_image  # noqa: E402
+from tests.support import direct_image_in, install_guests  # noqa: E402
 
 GUESTS = Path(os.environ.get("GLITE_VM_TEST_GUESTS", REPO / "tests" / "guest" / "build"))
 
@@ -35,22 +35,11 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--mib", type=int, default=32, help="payload size in MiB")
     args = parser.parse_args()
-    manifest = json.loads((GUESTS / "guests.json").read_text())
     work = Path(tempfile.mkdtemp(prefix="glite-vm-bench-", dir="/var/tmp"))
     work.chmod(0o711)
     payload = os.urandom(args.mib << 20)
     try:
-        for name in manifest["sha256"]:
-            shutil.copyfile(GUESTS / name, work / name)
-            (work / name).chmod(0o644)
-        d = manifest["direct"]
-        image = local_image(
-            work / d["disk"],
-            name="bench-direct",
-            kernel=work / d["kernel"],
-            initrd=work / d["initrd"],
-            cmdline=d["cmdline"],
-        )
+        image = direct_image_in(work, install_guests(GUESTS, work), "bench-direct")
         settings = Settings(
             state_dir=work / "state", default_disk_bytes=2 << 30, default_memory_mib=512
         )

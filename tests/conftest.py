@@ -16,7 +16,7 @@ import pytest
 from glite_vm.config import Settings
 from glite_vm.session import open_host
 from glite_vm.vm.lifecycle import VmHost
-from tests.support import LocalImage, local_image
+from tests.support import LocalImage, direct_image_in, install_guests, local_image
 
 REPO = Path(__file__).resolve().parent.parent
 GUEST_DIR = Path(os.environ.get("GLITE_VM_TEST_GUESTS", REPO / "tests" / "guest" / "build"))
@@ -28,12 +28,8 @@ def guest_dir(state_dir: Path) -> Path:
     manifest = GUEST_DIR / "guests.json"
     if not manifest.exists():
         subprocess.run(["bash", str(REPO / "tests/guest/build.sh"), str(GUEST_DIR)], check=True)
-    data = json.loads(manifest.read_text())
     dest = state_dir / "guests"
-    dest.mkdir(mode=0o755)
-    for name in ["guests.json", *data["sha256"]]:
-        shutil.copyfile(GUEST_DIR / name, dest / name)
-        (dest / name).chmod(0o644)
+    install_guests(GUEST_DIR, dest)
     return dest
 
 
@@ -45,15 +41,7 @@ def guests(guest_dir: Path) -> dict[str, Any]:
 
 @pytest.fixture(scope="session")
 def direct_image(guests: dict[str, Any], guest_dir: Path) -> LocalImage:
-    d = guests["direct"]
-    return local_image(
-        guest_dir / d["disk"],
-        name="test-direct",
-        kernel=guest_dir / d["kernel"],
-        initrd=guest_dir / d["initrd"],
-        cmdline=d["cmdline"],
-        guest_user=guests["user"],
-    )
+    return direct_image_in(guest_dir, guests, "test-direct")
 
 
 @pytest.fixture(scope="session")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import shutil
 import subprocess
 from pathlib import Path
 from typing import Any
@@ -64,3 +65,26 @@ def our_domain_names() -> list[str]:
         check=True,
     ).stdout
     return [n for n in out.split() if n.startswith(DOMAIN_PREFIX)]
+
+
+def install_guests(src: Path, dest: Path) -> dict[str, Any]:
+    """Copy the built test guests into ``dest`` readable by QEMU's own user; the manifest."""
+    manifest: dict[str, Any] = json.loads((src / "guests.json").read_text())
+    dest.mkdir(mode=0o755, exist_ok=True)
+    for name in ["guests.json", *manifest["sha256"]]:
+        shutil.copyfile(src / name, dest / name)
+        (dest / name).chmod(0o644)
+    return manifest
+
+
+def direct_image_in(guest_dir: Path, manifest: dict[str, Any], name: str) -> LocalImage:
+    """The direct-kernel-boot test guest as an image the VM layer can boot."""
+    d = manifest["direct"]
+    return local_image(
+        guest_dir / d["disk"],
+        name=name,
+        kernel=guest_dir / d["kernel"],
+        initrd=guest_dir / d["initrd"],
+        cmdline=d["cmdline"],
+        guest_user=manifest["user"],
+    )
