@@ -74,6 +74,79 @@ def format_size(n: int) -> str:
     raise AssertionError("unreachable")
 
 
+_DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 7 * 86400.0}
+
+
+def parse_duration(text: str, field: str = "duration") -> float:
+    """Parse ``"90s"``, ``"30m"``, ``"12h"``, ``"7d"``, ``"2w"`` (or a plain number of seconds)."""
+    s = text.strip().lower().replace(" ", "")
+    unit = s[-1:] if s[-1:] in _DURATION_UNITS else ""
+    num = s[: len(s) - len(unit)]
+    try:
+        value = float(num) * _DURATION_UNITS.get(unit, 1.0)
+    except ValueError:
+        raise RequestError(field, f"expected a duration like '7d' or '12h', got {text!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise RequestError(field, f"must be a finite, non-negative duration, got {text!r}")
+    return value
+
+
+def format_duration(seconds: float) -> str:
+    """The largest whole unit up to days: ``7d``, ``36h``, ``90s``."""
+    for unit in ("d", "h", "m"):
+        n = _DURATION_UNITS[unit]
+        if seconds >= n and seconds % n == 0:
+            return f"{seconds / n:.0f}{unit}"
+    return f"{seconds:g}s"
+
+
+@dataclasses.dataclass(frozen=True)
+class Retention:
+    """How long kept snapshots stay (``GLITE_VM_SNAPSHOT_RETENTION``, docs/snapshots.md).
+
+    ``max_age``: seconds after a job ended; ``max_bytes``: disk space of all VM directories
+    together, oldest removed first. ``None``: no limit of that kind.
+    """
+
+    max_age: float | None = 7 * 86400.0
+    max_bytes: int | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Retention:
+        """``"7d"``, ``"50GB"``, ``"7d,50GB"``, ``"none"``. Durations end in s/m/h/d/w; sizes
+        end in a byte unit (``500MB``, ``50GiB``), so ``30m`` is thirty minutes."""
+        age: float | None = None
+        size: int | None = None
+        parts = [p for p in text.replace(",", " ").split() if p]
+        if not parts or [p.lower() for p in parts] == ["none"]:
+            return cls(None, None)
+        for part in parts:
+            low = part.lower()
+            if low[-1:] in _DURATION_UNITS:
+                if age is not None:
+                    raise RequestError("snapshot retention", f"two ages in {text!r}")
+                age = parse_duration(part, "snapshot retention")
+            elif low.endswith("b"):
+                if size is not None:
+                    raise RequestError("snapshot retention", f"two sizes in {text!r}")
+                size = parse_size(part, "snapshot retention")
+            else:
+                raise RequestError(
+                    "snapshot retention",
+                    f"{part!r} is neither an age (7d, 12h) nor a size (50GB); "
+                    f"expected e.g. '7d,50GB' or 'none'",
+                )
+        return cls(age, size)
+
+    def __str__(self) -> str:
+        parts = []
+        if self.max_age is not None:
+            parts.append(format_duration(self.max_age))
+        if self.max_bytes is not None:
+            parts.append(format_size(self.max_bytes).replace(" ", "").replace(".0", ""))
+        return ",".join(parts) or "none"
+
+
 def _bool(v: str) -> bool:
     s = v.strip().lower()
     if s in ("1", "true", "yes", "on"):
@@ -127,6 +200,8 @@ class Settings:
     boot_timeout: float = 300.0
     teardown_timeout: float = 30.0
     snapshot_dir: Path | None = None  # default: state_dir/snapshots
+    # kept snapshots: age and/or total bytes, e.g. "7d", "7d,50GB", "none" (docs/snapshots.md)
+    snapshot_retention: Retention = dataclasses.field(default_factory=Retention)
     run_dir: Path | None = None  # default: state_dir/run (overlays of running VMs, boot logs)
     guest_user: str = "glite"  # default unprivileged guest account
     # policy
@@ -135,7 +210,12 @@ class Settings:
     max_host_failures: int = 3  # host failures of one job before it is held (0: never)
     network: str = "none"
     socket_path: Path = dataclasses.field(default_factory=_default_socket)
+    # the bootstrapper service (docs/service.md)
+    reap_interval: float = 15.0  # seconds between reaper passes of `glite-vm serve`
+    service_connect_timeout: float = 5.0  # seconds a client waits to connect to the service
+    service_idle_timeout: float = 30.0  # seconds a client waits for any sign of life mid-call
     # guest identity: hostname and host certificate (docs/identity.md)
+    guest_identity: bool = False  # the service sets each VM's hostname (certificates imply it)
     hostname_pattern: str = "{host}-{slot}.{domain}"
     allow_job_hostname: bool = False  # may a job name its VM (GliteVmHostname)?
     job_hostname_domains: tuple[str, ...] = ()  # if set, job-chosen names must lie inside these
@@ -231,6 +311,7 @@ _PARSERS: dict[object, Callable[[str], Any]] = {
     "float": float,
     "bool": _bool,
     "tuple[str, ...]": _list,
+    "Retention": Retention.parse,
 }
 
 

@@ -20,6 +20,7 @@ _COMMAND_MODULES = (
     "glite_vm.cli.vm",
     "glite_vm.cli.images",
     "glite_vm.cli.condor",
+    "glite_vm.cli.service",
     "glite_vm.cli.identity",
 )
 

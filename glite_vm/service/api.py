@@ -54,6 +54,27 @@ class VmSummary:
     running: bool
 
 
+@dataclasses.dataclass(frozen=True)
+class ReapedVm:
+    """A VM the reaper tore down because its job was gone, and why."""
+
+    vm: str
+    owner_uid: int
+    reason: str
+
+
+@dataclasses.dataclass(frozen=True)
+class ServiceInfo:
+    """What ``ping`` answers: who serves, since when, and what it sees of the caller."""
+
+    protocol: int
+    version: str
+    pid: int
+    uptime_seconds: float
+    caller_uid: int
+    vms: int  # the caller's VMs (all of them for root)
+
+
 class VmService(Protocol):
     """What a client may ask. Every call acts only on the caller's own jobs and VMs.
 

@@ -221,7 +221,15 @@ class VmHost:
                 "creating the overlay",
             )
             vm.timings.overlay = time.monotonic() - t1
-            with vm.xfer.open("wb") as f:
+            # A VM made for another user (owner_uid: the service) keeps the job's data private
+            # from the first byte: QEMU's own user gets these two from libvirt, and the VM
+            # directory must stay traversable for it, so their modes are what protects them.
+            private = owner_uid is not None
+            if private:
+                vm.overlay.chmod(0o600)
+            mode = 0o600 if private else 0o644
+            fd = os.open(vm.xfer, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
+            with os.fdopen(fd, "wb") as f:
                 f.truncate(request.disk_bytes)
             # libvirt hands kernel and initrd to QEMU's user while the VM runs; per-VM copies
             # keep the cached originals root-owned and unwritable by any QEMU.
@@ -376,12 +384,22 @@ class Vm:
     def push(self, src: Path) -> int:
         """Copy the contents of host directory ``src`` into the guest's working directory."""
         written = transfer.pack_tree(src, self.xfer)
+        self.unpack_pushed(written)
+        return written
+
+    def unpack_pushed(self, written: int) -> None:
+        """Extract the tar stream of ``written`` bytes at the start of the transfer disk into
+        the guest's working directory (for callers that packed it themselves)."""
         self._root_script(
             transfer.GUEST_UNPACK,
             [GUEST_WORKDIR, f"{self.guest_user}:", str(written)],
             "copying files in",
         )
-        return written
+
+    def pack_for_pull(self) -> None:
+        """Have the guest write its working directory as a tar stream onto the transfer disk
+        (for callers that unpack it themselves)."""
+        self._root_script(transfer.GUEST_PACK, [GUEST_WORKDIR], "copying files out")
 
     def pull(
         self, dest: Path, *, unchanged_from: Path | None = None, refused: list[str] | None = None
@@ -391,7 +409,7 @@ class Vm:
         With ``unchanged_from``, files byte-identical to the same name there are skipped, so
         only new and changed files land in ``dest``.
         """
-        self._root_script(transfer.GUEST_PACK, [GUEST_WORKDIR], "copying files out")
+        self.pack_for_pull()
         staging = transfer.new_staging_dir(self.dir)
         try:
             names = transfer.unpack_tree(self.xfer, staging, refused)
@@ -547,10 +565,13 @@ class Vm:
         """Kept files belong to the job's owner alone (when running as root for others)."""
         if self.owner_uid is None or os.geteuid() != 0:
             return
-        for p in [self.dir, *paths]:
+        # The directory goes last: once it is the owner's, the owner could swap a name inside
+        # for a symlink to a file of root's, and a chown by name would follow it.
+        for p in [*paths, self.dir]:
             try:
-                os.chown(p, self.owner_uid, -1)
-                os.chmod(p, 0o700 if p == self.dir else 0o600)
+                os.chown(p, self.owner_uid, -1, follow_symlinks=False)
+                if not p.is_symlink():
+                    os.chmod(p, 0o700 if p == self.dir else 0o600)
             except OSError as exc:
                 log.warning("cannot give %s to uid %s: %s", p, self.owner_uid, exc)
 

@@ -1,0 +1,136 @@
+"""`glite-vm serve` (the bootstrapper, run as root) and `glite-vm reap` (one reaper pass now)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from types import FrameType
+
+from glite_vm.config import Settings
+from glite_vm.errors import GliteVmError
+
+log = logging.getLogger("glite_vm.service")
+
+
+def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    serve = sub.add_parser(
+        "serve",
+        help="run the bootstrapper service (as root, in the foreground)",
+        description="Own libvirt, the image cache and the VMs, and serve hooks, launcher and "
+        "CLI on a Unix socket that every local user may connect to; each caller acts only on "
+        "its own jobs and VMs (peer credentials). Logs go to stderr. SIGTERM or SIGINT stop "
+        "the service without touching running VMs; the next start adopts them. VMs whose job "
+        "is gone are reaped every GLITE_VM_REAP_INTERVAL seconds.",
+        epilog="See docs/service.md; a systemd unit is glite_vm/service/glite-vm.service.",
+    )
+    serve.add_argument(
+        "--socket",
+        type=Path,
+        metavar="PATH",
+        help="the socket to listen on (default: GLITE_VM_SOCKET_PATH)",
+    )
+    serve.add_argument(
+        "--condor-config",
+        action="store_true",
+        help="also read GLITE_VM_* knobs from HTCondor's configuration (an execute host)",
+    )
+    serve.set_defaults(handler=cmd_serve)
+
+    reap = sub.add_parser(
+        "reap",
+        help="ask the service to reap VMs whose job is gone, now",
+        description="Ask the running service for one reaper pass (it also reaps on its own "
+        "every GLITE_VM_REAP_INTERVAL seconds). Prints nothing on stdout unless --json, so it "
+        "can run as a STARTD_CRON job; what was reaped goes to stderr. Exits 3 when the "
+        "service cannot be reached.",
+    )
+    reap.add_argument("--socket", type=Path, metavar="PATH", help="the service's socket")
+    reap.add_argument("--json", action="store_true", help="print the reaped VMs as JSON")
+    reap.set_defaults(handler=cmd_reap)
+
+
+def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    from glite_vm.service.registry import VmRegistry  # noqa: PLC0415 - libvirt: only here
+    from glite_vm.service.server import ServiceServer  # noqa: PLC0415
+    from glite_vm.session import open_host  # noqa: PLC0415
+
+    if args.condor_config:
+        settings = Settings.load(use_condor=True)
+    root = logging.getLogger()
+    if root.level > logging.INFO:
+        root.setLevel(logging.INFO)
+    socket_path: Path = args.socket or settings.socket_path
+    stop = threading.Event()
+
+    def request_stop(signum: int, _frame: FrameType | None) -> None:
+        log.info("stopping on %s", signal.Signals(signum).name)
+        stop.set()
+
+    signal.signal(signal.SIGTERM, request_stop)
+    signal.signal(signal.SIGINT, request_stop)
+    host = open_host(settings)
+    try:
+        registry = VmRegistry(settings, host)
+        server = ServiceServer(settings, host, registry, socket_path)
+        server.bind()  # before adopting: a second instance must not touch the first's VMs
+        registry.recover()
+        registry.reap_once()
+        log.info(
+            "glite-vm service: %s, %s, state in %s, %d VMs",
+            settings.effective_libvirt_uri,
+            host.hypervisor.kind,
+            settings.state_dir,
+            len(registry.active()),
+        )
+        server.serve(stop)
+    finally:
+        host.conn.close()
+    return 0
+
+
+def cmd_reap(args: argparse.Namespace, settings: Settings) -> int:
+    from glite_vm.service.client import ServiceClient  # noqa: PLC0415
+
+    client = ServiceClient.from_settings(settings)
+    if args.socket is not None:
+        client.socket_path = str(args.socket)
+    reaped = client.reap()
+    for r in reaped:
+        print(f"glite-vm reap: {r.vm} (uid {r.owner_uid}): {r.reason}", file=sys.stderr)
+    if args.json:
+        print(json.dumps([vars(r) for r in reaped], indent=2))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python -m glite_vm.cli.service serve|reap ...``: these commands on their own."""
+    parser = argparse.ArgumentParser(prog="glite-vm")
+    parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
+    register(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.WARNING - 10 * min(args.verbose, 2),
+        format="glite-vm: %(levelname)s: %(message)s",
+    )
+    try:
+        settings = Settings.load()
+    except ValueError as exc:
+        print(f"glite-vm: {exc}", file=sys.stderr)
+        return 2
+    try:
+        code: int = args.handler(args, settings)
+    except GliteVmError as exc:
+        kind = "error (fix the request)" if exc.is_user_error else "error (host problem)"
+        print(f"glite-vm: {kind}: {exc}", file=sys.stderr)
+        return 2 if exc.is_user_error else 3
+    return code
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,197 @@
+"""Sandbox I/O with the job owner's rights: pack a directory into, or unpack one from, an open
+transfer disk.
+
+The service (root) opens the VM's transfer disk and hands the open descriptor to this module
+run as a child process under the caller's uid, gid and groups
+(``python -I -m glite_vm.service._sandbox_io``, request as JSON on stdin, result as JSON on
+stdout). Every file of the sandbox is then opened with the caller's rights: a symlink travels
+as a link and is never followed, and a hard link or a ``..`` path to a file the caller cannot
+read fails with the kernel's "permission denied" instead of leaking the file into the guest.
+Output lands in the destination with the caller as the owner of every file.
+
+The same functions run in-process when the caller is the service's own user. Standard library
+and :mod:`glite_vm.vm.transfer` only (no libvirt): the child starts quickly.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import stat
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+from typing import IO, Any, cast
+
+from glite_vm.errors import AccessDeniedError, AgentError, GliteVmError, HostError, RequestError
+from glite_vm.vm import transfer
+
+
+class _Bounded:
+    """A write-only file object over a descriptor that refuses to grow past ``limit`` bytes."""
+
+    def __init__(self, fd: int, limit: int) -> None:
+        self._fd = fd
+        self._limit = limit
+        self._pos = 0
+
+    def write(self, data: bytes) -> int:
+        if self._pos + len(data) > self._limit:
+            raise RequestError(
+                "sandbox",
+                f"the input files need more than the VM's transfer disk holds "
+                f"({self._limit} bytes); ask for a larger RequestDisk",
+            )
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(self._fd, view, self._pos)
+            self._pos += n
+            view = view[n:]
+        return len(data)
+
+    def tell(self) -> int:
+        return self._pos
+
+    def flush(self) -> None:
+        return None
+
+
+def pack_into(xfer_fd: int, src: Path) -> int:
+    """Write ``src``'s tree as a tar stream at the start of the open transfer disk; bytes
+    written. Symlinks are stored as links, special files skipped, unreadable files refused."""
+    if not src.is_absolute():
+        raise RequestError("src_dir", f"{src} is not an absolute path")
+    try:
+        st = os.lstat(src)
+    except OSError as exc:
+        raise AccessDeniedError(f"cannot read the input directory {src}: {exc.strerror}") from None
+    if not stat.S_ISDIR(st.st_mode):
+        raise RequestError("src_dir", f"{src} is not a directory (symlinks are not followed)")
+    limit = os.fstat(xfer_fd).st_size
+    out = _Bounded(xfer_fd, limit)
+    with tarfile.open(fileobj=cast(IO[bytes], out), mode="w", format=tarfile.PAX_FORMAT) as tar:
+        for path in _walk(src):
+            rel = path.relative_to(src).as_posix()
+            try:
+                info = tar.gettarinfo(str(path), arcname=rel)
+            except OSError as exc:
+                raise _unreadable(rel, exc) from None
+            info.uid = info.gid = 0
+            info.uname = info.gname = ""
+            if info.isreg():
+                try:
+                    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+                except OSError as exc:
+                    raise _unreadable(rel, exc) from None
+                with os.fdopen(fd, "rb") as f:
+                    if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                        continue  # replaced by something else since the walk
+                    info.size = os.fstat(f.fileno()).st_size
+                    tar.addfile(info, f)
+            elif info.isdir() or info.issym():
+                tar.addfile(info)
+    written = out.tell()
+    os.fsync(xfer_fd)
+    return written
+
+
+def _walk(src: Path) -> list[Path]:
+    def fail(exc: OSError) -> None:
+        rel = os.path.relpath(exc.filename, src) if exc.filename else str(src)
+        raise _unreadable(rel, exc)
+
+    out: list[Path] = []
+    for dirpath, dirnames, filenames in os.walk(src, onerror=fail, followlinks=False):
+        for name in dirnames + filenames:
+            p = Path(dirpath) / name
+            mode = p.lstat().st_mode
+            if stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode):
+                out.append(p)
+    return sorted(out)
+
+
+def _unreadable(rel: str, exc: OSError) -> AccessDeniedError:
+    return AccessDeniedError(
+        f"cannot read {rel!r} of the job's input files as the job's owner "
+        f"({exc.strerror or exc}); a job can only send files its owner may read"
+    )
+
+
+def unpack_from(
+    xfer_fd: int, dest: Path, unchanged_from: Path | None, refused: list[str]
+) -> list[str]:
+    """Extract the guest's tar stream from the open transfer disk into ``dest`` (created if
+    missing); names of the new and changed files. Refused members are listed in ``refused``."""
+    if not dest.is_absolute():
+        raise RequestError("dest_dir", f"{dest} is not an absolute path")
+    try:
+        dest.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise AccessDeniedError(
+            f"cannot create the output directory {dest} as the job's owner: {exc.strerror}"
+        ) from None
+    if dest.is_symlink() or not dest.is_dir():
+        raise RequestError("dest_dir", f"{dest} is not a directory (symlinks are not followed)")
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=".glite-vm-out-", dir=dest))
+    except OSError as exc:
+        raise AccessDeniedError(f"cannot write into {dest}: {exc.strerror}") from None
+    try:
+        names: list[str] = []
+        with os.fdopen(os.dup(xfer_fd), "rb") as raw:
+            try:
+                with tarfile.open(fileobj=raw, mode="r:") as tar:
+                    for member in tar:
+                        if member.name in (".", "./"):
+                            continue
+                        problem = transfer._extract_member(tar, member, staging)
+                        if problem is not None:
+                            refused.append(f"{member.name}: {problem}")
+                        elif member.isreg():
+                            names.append(os.path.normpath(member.name))
+            except tarfile.ReadError as exc:
+                raise AgentError(f"the guest's output stream is not a tar archive: {exc}") from exc
+        return transfer.copy_changed(staging, names, dest, unchanged_from)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+# -- the child process -----------------------------------------------------------------------
+
+
+def _serve_one(request: dict[str, Any]) -> dict[str, Any]:
+    fd = int(request["fd"])
+    if request["op"] == "pack":
+        return {"bytes": pack_into(fd, Path(request["src"]))}
+    if request["op"] == "unpack":
+        refused: list[str] = []
+        before = request.get("unchanged_from")
+        files = unpack_from(fd, Path(request["dest"]), Path(before) if before else None, refused)
+        return {"files": files, "refused": refused}
+    raise ValueError(f"unknown operation {request['op']!r}")
+
+
+def main(stdin: IO[bytes], stdout: IO[bytes]) -> int:
+    try:
+        result: dict[str, Any] = {"ok": True, "result": _serve_one(json.loads(stdin.read()))}
+    except GliteVmError as exc:
+        result = {"ok": False, "type": type(exc).__name__, "message": exc.message}
+    except OSError as exc:
+        denied = exc.errno in (errno.EACCES, errno.EPERM, errno.EROFS)
+        kind = AccessDeniedError if denied else HostError
+        result = {"ok": False, "type": kind.__name__, "message": _os_message(exc)}
+    stdout.write(json.dumps(result).encode())
+    stdout.flush()
+    return 0
+
+
+def _os_message(exc: OSError) -> str:
+    where = f" ({exc.filename})" if exc.filename else ""
+    return f"copying the job's files as its owner failed: {exc.strerror or exc}{where}"
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.stdin.buffer, sys.stdout.buffer))

@@ -1,0 +1,443 @@
+"""`LocalService`: the bootstrapper's calls, in-process, on behalf of one caller.
+
+This is the engine behind the socket server (one instance per connection, sharing one
+:class:`~glite_vm.service.registry.VmRegistry`) and what a single user can call directly
+against ``qemu:///session``. It implements :class:`~glite_vm.service.api.VmService`:
+
+* ``prepare``: job ad -> :func:`~glite_vm.condor.jobad.request_from_job_ad` -> image from the
+  cache (``allow_local=False``: a job's ad may not name host paths) -> overlay, domain, boot ->
+  agent ready -> guest identity when configured. The VM belongs to the caller (uid in the
+  domain metadata); the ad's ``Owner`` is replaced by the caller's account name, so a job ad
+  cannot claim someone else's name (``GLITE_VM_ROOT_USERS`` names local accounts). The cache
+  lease is held until teardown. On any failure nothing is left: no domain, no overlay, no lease.
+* every other call acts only on the caller's own VMs (root: on all), and moves files with the
+  caller's rights (:mod:`glite_vm.service.sandbox`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import pwd
+import secrets
+import socket
+import stat
+import threading
+import time
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from glite_vm import __version__
+from glite_vm.condor.jobad import SlotFacts, request_from_job_ad
+from glite_vm.config import Settings
+from glite_vm.errors import AccessDeniedError, HostError, RequestError
+from glite_vm.images import ImageLease, acquire_image
+from glite_vm.images.leases import process_start_time
+from glite_vm.request import VMRequest
+from glite_vm.service import protocol, sandbox
+from glite_vm.service.api import (
+    ExecOutcome,
+    OutputSink,
+    PrepareResult,
+    ReapedVm,
+    ServiceInfo,
+    TeardownOutcome,
+    VmSummary,
+)
+from glite_vm.service.registry import FinishedVm, VmRecord, VmRegistry
+from glite_vm.service.sandbox import Identity
+from glite_vm.vm.lifecycle import Vm, VmHost
+
+log = logging.getLogger(__name__)
+
+MAX_ARGV_BYTES = 1 << 20
+
+
+class LocalService:
+    """The service's calls for one caller (``caller_uid``), in this process."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        host: VmHost,
+        *,
+        caller_uid: int,
+        caller_name: str,
+        caller_gid: int | None = None,
+        caller_groups: Sequence[int] | None = None,
+        registry: VmRegistry | None = None,
+    ) -> None:
+        self.settings = settings
+        self.host = host
+        self.caller_uid = caller_uid
+        self.caller_name = caller_name
+        if caller_gid is None:
+            self.identity = Identity.of_user(caller_uid)
+        else:
+            groups = tuple(caller_groups) if caller_groups is not None else ()
+            self.identity = Identity(caller_uid, caller_gid, groups)
+        self.registry = registry if registry is not None else VmRegistry(settings, host)
+
+    @classmethod
+    def for_this_user(cls, settings: Settings, host: VmHost) -> LocalService:
+        """The service for whoever runs this process (a single user's in-process use)."""
+        uid = os.getuid()
+        return cls(
+            settings,
+            host,
+            caller_uid=uid,
+            caller_name=account_name(uid),
+            caller_gid=os.getgid(),
+            caller_groups=os.getgroups(),
+        )
+
+    @property
+    def is_root(self) -> bool:
+        return self.caller_uid == 0
+
+    # -- prepare -----------------------------------------------------------------------------
+
+    def prepare(
+        self,
+        job_ad: Mapping[str, object],
+        *,
+        machine_ad: Mapping[str, object] | None,
+        scratch_dir: str,
+        starter_pid: int | None,
+    ) -> PrepareResult:
+        scratch, owner_uid = self._check_scratch_dir(scratch_dir)
+        starter_start = _check_starter(starter_pid)
+        self.registry.ensure_connection()
+        slot = SlotFacts.from_machine_ad(machine_ad) if machine_ad is not None else SlotFacts()
+        request = request_from_job_ad(self._as_caller(job_ad), slot, self.settings)
+        lease_job_id = f"{request.job_id}/{secrets.token_hex(4)}"
+        lease = acquire_image(
+            self.settings,
+            request.image,
+            sha256=request.image_sha256,
+            job_id=lease_job_id,
+            allow_local=False,
+        )
+        try:
+            image = lease.image
+            vm = self.host.start(
+                request,
+                image,
+                owner_uid=owner_uid,
+                starter_pid=starter_pid,
+                scratch_dir=scratch,
+                fetch_seconds=image.fetch_seconds,
+            )
+        except BaseException:
+            lease.release()
+            raise
+        record = VmRecord(
+            vm,
+            owner_uid=owner_uid,
+            scratch_dir=str(scratch),
+            starter_pid=starter_pid,
+            starter_start=starter_start,
+            lease_job_id=lease_job_id,
+            created=time.time(),
+            lease=lease,
+        )
+        try:
+            self.registry.add(record)  # from here on a restarted service adopts it
+            _give_boot_log(vm, owner_uid)
+            _bind_lease_to_qemu(lease, vm.name)
+            vm.wait_ready()
+            hostname = self._apply_identity(vm, request, machine_ad)
+        except BaseException as exc:
+            log.warning("preparing %s for uid %d failed: %s", vm.name, owner_uid, exc)
+            self.registry.teardown(record, failed=True, keep_override=False)
+            raise
+        attributes: dict[str, object] = {
+            "GliteVmDomain": vm.name,
+            "GliteVmHypervisor": self.host.hypervisor.kind,
+            "GliteVmImageDigest": image.sha256,
+            "GliteVmCacheHit": image.cache_hit,
+            "GliteVmGuestUser": vm.guest_user,
+            "GliteVmBootLogPath": str(vm.boot_log),
+            "GliteVmRecordPath": str(vm.record),
+            "GliteVmTimeFetch": _seconds(vm.timings.fetch),
+            "GliteVmTimeBoot": _seconds(vm.timings.boot),
+            "GliteVmTimeReady": _seconds(vm.timings.ready),
+        }
+        if hostname is not None:
+            attributes["GliteVmHostname"] = hostname
+        record.ad_attributes = attributes
+        self.registry.persist(record)
+        log.info(
+            "prepared %s for job %s of uid %d (%s) in %.1f s",
+            vm.name,
+            request.job_id,
+            owner_uid,
+            image.name,
+            (vm.timings.fetch or 0) + (vm.timings.boot or 0) + (vm.timings.ready or 0),
+        )
+        return PrepareResult(
+            vm=vm.name,
+            ad_attributes=dict(attributes),
+            guest_user=vm.guest_user,
+            boot_log_path=str(vm.boot_log),
+        )
+
+    def _check_scratch_dir(self, scratch_dir: str) -> tuple[Path, int]:
+        """The job's scratch directory, normalised; and the uid the VM will belong to."""
+        if not isinstance(scratch_dir, str) or not os.path.isabs(scratch_dir):
+            raise RequestError("scratch_dir", f"{scratch_dir!r} is not an absolute path")
+        path = Path(os.path.normpath(scratch_dir))
+        try:
+            st = os.lstat(path)
+        except FileNotFoundError:
+            raise RequestError("scratch_dir", f"{path} does not exist") from None
+        except OSError as exc:
+            raise AccessDeniedError(f"cannot look at {path}: {exc.strerror}") from None
+        if stat.S_ISLNK(st.st_mode):
+            raise AccessDeniedError(
+                f"the scratch directory {path} is a symlink; give the directory itself"
+            )
+        if not stat.S_ISDIR(st.st_mode):
+            raise RequestError("scratch_dir", f"{path} is not a directory")
+        if not self.is_root and st.st_uid != self.caller_uid:
+            raise AccessDeniedError(
+                f"the scratch directory {path} belongs to uid {st.st_uid}, not to you "
+                f"(uid {self.caller_uid}): the service prepares VMs only for jobs whose "
+                "scratch directory the caller owns"
+            )
+        # Root acts for the directory's owner, whose VM it then is.
+        return path, (st.st_uid if self.is_root else self.caller_uid)
+
+    def _as_caller(self, job_ad: Mapping[str, object]) -> Mapping[str, object]:
+        """A copy of the job ad whose Owner is the caller (root's ads are taken as they are)."""
+        if hasattr(job_ad, "printOld"):
+            import classad2  # noqa: PLC0415 - only for ClassAd objects handed in-process
+
+            copy: Mapping[str, object] = classad2.parseOne(str(job_ad), classad2.ParserType.New)
+            if not self.is_root:
+                for key in [k for k in copy if str(k).lower() in ("owner", "user")]:
+                    del copy[key]  # type: ignore[attr-defined]
+                copy["Owner"] = self.caller_name  # type: ignore[index]
+            return copy
+        plain = {str(k): v for k, v in job_ad.items()}
+        if not self.is_root:
+            plain = {k: v for k, v in plain.items() if k.lower() not in ("owner", "user")}
+            plain["Owner"] = self.caller_name
+        return plain
+
+    def _apply_identity(
+        self, vm: Vm, request: VMRequest, machine_ad: Mapping[str, object] | None
+    ) -> str | None:
+        s = self.settings
+        wanted = (
+            s.guest_identity
+            or request.hostname is not None
+            or any(p is not None for p in (s.host_cert_dir, s.ca_cert, s.ca_key))
+        )
+        if not wanted:
+            return None
+        from glite_vm.identity import prepare_guest_identity  # noqa: PLC0415
+        from glite_vm.vm.guest_setup import apply_guest_setup  # noqa: PLC0415
+
+        slot_name = str((machine_ad or {}).get("Name") or "slot1").partition("@")[0]
+        setup = prepare_guest_identity(
+            s,
+            host=socket.gethostname(),
+            slot=slot_name,
+            job_id=request.job_id,
+            requested=request.hostname,
+        )
+        apply_guest_setup(vm, setup)
+        return setup.hostname
+
+    # -- the other calls ---------------------------------------------------------------------
+
+    def push(self, vm: str, src_dir: str) -> int:
+        record = self._usable(vm)
+        src = _absolute("src_dir", src_dir)
+        with record.io_lock:
+            written = sandbox.pack_as(self.identity, record.vm.xfer, src)
+            record.vm.unpack_pushed(written)
+        return written
+
+    def exec(
+        self,
+        vm: str,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        stdout: OutputSink | None = None,
+        stderr: OutputSink | None = None,
+        cancel: threading.Event | None = None,
+        timeout: float | None = None,
+    ) -> ExecOutcome:
+        """Run ``argv`` in the guest as the guest user; ``cancel`` and ``timeout`` stop waiting
+        (the VM's teardown stops the payload)."""
+        record = self._usable(vm)
+        _check_command(argv, env)
+        with record.io_lock:
+            result = record.vm.run(
+                list(argv),
+                env=dict(env) if env else None,
+                stdout=stdout,
+                stderr=stderr,
+                cancel=cancel,
+                timeout=timeout,
+            )
+        self.registry.persist(record)
+        return ExecOutcome(result.exit_code, result.signal, result.seconds)
+
+    def pull(self, vm: str, dest_dir: str, *, unchanged_from: str | None = None) -> list[str]:
+        record = self._usable(vm)
+        dest = _absolute("dest_dir", dest_dir)
+        before = _absolute("unchanged_from", unchanged_from) if unchanged_from else None
+        with record.io_lock:
+            record.vm.pack_for_pull()
+            files, refused = sandbox.unpack_as(self.identity, record.vm.xfer, dest, before)
+        for problem in refused:
+            log.info("%s: not copied out: %s", vm, problem)
+        return files
+
+    def teardown(self, vm: str, *, failed: bool) -> TeardownOutcome:
+        self.registry.ensure_connection()
+        entry = self._own(vm)
+        if isinstance(entry, FinishedVm):
+            return entry.outcome
+        outcome = self.registry.teardown(entry, failed=failed)
+        log.info("tore down %s of uid %d (failed=%s)", vm, entry.owner_uid, failed)
+        return outcome
+
+    def list_vms(self) -> list[VmSummary]:
+        now = time.time()
+        return [
+            VmSummary(
+                vm=r.name,
+                owner=r.owner,
+                owner_uid=r.owner_uid,
+                job_id=r.vm.request.job_id,
+                image=r.vm.image.name,
+                age_seconds=round(max(0.0, now - r.created), 3),
+                running=r.running(),
+            )
+            for r in sorted(self.registry.active(), key=lambda r: r.created)
+            if self._sees(r.owner_uid)
+        ]
+
+    def reap(self) -> list[ReapedVm]:
+        """One reaper pass now (anyone may ask: it only applies the reaper's rules)."""
+        return [r for r in self.registry.reap_once() if self._sees(r.owner_uid)]
+
+    def ping(self) -> ServiceInfo:
+        return ServiceInfo(
+            protocol=protocol.VERSION,
+            version=__version__,
+            pid=os.getpid(),
+            uptime_seconds=round(time.monotonic() - self.registry.started, 3),
+            caller_uid=self.caller_uid,
+            vms=sum(1 for r in self.registry.active() if self._sees(r.owner_uid)),
+        )
+
+    # -- ownership ---------------------------------------------------------------------------
+
+    def _sees(self, owner_uid: int) -> bool:
+        return self.is_root or owner_uid == self.caller_uid
+
+    def _own(self, name: str) -> VmRecord | FinishedVm:
+        if not isinstance(name, str) or not name:
+            raise RequestError("vm", "must name a VM")
+        entry = self.registry.get(name)
+        if entry is None or not self._sees(entry.owner_uid):
+            # The same answer for someone else's VM and for none at all: names are not probed.
+            raise AccessDeniedError(
+                f"no VM named {name!r} belongs to uid {self.caller_uid}: a VM can only be "
+                "used by the user whose job it serves"
+            )
+        return entry
+
+    def _usable(self, name: str) -> VmRecord:
+        self.registry.ensure_connection()
+        entry = self._own(name)
+        if isinstance(entry, FinishedVm):
+            why = f" ({entry.reason})" if entry.reason else ""
+            raise HostError(f"the VM {name} was already torn down{why}")
+        if entry.state_lost:
+            raise HostError(
+                f"the service restarted without the state of {name}; it can only be torn down"
+            )
+        return entry
+
+
+# -- helpers ---------------------------------------------------------------------------------
+
+
+def account_name(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid{uid}"
+
+
+def _check_starter(pid: int | None) -> int | None:
+    """The starter's start time (so a recycled pid is not mistaken for it later)."""
+    if pid is None:
+        return None
+    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
+        raise RequestError("starter_pid", f"must be a process id, got {pid!r}")
+    start = process_start_time(pid)
+    if start is None:
+        raise RequestError("starter_pid", f"no process {pid} is running")
+    return start
+
+
+def _check_command(argv: Sequence[str], env: Mapping[str, str] | None) -> None:
+    if isinstance(argv, str) or not argv:
+        raise RequestError("command", "must be a non-empty list of arguments")
+    size = 0
+    for arg in argv:
+        if not isinstance(arg, str) or "\0" in arg:
+            raise RequestError("command", "arguments must be strings without NUL characters")
+        size += len(arg)
+    for key, value in (env or {}).items():
+        if not isinstance(key, str) or not isinstance(value, str):
+            raise RequestError("environment", "names and values must be strings")
+        if not key or "=" in key or "\0" in key or "\0" in value:
+            raise RequestError("environment", f"{key!r} is not a valid variable name")
+        size += len(key) + len(value)
+    if size > MAX_ARGV_BYTES:
+        raise RequestError("command", f"arguments and environment exceed {MAX_ARGV_BYTES} bytes")
+
+
+def _absolute(field: str, path: str) -> Path:
+    if not isinstance(path, str) or not os.path.isabs(path) or "\0" in path:
+        raise RequestError(field, f"{path!r} is not an absolute path")
+    return Path(path)
+
+
+def _seconds(value: float | None) -> float:
+    return round(value, 3) if value is not None else 0.0
+
+
+def _give_boot_log(vm: Vm, owner_uid: int) -> None:
+    """The job's owner may read its boot log while the VM runs (no one else may)."""
+    if os.geteuid() != 0:
+        return
+    try:
+        os.chown(vm.boot_log, owner_uid, -1, follow_symlinks=False)
+        os.chmod(vm.boot_log, 0o600)
+    except OSError as exc:
+        log.warning("cannot give %s to uid %d: %s", vm.boot_log, owner_uid, exc)
+
+
+def _bind_lease_to_qemu(lease: ImageLease, name: str) -> None:
+    """The cache lease lives as long as the VM's QEMU, so a service restart does not let
+    eviction take a base image from under a running VM."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR", f"/run/user/{os.getuid()}")
+    candidates = [Path("/run/libvirt/qemu"), Path(runtime) / "libvirt/qemu/run"]
+    for directory in candidates:
+        try:
+            pid = int((directory / f"{name}.pid").read_text().strip())
+        except (OSError, ValueError):
+            continue
+        lease.rebind(pid)
+        return
+    log.debug("no QEMU pid file for %s; its cache lease stays with the service", name)

@@ -1,0 +1,188 @@
+"""The wire format between glite-vm clients and the service: JSON lines over a Unix socket.
+
+One connection carries one call. The client sends one line::
+
+    {"v": 1, "op": "<operation>", "args": {...}}
+
+and reads lines until a final one. While the call runs the service sends a heartbeat every
+:data:`HEARTBEAT_SECONDS` (``{"v": 1, "beat": true}``), so a client can tell a slow call from a
+dead service; ``exec`` also streams the payload's output as it happens
+(``{"v": 1, "out": "stdout" | "stderr", "data": "<base64>"}``). The final line is either
+``{"v": 1, "ok": true, "result": {...}}`` or ``{"v": 1, "ok": false, "error": {...}}`` where the
+error carries the exception's class name, its disposition (``hold``/``requeue``), its message
+and its simple attributes, so the client raises the same :mod:`glite_vm.errors` class.
+
+This module is imported by the hooks: standard library and :mod:`glite_vm.errors` only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+from collections.abc import Mapping
+from pathlib import PurePath
+from typing import Any, TypeVar
+
+from glite_vm import errors
+from glite_vm.errors import Disposition, GliteVmError, HostError, UserError
+
+VERSION = 1
+HEARTBEAT_SECONDS = 5.0
+MAX_LINE = 16 << 20  # bytes in one line, either way (a job ad, a 64 KiB output chunk, ...)
+
+OPS = ("ping", "prepare", "push", "exec", "pull", "teardown", "list_vms", "reap")
+
+T = TypeVar("T")
+
+
+class ProtocolError(HostError):
+    """A line that is not what this protocol version says (a bug or a version mismatch)."""
+
+
+def encode(message: Mapping[str, Any]) -> bytes:
+    """One line: compact JSON (non-ASCII escaped, so the line is pure ASCII) and ``\\n``."""
+    return json.dumps({"v": VERSION, **message}, separators=(",", ":")).encode() + b"\n"
+
+
+def decode(line: bytes) -> dict[str, Any]:
+    """Parse one line (without its ``\\n``); raises :class:`ProtocolError` when malformed."""
+    try:
+        message = json.loads(line)
+    except (ValueError, UnicodeDecodeError) as exc:
+        raise ProtocolError(f"malformed message: {exc}") from None
+    if not isinstance(message, dict):
+        raise ProtocolError("malformed message: not a JSON object")
+    if message.get("v") != VERSION:
+        raise ProtocolError(
+            f"protocol version {message.get('v')!r} is not supported (this side speaks "
+            f"{VERSION}); are the service and its clients from the same glite-vm release?"
+        )
+    return message
+
+
+# -- errors ----------------------------------------------------------------------------------
+
+
+def error_to_wire(exc: BaseException) -> dict[str, Any]:
+    """What the client needs to raise the same error again."""
+    if isinstance(exc, GliteVmError):
+        attrs = {
+            key: _simple(value)
+            for key, value in vars(exc).items()
+            if key != "message" and not key.startswith("_") and _is_simple(value)
+        }
+        return {
+            "type": type(exc).__name__,
+            "disposition": exc.disposition.value,
+            "message": exc.message,
+            "attrs": attrs,
+        }
+    # Anything else is a bug in the service: the host is at fault until shown otherwise.
+    return {
+        "type": "HostError",
+        "disposition": Disposition.REQUEUE.value,
+        "message": f"internal error in the glite-vm service: {type(exc).__name__}: {exc}",
+        "attrs": {},
+    }
+
+
+def error_from_wire(data: object) -> GliteVmError:
+    """The exception the service reported, as the same class when this side knows it."""
+    if not isinstance(data, dict):
+        return ProtocolError("malformed error report from the glite-vm service")
+    name = str(data.get("type", ""))
+    message = str(data.get("message", "unknown error"))
+    cls = getattr(errors, name, None) if name.isidentifier() else None
+    if not (isinstance(cls, type) and issubclass(cls, GliteVmError)):
+        # A class this side does not know (another module's, a newer release's): keep the
+        # disposition, which is what decides the job's fate.
+        hold = data.get("disposition") == Disposition.HOLD.value
+        cls = UserError if hold else HostError
+    exc = cls.__new__(cls)
+    GliteVmError.__init__(exc, message)
+    attrs = data.get("attrs")
+    if isinstance(attrs, dict):
+        for key, value in attrs.items():
+            if isinstance(key, str) and key.isidentifier() and key not in ("message", "args"):
+                setattr(exc, key, value)
+    exc.remote_type = name  # type: ignore[attr-defined]
+    return exc
+
+
+def _is_simple(value: object) -> bool:
+    if value is None or isinstance(value, str | int | bool | PurePath):
+        return True
+    if isinstance(value, float):
+        return math.isfinite(value)
+    if isinstance(value, list | tuple):
+        return all(isinstance(v, str | int) for v in value)
+    return False
+
+
+def _simple(value: object) -> object:
+    if isinstance(value, PurePath):
+        return str(value)
+    if isinstance(value, tuple):
+        return list(value)
+    return value
+
+
+# -- job and machine ads ---------------------------------------------------------------------
+
+
+def ad_to_wire(ad: Mapping[str, object] | None) -> dict[str, Any] | None:
+    """A job or machine ad for the wire, without importing the ClassAd bindings.
+
+    A ``classad2.ClassAd`` travels as its new-syntax text (expressions such as
+    ``RequestDisk = DiskUsage`` stay expressions); a plain mapping as JSON values, with
+    expression objects as ``{"expr": text}``.
+    """
+    if ad is None:
+        return None
+    if hasattr(ad, "printOld"):  # a classad2.ClassAd, recognised without importing it
+        return {"classad": str(ad)}
+    values: dict[str, Any] = {}
+    for key, value in ad.items():
+        values[str(key)] = _ad_value(value)
+    return {"mapping": values}
+
+
+def _ad_value(value: object) -> Any:
+    if value is None or isinstance(value, str | bool | int):
+        return value
+    if isinstance(value, float):
+        return value if math.isfinite(value) else {"expr": repr(value)}
+    if isinstance(value, PurePath):
+        return str(value)
+    if isinstance(value, list | tuple):
+        return [_ad_value(v) for v in value]
+    if isinstance(value, Mapping):
+        return {"ad": {str(k): _ad_value(v) for k, v in value.items()}}
+    return {"expr": str(value)}  # a classad2.ExprTree (or anything else that prints as one)
+
+
+# -- results ---------------------------------------------------------------------------------
+
+
+def result_to_wire(result: object) -> dict[str, Any]:
+    if dataclasses.is_dataclass(result) and not isinstance(result, type):
+        return dataclasses.asdict(result)
+    raise TypeError(f"not a result dataclass: {type(result).__name__}")
+
+
+def result_from_wire(cls: type[T], data: object) -> T:
+    """Build ``cls`` from the fields it knows (a newer service may send more)."""
+    if not isinstance(data, dict) or not dataclasses.is_dataclass(cls):
+        raise ProtocolError(f"malformed {cls.__name__} from the glite-vm service")
+    names = {f.name for f in dataclasses.fields(cls)}
+    try:
+        return cls(**{k: v for k, v in data.items() if k in names})
+    except TypeError as exc:
+        raise ProtocolError(f"malformed {cls.__name__} from the glite-vm service: {exc}") from None
+
+
+def default_socket_path() -> str:
+    """``GLITE_VM_SOCKET_PATH`` if set, else the service's default path."""
+    return os.environ.get("GLITE_VM_SOCKET_PATH") or "/run/glite-vm/glite-vm.sock"

@@ -1,0 +1,93 @@
+"""A client of the glite-vm service, run by the tests as a real local user (setpriv).
+
+Usage: ``python driver.py '<json request>'``; prints one JSON object on stdout:
+``{"ok": true, "result": ...}`` or ``{"ok": false, "type": ..., "disposition": ...,
+"message": ...}`` for a glite-vm error, or ``{"ok": false, "type": "OSError", "errno": ...}``
+for a file the user could not open. Output chunks of ``exec`` are recorded with the time each
+one arrived (``time.monotonic()``, comparable with the test process on the same host).
+"""
+
+from __future__ import annotations
+
+import base64
+import dataclasses
+import json
+import os
+import sys
+import time
+from typing import Any
+
+from glite_vm.errors import GliteVmError
+from glite_vm.service.client import ServiceClient
+
+
+def main(request: dict[str, Any]) -> dict[str, Any]:
+    op = request["op"]
+    if op == "read":
+        try:
+            with open(request["path"], "rb") as f:
+                data = f.read()
+        except OSError as exc:
+            return {"ok": False, "type": "OSError", "errno": exc.errno, "message": str(exc)}
+        return {"ok": True, "result": base64.b64encode(data).decode()}
+    client = ServiceClient(
+        request.get("socket") or None,
+        connect_timeout=float(request.get("connect_timeout", 5.0)),
+        idle_timeout=float(request.get("idle_timeout", 30.0)),
+    )
+    try:
+        return {"ok": True, "result": call(client, op, request)}
+    except GliteVmError as exc:
+        return {
+            "ok": False,
+            "type": type(exc).__name__,
+            "disposition": exc.disposition.value,
+            "message": str(exc),
+        }
+
+
+def call(client: ServiceClient, op: str, r: dict[str, Any]) -> Any:
+    if op == "ping":
+        return dataclasses.asdict(client.ping())
+    if op == "prepare":
+        result = client.prepare(
+            r["job_ad"],
+            machine_ad=r.get("machine_ad"),
+            scratch_dir=r["scratch_dir"],
+            starter_pid=r.get("starter_pid"),
+        )
+        return dataclasses.asdict(result)
+    if op == "push":
+        return client.push(r["vm"], r["src_dir"])
+    if op == "exec":
+        chunks: list[dict[str, Any]] = []
+
+        def sink(stream: str) -> Any:
+            def record(data: bytes) -> None:
+                chunks.append(
+                    {"t": time.monotonic(), "stream": stream, "data": data.decode(errors="replace")}
+                )
+
+            return record
+
+        outcome = client.exec(
+            r["vm"], r["argv"], env=r.get("env"), stdout=sink("stdout"), stderr=sink("stderr")
+        )
+        return {"outcome": dataclasses.asdict(outcome), "chunks": chunks, "end": time.monotonic()}
+    if op == "pull":
+        return client.pull(r["vm"], r["dest_dir"], unchanged_from=r.get("unchanged_from"))
+    if op == "teardown":
+        return dataclasses.asdict(client.teardown(r["vm"], failed=bool(r["failed"])))
+    if op == "list_vms":
+        return [dataclasses.asdict(v) for v in client.list_vms()]
+    if op == "reap":
+        return [dataclasses.asdict(v) for v in client.reap()]
+    raise ValueError(f"unknown op {op}")
+
+
+if __name__ == "__main__":
+    started = time.monotonic()
+    answer = main(json.loads(sys.argv[1]))
+    answer["seconds"] = time.monotonic() - started
+    answer["uid"] = os.getuid()
+    print(json.dumps(answer))

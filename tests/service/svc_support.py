@@ -1,0 +1,188 @@
+"""Helpers of the service tests: local users, the service process, clients run as users."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pwd
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import Any
+
+from glite_vm.errors import GliteVmError
+from glite_vm.service.client import ServiceClient
+
+DRIVER = Path(__file__).resolve().parent / "driver.py"
+CALL_TIMEOUT = 120.0  # bound on any one client run (a boot under TCG takes ~5 s)
+
+
+@dataclasses.dataclass(frozen=True)
+class Account:
+    name: str
+    uid: int
+    gid: int
+
+
+def ensure_account(name: str) -> Account:
+    """A real local user (created once; idempotent)."""
+    try:
+        entry = pwd.getpwnam(name)
+    except KeyError:
+        subprocess.run(
+            ["useradd", "--no-create-home", "--user-group", "--shell", "/bin/sh", name],
+            check=True,
+            capture_output=True,
+            timeout=30,
+        )
+        entry = pwd.getpwnam(name)
+    return Account(name, entry.pw_uid, entry.pw_gid)
+
+
+def as_user(account: Account) -> list[str]:
+    return [
+        "setpriv",
+        f"--reuid={account.uid}",
+        f"--regid={account.gid}",
+        "--init-groups",
+        "--",
+    ]
+
+
+def run_as(
+    account: Account, request: Mapping[str, Any], *, timeout: float = CALL_TIMEOUT
+) -> dict[str, Any]:
+    """Run one client call as ``account`` in its own process; the driver's JSON answer."""
+    proc = subprocess.run(
+        [*as_user(account), sys.executable, str(DRIVER), json.dumps(request)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd="/",
+        env=_client_env(),
+        check=False,
+    )
+    if proc.returncode != 0 or not proc.stdout.strip():
+        raise AssertionError(f"driver failed ({proc.returncode}): {proc.stderr[-3000:]}")
+    answer: dict[str, Any] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert answer["uid"] == account.uid
+    return answer
+
+
+def ok(answer: Mapping[str, Any]) -> Any:
+    assert answer["ok"], f"expected success, got {answer}"
+    return answer["result"]
+
+
+def denied(answer: Mapping[str, Any]) -> str:
+    """The message of an AccessDeniedError answer (asserting that is what it was)."""
+    assert not answer["ok"], f"expected AccessDeniedError, got success: {answer}"
+    assert answer["type"] == "AccessDeniedError", answer
+    assert answer["disposition"] == "hold", answer
+    return str(answer["message"])
+
+
+def _client_env() -> dict[str, str]:
+    env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "LC_ALL": "C.UTF-8"}
+    return env
+
+
+def wait_for(what: str, check: Callable[[], bool], timeout: float, step: float = 0.2) -> float:
+    """Seconds until ``check()`` held; AssertionError after ``timeout``."""
+    start = time.monotonic()
+    while not check():
+        if time.monotonic() - start > timeout:
+            raise AssertionError(f"{what}: not within {timeout:g} s")
+        time.sleep(step)
+    return time.monotonic() - start
+
+
+class ServiceProcess:
+    """``glite-vm serve`` as a real root process, started and stopped by the tests."""
+
+    def __init__(self, socket_path: Path, env: Mapping[str, str], log_path: Path) -> None:
+        self.socket_path = socket_path
+        self.env = dict(env)
+        self.log_path = log_path
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self, timeout: float = 90.0) -> None:
+        assert self.proc is None or self.proc.poll() is not None
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "glite_vm.cli.service", "serve"],
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=log,
+                env=self.env,
+                cwd="/",
+            )
+        self.starts += 1
+        client = self.client(connect_timeout=1.0, idle_timeout=5.0)
+
+        def answers() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"the service exited: {self.log()[-3000:]}")
+            try:
+                client.ping()
+            except GliteVmError:
+                return False
+            return True
+
+        wait_for("the service answers", answers, timeout)
+
+    def stop(self, timeout: float = 30.0) -> int:
+        """SIGTERM and wait; the exit status."""
+        assert self.proc is not None
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait(timeout=10)
+            raise AssertionError("the service did not stop within 30 s of SIGTERM") from None
+
+    def restart(self) -> None:
+        assert self.stop() == 0
+        self.start()
+
+    def client(self, **kw: Any) -> ServiceClient:
+        return ServiceClient(self.socket_path, **kw)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def our_domains(owner_names: tuple[str, ...]) -> list[str]:
+    """libvirt domains of the test users (other suites' domains are none of our business)."""
+    out = subprocess.run(
+        ["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    ).stdout
+    return [n for n in out.split() if any(f"-{o}-" in n for o in owner_names)]
+
+
+def domain_running(name: str) -> bool:
+    out = subprocess.run(
+        ["virsh", "-c", "qemu:///system", "domstate", name],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=30,
+    )
+    return out.returncode == 0 and out.stdout.strip() == "running"
