@@ -1,16 +1,23 @@
-"""`glite-vm config`: the condor_config.d snippet that turns an execute host into VM slots."""
+"""HTCondor execute hosts: `glite-vm config` (the condor_config.d snippet that turns a host into
+VM slots), `glite-vm hook install` (the hook executables) and `glite-vm advertise` (STARTD_CRON).
+"""
 
 from __future__ import annotations
 
 import argparse
+import os
 import shutil
+import stat
 import sys
+import tempfile
 from pathlib import Path
 
 from glite_vm.condor.config import (
+    DEFAULT_HOOKS_DIR,
+    HOOK_ENTRY_POINTS,
     ExecuteHostConfig,
     SlotLayout,
-    default_hooks_dir,
+    hook_script,
     render_execute_config,
 )
 from glite_vm.config import MIB, Settings, parse_size
@@ -32,7 +39,8 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "--hooks-dir",
         type=Path,
         default=None,
-        help=f"directory of the hook executables (default: {default_hooks_dir()})",
+        help="directory of the hook executables, as `glite-vm hook install` wrote it "
+        f"(default: {DEFAULT_HOOKS_DIR})",
     )
     p.add_argument(
         "--glite-vm",
@@ -64,6 +72,43 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument("-o", "--output", type=Path, help="write the snippet here instead of stdout")
     p.set_defaults(handler=handle_config)
 
+    hook = subparsers.add_parser(
+        "hook",
+        help="install the HTCondor hook executables",
+        description="The starter runs PREPARE_JOB, JOB_EXIT and the launcher as the job "
+        "owner; they must not be writable by others. See docs/condor.md.",
+    )
+    hook_sub = hook.add_subparsers(dest="hook_command", metavar="ACTION", required=True)
+    install = hook_sub.add_parser(
+        "install",
+        help="write prepare_job, job_exit and launcher into a directory",
+        description="Write the hook executables, each naming the Python interpreter that has "
+        "glite_vm (default: the one running this command) in its #! line. The directory "
+        "must not be writable by group or others (the starter refuses such hooks).",
+    )
+    install.add_argument(
+        "directory",
+        type=Path,
+        nargs="?",
+        default=DEFAULT_HOOKS_DIR,
+        help=f"where to write them (default: {DEFAULT_HOOKS_DIR})",
+    )
+    install.add_argument(
+        "--python",
+        default=sys.executable,
+        help=f"the interpreter the hooks run with (default: {sys.executable})",
+    )
+    install.set_defaults(handler=handle_hook_install)
+
+    adv = subparsers.add_parser(
+        "advertise",
+        help="print host facts for the slot ads (STARTD_CRON)",
+        description="Print GliteVmHypervisors, GliteVmCachedImages and GliteVmCacheFreeBytes "
+        "as ClassAd lines. Cheap: reads the image cache and the remembered hypervisor probe, "
+        "never probes. Settings include HTCondor's configuration (GLITE_VM_STATE_DIR, ...).",
+    )
+    adv.set_defaults(handler=handle_advertise)
+
 
 def _running_glite_vm() -> Path:
     beside = Path(sys.executable).parent / "glite-vm"
@@ -85,7 +130,7 @@ def handle_config(args: argparse.Namespace, settings: Settings) -> int:
         )
         cfg = ExecuteHostConfig.from_settings(
             settings,
-            hooks_dir=(args.hooks_dir or default_hooks_dir()).absolute(),
+            hooks_dir=(args.hooks_dir or DEFAULT_HOOKS_DIR).absolute(),
             glite_vm=(args.glite_vm or _running_glite_vm()).absolute(),
             layout=layout,
         )
@@ -97,4 +142,55 @@ def handle_config(args: argparse.Namespace, settings: Settings) -> int:
         sys.stdout.write(text)
     else:
         args.output.write_text(text)
+    return 0
+
+
+def _writable_by_others(path: Path) -> bool:
+    mode = path.stat().st_mode
+    return bool(mode & (stat.S_IWGRP | stat.S_IWOTH))
+
+
+def handle_hook_install(args: argparse.Namespace, settings: Settings) -> int:
+    directory: Path = args.directory.absolute()
+    python = str(args.python)
+    if not os.path.isabs(python) or not os.access(python, os.X_OK):
+        print(
+            f"glite-vm hook install: {python} is not an executable absolute path", file=sys.stderr
+        )
+        return 2
+    directory.mkdir(mode=0o755, parents=True, exist_ok=True)
+    if _writable_by_others(directory):
+        print(
+            f"glite-vm hook install: {directory} is writable by group or others; the starter "
+            "refuses hooks there (chmod go-w it or choose another directory)",
+            file=sys.stderr,
+        )
+        return 2
+    for name in HOOK_ENTRY_POINTS:
+        target = directory / name
+        fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=directory)
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(hook_script(name, python))
+            os.chmod(tmp, 0o755)  # noqa: S103 - the starter runs them as job owners
+            os.replace(tmp, target)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+        print(target)
+    return 0
+
+
+def handle_advertise(args: argparse.Namespace, settings: Settings) -> int:
+    from glite_vm.condor.advertise import collect, render  # noqa: PLC0415
+
+    try:
+        settings = Settings.load(use_condor=True)  # STARTD_CRON: HTCondor's knobs count
+    except ValueError as exc:
+        print(f"glite-vm advertise: {exc}", file=sys.stderr)
+        return 2
+    facts = collect(settings)
+    for problem in facts.problems:
+        print(f"glite-vm advertise: {problem}", file=sys.stderr)
+    sys.stdout.write(render(facts))
     return 0

@@ -26,13 +26,25 @@ from glite_vm import __version__
 from glite_vm.config import GIB, KIB, MIB, Settings, format_size
 
 HOOK_KEYWORD: Final = "GLITE_VM"
-#: HTCondor hook name -> file in the hooks directory.
+#: HTCondor hook name -> file in the hooks directory. No UPDATE_JOB_INFO: the starter ignores
+#: its output, and the service's reaper (not a Python start per slot every
+#: STARTER_UPDATE_INTERVAL) is what notices a guest or job that is gone.
 HOOK_FILES: Final = {
     "PREPARE_JOB": "prepare_job",
-    "UPDATE_JOB_INFO": "update_job_info",
     "JOB_EXIT": "job_exit",
 }
 LAUNCHER_FILE: Final = "launcher"
+#: Where `glite-vm hook install` puts the hooks and where `glite-vm config` points by default.
+DEFAULT_HOOKS_DIR: Final = Path("/usr/local/libexec/glite-vm")
+#: The interpreter line of the copies in the source tree's ``hooks/``: whatever ``python3`` is
+#: first on PATH, in isolated mode. Installed copies name the interpreter that has glite_vm.
+PORTABLE_INTERPRETER: Final = "/usr/bin/env -S python3"
+#: Hook or launcher file -> (module, the hook's name for ``main``).
+HOOK_ENTRY_POINTS: Final = {
+    "prepare_job": ("glite_vm.condor.hooks", "prepare_job"),
+    "job_exit": ("glite_vm.condor.hooks", "job_exit"),
+    LAUNCHER_FILE: ("glite_vm.condor.launcher", ""),
+}
 #: STARTD_CRON job name -> ``glite-vm`` sub-command.
 CRON_JOBS: Final = {"GLITE_VM_ADVERTISE": "advertise", "GLITE_VM_REAP": "reap"}
 USER_SLOT_TYPE: Final = 1
@@ -45,8 +57,30 @@ _USER_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")  # as VMRequest c
 
 
 def default_hooks_dir() -> Path:
-    """``hooks/`` of the source tree this package runs from."""
+    """``hooks/`` of the source tree this package runs from (the portable copies)."""
     return Path(__file__).resolve().parents[2] / "hooks"
+
+
+def hook_script(name: str, interpreter: str) -> str:
+    """The executable ``name`` (a key of :data:`HOOK_ENTRY_POINTS`) run by ``interpreter``.
+
+    ``-I`` (isolated mode) keeps the job's environment (``PYTHONPATH``, ``PYTHONHOME``, ...; the
+    launcher *is* the job) and the hooks directory out of the interpreter's module search.
+    """
+    module, hook = HOOK_ENTRY_POINTS[name]
+    if not interpreter.startswith("/") or "\n" in interpreter:
+        raise ValueError(f"interpreter {interpreter!r} must be an absolute path")
+    call = f"main({hook!r}, sys.argv[1:])" if hook else "main(sys.argv[1:])"
+    return (
+        f"#!{interpreter} -I\n"
+        f"# glite-vm {name}: HTCondor calls this (docs/condor.md); all logic is in {module}.\n"
+        "# `glite-vm hook install DIR` writes copies naming the Python that has glite_vm.\n"
+        "import sys\n"
+        "\n"
+        f"from {module} import main\n"
+        "\n"
+        f"sys.exit({call})\n"
+    )
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,9 +125,22 @@ class ExecuteHostConfig:
     job_exit_timeout: int = 60  # seconds; HTCondor's default is 30
     advertise_period: int = 60
     reap_period: int = 30
+    # where hooks, launcher and STARTD_CRON find the service and its state (they may run as
+    # other users than `glite-vm config`, whose defaults depend on the user); None: not written
+    state_dir: Path | None = None
+    cache_dir: Path | None = None
+    socket_path: Path | None = None
 
     def __post_init__(self) -> None:
-        for label, path in (("hooks directory", self.hooks_dir), ("glite-vm", self.glite_vm)):
+        paths = [("hooks directory", self.hooks_dir), ("glite-vm", self.glite_vm)]
+        for label, optional in (
+            ("state directory", self.state_dir),
+            ("cache directory", self.cache_dir),
+            ("socket", self.socket_path),
+        ):
+            if optional is not None:
+                paths.append((label, optional))
+        for label, path in paths:
             if not path.is_absolute() or not _CONFIG_SAFE.match(str(path)):
                 raise ValueError(
                     f"{label} path {str(path)!r} must be absolute and free of blanks, quotes, "
@@ -132,6 +179,9 @@ class ExecuteHostConfig:
             max_host_failures=settings.max_host_failures,
             # teardown is bounded by teardown_timeout; leave room for the hook's own start-up
             job_exit_timeout=math.ceil(settings.teardown_timeout) + 15,
+            state_dir=settings.state_dir,
+            cache_dir=settings.cache_dir,
+            socket_path=settings.socket_path,
         )
 
 
@@ -141,6 +191,18 @@ def _slot_type(n: int, count: int, layout: SlotLayout) -> list[str]:
         f"NUM_SLOTS_TYPE_{n} = {count}",
         f"SLOT_TYPE_{n}_PARTITIONABLE = False",
     ]
+
+
+def _location_knobs(cfg: ExecuteHostConfig) -> list[str]:
+    knobs = {
+        "GLITE_VM_STATE_DIR": cfg.state_dir,
+        "GLITE_VM_CACHE_DIR": cfg.cache_dir,
+        "GLITE_VM_SOCKET_PATH": cfg.socket_path,
+    }
+    lines = [f"{name} = {value}" for name, value in knobs.items() if value is not None]
+    if lines:
+        lines.insert(0, "# the service's socket and state, for hooks and STARTD_CRON (other users)")
+    return lines
 
 
 def render_execute_config(cfg: ExecuteHostConfig) -> str:
@@ -163,6 +225,7 @@ def render_execute_config(cfg: ExecuteHostConfig) -> str:
         f"GLITE_VM_DEFAULT_IMAGE = {cfg.default_image}",
         f"GLITE_VM_ROOT_USERS = {', '.join(cfg.root_users)}",
         f"GLITE_VM_MAX_HOST_FAILURES = {cfg.max_host_failures}",
+        *_location_knobs(cfg),
         "",
         f"# --- {layout.slots} static VM slots of {layout.cpus} CPU(s), "
         f"{format_size(layout.memory_mib * MIB)}, {format_size(layout.disk_bytes)} disk; "

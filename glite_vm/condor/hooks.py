@@ -1,0 +1,568 @@
+"""The execute-point hooks: PREPARE_JOB boots the job's VM, JOB_EXIT tears it down.
+
+Both run as the job owner in the scratch directory with the starter's copy of the job ad on
+stdin (docs/condor.md has the measured facts). They talk to the bootstrapper service through
+:func:`connect` only, so that the service's client is wired in one place.
+
+PREPARE_JOB (no timeout of its own in HTCondor, so it bounds itself with :func:`prepare_timeout`)
+prints ad updates that make the starter run our launcher instead of the job's executable::
+
+    Cmd = "<hooks>/launcher"
+    Arguments = "'--socket=...' '--' '<vm>' '<input>' ..."   # V2 syntax
+    TransferExecutable = false
+    GliteVmDomain = ..., GliteVmBootLogPath = ..., ...
+
+The launcher's arguments name the sandbox's inputs: the entries of the scratch directory when
+PREPARE_JOB runs (after input transfer), less HTCondor's own files. Later the starter adds more
+of its own (``_condor_stdout``, ``var/`` for ``MOUNT_UNDER_SCRATCH``, ...), which must neither
+go into the guest nor be overwritten by files coming back.
+
+Because PREPARE_JOB's stdout never reaches the schedd, the ``GliteVm*`` attributes are also
+chirped (that needs ``+WantIOProxy = true`` in the submit file). On failure it prints
+``HookStatusCode``/``HookStatusMessage`` (hold 1-299, requeue >= 300, hold after
+``GLITE_VM_MAX_HOST_FAILURES`` host failures with the reasons accumulated in
+``GliteVmHostFailures``) and makes sure no VM of this attempt is left behind.
+
+JOB_EXIT (argument ``exit`` or ``evict``) tears the VM down, idempotently, within
+``GLITE_VM_HOOK_JOB_EXIT_TIMEOUT``; on ``exit`` it chirps the teardown's attributes (snapshot
+path, teardown time). It never chirps on ``evict``: the chirp server is gone by then and a chirp
+would only wait for a TCP timeout.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import socket
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from pathlib import Path
+from types import FrameType
+from typing import IO, Final, Protocol, TypeVar
+
+import classad2
+
+from glite_vm.condor.config import HOOK_KEYWORD, LAUNCHER_FILE
+from glite_vm.condor.jobad import (
+    HOST_FAILURES_ATTR,
+    AdValue,
+    append_host_failure,
+    chirp_literal,
+    format_ad_updates,
+    hook_status_lines,
+    host_failure_count,
+    host_failure_history,
+    status_code,
+)
+from glite_vm.config import Settings
+from glite_vm.errors import BootError, GliteVmError, HostError, RequestError
+from glite_vm.service.api import PrepareResult, TeardownOutcome, VmService
+
+T = TypeVar("T")
+
+#: Files of HTCondor's in the scratch directory when PREPARE_JOB runs (measured on 25.0.13:
+#: exactly these four; ``.update.ad`` is rewritten while the job runs). Never job inputs.
+HTCONDOR_PREPARE_FILES: Final = frozenset({".chirp.config", ".job.ad", ".machine.ad", ".update.ad"})
+#: Margin on top of the service's own bounds (connecting, reading the ad, printing).
+PREPARE_MARGIN: Final = 60.0
+#: Seconds the cleanup after a failed or abandoned PREPARE_JOB may take at most, beyond
+#: ``GLITE_VM_TEARDOWN_TIMEOUT``.
+CLEANUP_MARGIN: Final = 15.0
+#: Seconds one chirp connection may take (HTChirp's socket timeout).
+CHIRP_TIMEOUT: Final = 5.0
+#: Signals with which the starter stops a hook or job (condor_rm, hold, vacate, shutdown).
+STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT, signal.SIGHUP)
+#: Attributes PREPARE_JOB writes into the starter's copy only, never into the schedd's ad: a
+#: requeued job must run its own executable again, and its next PREPARE_JOB rewrites these.
+STARTER_ONLY: Final = frozenset({"Cmd", "Arguments", "TransferExecutable"})
+
+
+# --- the seams: the service, chirp, the environment ------------------------------------------
+
+
+def connect(settings: Settings) -> VmService:
+    """The bootstrapper service, as hooks and launcher reach it (its Unix socket)."""
+    from glite_vm.service.client import ServiceClient  # noqa: PLC0415 - keeps hooks light
+
+    return ServiceClient.from_settings(settings)
+
+
+ServiceFactory = Callable[[Settings], VmService]
+
+
+class Chirp(Protocol):
+    """Puts attributes into the schedd's copy of the job ad."""
+
+    def set_attributes(self, attributes: Mapping[str, AdValue]) -> None: ...
+
+
+class HTChirpSender:
+    """:class:`Chirp` through the starter's chirp server (``htcondor2.htchirp``).
+
+    A failure (no ``+WantIOProxy``, server gone, timeout) is reported to ``warn`` and otherwise
+    ignored: the attributes are for the user's information, the job does not depend on them.
+    """
+
+    def __init__(self, warn: Callable[[str], None], timeout: float = CHIRP_TIMEOUT) -> None:
+        self._warn = warn
+        self._timeout = timeout
+
+    def set_attributes(self, attributes: Mapping[str, AdValue]) -> None:
+        if not attributes:
+            return
+        config = os.environ.get("_CONDOR_CHIRP_CONFIG", ".chirp.config")
+        if not os.path.isfile(config):
+            self._warn(
+                "cannot put GliteVm* attributes into the job ad: no chirp server "
+                "(add +WantIOProxy = true to the submit file)"
+            )
+            return
+        try:
+            from htcondor2.htchirp import (  # type: ignore[import-untyped]  # noqa: PLC0415
+                HTChirp,
+            )
+
+            with HTChirp(timeout=self._timeout) as chirp:
+                for name, value in attributes.items():
+                    chirp.set_job_attr(name, chirp_literal(value))
+        except Exception as exc:  # the module raises bare Exceptions and socket errors
+            self._warn(f"chirping {', '.join(attributes)} failed: {exc}")
+
+
+def _stderr_warning(text: str) -> None:
+    print(f"glite-vm: warning: {text}", file=sys.stderr, flush=True)
+
+
+@dataclasses.dataclass
+class HookContext:
+    """Everything a hook reads from or does to the outside world, so tests can supply it."""
+
+    settings: Settings
+    environ: Mapping[str, str]
+    stdout: IO[str]
+    connect: ServiceFactory = connect
+    chirp: Chirp = dataclasses.field(default_factory=lambda: HTChirpSender(_stderr_warning))
+    warn: Callable[[str], None] = _stderr_warning
+    hooks_dir: Path | None = None  # where the running hook lives (the launcher is beside it)
+    starter_pid: int | None = None
+    param: Callable[[str], str | None] = lambda _name: None  # HTCondor configuration
+
+    @property
+    def scratch_dir(self) -> Path:
+        return Path(self.environ.get("_CONDOR_SCRATCH_DIR") or os.getcwd())
+
+
+# --- reading ads -----------------------------------------------------------------------------
+
+
+def parse_old_ad(text: str, what: str) -> classad2.ClassAd:
+    """A job or machine ad in the old syntax HTCondor hands to hooks."""
+    try:
+        ad = classad2.parseOne(text, classad2.ParserType.Old)
+    except Exception as exc:  # the bindings raise ClassAdException / ValueError alike
+        raise HostError(f"cannot parse the {what} HTCondor gave the hook: {exc}") from None
+    if not isinstance(ad, classad2.ClassAd) or len(ad) == 0:
+        raise HostError(f"HTCondor gave the hook an empty {what}")
+    return ad
+
+
+def read_ad_file(path: str | None, what: str) -> classad2.ClassAd | None:
+    if not path:
+        return None
+    try:
+        text = Path(path).read_text(errors="replace")
+    except OSError:
+        return None
+    return parse_old_ad(text, what)
+
+
+def _string_attr(ad: Mapping[str, object], name: str) -> str | None:
+    try:
+        value = ad.get(name)
+    except Exception:
+        return None
+    return value if isinstance(value, str) else None
+
+
+def _int_attr(ad: Mapping[str, object], name: str) -> int | None:
+    try:
+        value = ad.get(name)
+    except Exception:
+        return None
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def job_id_of(ad: Mapping[str, object]) -> str | None:
+    cluster, proc = _int_attr(ad, "ClusterId"), _int_attr(ad, "ProcId")
+    return None if cluster is None or proc is None else f"{cluster}.{proc}"
+
+
+# --- bounded calls and stop signals ----------------------------------------------------------
+
+
+class Stopped(BaseException):
+    """The process got a stop signal; ``signum`` says which."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+def raise_on_stop_signals() -> None:
+    """Turn the starter's stop signals into :class:`Stopped` in the main thread, once."""
+
+    def handler(signum: int, _frame: FrameType | None) -> None:
+        for sig in STOP_SIGNALS:  # a second signal must not interrupt the cleanup
+            signal.signal(sig, signal.SIG_IGN)
+        raise Stopped(signum)
+
+    for sig in STOP_SIGNALS:
+        signal.signal(sig, handler)
+
+
+class DeadlineExceeded(HostError, TimeoutError):
+    """A call into the service did not return within the hook's own bound."""
+
+
+def call_with_deadline(fn: Callable[[], T], seconds: float, what: str) -> T:
+    """``fn()`` in a daemon thread; :class:`DeadlineExceeded` if it has not returned in time.
+
+    The thread is abandoned on timeout (the process exits soon after): calls into the service
+    block in socket reads that only the process's end interrupts.
+    """
+    outcome: list[tuple[bool, object]] = []
+    done = threading.Event()
+
+    def run() -> None:
+        try:
+            outcome.append((True, fn()))
+        except BaseException as exc:
+            outcome.append((False, exc))
+        finally:
+            done.set()
+
+    threading.Thread(target=run, name=what, daemon=True).start()
+    if not done.wait(max(seconds, 0.0)):
+        raise DeadlineExceeded(f"{what} did not finish within {seconds:.0f} s")
+    ok, value = outcome[0]
+    if ok:
+        return value  # type: ignore[return-value]
+    assert isinstance(value, BaseException)
+    raise value
+
+
+def prepare_timeout(settings: Settings) -> float:
+    """PREPARE_JOB's own bound: waiting for another job's download, then booting, plus margin.
+
+    HTCondor gives PREPARE_JOB no timeout; a hook that hangs would hold the slot forever.
+    """
+    return settings.lock_timeout + settings.boot_timeout + PREPARE_MARGIN
+
+
+def find_starter_pid(
+    parent: int | None = None, proc: Path = Path("/proc"), max_hops: int = 3
+) -> int | None:
+    """The condor_starter that runs this hook: normally the parent (measured); a shell
+    wrapper in between is skipped. ``None`` when no ancestor is a starter."""
+    pid = os.getppid() if parent is None else parent
+    for _ in range(max_hops):
+        if pid <= 1:
+            return None
+        try:
+            comm = (proc / str(pid) / "comm").read_text().strip()
+            stat = (proc / str(pid) / "stat").read_text()
+        except OSError:
+            return None
+        if comm == "condor_starter":
+            return pid
+        try:
+            pid = int(stat.rpartition(")")[2].split()[1])  # field 4: the parent's pid
+        except (IndexError, ValueError):
+            return None
+    return None
+
+
+# --- PREPARE_JOB -----------------------------------------------------------------------------
+
+
+def input_names(scratch: Path) -> list[str]:
+    """The sandbox's inputs: what the scratch directory holds besides HTCondor's own files."""
+    try:
+        names = os.listdir(scratch)
+    except OSError as exc:
+        raise HostError(f"cannot list the scratch directory {scratch}: {exc.strerror}") from None
+    inputs = sorted(n for n in names if n not in HTCONDOR_PREPARE_FILES)
+    for name in inputs:
+        if "\n" in name or "\r" in name:
+            raise RequestError(
+                "TransferInput",
+                f"the input {name!r} has a line break in its name, which the job ad cannot "
+                "carry; rename it",
+            )
+    return inputs
+
+
+def v2_quote(args: Iterable[str]) -> str:
+    """HTCondor's V2 argument syntax: every argument in single quotes, a quote doubled."""
+    return " ".join("'" + a.replace("'", "''") + "'" for a in args)
+
+
+def launcher_arguments(socket_path: Path, vm: str, inputs: Sequence[str]) -> list[str]:
+    """What the launcher is called with (see :func:`glite_vm.condor.launcher.parse_arguments`).
+
+    The socket path travels along because the job's environment has no ``CONDOR_CONFIG``: the
+    launcher may not see the knob that set it.
+    """
+    return [f"--socket={socket_path}", "--", vm, *inputs]
+
+
+def launcher_path(ctx: HookContext) -> Path:
+    """``GLITE_VM_LAUNCHER`` from the configuration, else the launcher beside this hook."""
+    configured = ctx.param("GLITE_VM_LAUNCHER")
+    if configured:
+        return Path(configured)
+    if ctx.hooks_dir is None:
+        raise HostError(
+            "GLITE_VM_LAUNCHER is not configured and the hooks directory is unknown; "
+            "regenerate the configuration with `glite-vm config`"
+        )
+    return ctx.hooks_dir / LAUNCHER_FILE
+
+
+def _ad_attributes(raw: Mapping[str, object], warn: Callable[[str], None]) -> dict[str, AdValue]:
+    """The service's attributes that the job ad can hold (``GliteVm*`` names, plain values)."""
+    out: dict[str, AdValue] = {}
+    for name, value in raw.items():
+        if not name.startswith("GliteVm") or value is None:
+            continue
+        if isinstance(value, str | bool | int | float | Path):
+            out[name] = value
+        else:
+            warn(f"attribute {name} has a value the job ad cannot hold: {value!r}")
+    return out
+
+
+def prepare_job(ctx: HookContext, stdin_text: str) -> int:
+    """The PREPARE_JOB hook. Returns its exit status; prints the ad lines to ``ctx.stdout``."""
+    started = time.monotonic()
+    job_ad: classad2.ClassAd | None = None
+    try:
+        job_ad = parse_old_ad(stdin_text, "job ad")
+        machine_ad = read_ad_file(ctx.environ.get("_CONDOR_MACHINE_AD"), "machine ad")
+        scratch = ctx.scratch_dir
+        inputs = input_names(scratch)
+        launcher = launcher_path(ctx)
+        ad = job_ad
+
+        def prepare() -> PrepareResult:
+            return ctx.connect(ctx.settings).prepare(
+                ad,
+                machine_ad=machine_ad,
+                scratch_dir=str(scratch),
+                starter_pid=ctx.starter_pid,
+            )
+
+        result = call_with_deadline(prepare, prepare_timeout(ctx.settings), "preparing the VM")
+    except BaseException as exc:
+        if isinstance(exc, KeyboardInterrupt | SystemExit):
+            raise
+        return _prepare_failed(ctx, job_ad, exc, time.monotonic() - started)
+
+    attributes = _ad_attributes(result.ad_attributes, ctx.warn)
+    attributes.setdefault("GliteVmDomain", result.vm)
+    if result.boot_log_path:
+        attributes.setdefault("GliteVmBootLogPath", result.boot_log_path)
+    attributes["GliteVmTimePrepare"] = round(time.monotonic() - started, 3)
+    arguments = launcher_arguments(ctx.settings.socket_path, result.vm, inputs)
+    try:
+        lines = format_ad_updates(
+            {
+                "Cmd": launcher,
+                "Arguments": v2_quote(arguments),
+                "TransferExecutable": False,
+                **attributes,
+            }
+        )
+    except ValueError as exc:  # a value with a line break: nothing the job can use
+        unusable = HostError(f"the service returned what a job ad cannot hold: {exc}")
+        _discard(ctx, [result.vm])
+        return _prepare_failed(ctx, job_ad, unusable, time.monotonic() - started)
+    ctx.chirp.set_attributes(attributes)
+    ctx.stdout.write(lines)
+    ctx.stdout.flush()
+    return 0
+
+
+def _prepare_failed(
+    ctx: HookContext, job_ad: classad2.ClassAd | None, error: BaseException, elapsed: float
+) -> int:
+    """Report ``error`` the way HTCondor understands; leave no VM of this attempt behind."""
+    if isinstance(error, Stopped | DeadlineExceeded) and job_ad is not None:
+        # the service may still be booting the VM for us: ask it to drop what it made
+        job_id = job_id_of(job_ad)
+        if job_id is not None:
+            _discard_job_vms(ctx, job_id, max_age=elapsed + 5.0)
+    if isinstance(error, Stopped):
+        error = HostError(f"PREPARE_JOB was {error}")
+    previous = host_failure_count(job_ad) if job_ad is not None else 0
+    earlier = host_failure_history(job_ad) if job_ad is not None else ""
+    attributes: dict[str, AdValue] = {}
+    if isinstance(error, BootError) and error.boot_log is not None:
+        attributes["GliteVmBootLogPath"] = error.boot_log
+    if status_code(error) >= 300:
+        reason = f"{socket.gethostname()}: {_message(error)}"
+        attributes[HOST_FAILURES_ATTR] = append_host_failure(earlier, reason)
+    ctx.chirp.set_attributes(attributes)
+    max_failures = ctx.settings.max_host_failures
+    ctx.stdout.write("\n".join(hook_status_lines(error, previous, max_failures, earlier)) + "\n")
+    ctx.stdout.flush()
+    ctx.warn(f"PREPARE_JOB failed: {_message(error)}")
+    return 1
+
+
+def _message(error: BaseException) -> str:
+    if isinstance(error, GliteVmError):
+        return str(error)
+    return f"{type(error).__name__}: {error}"
+
+
+def _discard(ctx: HookContext, vms: Sequence[str]) -> None:
+    """Tear down ``vms`` (as failed), bounded; problems are only reported."""
+    if not vms:
+        return
+
+    def run() -> None:
+        service = ctx.connect(ctx.settings)
+        for vm in vms:
+            service.teardown(vm, failed=True)
+
+    try:
+        call_with_deadline(
+            run, ctx.settings.teardown_timeout + CLEANUP_MARGIN, "tearing down the VM"
+        )
+    except Exception as exc:
+        ctx.warn(f"could not tear down {', '.join(vms)}: {_message(exc)}")
+
+
+def _discard_job_vms(ctx: HookContext, job_id: str, max_age: float) -> None:
+    """Tear down this job's VMs that were created during this attempt."""
+
+    def find() -> list[str]:
+        return [
+            vm.vm
+            for vm in ctx.connect(ctx.settings).list_vms()
+            if vm.job_id == job_id and vm.age_seconds <= max_age
+        ]
+
+    try:
+        vms = call_with_deadline(find, CLEANUP_MARGIN, "listing the job's VMs")
+    except Exception as exc:
+        ctx.warn(f"could not look for VMs of job {job_id} to tear down: {_message(exc)}")
+        return
+    _discard(ctx, vms)
+
+
+# --- JOB_EXIT --------------------------------------------------------------------------------
+
+
+def job_failed(job_ad: Mapping[str, object], reason: str) -> bool:
+    """Did the job fail, for the snapshot policy? Evicted, killed by a signal, or non-zero.
+
+    The starter's copy that JOB_EXIT reads carries ``ExitCode``/``ExitBySignal`` (measured).
+    """
+    if reason != "exit":
+        return True
+    try:
+        by_signal = job_ad.get("ExitBySignal")
+    except Exception:
+        by_signal = None
+    if by_signal is True:
+        return True
+    code = _int_attr(job_ad, "ExitCode")
+    return code is None or code != 0
+
+
+def job_exit_timeout(ctx: HookContext) -> float:
+    """What the starter grants JOB_EXIT (``GLITE_VM_HOOK_JOB_EXIT_TIMEOUT``), less a margin."""
+    configured = ctx.param(f"{HOOK_KEYWORD}_HOOK_JOB_EXIT_TIMEOUT")
+    try:
+        granted = float(configured) if configured else 30.0  # HTCondor's default
+    except ValueError:
+        granted = 30.0
+    return max(granted - 3.0, 1.0)
+
+
+def job_exit(ctx: HookContext, reason: str, stdin_text: str) -> int:
+    """The JOB_EXIT hook (``reason`` is ``exit`` or ``evict``). Its exit status is ignored."""
+    try:
+        job_ad = parse_old_ad(stdin_text, "job ad")
+    except HostError as exc:
+        ctx.warn(f"JOB_EXIT: {exc}")
+        return 1
+    vm = _string_attr(job_ad, "GliteVmDomain")
+    if vm is None:
+        return 0  # PREPARE_JOB failed before there was a VM, and cleaned up itself
+    failed = job_failed(job_ad, reason)
+
+    def teardown() -> TeardownOutcome:
+        return ctx.connect(ctx.settings).teardown(vm, failed=failed)
+
+    try:
+        outcome = call_with_deadline(teardown, job_exit_timeout(ctx), f"tearing down {vm}")
+    except Exception as exc:
+        ctx.warn(f"JOB_EXIT ({reason}): {_message(exc)}")
+        return 1
+    if reason == "exit":
+        attributes = _ad_attributes(outcome.ad_attributes, ctx.warn)
+        if outcome.snapshot_path:
+            attributes.setdefault("GliteVmSnapshotPath", outcome.snapshot_path)
+        if outcome.record_path:
+            attributes.setdefault("GliteVmRecordPath", outcome.record_path)
+        ctx.chirp.set_attributes(attributes)
+    return 0
+
+
+# --- entry point -----------------------------------------------------------------------------
+
+
+def _condor_param(name: str) -> str | None:
+    try:
+        import htcondor2  # noqa: PLC0415 - Settings.load(use_condor=True) imported it already
+    except ImportError:
+        return None
+    value = htcondor2.param.get(name)
+    return None if value is None else str(value)
+
+
+def main(hook: str, argv: Sequence[str], *, hooks_dir: Path | None = None) -> int:
+    """Run ``hook`` (``prepare_job`` or ``job_exit``) as HTCondor calls it."""
+    if hooks_dir is None and sys.argv and sys.argv[0]:
+        hooks_dir = Path(sys.argv[0]).resolve().parent
+    stdin_text = sys.stdin.read()
+    try:
+        settings = Settings.load(use_condor=True)
+    except ValueError as exc:
+        settings_error: BaseException = HostError(f"glite-vm settings on this host: {exc}")
+        if hook == "prepare_job":
+            print("\n".join(hook_status_lines(settings_error, 0, 0)), flush=True)
+        print(f"glite-vm: {settings_error}", file=sys.stderr)
+        return 1
+    ctx = HookContext(
+        settings=settings,
+        environ=os.environ,
+        stdout=sys.stdout,
+        hooks_dir=hooks_dir,
+        starter_pid=find_starter_pid(),
+        param=_condor_param,
+    )
+    if hook == "prepare_job":
+        raise_on_stop_signals()
+        return prepare_job(ctx, stdin_text)
+    if hook == "job_exit":
+        reason = argv[0] if argv else "exit"
+        return job_exit(ctx, reason, stdin_text)
+    print(f"glite-vm: unknown hook {hook!r}", file=sys.stderr)
+    return 2
