@@ -117,7 +117,9 @@ class PersonalPool:
         extra = self.prefix / "extra.conf"
         # A starter whose PREPARE_JOB just failed ignores a fast shutdown until the startd
         # kills it after KILLING_TIMEOUT (default 30 s); tests need not wait that long.
-        extra.write_text("KILLING_TIMEOUT = 5\n" + extra_config)
+        # HTCondor 25 gives each job private /tmp and /var/tmp (MOUNT_UNDER_SCRATCH): a
+        # checkout, and with it the launcher's Python, under /tmp would vanish for the job.
+        extra.write_text("KILLING_TIMEOUT = 5\nMOUNT_UNDER_SCRATCH =\n" + extra_config)
         self.port = free_port()
         env = dict(self.env, CONDOR_PORT=str(self.port), CONDOR_EXTRA_CONFIG=str(extra))
         try:
