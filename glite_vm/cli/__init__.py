@@ -21,6 +21,7 @@ _COMMAND_MODULES = (
     "glite_vm.cli.images",
     "glite_vm.cli.condor",
     "glite_vm.cli.service",
+    "glite_vm.cli.snapshots",
     "glite_vm.cli.identity",
 )
 

@@ -6,6 +6,8 @@ Every choice here is deliberate:
   neither libvirt nor QEMU ever probes a format (a raw image claiming to be qcow2 stays raw) and
   the base image is opened read-only;
 * the serial console goes to a **file from the first byte** (the kernel's first lines included);
+  for an interactive session (``glite-vm snapshots boot``) it becomes a pty that libvirt's
+  console streams attach to, still logged to the same file from the first byte;
 * the guest agent gets the standard channel ``org.qemu.guest_agent.0``;
 * there is **no network** unless asked for, ``on_crash`` destroys, and libvirt ``<metadata>``
   names the job and its owner so a reaper can find the owner of any domain later.
@@ -22,6 +24,7 @@ METADATA_PREFIX = "glitevm"
 XFER_SERIAL = "glitevm-xfer"
 AGENT_CHANNEL = "org.qemu.guest_agent.0"
 DOMAIN_PREFIX = "glite-vm-"
+SERIAL_CONSOLES = ("file", "pty")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,9 +94,14 @@ class DomainSpec:
     # Images below the base, for overlays on a kept snapshot: ((path, format), ...).
     base_chain: tuple[tuple[Path, str], ...] = ()
     machine: str = "pc"
+    # "file": the serial console only writes the boot log (jobs). "pty": an interactive console
+    # (libvirt's virDomainOpenConsole attaches to it) whose output is still logged to boot_log.
+    serial_console: str = "file"
 
 
 def build_domain_xml(spec: DomainSpec) -> str:
+    if spec.serial_console not in SERIAL_CONSOLES:
+        raise ValueError(f"serial console must be 'file' or 'pty', not {spec.serial_console!r}")
     if spec.domain_type not in ("kvm", "qemu"):
         raise ValueError(f"domain type must be 'kvm' or 'qemu', not {spec.domain_type!r}")
     for fmt in (spec.base_format, *(f for _p, f in spec.base_chain)):
@@ -141,12 +149,7 @@ def build_domain_xml(spec: DomainSpec) -> str:
         _xfer_disk(devices, spec.xfer_disk)
     _network(devices, spec.network)
 
-    serial = ET.SubElement(devices, "serial", type="file")
-    ET.SubElement(serial, "source", path=str(spec.boot_log), append="off")
-    ET.SubElement(serial, "target", port="0")
-    console = ET.SubElement(devices, "console", type="file")
-    ET.SubElement(console, "source", path=str(spec.boot_log), append="off")
-    ET.SubElement(console, "target", type="serial", port="0")
+    _serial_console(devices, spec.boot_log, spec.serial_console)
 
     channel = ET.SubElement(devices, "channel", type="unix")
     ET.SubElement(channel, "source", mode="bind")
@@ -174,6 +177,39 @@ def _root_disk(devices: ET.Element, spec: DomainSpec) -> None:
         parent = backing
     ET.SubElement(parent, "backingStore")  # the chain ends here: no further probing
     ET.SubElement(disk, "target", dev="vda", bus="virtio")
+
+
+def _serial_console(devices: ET.Element, boot_log: Path, mode: str, at: int | None = None) -> None:
+    """Serial port 0 and the console on it: a file, or a pty logged to the same file."""
+    position = len(devices) if at is None else at
+    for tag, target in (("serial", {"port": "0"}), ("console", {"type": "serial", "port": "0"})):
+        el = ET.Element(tag, type=mode)
+        if mode == "file":
+            ET.SubElement(el, "source", path=str(boot_log), append="off")
+        else:
+            ET.SubElement(el, "log", file=str(boot_log), append="off")
+        ET.SubElement(el, "target", target)
+        devices.insert(position, el)
+        position += 1
+
+
+def with_serial_console(xml: str, boot_log: Path, mode: str) -> str:
+    """``xml`` (a domain definition, e.g. libvirt's inactive XML of one of ours) with its serial
+    port and console replaced by the ``mode`` variant (see :attr:`DomainSpec.serial_console`)."""
+    if mode not in SERIAL_CONSOLES:
+        raise ValueError(f"serial console must be 'file' or 'pty', not {mode!r}")
+    ET.register_namespace(METADATA_PREFIX, METADATA_NS)
+    dom = ET.fromstring(xml)  # noqa: S314 - libvirt's output of a domain we defined
+    devices = dom.find("devices")
+    if devices is None:
+        raise ValueError("domain XML without <devices>")
+    old = [el for el in devices if el.tag in ("serial", "console")]
+    at = list(devices).index(old[0]) if old else len(devices)
+    for el in old:
+        devices.remove(el)
+    _serial_console(devices, boot_log, mode, at)
+    ET.indent(dom)
+    return ET.tostring(dom, encoding="unicode")
 
 
 def _xfer_disk(devices: ET.Element, path: Path) -> None:

@@ -547,6 +547,11 @@ class Vm:
             "image_sha256": self.image.sha256,
             "base_image": str(self.image.path),
             "base_format": self.image.format,
+            # what booting the snapshot again needs (glite-vm snapshots boot)
+            "kernel": str(self.image.kernel) if self.image.kernel else None,
+            "initrd": str(self.image.initrd) if self.image.initrd else None,
+            "cmdline": self.image.cmdline,
+            "guest_user": self.image.guest_user or self.host.settings.guest_user,
             "hypervisor": self.host.hypervisor.kind,
             "root": self.request.root,
             "failed": failed,
