@@ -14,7 +14,7 @@ import time
 from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
-ALL = ("boot", "transfer", "cache")
+ALL = ("boot", "transfer", "cache", "condor")
 
 
 def main(argv: list[str]) -> int:
