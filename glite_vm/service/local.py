@@ -159,12 +159,15 @@ class LocalService:
             "GliteVmGuestUser": vm.guest_user,
             "GliteVmBootLogPath": str(vm.boot_log),
             "GliteVmRecordPath": str(vm.record),
+            "GliteVmNetwork": self.settings.network,
             "GliteVmTimeFetch": _seconds(vm.timings.fetch),
             "GliteVmTimeBoot": _seconds(vm.timings.boot),
             "GliteVmTimeReady": _seconds(vm.timings.ready),
         }
         if hostname is not None:
-            attributes["GliteVmHostname"] = hostname
+            # Not GliteVmHostname: that is the job's own request, and a requeued job carrying
+            # our answer there would look as if it had asked for a name.
+            attributes["GliteVmGuestHostname"] = hostname
         record.ad_attributes = attributes
         self.registry.persist(record)
         log.info(

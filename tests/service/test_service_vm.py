@@ -95,7 +95,9 @@ def test_job_life_through_the_socket(
     prepared = prepare(service, alice, scratch, machine_ad=slot)
     vm = prepared["vm"]
     attrs = prepared["ad_attributes"]
-    assert attrs["GliteVmHostname"].split(".")[0].endswith("-slot2")
+    assert attrs["GliteVmGuestHostname"].split(".")[0].endswith("-slot2")
+    assert "GliteVmHostname" not in attrs  # that one is the job's request, not ours
+    assert attrs["GliteVmNetwork"] == "none"
     assert attrs["GliteVmDomain"] == vm
     assert attrs["GliteVmHypervisor"] in ("qemu", "kvm")
     assert len(attrs["GliteVmImageDigest"]) == 64
@@ -140,7 +142,7 @@ def test_job_life_through_the_socket(
     lines = stdout_of(ran).splitlines()
     assert lines[:3] == ["hello", "x", "after"]
     assert lines[3] == "glite"  # the guest user, not root
-    assert attrs["GliteVmHostname"].startswith(lines[4])
+    assert attrs["GliteVmGuestHostname"].startswith(lines[4])
     assert stdout_of(ran, "stderr") == "to-err\n"
     first = min(c["t"] for c in ran["chunks"] if "hello" in c["data"])
     assert ran["end"] - first >= 1.5, "output arrived only at the end, not as it happened"
