@@ -52,8 +52,6 @@ sys.path.insert(0, str(REPO))
 from glite_vm.cli import main as glite_vm  # noqa: E402
 from glite_vm.condor.config import ExecuteHostConfig, SlotLayout, render_execute_config  # noqa: E402
 from glite_vm.config import GIB  # noqa: E402
-from glite_vm.images import build_catalogue, write_catalogue  # noqa: E402
-from glite_vm.images.inspect import Limits  # noqa: E402
 from tests.condor.pool import (  # noqa: E402
     JobAd,
     PersonalPool,
@@ -65,6 +63,7 @@ from tests.condor.pool import (  # noqa: E402
     wait_until,
 )
 from tests.service.svc_support import ServiceProcess  # noqa: E402
+from tests.support import disk_guest_catalogue, service_env  # noqa: E402
 
 GUESTS = Path(os.environ.get("GLITE_VM_TEST_GUESTS", REPO / "tests" / "guest" / "build"))
 JOB_TIMEOUT = 300.0
@@ -204,30 +203,9 @@ def main() -> int:
 def run_bench(root: Path, runs: int, domains: list[str]) -> dict[str, Any]:
     repo = root / "repo"
     repo.mkdir(mode=0o755)
-    manifest = json.loads((GUESTS / "guests.json").read_text())
-    image = repo / manifest["disk"]["disk"]
-    shutil.copyfile(GUESTS / image.name, image)
-    image.chmod(0o644)
-    (repo / f"{image.name}.json").write_text(
-        json.dumps({"name": "test-guest", "guest_user": manifest["user"], "os": "test guest"})
-    )
-    catalogue = write_catalogue(
-        build_catalogue(repo, limits=Limits(max_virtual_bytes=64 << 30, max_file_bytes=1 << 30)),
-        repo / "catalogue.json",
-    )
-    state = root / "state"
-    state.mkdir(mode=0o711)
-    run = root / "run"
-    run.mkdir(mode=0o755)
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
-        "LC_ALL": "C.UTF-8",
-        "GLITE_VM_CONFIG": str(root / "no-config.toml"),
-        "GLITE_VM_STATE_DIR": str(state),
-        "GLITE_VM_CATALOGUE": str(catalogue),
-        "GLITE_VM_SOCKET_PATH": str(run / "glite-vm.sock"),
-        "GLITE_VM_CACHE_MIN_FREE_BYTES": "0",
-    }
+    env = service_env(root, disk_guest_catalogue(GUESTS, repo, "test-guest"))
+    state = Path(env["GLITE_VM_STATE_DIR"])
+    run = Path(env["GLITE_VM_SOCKET_PATH"]).parent
     service = ServiceProcess(run / "glite-vm.sock", env, root / "service.log")
     service.start()
     try:

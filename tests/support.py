@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -88,3 +89,36 @@ def direct_image_in(guest_dir: Path, manifest: dict[str, Any], name: str) -> Loc
         cmdline=d["cmdline"],
         guest_user=manifest["user"],
     )
+
+
+def disk_guest_catalogue(guests_src: Path, repo: Path, name: str) -> Path:
+    """A ``file://`` repository in ``repo`` listing the disk-boot test guest as ``name``."""
+    from glite_vm.images import build_catalogue, write_catalogue  # noqa: PLC0415
+    from glite_vm.images.inspect import Limits  # noqa: PLC0415
+
+    manifest = json.loads((guests_src / "guests.json").read_text())
+    image = repo / manifest["disk"]["disk"]
+    shutil.copyfile(guests_src / image.name, image)
+    image.chmod(0o644)
+    (repo / f"{image.name}.json").write_text(
+        json.dumps({"name": name, "guest_user": manifest["user"], "os": "test guest"})
+    )
+    doc = build_catalogue(repo, limits=Limits(max_virtual_bytes=64 << 30, max_file_bytes=1 << 30))
+    return write_catalogue(doc, repo / "catalogue.json")
+
+
+def service_env(root: Path, catalogue: Path) -> dict[str, str]:
+    """The environment of a glite-vm service whose state and socket live under ``root``."""
+    state = root / "state"
+    state.mkdir(mode=0o711, exist_ok=True)
+    run = root / "run"
+    run.mkdir(mode=0o755, exist_ok=True)
+    return {
+        "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
+        "LC_ALL": "C.UTF-8",
+        "GLITE_VM_CONFIG": str(root / "no-config.toml"),
+        "GLITE_VM_STATE_DIR": str(state),
+        "GLITE_VM_CATALOGUE": str(catalogue),
+        "GLITE_VM_SOCKET_PATH": str(run / "glite-vm.sock"),
+        "GLITE_VM_CACHE_MIN_FREE_BYTES": "0",
+    }
