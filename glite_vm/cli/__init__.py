@@ -44,8 +44,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    return dispatch(build_parser().parse_args(argv))
+
+
+def dispatch(args: argparse.Namespace) -> int:
+    """Set up logging and settings, run the chosen handler, map errors to exit statuses."""
     logging.basicConfig(
         level=logging.WARNING - 10 * min(args.verbose, 2),
         format="glite-vm: %(levelname)s: %(message)s",

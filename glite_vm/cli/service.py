@@ -12,8 +12,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
+from glite_vm.cli import dispatch
 from glite_vm.config import Settings
-from glite_vm.errors import GliteVmError
 
 log = logging.getLogger("glite_vm.service")
 
@@ -113,23 +113,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="glite-vm")
     parser.add_argument("-v", "--verbose", action="count", default=0, help="more log output")
     register(parser.add_subparsers(dest="command", metavar="COMMAND", required=True))
-    args = parser.parse_args(argv)
-    logging.basicConfig(
-        level=logging.WARNING - 10 * min(args.verbose, 2),
-        format="glite-vm: %(levelname)s: %(message)s",
-    )
-    try:
-        settings = Settings.load()
-    except ValueError as exc:
-        print(f"glite-vm: {exc}", file=sys.stderr)
-        return 2
-    try:
-        code: int = args.handler(args, settings)
-    except GliteVmError as exc:
-        kind = "error (fix the request)" if exc.is_user_error else "error (host problem)"
-        print(f"glite-vm: {kind}: {exc}", file=sys.stderr)
-        return 2 if exc.is_user_error else 3
-    return code
+    return dispatch(parser.parse_args(argv))
 
 
 if __name__ == "__main__":
