@@ -1,4 +1,5 @@
-"""`glite-vm serve` (the bootstrapper, run as root) and `glite-vm reap` (one reaper pass now)."""
+"""`glite-vm serve` (the bootstrapper, run as root), `glite-vm reap` (one reaper pass now) and
+`glite-vm events` (the service's event log)."""
 
 from __future__ import annotations
 
@@ -8,12 +9,15 @@ import logging
 import signal
 import sys
 import threading
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
 from glite_vm.cli import dispatch
-from glite_vm.config import Settings
+from glite_vm.config import Settings, parse_duration
+from glite_vm.errors import AccessDeniedError
+from glite_vm.service.events import EVENTS, event_log_path, read_events
 
 log = logging.getLogger("glite_vm.service")
 
@@ -53,6 +57,32 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     reap.add_argument("--socket", type=Path, metavar="PATH", help="the service's socket")
     reap.add_argument("--json", action="store_true", help="print the reaped VMs as JSON")
     reap.set_defaults(handler=cmd_reap)
+
+    events = sub.add_parser(
+        "events",
+        help="show what happened to each VM of the service, and why",
+        description="Print the service's event log: every VM started, adopted after a "
+        "restart, torn down by its job, reaped (with the reason: starter gone, scratch "
+        "directory gone, domain gone), abandoned (its boot failed or its caller hung up) or "
+        "swept up after a crash. Newest last. The log is root's (<state dir>/service/"
+        f"events.jsonl). Event names: {', '.join(EVENTS)}.",
+    )
+    events.add_argument("--vm", metavar="NAME", help="only this VM (its domain name)")
+    events.add_argument("--job", metavar="ID", help="only this job (e.g. 1234.0)")
+    events.add_argument("--event", choices=EVENTS, help="only events of this kind")
+    events.add_argument(
+        "--since", metavar="AGE", help="only events newer than AGE (e.g. 90s, 30m, 12h, 7d)"
+    )
+    events.add_argument(
+        "-n",
+        "--last",
+        type=int,
+        default=50,
+        metavar="N",
+        help="at most the last N matching events (default 50; 0 for all)",
+    )
+    events.add_argument("--json", action="store_true", help="print the stored JSON lines")
+    events.set_defaults(handler=cmd_events)
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
@@ -105,6 +135,45 @@ def cmd_reap(args: argparse.Namespace, settings: Settings) -> int:
         print(f"glite-vm reap: {r.vm} (uid {r.owner_uid}): {r.reason}", file=sys.stderr)
     if args.json:
         print(json.dumps([vars(r) for r in reaped], indent=2))
+    return 0
+
+
+def cmd_events(args: argparse.Namespace, settings: Settings) -> int:
+    path = event_log_path(settings.state_dir)
+    cutoff = None
+    if args.since is not None:
+        age = parse_duration(args.since, "--since")
+        cutoff = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(time.time() - age))
+    try:
+        found = [
+            e
+            for e in read_events(path)
+            if (args.vm is None or e.vm == args.vm)
+            and (args.job is None or e.job == args.job)
+            and (args.event is None or e.event == args.event)
+            and (cutoff is None or e.time >= cutoff)
+        ]
+    except PermissionError:
+        raise AccessDeniedError(f"the event log {path} is readable by root only") from None
+    if args.last > 0:
+        found = found[-args.last :]
+    for e in found:
+        if args.json:
+            print(e.to_json())
+            continue
+        who = f"job {e.job} uid {e.uid}" if e.job is not None else ""
+        extra = "; ".join(
+            x
+            for x in (
+                e.reason,
+                f"snapshot {e.snapshot}" if e.snapshot else None,
+                "failed" if e.failed else None,
+            )
+            if x
+        )
+        print(f"{e.time}  {e.event:<9}  {e.vm}  {who}{'  ' + extra if extra else ''}".rstrip())
+    if not found and not args.json:
+        print("no events" + ("" if path.exists() else f" ({path} does not exist yet)"))
     return 0
 
 

@@ -691,11 +691,7 @@ class ImageCache:
         files until the cache holds at most ``target_bytes`` (default: the budget)."""
         self._make_dirs()
         target = self.settings.cache_max_bytes if target_bytes is None else target_bytes
-        dead = 0
-        for sha in lease_files.all_lease_keys(self.leases):
-            for record in lease_files.read_leases(self.leases, sha):
-                if not record.alive and lease_files.remove_lease(record):
-                    dead += 1
+        dead = self.drop_dead_leases()
         with self._locked(_BUDGET, what="the cache budget"):
             partials = sum(1 for key in self._partial_keys() if self._drop_partial(key) is not None)
             used = sum(e.size for e in self.entries())
@@ -748,6 +744,15 @@ class ImageCache:
             log.warning("cached file %s: %s", sha, detail)
             results.append(VerifyResult(sha, path, False, detail))
         return results
+
+    def drop_dead_leases(self) -> int:
+        """Remove the leases whose holder process is gone (a crash); how many were removed."""
+        dead = 0
+        for sha in lease_files.all_lease_keys(self.leases):
+            for record in lease_files.read_leases(self.leases, sha):
+                if not record.alive and lease_files.remove_lease(record):
+                    dead += 1
+        return dead
 
     def release_job(self, job_id: str) -> int:
         """Release every lease held for ``job_id`` (e.g. by a reaper); the number released."""

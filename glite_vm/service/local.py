@@ -34,7 +34,7 @@ from glite_vm.errors import AccessDeniedError, HostError, RequestError
 from glite_vm.images import ImageLease, acquire_image
 from glite_vm.images.leases import process_start_time
 from glite_vm.request import VMRequest
-from glite_vm.service import protocol, sandbox
+from glite_vm.service import events, protocol, sandbox
 from glite_vm.service.api import (
     ExecOutcome,
     OutputSink,
@@ -46,7 +46,7 @@ from glite_vm.service.api import (
 )
 from glite_vm.service.registry import FinishedVm, VmRecord, VmRegistry
 from glite_vm.service.sandbox import Identity
-from glite_vm.vm.lifecycle import Vm, VmHost
+from glite_vm.vm.lifecycle import Vm, VmHost, qemu_pid
 
 log = logging.getLogger(__name__)
 
@@ -104,7 +104,10 @@ class LocalService:
         machine_ad: Mapping[str, object] | None,
         scratch_dir: str,
         starter_pid: int | None,
+        cancel: threading.Event | None = None,
     ) -> PrepareResult:
+        """Fetch the image, start the job's VM and wait for its agent. Setting ``cancel``
+        (the caller hung up) stops the wait and removes the VM again."""
         scratch, owner_uid = self._check_scratch_dir(scratch_dir)
         starter_start = _check_starter(starter_pid)
         self.registry.ensure_connection()
@@ -119,6 +122,8 @@ class LocalService:
             allow_local=False,
         )
         try:
+            if cancel is not None and cancel.is_set():
+                raise HostError("the caller hung up while the image was fetched")
             image = lease.image
             vm = self.host.start(
                 request,
@@ -145,11 +150,21 @@ class LocalService:
             self.registry.add(record)  # from here on a restarted service adopts it
             _give_boot_log(vm, owner_uid)
             _bind_lease_to_qemu(lease, vm.name)
-            vm.wait_ready()
+            vm.wait_ready(cancel=cancel)
             hostname = self._apply_identity(vm, request, machine_ad)
         except BaseException as exc:
             log.warning("preparing %s for uid %d failed: %s", vm.name, owner_uid, exc)
-            self.registry.teardown(record, failed=True, keep_override=False)
+            self.registry.teardown(
+                record,
+                failed=True,
+                keep_override=False,
+                reason=(
+                    "the caller of prepare hung up before the VM was ready"
+                    if cancel is not None and cancel.is_set()
+                    else f"preparing it failed: {exc}"
+                ),
+                event=events.ABANDONED,
+            )
             raise
         attributes: dict[str, object] = {
             "GliteVmDomain": vm.name,
@@ -434,13 +449,8 @@ def _give_boot_log(vm: Vm, owner_uid: int) -> None:
 def _bind_lease_to_qemu(lease: ImageLease, name: str) -> None:
     """The cache lease lives as long as the VM's QEMU, so a service restart does not let
     eviction take a base image from under a running VM."""
-    runtime = os.environ.get("XDG_RUNTIME_DIR", f"/run/user/{os.getuid()}")
-    candidates = [Path("/run/libvirt/qemu"), Path(runtime) / "libvirt/qemu/run"]
-    for directory in candidates:
-        try:
-            pid = int((directory / f"{name}.pid").read_text().strip())
-        except (OSError, ValueError):
-            continue
+    pid = qemu_pid(name)
+    if pid is not None:
         lease.rebind(pid)
         return
     log.debug("no QEMU pid file for %s; its cache lease stays with the service", name)

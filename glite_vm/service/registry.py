@@ -23,6 +23,7 @@ import dataclasses
 import json
 import logging
 import os
+import shutil
 import stat
 import threading
 import time
@@ -35,16 +36,28 @@ import libvirt
 from glite_vm.config import Settings
 from glite_vm.errors import HypervisorError
 from glite_vm.images import ImageLease, release_job_leases
-from glite_vm.images.leases import process_alive
+from glite_vm.images.cache import ImageCache
+from glite_vm.images.leases import process_alive, read_leases, write_lease
 from glite_vm.request import KeepSnapshot, VMRequest
+from glite_vm.service import events
 from glite_vm.service.api import ReapedVm, TeardownOutcome
-from glite_vm.vm.domain_xml import JobMetadata
-from glite_vm.vm.lifecycle import BaseImage, TeardownResult, Timings, Vm, VmHost, destroy_domain
+from glite_vm.vm.domain_xml import DOMAIN_PREFIX, JobMetadata
+from glite_vm.vm.lifecycle import (
+    BaseImage,
+    TeardownResult,
+    Timings,
+    Vm,
+    VmHost,
+    destroy_domain,
+    lock_vm_dir,
+    qemu_pid,
+)
 
 log = logging.getLogger(__name__)
 
 STATE_VERSION = 1
 FINISHED_RETENTION = 3600.0
+SWEEP_MIN_AGE = 10.0  # seconds a VM directory must be unchanged before a sweep may take it
 
 
 @dataclasses.dataclass(frozen=True)
@@ -185,6 +198,7 @@ class VmRegistry:
         self._finished: dict[str, FinishedVm] = {}
         self._lock = threading.Lock()
         self._teardown_locks: dict[str, threading.Lock] = {}
+        self.events = events.EventLog(events.event_log_path(settings.state_dir))
 
     # -- lookup ------------------------------------------------------------------------------
 
@@ -203,6 +217,12 @@ class VmRegistry:
             self._active[record.name] = record
             self._teardown_locks.setdefault(record.name, threading.Lock())
         self.persist(record)
+        self.events.record(
+            events.ADOPTED if record.adopted else events.STARTED,
+            record.name,
+            job=record.vm.request.job_id,
+            uid=record.owner_uid,
+        )
 
     def persist(self, record: VmRecord, finished: dict[str, Any] | None = None) -> None:
         self._write_state(record.name, record.to_state(finished))
@@ -214,8 +234,12 @@ class VmRegistry:
         failed: bool,
         reason: str | None = None,
         keep_override: bool | None = None,
+        event: str | None = None,
     ) -> TeardownOutcome:
-        """Destroy the VM, keep the snapshot by policy, release the lease; idempotent."""
+        """Destroy the VM, keep the snapshot by policy, release the lease; idempotent.
+
+        ``reason`` says why when the job did not ask for it; ``event`` is what the event log
+        calls it (default: ``reaped`` with a reason, ``torn_down`` without)."""
         with self._lock:
             guard = self._teardown_locks.setdefault(record.name, threading.Lock())
         with guard:
@@ -250,6 +274,15 @@ class VmRegistry:
             with self._lock:
                 self._active.pop(record.name, None)
                 self._finished[record.name] = finished
+            self.events.record(
+                event or (events.REAPED if reason else events.TORN_DOWN),
+                record.name,
+                job=record.vm.request.job_id,
+                uid=record.owner_uid,
+                reason=reason,
+                snapshot=outcome.snapshot_path,
+                failed=failed,
+            )
             return outcome
 
     # -- the libvirt connection --------------------------------------------------------------
@@ -322,7 +355,68 @@ class VmRegistry:
                 continue
             reaped.append(ReapedVm(record.name, record.owner_uid, reason))
         self._expire_finished()
+        self.sweep_half_made()
+        self.drop_dead_leases()
         return reaped
+
+    def sweep_half_made(self) -> list[str]:
+        """Remove VM directories a crash left between their creation and their domain's
+        definition: no domain, no record of a teardown, not ours to serve, and not locked
+        by a start or teardown in progress (in this or another process), and unchanged for
+        :data:`SWEEP_MIN_AGE` seconds. The names swept."""
+        root = self.settings.effective_snapshot_dir
+        try:
+            entries = sorted(os.scandir(root), key=lambda e: e.name)
+        except FileNotFoundError:
+            return []
+        swept = []
+        for entry in entries:
+            name = entry.name
+            if not name.startswith(DOMAIN_PREFIX) or self.get(name) is not None:
+                continue
+            path = Path(entry.path)
+            try:
+                st = os.lstat(path)
+            except OSError:
+                continue
+            if not stat.S_ISDIR(st.st_mode) or st.st_uid != os.geteuid():
+                continue  # a symlink, or handed over to its owner: a finished VM's
+            if time.time() - st.st_mtime < SWEEP_MIN_AGE:
+                continue  # perhaps between a start's mkdir and its lock
+            if os.path.lexists(path / "record.json") or self._domain_exists(name):
+                continue
+            held = lock_vm_dir(path, blocking=False)
+            if held is None:
+                continue  # a start or a teardown is working on it right now
+            try:
+                if os.path.lexists(path / "record.json") or self._domain_exists(name):
+                    continue
+                shutil.rmtree(path)
+            except OSError as exc:
+                log.warning("cannot remove the half-made VM directory %s: %s", path, exc)
+                continue
+            finally:
+                os.close(held)
+            reason = "left half-made by a crash before its domain existed"
+            log.warning("swept %s: %s", path, reason)
+            self.events.record(events.SWEPT, name, reason=reason)
+            swept.append(name)
+        return swept
+
+    def _domain_exists(self, name: str) -> bool:
+        try:
+            self.host.conn.lookupByName(name)
+        except libvirt.libvirtError as exc:
+            return bool(exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN)
+        return True
+
+    def drop_dead_leases(self) -> int:
+        """Remove cache leases whose holder died (a service killed before it could release)."""
+        try:
+            return ImageCache(self.settings).drop_dead_leases()
+        except OSError as exc:
+            log.warning("cannot check the cache leases: %s", exc)
+            return 0
 
     def _expire_finished(self) -> None:
         cutoff = time.time() - FINISHED_RETENTION
@@ -354,6 +448,7 @@ class VmRegistry:
                 log.error("cannot adopt %s (%s); it will only be reaped by hand", name, exc)
                 continue
             self.add(record)
+            self._keep_leased(record)
             log.info(
                 "adopted %s (job %s of uid %d)%s",
                 name,
@@ -363,6 +458,26 @@ class VmRegistry:
             )
         for name, state in states.items():
             self._settle_orphan_state(name, state)
+
+    def _keep_leased(self, record: VmRecord) -> None:
+        """An adopted VM's base image keeps a live lease (bound to its QEMU): the service may
+        have died before it could move the lease it took from itself to QEMU."""
+        sha = record.vm.image.sha256
+        pid = qemu_pid(record.name)
+        if not sha or pid is None:
+            return
+        job = record.lease_job_id or f"{record.vm.request.job_id}/{record.name}"
+        try:
+            leases_dir = ImageCache(self.settings).leases
+            if any(r.job_id == job and r.alive for r in read_leases(leases_dir, sha)):
+                return
+            write_lease(leases_dir, sha, job, pid=pid)
+        except OSError as exc:
+            log.warning("cannot lease the base image of %s again: %s", record.name, exc)
+            return
+        record.lease_job_id = job
+        self.persist(record)
+        log.info("%s: its base image is leased again, to its QEMU process %d", record.name, pid)
 
     def _settle_orphan_state(self, name: str, state: dict[str, Any]) -> None:
         finished = state.get("finished")

@@ -31,7 +31,7 @@ from typing import Any, TypeVar
 
 from glite_vm.config import Settings
 from glite_vm.errors import GliteVmError, HostError, RequestError, ServiceUnavailableError
-from glite_vm.service import protocol
+from glite_vm.service import events, protocol
 from glite_vm.service.local import LocalService, account_name
 from glite_vm.service.registry import VmRecord, VmRegistry
 from glite_vm.vm.lifecycle import VmHost
@@ -260,7 +260,13 @@ class ServiceServer:
             log.warning(
                 "the caller of prepare hung up before learning of %s; tearing it down", name
             )
-            self.registry.teardown(entry, failed=True, keep_override=False)
+            self.registry.teardown(
+                entry,
+                failed=True,
+                keep_override=False,
+                reason="the caller of prepare hung up before learning of it",
+                event=events.ABANDONED,
+            )
 
 
 class _Call:
@@ -367,6 +373,7 @@ def _dispatch(service: LocalService, op: str, args: dict[str, Any], call: _Call)
             machine_ad=machine_ad,
             scratch_dir=_arg(args, "scratch_dir", str),
             starter_pid=_optional(args, "starter_pid", int),
+            cancel=call.cancel,
         )
         return protocol.result_to_wire(prepared)
     if op == "push":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import fcntl
 import json
 import logging
 import os
@@ -200,6 +201,10 @@ class VmHost:
         vm_dir.mkdir(parents=True, mode=0o711)
         vm = Vm(self, name, vm_dir, request, image, owner_uid=owner_uid)
         vm.timings.fetch = fetch_seconds
+        # Until the domain exists the directory is locked: a sweeper of half-made VM
+        # directories (what a crash between mkdir and define leaves) must not take this one.
+        held = lock_vm_dir(vm_dir, blocking=True)
+        vm._dir_lock = held
         try:
             t1 = time.monotonic()
             size = max(image.virtual_size, request.disk_bytes)
@@ -282,6 +287,10 @@ class VmHost:
         except BaseException:
             vm.teardown(failed=True, keep_override=False)
             raise
+        finally:
+            vm._dir_lock = None
+            if held is not None:
+                os.close(held)
         return vm
 
     def our_domains(self) -> Iterator[tuple[libvirt.virDomain, JobMetadata | None]]:
@@ -327,6 +336,7 @@ class Vm:
         self.torn_down: TeardownResult | None = None
         self._started = time.monotonic()
         self._lock = threading.Lock()
+        self._dir_lock: int | None = None  # the VM directory's flock while start holds it
 
     # -- readiness ---------------------------------------------------------------------------
 
@@ -344,8 +354,11 @@ class Vm:
             else (self.image.guest_user or self.host.settings.guest_user)
         )
 
-    def wait_ready(self, timeout: float | None = None) -> float:
-        """Wait until the guest agent answers; seconds from domain start. Raises BootError."""
+    def wait_ready(
+        self, timeout: float | None = None, *, cancel: threading.Event | None = None
+    ) -> float:
+        """Wait until the guest agent answers; seconds from domain start. Raises BootError,
+        or AgentError once ``cancel`` is set (whoever wanted the VM is gone)."""
         bound = self.host.settings.boot_timeout if timeout is None else timeout
         start = time.monotonic()
         deadline = start + bound
@@ -359,6 +372,8 @@ class Vm:
                 )
             if agent.ping(timeout=1):
                 break
+            if cancel is not None and cancel.is_set():
+                raise AgentError(f"stopped waiting for {self.name} to boot: cancelled")
             if time.monotonic() >= deadline:
                 raise BootError(
                     f"the guest agent of {self.name} did not answer within {bound:g} s",
@@ -509,33 +524,37 @@ class Vm:
         with self._lock:
             if self.torn_down is not None:
                 return self.torn_down
-            t0 = time.monotonic()
-            dom = self.domain
-            if dom is None:
-                try:
-                    dom = self.host.conn.lookupByName(self.name)
-                except libvirt.libvirtError:
-                    dom = None
-            if dom is not None:
-                destroy_domain(dom)
-            keep = (
-                self.request.keep_snapshot.keeps(failed) if keep_override is None else keep_override
-            )
-            for scratch in (self.xfer, self.dir / "vmlinuz", self.dir / "initrd.img"):
-                scratch.unlink(missing_ok=True)
-            snapshot: Path | None = None
-            if keep and self.overlay.exists():
-                self.overlay.rename(self.snapshot)
-                snapshot = self.snapshot
-            else:
-                self.overlay.unlink(missing_ok=True)
-            self.timings.teardown = time.monotonic() - t0
-            self._write_record(failed, snapshot)
-            self._give_to_owner([p for p in (snapshot, self.boot_log, self.record) if p])
-            self.torn_down = TeardownResult(
-                snapshot, self.boot_log, self.record, self.timings.teardown
-            )
-            return self.torn_down
+            held = None if self._dir_lock is not None else lock_vm_dir(self.dir, blocking=True)
+            try:
+                return self._teardown_locked(failed, keep_override)
+            finally:
+                if held is not None:
+                    os.close(held)
+
+    def _teardown_locked(self, failed: bool, keep_override: bool | None) -> TeardownResult:
+        t0 = time.monotonic()
+        dom = self.domain
+        if dom is None:
+            try:
+                dom = self.host.conn.lookupByName(self.name)
+            except libvirt.libvirtError:
+                dom = None
+        if dom is not None:
+            destroy_domain(dom)
+        keep = self.request.keep_snapshot.keeps(failed) if keep_override is None else keep_override
+        for scratch in (self.xfer, self.dir / "vmlinuz", self.dir / "initrd.img"):
+            scratch.unlink(missing_ok=True)
+        snapshot: Path | None = None
+        if keep and self.overlay.exists():
+            self.overlay.rename(self.snapshot)
+            snapshot = self.snapshot
+        else:
+            self.overlay.unlink(missing_ok=True)
+        self.timings.teardown = time.monotonic() - t0
+        self._write_record(failed, snapshot)
+        self._give_to_owner([p for p in (snapshot, self.boot_log, self.record) if p])
+        self.torn_down = TeardownResult(snapshot, self.boot_log, self.record, self.timings.teardown)
+        return self.torn_down
 
     def _write_record(self, failed: bool, snapshot: Path | None) -> None:
         r = self.exec_result
@@ -581,6 +600,33 @@ class Vm:
                 log.warning("cannot give %s to uid %s: %s", p, self.owner_uid, exc)
 
 
+def qemu_pid(name: str) -> int | None:
+    """The pid of the QEMU process of domain ``name`` (from libvirt's pid file), if running."""
+    runtime = os.environ.get("XDG_RUNTIME_DIR", f"/run/user/{os.getuid()}")
+    for directory in (Path("/run/libvirt/qemu"), Path(runtime) / "libvirt/qemu/run"):
+        try:
+            return int((directory / f"{name}.pid").read_text().strip())
+        except (OSError, ValueError):
+            continue
+    return None
+
+
+def lock_vm_dir(vm_dir: Path, *, blocking: bool) -> int | None:
+    """An exclusive flock on a VM directory (start and teardown hold it while they change
+    it); the descriptor to close, or ``None`` when the directory is gone or, not
+    ``blocking``, someone else holds the lock."""
+    try:
+        fd = os.open(vm_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    except OSError:
+        return None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
+    except OSError:
+        os.close(fd)
+        return None
+    return fd
+
+
 def destroy_domain(dom: libvirt.virDomain) -> None:
     """Stop and undefine a domain, tolerating one that is already gone."""
     try:
@@ -616,4 +662,6 @@ __all__ = [
     "Vm",
     "VmHost",
     "destroy_domain",
+    "lock_vm_dir",
+    "qemu_pid",
 ]

@@ -103,17 +103,14 @@ def canary(svc_root: Path) -> tuple[Path, bytes]:
     return path, secret
 
 
-@pytest.fixture(scope="session")
-def service(
-    svc_root: Path, catalogue: Path, hypervisor_probe: Path, alice: Account, bob: Account
-) -> Iterator[ServiceProcess]:
-    state = new_state_dir(svc_root / "state", hypervisor_probe)
-    run = svc_root / "run"
-    run.mkdir(mode=0o755)
-    env = {
+def service_env(
+    state: Path, run: Path, catalogue: Path, extra: dict[str, str] | None = None
+) -> dict[str, str]:
+    """The environment of a test service with its own state dir, catalogue and socket."""
+    return {
         "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
         "LC_ALL": "C.UTF-8",
-        "GLITE_VM_CONFIG": str(svc_root / "no-config.toml"),
+        "GLITE_VM_CONFIG": str(state.parent / "no-config.toml"),
         "GLITE_VM_STATE_DIR": str(state),
         "GLITE_VM_CATALOGUE": str(catalogue),
         "GLITE_VM_SOCKET_PATH": str(run / "glite-vm.sock"),
@@ -123,25 +120,42 @@ def service(
         "GLITE_VM_CACHE_MIN_FREE_BYTES": "0",
         "GLITE_VM_REAP_INTERVAL": str(REAP_INTERVAL),
         "GLITE_VM_GUEST_IDENTITY": "true",
+        **(extra or {}),
     }
-    svc = ServiceProcess(run / "glite-vm.sock", env, svc_root / "service.log")
+
+
+def check_nothing_left(svc: ServiceProcess, state: Path) -> None:
+    """Tear down what tests left running, stop the service, and fail on anything left over:
+    VMs, domains, overlays, cache leases, or an unexpected error in the service's log."""
+    client = svc.client()
+    leftovers = [v.vm for v in client.list_vms()] if svc.proc and svc.proc.poll() is None else []
+    for name in leftovers:
+        client.teardown(name, failed=False)
+    if svc.proc is not None and svc.proc.poll() is None:
+        svc.stop()
+    domains = our_domains(USERS)
+    overlays = list((state / "snapshots").glob("*/overlay.qcow2"))
+    leases = list((state / "cache" / "leases").rglob("*.json"))
+    assert not leftovers, f"tests left VMs running: {leftovers}"
+    assert not domains, f"domains left behind: {domains}"
+    assert not overlays, f"overlays left behind: {overlays}"
+    assert not leases, f"cache leases left behind: {leases}"
+    log = svc.log()
+    assert "Traceback" not in log, f"the service hit an unexpected error:\n{log[-5000:]}"
+
+
+@pytest.fixture(scope="session")
+def service(
+    svc_root: Path, catalogue: Path, hypervisor_probe: Path, alice: Account, bob: Account
+) -> Iterator[ServiceProcess]:
+    state = new_state_dir(svc_root / "state", hypervisor_probe)
+    run = svc_root / "run"
+    run.mkdir(mode=0o755)
+    svc = ServiceProcess(
+        run / "glite-vm.sock", service_env(state, run, catalogue), svc_root / "service.log"
+    )
     svc.start()
     try:
         yield svc
     finally:
-        client = svc.client()
-        leftovers = (
-            [v.vm for v in client.list_vms()] if svc.proc and svc.proc.poll() is None else []
-        )
-        for name in leftovers:
-            client.teardown(name, failed=False)
-        svc.stop()
-        domains = our_domains(USERS)
-        overlays = list((state / "snapshots").glob("*/overlay.qcow2"))
-        leases = [p for p in (state / "cache" / "leases").rglob("*.json")]
-        assert not leftovers, f"tests left VMs running: {leftovers}"
-        assert not domains, f"domains left behind: {domains}"
-        assert not overlays, f"overlays left behind: {overlays}"
-        assert not leases, f"cache leases left behind: {leases}"
-        log = svc.log()
-        assert "Traceback" not in log, f"the service hit an unexpected error:\n{log[-5000:]}"
+        check_nothing_left(svc, state)

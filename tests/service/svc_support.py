@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 import os
 import pwd
@@ -16,9 +17,11 @@ from typing import Any
 
 from glite_vm.errors import GliteVmError
 from glite_vm.service.client import ServiceClient
+from glite_vm.service.events import Event, event_log_path, read_events
 
 DRIVER = Path(__file__).resolve().parent / "driver.py"
 CALL_TIMEOUT = 120.0  # bound on any one client run (a boot under TCG takes ~5 s)
+_clusters = itertools.count(100)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -186,3 +189,93 @@ def domain_running(name: str) -> bool:
         timeout=30,
     )
     return out.returncode == 0 and out.stdout.strip() == "running"
+
+
+# -- client calls as a user ------------------------------------------------------------------
+
+
+def job_ad(image: str = "test-direct", **extra: object) -> dict[str, object]:
+    """A job ad as a hook would pass it; ``Owner`` is deliberately someone else's name."""
+    return {
+        "ClusterId": next(_clusters),
+        "ProcId": 0,
+        "Owner": "mallory",
+        "GliteVmImage": image,
+        **extra,
+    }
+
+
+def make_scratch(
+    root: Path, owner: Account, name: str, files: dict[str, str] | None = None
+) -> Path:
+    path = root / name
+    path.mkdir(mode=0o700)
+    for rel, text in (files or {}).items():
+        (path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (path / rel).write_text(text)
+    for p in [path, *path.rglob("*")]:
+        os.chown(p, owner.uid, owner.gid, follow_symlinks=False)
+    return path
+
+
+def call(service: ServiceProcess, who: Account, op: str, **args: Any) -> dict[str, Any]:
+    return run_as(who, {"op": op, "socket": str(service.socket_path), **args})
+
+
+def prepare(service: ServiceProcess, who: Account, scratch: Path, **kw: Any) -> dict[str, Any]:
+    ad = kw.pop("job_ad", None) or job_ad()
+    result: dict[str, Any] = ok(
+        call(service, who, "prepare", job_ad=ad, scratch_dir=str(scratch), **kw)
+    )
+    return result
+
+
+def read_as(who: Account, path: str | Path) -> dict[str, Any]:
+    return run_as(who, {"op": "read", "path": str(path)})
+
+
+def stdout_of(result: dict[str, Any], stream: str = "stdout") -> str:
+    return "".join(c["data"] for c in result["chunks"] if c["stream"] == stream)
+
+
+def background(
+    service: ServiceProcess, who: Account, op: str, **args: Any
+) -> subprocess.Popen[str]:
+    """A client call running as ``who`` while the test does something else."""
+    request = {"op": op, "socket": str(service.socket_path), **args}
+    return subprocess.Popen(
+        [*as_user(who), sys.executable, str(DRIVER), json.dumps(request)],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd="/",
+    )
+
+
+def background_exec(
+    service: ServiceProcess, who: Account, vm: str, script: str
+) -> subprocess.Popen[str]:
+    return background(service, who, "exec", vm=vm, argv=["sh", "-c", script])
+
+
+def answer_of(proc: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
+    try:
+        out, _err = proc.communicate(timeout=timeout)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    answer: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
+    return answer
+
+
+def leases_in(state: Path) -> list[Path]:
+    return list((state / "cache" / "leases").rglob("*.json"))
+
+
+def domains_of(who: Account) -> list[str]:
+    return our_domains((who.name,))
+
+
+def events_of(state: Path, vm: str) -> list[Event]:
+    """What the service's event log says about ``vm``, oldest first."""
+    return [e for e in read_events(event_log_path(state)) if e.vm == vm]

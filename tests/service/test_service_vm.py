@@ -8,7 +8,6 @@ restart that keeps track, and failures that leave nothing behind.
 from __future__ import annotations
 
 import base64
-import itertools
 import json
 import os
 import shutil
@@ -24,64 +23,30 @@ import pytest
 
 from tests.service.conftest import REAP_INTERVAL, USERS
 from tests.service.svc_support import (
-    DRIVER,
     Account,
     ServiceProcess,
+    answer_of,
     as_user,
+    background,
+    background_exec,
+    call,
     denied,
     domain_running,
+    domains_of,
+    events_of,
+    job_ad,
+    leases_in,
+    make_scratch,
     ok,
     our_domains,
+    prepare,
+    read_as,
     run_as,
+    stdout_of,
     wait_for,
 )
 
 pytestmark = pytest.mark.vm
-_clusters = itertools.count(100)
-
-
-def job_ad(image: str = "test-direct", **extra: object) -> dict[str, object]:
-    """A job ad as a hook would pass it; ``Owner`` is deliberately someone else's name."""
-    return {
-        "ClusterId": next(_clusters),
-        "ProcId": 0,
-        "Owner": "mallory",
-        "GliteVmImage": image,
-        **extra,
-    }
-
-
-def make_scratch(
-    root: Path, owner: Account, name: str, files: dict[str, str] | None = None
-) -> Path:
-    path = root / name
-    path.mkdir(mode=0o700)
-    for rel, text in (files or {}).items():
-        (path / rel).parent.mkdir(parents=True, exist_ok=True)
-        (path / rel).write_text(text)
-    for p in [path, *path.rglob("*")]:
-        os.chown(p, owner.uid, owner.gid, follow_symlinks=False)
-    return path
-
-
-def call(service: ServiceProcess, who: Account, op: str, **args: Any) -> dict[str, Any]:
-    return run_as(who, {"op": op, "socket": str(service.socket_path), **args})
-
-
-def prepare(service: ServiceProcess, who: Account, scratch: Path, **kw: Any) -> dict[str, Any]:
-    ad = kw.pop("job_ad", None) or job_ad()
-    result: dict[str, Any] = ok(
-        call(service, who, "prepare", job_ad=ad, scratch_dir=str(scratch), **kw)
-    )
-    return result
-
-
-def read_as(who: Account, path: str | Path) -> dict[str, Any]:
-    return run_as(who, {"op": "read", "path": str(path)})
-
-
-def stdout_of(result: dict[str, Any], stream: str = "stdout") -> str:
-    return "".join(c["data"] for c in result["chunks"] if c["stream"] == stream)
 
 
 # -- a job's life ----------------------------------------------------------------------------
@@ -302,6 +267,10 @@ def test_reaper_takes_vms_whose_job_is_gone(
     log = service.log()
     assert f"{killed_vm} (job" in log and f"starter process {starter.pid} is gone" in log
     assert f"{removed_vm} (job" in log and "scratch directory" in log
+    # The event log says the same, one line per VM, for `glite-vm events`.
+    (reaped,) = [e for e in events_of(svc_root / "state", killed_vm) if e.event == "reaped"]
+    assert reaped.reason == f"its starter process {starter.pid} is gone", reaped
+    assert (reaped.uid, reaped.failed) == (alice.uid, True)
     # The job's own teardown after the reaper gets the reaper's outcome: snapshot kept.
     done = ok(call(service, alice, "teardown", vm=killed_vm, failed=False))
     assert Path(done["snapshot_path"]).stat().st_uid == alice.uid
@@ -364,10 +333,10 @@ def test_restart_keeps_track_of_running_vms(
     assert stdout_of(before) == "0\n"  # a root job on a root-enabled slot
 
     # A restart while a payload runs: its client learns at once, the VM lives on.
-    running = _background_exec(service, alice, vm, "sleep 30")
+    running = background_exec(service, alice, vm, "sleep 30")
     time.sleep(1.5)
     service.restart()
-    interrupted = _answer(running, timeout=30)
+    interrupted = answer_of(running, timeout=30)
     assert interrupted["type"] == "ServiceUnavailableError", interrupted
     assert "stopping" in interrupted["message"]
     assert domain_running(vm), "stopping the service must not stop VMs"
@@ -390,7 +359,7 @@ def test_restart_keeps_track_of_running_vms(
     assert stdout_of(after) == "before\nafter\n"
 
     # A launcher killed mid-payload frees the VM for the next call at once.
-    abandoned = _background_exec(service, alice, vm, "sleep 30")
+    abandoned = background_exec(service, alice, vm, "sleep 30")
     time.sleep(1.5)
     abandoned.kill()
     abandoned.wait(timeout=10)
@@ -402,36 +371,6 @@ def test_restart_keeps_track_of_running_vms(
     done = ok(call(service, alice, "teardown", vm=vm, failed=False))
     assert done["snapshot_path"] is None
     assert vm not in our_domains(USERS)
-
-
-def _background(
-    service: ServiceProcess, who: Account, op: str, **args: Any
-) -> subprocess.Popen[str]:
-    """A client call running as ``who`` while the test does something else."""
-    request = {"op": op, "socket": str(service.socket_path), **args}
-    return subprocess.Popen(
-        [*as_user(who), sys.executable, str(DRIVER), json.dumps(request)],
-        stdout=subprocess.PIPE,
-        text=True,
-        cwd="/",
-    )
-
-
-def _background_exec(
-    service: ServiceProcess, who: Account, vm: str, script: str
-) -> subprocess.Popen[str]:
-    return _background(service, who, "exec", vm=vm, argv=["sh", "-c", script])
-
-
-def _answer(proc: subprocess.Popen[str], timeout: float) -> dict[str, Any]:
-    try:
-        out, _err = proc.communicate(timeout=timeout)
-    finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(timeout=10)
-    answer: dict[str, Any] = json.loads(out.strip().splitlines()[-1])
-    return answer
 
 
 def test_a_restart_never_writes_into_a_directory_already_given_to_its_owner(
@@ -505,36 +444,28 @@ def test_a_restart_never_writes_into_a_directory_already_given_to_its_owner(
 # -- failures leave nothing behind -----------------------------------------------------------
 
 
-def _leases(svc_root: Path) -> list[Path]:
-    return list((svc_root / "state" / "cache" / "leases").rglob("*.json"))
-
-
-def _alice_domains(alice: Account) -> list[str]:
-    return our_domains((alice.name,))
-
-
 def test_a_boot_that_fails_leaves_no_vm_and_no_lease(
     service: ServiceProcess, svc_root: Path, alice: Account
 ) -> None:
     scratch = make_scratch(svc_root, alice, "noagent")
-    client = _background(
+    client = background(
         service, alice, "prepare", job_ad=job_ad("test-noagent"), scratch_dir=str(scratch)
     )
     try:
-        wait_for("the VM is defined", lambda: bool(_alice_domains(alice)), 60)
-        (name,) = _alice_domains(alice)
+        wait_for("the VM is defined", lambda: bool(domains_of(alice)), 60)
+        (name,) = domains_of(alice)
         wait_for("the VM runs", lambda: domain_running(name), 60, step=0.05)
-        assert _leases(svc_root), "the booting VM holds a cache lease"
+        assert leases_in(svc_root / "state"), "the booting VM holds a cache lease"
         # The guest dies before its agent answers (as a crashing guest would).
         subprocess.run(
             ["virsh", "-c", "qemu:///system", "destroy", name], check=True, capture_output=True
         )
     finally:
-        answer = _answer(client, timeout=60)
+        answer = answer_of(client, timeout=60)
     assert answer["type"] == "BootError" and answer["disposition"] == "requeue", answer
     assert "boot log:" in answer["message"]
-    assert _alice_domains(alice) == []
-    assert _leases(svc_root) == []
+    assert domains_of(alice) == []
+    assert leases_in(svc_root / "state") == []
     vm_dir = svc_root / "state" / "snapshots" / name
     assert not (vm_dir / "overlay.qcow2").exists() and not (vm_dir / "snapshot.qcow2").exists()
     assert (vm_dir / "boot.log").stat().st_uid == alice.uid
@@ -544,16 +475,18 @@ def test_a_caller_that_hangs_up_during_prepare_leaves_no_vm(
     service: ServiceProcess, svc_root: Path, alice: Account
 ) -> None:
     scratch = make_scratch(svc_root, alice, "hangup")
-    client = _background(service, alice, "prepare", job_ad=job_ad(), scratch_dir=str(scratch))
+    client = background(service, alice, "prepare", job_ad=job_ad(), scratch_dir=str(scratch))
     try:
-        wait_for("the VM is defined", lambda: bool(_alice_domains(alice)), 60)
+        wait_for("the VM is defined", lambda: bool(domains_of(alice)), 60)
     finally:
         client.kill()  # the hook died (killed by its own timeout, say) mid-boot
         client.wait(timeout=10)
-    (name,) = _alice_domains(alice)
-    wait_for("the orphaned VM is gone", lambda: not _alice_domains(alice), 60, step=0.5)
-    assert f"hung up before learning of {name}" in service.log()
-    assert _leases(svc_root) == []
+    (name,) = domains_of(alice)
+    wait_for("the orphaned VM is gone", lambda: not domains_of(alice), 60, step=0.5)
+    started, abandoned = events_of(svc_root / "state", name)
+    assert (started.event, started.uid) == ("started", alice.uid)
+    assert abandoned.event == "abandoned" and "hung up" in (abandoned.reason or ""), abandoned
+    assert leases_in(svc_root / "state") == []
     assert ok(call(service, alice, "list_vms")) == []
 
 
