@@ -41,9 +41,13 @@ def check_image_ref(image: str) -> str:
     if not isinstance(image, str) or not image.strip():
         raise RequestError("GliteVmImage", "is empty; name a catalogue image or give a URL")
     if len(image) > MAX_IMAGE_REF:
-        raise RequestError("GliteVmImage", f"is longer than {MAX_IMAGE_REF} characters")
+        raise RequestError(
+            "GliteVmImage", f"is {len(image)} characters long; at most {MAX_IMAGE_REF} are allowed"
+        )
     if any(ord(c) < 32 or ord(c) == 127 for c in image):
-        raise RequestError("GliteVmImage", "contains control characters")
+        raise RequestError(
+            "GliteVmImage", "contains control characters (NUL, line breaks, ...); remove them"
+        )
     if image != image.strip():
         raise RequestError("GliteVmImage", "has leading or trailing blanks")
     return image

@@ -124,7 +124,9 @@ class _Ad:
         if value is None or value is classad2.Value.Undefined:
             return _MISSING
         if value is classad2.Value.Error:
-            raise RequestError(name, "is the ClassAd value error")
+            raise RequestError(
+                name, "is the ClassAd value error; fix or remove it in the submit file"
+            )
         return value
 
     def evaluate(self, name: str) -> object:

@@ -27,9 +27,11 @@ from urllib.parse import unquote, urlsplit
 from glite_vm.errors import ImageRefusedError, RequestError
 from glite_vm.request import check_image_ref
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._+-]{0,127}$")
+NAME_MAX = 128
+NAME_RE = re.compile(rf"^[A-Za-z0-9][A-Za-z0-9._+-]{{0,{NAME_MAX - 1}}}$")
 SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 URL_SCHEMES = ("http", "https", "file")
+_PATH_LIKE = re.compile(r"^[A-Za-z0-9._+/-]+$")
 _DEFAULT_PORTS = {"http": 80, "https": 443}
 
 RefKind = Literal["name", "url"]
@@ -62,52 +64,91 @@ def classify_ref(ref: str, *, sources: tuple[str, ...], allow_local: bool) -> Im
             return ImageRef("url", url, ref)
         allowed = ", ".join(sources) if sources else "none are configured"
         raise ImageRefusedError(
-            ref,
+            _shortened(ref),
             "custom images must come from an allowed source "
-            f"(GLITE_VM_CUSTOM_IMAGE_SOURCES: {allowed})",
+            f"(GLITE_VM_CUSTOM_IMAGE_SOURCES: {allowed}); "
+            "change GliteVmImage to a catalogue name or a URL under one of them",
         )
     if ref.startswith("/"):
         url = Path(os.path.normpath(ref)).as_uri()
         if allow_local or source_allowed(url, sources):
             return ImageRef("url", url, ref)
         raise ImageRefusedError(
-            ref, "a job may not name a host path; use a catalogue name or an allowed URL"
+            _shortened(ref),
+            "a job may not name a host path; "
+            "change GliteVmImage to a catalogue name or an allowed URL",
         )
-    if "/" in ref or ref in (".", ".."):
-        raise RequestError("GliteVmImage", f"{ref!r} looks like a relative path; give it absolute")
-    if not NAME_RE.match(ref):
-        raise RequestError(
-            "GliteVmImage",
-            f"{ref!r} is neither a catalogue name (letters, digits, '.', '_', '+', '-') nor a URL",
+    if NAME_RE.match(ref):
+        return ImageRef("name", ref, ref)
+    raise RequestError("GliteVmImage", _why_not_a_reference(ref, allow_local))
+
+
+def _why_not_a_reference(ref: str, allow_local: bool) -> str:
+    """What is wrong with ``ref``, which is neither a catalogue name nor a URL nor a path."""
+    shown = repr(_shortened(ref))
+    if ref.lower().startswith(tuple(f"{scheme}:" for scheme in URL_SCHEMES)):
+        return f"{shown} is not a well-formed URL; write it as https://host/path"
+    if _PATH_LIKE.match(ref) and ("/" in ref or ref in (".", "..")):
+        if allow_local:
+            return f"{shown} looks like a relative path; give it absolute"
+        return (
+            f"{shown} looks like a relative path; a job names a catalogue image "
+            "or an http(s) URL under GLITE_VM_CUSTOM_IMAGE_SOURCES"
         )
-    return ImageRef("name", ref, ref)
+    return (
+        f"{shown} is neither a catalogue name (letters, digits, '.', '_', '+', '-', "
+        f"at most {NAME_MAX} characters, starting with a letter or digit) nor a URL"
+    )
+
+
+def _shortened(text: str, limit: int = 100) -> str:
+    """``text`` cut for a message, so the advice after it still fits in a hold reason."""
+    return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
 def normalise_url(url: str) -> str:
     """Check an image URL's shape; return it without fragment. Hold-class error when malformed."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # e.g. "Invalid IPv6 URL" for an unbalanced "["
+        raise RequestError("GliteVmImage", f"malformed URL {_shortened(url)!r}: {exc}") from None
     scheme = parts.scheme.lower()
     if scheme not in URL_SCHEMES:
         raise RequestError(
-            "GliteVmImage", f"unsupported URL scheme {parts.scheme!r}; use http, https or file"
+            "GliteVmImage",
+            f"unsupported URL scheme {_shortened(parts.scheme, 20)!r}; use http, https or file",
         )
     if parts.username is not None or parts.password is not None:
-        raise ImageRefusedError(url, "URLs with user names or passwords are not accepted")
+        # The message goes into the job ad and logs: never repeat a password there.
+        hidden = parts._replace(netloc="***@" + parts.netloc.rpartition("@")[2]).geturl()
+        raise ImageRefusedError(
+            _shortened(hidden),
+            "URLs with user names or passwords are not accepted; remove them from GliteVmImage",
+        )
     path = unquote(parts.path)
+    if "\0" in path:
+        raise RequestError("GliteVmImage", f"the URL path of {_shortened(url)!r} contains %00")
     if "\\" in path or any(seg in (".", "..") for seg in path.split("/")):
-        raise ImageRefusedError(url, "the URL path must not contain '.', '..' or '\\' segments")
+        raise ImageRefusedError(
+            _shortened(url),
+            "the URL path must not contain '.', '..' or '\\' segments; fix GliteVmImage",
+        )
     if scheme == "file":
         if parts.netloc not in ("", "localhost"):
-            raise RequestError("GliteVmImage", f"file URLs name a local path, not a host: {url}")
+            raise RequestError(
+                "GliteVmImage", f"file URLs name a local path, not a host: {_shortened(url)}"
+            )
         if not path.startswith("/"):
-            raise RequestError("GliteVmImage", f"file URL without an absolute path: {url}")
+            raise RequestError(
+                "GliteVmImage", f"file URL without an absolute path: {_shortened(url)}"
+            )
         return Path(path).as_uri()
     if not parts.hostname:
-        raise RequestError("GliteVmImage", f"URL without a host: {url}")
+        raise RequestError("GliteVmImage", f"URL without a host: {_shortened(url)}")
     try:
         parts.port  # noqa: B018 - validates the port
     except ValueError:
-        raise RequestError("GliteVmImage", f"URL with an invalid port: {url}") from None
+        raise RequestError("GliteVmImage", f"URL with an invalid port: {_shortened(url)}") from None
     return parts._replace(scheme=scheme, fragment="").geturl()
 
 
