@@ -113,6 +113,8 @@ def parse_catalogue(data: bytes, base_url: str) -> dict[str, CatalogueEntry]:
         doc = json.loads(data)
     except ValueError as exc:
         raise CatalogueError(f"catalogue {base_url} is not valid JSON: {exc}") from None
+    except RecursionError:  # json's decoder recurses per level of [ and {
+        raise CatalogueError(f"catalogue {base_url} is nested too deeply to be one") from None
     if not isinstance(doc, dict):
         raise CatalogueError(f"catalogue {base_url} is not a JSON object")
     if doc.get("version") != CATALOGUE_VERSION:
@@ -190,6 +192,10 @@ def _str(raw: dict[str, Any], key: str, *, required: bool = False) -> str:
         raise ValueError(f"{key!r} must be a string")
     if any(ord(c) < 32 for c in value):
         raise ValueError(f"{key!r} contains control characters")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate from a "\ud800" escape
+        raise ValueError(f"{key!r} is not valid Unicode") from None
     return value
 
 
