@@ -194,8 +194,8 @@ def main(argv: list[str]) -> int:
     measured: dict[str, str] = dict(earlier) if isinstance(earlier, dict) else {}
     failed = []
     for name in names:
+        measured[name] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
         results[name] = run(name)
-        measured[name] = started
         if results[name] is None:
             failed.append(name)
     results["started"] = started
