@@ -272,7 +272,11 @@ def run_bench(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], boo
     settings = Settings(state_dir=work / "state", default_disk_bytes=2 << 30)
     host = open_host(settings)
     batch = Batch(host, image, args.memory, f"c{secrets.token_hex(3)}")
-    previous = signal.signal(signal.SIGTERM, signal.default_int_handler)
+    # SIGTERM and SIGINT (even where the shell ignored it) stop the run through KeyboardInterrupt
+    previous = {
+        sig: signal.signal(sig, signal.default_int_handler)
+        for sig in (signal.SIGTERM, signal.SIGINT)
+    }
     try:
         alone_runs: list[Job] = []
         jobs: list[Job] = []
@@ -290,7 +294,8 @@ def run_bench(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], boo
             if step == "alone":
                 alone_runs.append(job)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         left = batch.destroy_leftovers()
         if left:
             print(f"destroyed leftover domains: {', '.join(left)}", flush=True)
@@ -345,6 +350,9 @@ def main() -> int:
     work.chmod(0o711)  # QEMU runs as libvirt-qemu and must reach the overlays and guests
     try:
         figures, ok = run_bench(args, work)
+    except KeyboardInterrupt:
+        print("interrupted: the VMs of this run are torn down", file=sys.stderr)
+        return 130
     finally:
         shutil.rmtree(work, ignore_errors=True)
     print("job  start  running  ready  payload  torn down   (s after t0)")
