@@ -78,6 +78,27 @@ def call(client: ServiceClient, op: str, r: dict[str, Any]) -> Any:
         return client.pull(r["vm"], r["dest_dir"], unchanged_from=r.get("unchanged_from"))
     if op == "teardown":
         return dataclasses.asdict(client.teardown(r["vm"], failed=bool(r["failed"])))
+    if op == "job":  # a whole job, as hooks and launcher make it: prepare, exec, teardown
+        t0 = time.monotonic()
+        prepared = client.prepare(
+            r["job_ad"],
+            machine_ad=None,
+            scratch_dir=r["scratch_dir"],
+            starter_pid=r.get("starter_pid"),
+        )
+        t1 = time.monotonic()
+        out: list[bytes] = []
+        outcome = client.exec(prepared.vm, r["argv"], stdout=out.append)
+        t2 = time.monotonic()
+        failed = outcome.exit_code != 0
+        done = client.teardown(prepared.vm, failed=failed)
+        return {
+            "vm": prepared.vm,
+            "exit_code": outcome.exit_code,
+            "stdout": b"".join(out).decode(errors="replace"),
+            "snapshot_path": done.snapshot_path,
+            "seconds": {"prepare": t1 - t0, "exec": t2 - t1, "teardown": time.monotonic() - t2},
+        }
     if op == "list_vms":
         return [dataclasses.asdict(v) for v in client.list_vms()]
     if op == "reap":
