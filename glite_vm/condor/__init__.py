@@ -8,20 +8,48 @@ The measured HTCondor facts these rely on are in docs/condor.md.
 
 from __future__ import annotations
 
-from glite_vm.condor.config import ExecuteHostConfig, SlotLayout, render_execute_config
-from glite_vm.condor.jobad import (
-    HOST_FAILURES_ATTR,
-    SlotFacts,
-    ad_safe_text,
-    append_host_failure,
-    chirp_literal,
-    format_ad_updates,
-    hook_status_lines,
-    host_failure_count,
-    host_failure_history,
-    request_from_job_ad,
-    status_code,
-)
+from typing import TYPE_CHECKING
+
+from glite_vm._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from glite_vm.condor.config import (
+        ExecuteHostConfig,
+        SlotLayout,
+        render_execute_config,
+    )
+    from glite_vm.condor.jobad import (
+        HOST_FAILURES_ATTR,
+        SlotFacts,
+        ad_safe_text,
+        append_host_failure,
+        chirp_literal,
+        format_ad_updates,
+        hook_status_lines,
+        host_failure_count,
+        host_failure_history,
+        request_from_job_ad,
+        status_code,
+    )
+
+# Imported on first use: see glite_vm._lazy.
+_EXPORTS: dict[str, tuple[str, ...]] = {
+    "glite_vm.condor.config": ("ExecuteHostConfig", "SlotLayout", "render_execute_config"),
+    "glite_vm.condor.jobad": (
+        "HOST_FAILURES_ATTR",
+        "SlotFacts",
+        "ad_safe_text",
+        "append_host_failure",
+        "chirp_literal",
+        "format_ad_updates",
+        "hook_status_lines",
+        "host_failure_count",
+        "host_failure_history",
+        "request_from_job_ad",
+        "status_code",
+    ),
+}
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = [
     "HOST_FAILURES_ATTR",

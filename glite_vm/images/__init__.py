@@ -11,27 +11,78 @@ Everything else here serves the CLI (``glite-vm images|cache|catalogue``), the a
 
 from __future__ import annotations
 
-from glite_vm.images.acquire import ImageLease, ResolvedImage, acquire_image, release_job_leases
-from glite_vm.images.build import build_catalogue, write_catalogue
-from glite_vm.images.cache import (
-    CacheEntry,
-    CacheStatus,
-    EntryStatus,
-    ImageCache,
-    PruneReport,
-    Source,
-    VerifyResult,
-)
-from glite_vm.images.catalogue import (
-    Catalogue,
-    CatalogueEntry,
-    FileRef,
-    catalogue_url,
-    load_catalogue,
-    parse_catalogue,
-)
-from glite_vm.images.inspect import ImageInfo, Limits, inspect_image
-from glite_vm.images.sources import ImageRef, classify_ref
+from typing import TYPE_CHECKING
+
+from glite_vm._lazy import lazy_exports
+
+if TYPE_CHECKING:
+    from glite_vm.images.acquire import (
+        ImageLease,
+        ResolvedImage,
+        acquire_image,
+        release_job_leases,
+    )
+    from glite_vm.images.build import (
+        build_catalogue,
+        write_catalogue,
+    )
+    from glite_vm.images.cache import (
+        CacheEntry,
+        CacheStatus,
+        EntryStatus,
+        ImageCache,
+        PruneReport,
+        Source,
+        VerifyResult,
+    )
+    from glite_vm.images.catalogue import (
+        Catalogue,
+        CatalogueEntry,
+        FileRef,
+        catalogue_url,
+        load_catalogue,
+        parse_catalogue,
+    )
+    from glite_vm.images.inspect import (
+        ImageInfo,
+        Limits,
+        inspect_image,
+    )
+    from glite_vm.images.sources import (
+        ImageRef,
+        classify_ref,
+    )
+
+# Imported on first use: see glite_vm._lazy.
+_EXPORTS: dict[str, tuple[str, ...]] = {
+    "glite_vm.images.acquire": (
+        "ImageLease",
+        "ResolvedImage",
+        "acquire_image",
+        "release_job_leases",
+    ),
+    "glite_vm.images.build": ("build_catalogue", "write_catalogue"),
+    "glite_vm.images.cache": (
+        "CacheEntry",
+        "CacheStatus",
+        "EntryStatus",
+        "ImageCache",
+        "PruneReport",
+        "Source",
+        "VerifyResult",
+    ),
+    "glite_vm.images.catalogue": (
+        "Catalogue",
+        "CatalogueEntry",
+        "FileRef",
+        "catalogue_url",
+        "load_catalogue",
+        "parse_catalogue",
+    ),
+    "glite_vm.images.inspect": ("ImageInfo", "Limits", "inspect_image"),
+    "glite_vm.images.sources": ("ImageRef", "classify_ref"),
+}
+__getattr__ = lazy_exports(__name__, _EXPORTS)
 
 __all__ = [
     "CacheEntry",
