@@ -65,15 +65,20 @@ uid=$(id -u "$runas") && gid=$(id -g "$runas") || exit 125
 if setpriv --reuid="$uid" --regid="$gid" --init-groups true 2>/dev/null; then
     exec setpriv --reuid="$uid" --regid="$gid" --init-groups -- "$@" </dev/null >"$out" 2>"$err"
 fi
-exec su -s /bin/sh "$runas" -c 'exec "$0" "$@"' "$@" </dev/null >"$out" 2>"$err"
+# "--" before the user: su must not take the payload's own options ("-l", "-c", ...) for its own
+exec su -s /bin/sh -c 'exec "$0" "$@"' -- "$runas" "$@" </dev/null >"$out" 2>"$err"
 """
 
-GUEST_PREPARE = r"""
+# Before each payload, as root: fresh output files and the working directory $1 for user $2.
+GUEST_PREPARE = (
+    transfer.GUEST_WORKDIR_FUNCTIONS
+    + r"""
 umask 022
 mkdir -p /run/glite-vm && chmod 0700 /run/glite-vm
 : > /run/glite-vm/stdout && : > /run/glite-vm/stderr
-mkdir -p "$1" && chown "$2" "$1" && chmod 0755 "$1"
+make_workdir "$1" "$2"
 """
+)
 
 
 class BaseImage(Protocol):
@@ -393,8 +398,7 @@ class Vm:
     # -- running things ----------------------------------------------------------------------
 
     def prepare_workdir(self) -> None:
-        owner = self.guest_user
-        self._root_script(GUEST_PREPARE, [GUEST_WORKDIR, f"{owner}:"], "preparing the guest")
+        self._root_script(GUEST_PREPARE, [GUEST_WORKDIR, self.guest_user], "preparing the guest")
 
     def push(self, src: Path) -> int:
         """Copy the contents of host directory ``src`` into the guest's working directory."""
@@ -407,14 +411,16 @@ class Vm:
         the guest's working directory (for callers that packed it themselves)."""
         self._root_script(
             transfer.GUEST_UNPACK,
-            [GUEST_WORKDIR, f"{self.guest_user}:", str(written)],
+            [GUEST_WORKDIR, self.guest_user, str(written)],
             "copying files in",
         )
 
     def pack_for_pull(self) -> None:
         """Have the guest write its working directory as a tar stream onto the transfer disk
         (for callers that unpack it themselves)."""
-        self._root_script(transfer.GUEST_PACK, [GUEST_WORKDIR], "copying files out")
+        self._root_script(
+            transfer.GUEST_PACK, [GUEST_WORKDIR, self.guest_user], "copying files out"
+        )
 
     def pull(
         self, dest: Path, *, unchanged_from: Path | None = None, refused: list[str] | None = None

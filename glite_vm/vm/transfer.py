@@ -43,29 +43,58 @@ done
 if [ -z "$dev" ]; then echo "glite-vm: no transfer disk in the guest" >&2; exit 90; fi
 """
 
-# Extract the tar the host wrote onto the transfer disk into $1, owned by $2 (uid:gid). $3 is
-# the archive's length: some tars (busybox) read on past the end-of-archive marker, through
-# the whole sparse disk, unless the stream ends there.
+# Shell functions (POSIX sh, run as root in the guest) for every step that touches the job's
+# working directory. The payload must not be able to make these root steps act elsewhere, and
+# the guest kernel's link protections (fs.protected_symlinks/_hardlinks) are not there on every
+# image, so:
+# * the directory belongs to root and the job user's group (0770): the payload writes in it but
+#   cannot swap it for a link (it lies in the sticky /var/tmp and is not the payload's);
+# * what is *inside* is the payload's, so root never reads or writes it: tar runs as the job's
+#   user, and a link left there leads only where that user could go anyway.
+GUEST_WORKDIR_FUNCTIONS = r"""
+as_user() {  # as_user USER CMD [ARG...]: run CMD as USER (root runs it directly)
+    if [ "$1" = root ]; then shift; "$@"; return; fi
+    _user=$1; shift
+    _uid=$(id -u "$_user") && _gid=$(id -g "$_user") || return 125
+    # util-linux setpriv; busybox's lacks --reuid, then su (which keeps the working directory)
+    if setpriv --reuid="$_uid" --regid="$_gid" --init-groups true 2>/dev/null; then
+        setpriv --reuid="$_uid" --regid="$_gid" --init-groups -- "$@"
+    else
+        su -s /bin/sh -c '"$0" "$@"' -- "$_user" "$@"  # "--": CMD's options are not su's
+    fi
+}
+make_workdir() {  # make_workdir DIR USER: DIR is a real directory, root:USER's group, 0770
+    _gid=$(id -g "$2") || return 125
+    if [ -L "$1" ] || { [ -e "$1" ] && [ ! -d "$1" ]; }; then rm -f "$1" || return 1; fi
+    [ -d "$1" ] || mkdir -m 0770 "$1" || return 1
+    [ ! -L "$1" ] && chown -h "0:$_gid" "$1" && chmod 0770 "$1"
+}
+"""
+
+# Extract the tar the host wrote onto the transfer disk into $1 as user $2. $3 is the archive's
+# length: some tars (busybox) read on past the end-of-archive marker, through the whole sparse
+# disk, unless the stream ends there.
 GUEST_UNPACK = (
     FIND_XFER_DEVICE
+    + GUEST_WORKDIR_FUNCTIONS
     + r"""
 sync
 echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || blockdev --flushbufs "$dev"
-mkdir -p "$1"
-dd if="$dev" bs=1M count=$(( ($3 + 1048575) / 1048576 )) 2>/dev/null | tar -xf - -C "$1" \
-    || exit 91
-chown -R "$2" "$1"
-chmod 0755 "$1"
+make_workdir "$1" "$2" || exit 91
+umask 022
+dd if="$dev" bs=1M count=$(( ($3 + 1048575) / 1048576 )) 2>/dev/null \
+    | as_user "$2" tar -xf - -C "$1" || exit 91
 """
 )
 
-# Write everything under $1 as a tar stream onto the transfer disk.
+# Write everything under $1 as a tar stream onto the transfer disk, read with user $2's rights.
 GUEST_PACK = (
     FIND_XFER_DEVICE
+    + GUEST_WORKDIR_FUNCTIONS
     + r"""
 sync
-cd "$1" || exit 92
-tar -cf "$dev" . || exit 93
+if [ -L "$1" ] || [ ! -d "$1" ]; then echo "glite-vm: $1 is not a directory" >&2; exit 92; fi
+as_user "$2" tar -cf - -C "$1" . > "$dev" || exit 93
 sync
 """
 )

@@ -1,0 +1,297 @@
+"""A non-root payload cannot become root in its guest, nor read what root keeps there, through
+anything glite-vm sets up: no sudo, no agent channel, no readable host key, no root-owned step
+that follows a link the payload planted.
+
+One VM (a non-root job's, with a CA-minted host identity) serves the module. Its state is taken
+as root right after the agent answers, before glite-vm touches the guest, and compared at the
+end. The last test turns the guest kernel's link protections off, as on older distributions
+(fs.protected_symlinks and fs.protected_hardlinks arrived in Linux 3.6 and are off unless the
+distribution or systemd turns them on), because glite-vm must not rely on them.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import dataclasses
+import os
+import secrets
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from glite_vm.errors import AgentError
+from glite_vm.identity import (
+    GRID_SECURITY_DIR,
+    HOSTKEY_PATH,
+    GuestSetup,
+    init_ca,
+    prepare_guest_identity,
+)
+from glite_vm.request import VMRequest
+from glite_vm.vm.guest_setup import apply_guest_setup
+from glite_vm.vm.lifecycle import GUEST_PATH, GUEST_STATE, GUEST_WORKDIR, ExecResult, Vm, VmHost
+from tests.support import LocalImage
+
+pytestmark = pytest.mark.vm
+
+AGENT_CHANNEL = "org.qemu.guest_agent.0"
+# What a guest says about privileges, as root; compared before glite-vm's setup and after jobs.
+PRIVILEGE_STATE = r"""
+for f in /etc/sudoers /etc/sudoers.d /etc/sudoers.d/* /etc/doas.conf /etc/group /etc/passwd; do
+    [ -e "$f" ] || continue
+    ls -ld "$f"
+    [ -f "$f" ] && sha256sum "$f"
+done
+echo "setuid and setgid files:"
+find / \( -path /proc -o -path /sys -o -path /dev -o -path /run \) -prune -o \
+    -type f \( -perm -4000 -o -perm -2000 \) -print | sort
+"""
+
+
+@dataclasses.dataclass
+class Output:
+    result: ExecResult
+    stdout: bytes
+    stderr: bytes
+
+    @property
+    def text(self) -> str:
+        return self.stdout.decode(errors="replace")
+
+
+def payload(vm: Vm, script: str) -> Output:
+    """Run ``script`` as the job's payload: the guest user of a non-root job."""
+    out, err = bytearray(), bytearray()
+    result = vm.run(["sh", "-c", script], stdout=out.extend, stderr=err.extend, timeout=120)
+    return Output(result, bytes(out), bytes(err))
+
+
+def as_root(vm: Vm, script: str) -> str:
+    """Run ``script`` as root through the agent: the host's view, not the job's."""
+    st = vm.agent.run(["/bin/sh", "-c", script], timeout=120, env=[f"PATH={GUEST_PATH}"])
+    assert st.exitcode == 0, st.stderr
+    return st.stdout.decode()
+
+
+def key_material(key_pem: bytes) -> list[bytes]:
+    lines = [line for line in key_pem.splitlines() if line and not line.startswith(b"-----")]
+    return [*lines, base64.b64encode(key_pem), b"PRIVATE KEY"]
+
+
+def files_under(root: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(root)): p.read_bytes()
+        for p in sorted(root.rglob("*"))
+        if p.is_file() and not p.is_symlink()
+    }
+
+
+@dataclasses.dataclass
+class Guest:
+    vm: Vm
+    setup: GuestSetup
+    before: str  # PRIVILEGE_STATE before glite-vm did anything in the guest
+    user: str
+    uid: int
+
+
+@pytest.fixture(scope="module")
+def guest(
+    vm_host: VmHost,
+    direct_image: LocalImage,
+    guests: dict[str, Any],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Guest]:
+    ca = init_ca(tmp_path_factory.mktemp("ca") / "ca", name="glite-vm privilege test CA")
+    settings = dataclasses.replace(vm_host.settings, ca_cert=ca.cert_path, ca_key=ca.key_path)
+    job_id = f"{os.getpid()}.77"
+    setup = prepare_guest_identity(
+        settings, host="node1.example.org", slot="slot1_1@node1", job_id=job_id, requested=None
+    )
+    request = VMRequest.create(
+        settings, image="test", job_id=job_id, owner="tester", keep_snapshot="never"
+    )
+    assert request.root is False
+    vm = vm_host.start(request, direct_image)
+    with vm:
+        vm.wait_ready()
+        before = as_root(vm, PRIVILEGE_STATE)
+        apply_guest_setup(vm, setup)
+        inputs = tmp_path_factory.mktemp("inputs")
+        (inputs / "input.txt").write_text("input\n")
+        vm.push(inputs)
+        yield Guest(vm, setup, before, guests["user"], guests["uid"])
+
+
+def run_argv(vm: Vm, *argv: str) -> str:
+    out = bytearray()
+    result = vm.run(list(argv), stdout=out.extend, timeout=120)
+    assert result.exit_code == 0, (argv, result)
+    return out.decode()
+
+
+def test_the_payload_runs_as_the_guest_user_not_root(guest: Guest) -> None:
+    # argv with options of their own, as jobs have them: the switch to the user (busybox su
+    # here) must pass them on, not take them (su -l would even give a login shell)
+    uid, gid, name = (run_argv(guest.vm, "id", flag).strip() for flag in ("-u", "-g", "-un"))
+    groups = run_argv(guest.vm, "id", "-G").split()
+    assert (int(uid), name) == (guest.uid, guest.user)
+    assert guest.uid != 0
+    assert "0" not in [gid, *groups]
+    echoed = run_argv(guest.vm, "sh", "-c", 'printf "%s|" "$0" "$@"', "a0", "-l", "-c", "x y")
+    assert echoed == "a0|-l|-c|x y|"
+
+
+def test_sudo_gives_nothing_and_the_setup_adds_no_privilege(guest: Guest) -> None:
+    out = payload(
+        guest.vm,
+        "if command -v sudo >/dev/null; then sudo -n true && echo SUDO-WORKED; "
+        "else echo no-sudo; fi; su -c 'id -u' root </dev/null 2>/dev/null; true",
+    )
+    assert "SUDO-WORKED" not in out.text
+    assert out.text.split("\n")[0] in ("no-sudo", "")
+    assert "0" not in out.text.split("\n")[1:]  # su did not make it root
+    after = as_root(guest.vm, PRIVILEGE_STATE)
+    assert after == guest.before, "glite-vm's setup changed sudoers, accounts or setuid files"
+    sudoers = as_root(
+        guest.vm, "cat /etc/sudoers /etc/sudoers.d/* /etc/doas.conf 2>/dev/null; true"
+    )
+    assert guest.user not in sudoers
+
+
+def test_agent_channel_and_transfer_disk_are_out_of_the_users_reach(guest: Guest) -> None:
+    """Whoever can talk to qemu-ga is root in the guest; the transfer disk carries the job's
+    files both ways and must not be writable behind the host's back."""
+    devices = as_root(
+        guest.vm,
+        f"""
+        for d in /sys/class/virtio-ports/*; do
+            [ "$(cat "$d/name")" = {AGENT_CHANNEL} ] && echo "/dev/${{d##*/}}"
+        done
+        [ -e /dev/virtio-ports/{AGENT_CHANNEL} ] && echo /dev/virtio-ports/{AGENT_CHANNEL}
+        for d in /sys/block/*; do
+            [ "$(cat "$d/serial" 2>/dev/null)" = glitevm-xfer ] && echo "/dev/${{d##*/}}"
+        done
+        true
+        """,
+    ).split()
+    assert len(devices) >= 2, devices  # the agent's port and the transfer disk were found
+    script = "; ".join(
+        f'r=-; w=-; [ -r {d} ] && r=r; [ -w {d} ] && w=w; echo "{d} $r$w"' for d in devices
+    )
+    out = payload(guest.vm, script)
+    assert out.text.splitlines() == [f"{d} --" for d in devices]
+    modes = as_root(guest.vm, "stat -L -c '%a %u' " + " ".join(devices)).split("\n")
+    for line in filter(None, modes):
+        mode, owner = line.split()
+        assert owner == "0" and int(mode, 8) & 0o066 == 0, line
+
+
+def test_what_the_tool_puts_in_the_guest_is_protected(guest: Guest) -> None:
+    key_pem = guest.setup.file(HOSTKEY_PATH).data()
+    out = payload(
+        guest.vm,
+        f"""
+        stat -c '%a %u %n' . input.txt {GUEST_STATE} {GRID_SECURITY_DIR} {HOSTKEY_PATH}
+        ls {GUEST_STATE} >/dev/null 2>&1 && echo STATE-LISTED
+        cat {HOSTKEY_PATH} 2>/dev/null && echo KEY-READ
+        for d in $(echo "{GUEST_PATH}" | tr : ' ') /etc {GRID_SECURITY_DIR}; do
+            [ -w "$d" ] && echo "WRITABLE $d"
+        done
+        true
+        """,
+    )
+    work, pushed, state, grid, key, *rest = out.text.splitlines()
+    assert rest == [], rest  # nothing listed, read or writable
+    for line in (work, pushed):
+        mode, owner, _ = line.split()
+        assert int(mode, 8) & 0o002 == 0, line  # nobody else may write the job's files
+        assert owner in ("0", str(guest.uid)), line
+    assert pushed.split()[1] == str(guest.uid)
+    assert state == f"700 0 {GUEST_STATE}"  # where root keeps the payload's output streams
+    assert grid == f"755 0 {GRID_SECURITY_DIR}"
+    assert key == f"400 0 {HOSTKEY_PATH}"
+    assert not [piece for piece in key_material(key_pem) if piece in out.stdout + out.stderr]
+
+
+# -- links planted by the payload, with the kernel's link protections off ----------------------
+
+# On the work dir's own mount, as /etc/shadow is on a one-file-system image.
+ROOT_ONLY = "/var/tmp/glite-vm-root-only"
+PWNED = "glite-vm-pwned"
+
+
+@pytest.fixture
+def unprotected(guest: Guest) -> Iterator[str]:
+    """The guest with fs.protected_symlinks/_hardlinks off and a root-only file (0400) on the
+    work dir's mount; yields the file's secret content."""
+    secret = f"ROOT-ONLY-{secrets.token_hex(8)}"
+    as_root(
+        guest.vm,
+        f"echo {secret} > {ROOT_ONLY} && chmod 0400 {ROOT_ONLY} && "
+        "echo 0 > /proc/sys/fs/protected_symlinks && echo 0 > /proc/sys/fs/protected_hardlinks",
+    )
+    try:
+        yield secret
+    finally:
+        as_root(
+            guest.vm,
+            f"rm -f {ROOT_ONLY} /etc/{PWNED} {GRID_SECURITY_DIR}/{PWNED}; "
+            "echo 1 > /proc/sys/fs/protected_symlinks; echo 1 > /proc/sys/fs/protected_hardlinks",
+        )
+
+
+def test_a_hard_link_to_a_root_only_file_does_not_come_out(
+    guest: Guest, unprotected: str, tmp_path: Path
+) -> None:
+    planted = payload(guest.vm, f"ln {ROOT_ONLY} hardlink && echo PLANTED")
+    assert "PLANTED" in planted.text, planted.stderr  # the link exists: the rest means something
+    try:
+        with contextlib.suppress(AgentError):
+            guest.vm.pull(tmp_path, refused=[])
+        pulled = b"".join(files_under(tmp_path).values())
+        assert unprotected.encode() not in pulled, "a root-only file came out through a link"
+    finally:
+        payload(guest.vm, "rm -f hardlink")
+
+
+def test_files_copied_in_do_not_follow_a_planted_symlink(guest: Guest, tmp_path: Path) -> None:
+    planted = payload(guest.vm, "ln -s /etc escape && echo PLANTED")
+    assert "PLANTED" in planted.text, planted.stderr
+    try:
+        (tmp_path / "escape").mkdir()
+        (tmp_path / "escape" / PWNED).write_text("written through a link\n")
+        with contextlib.suppress(AgentError):  # the job's own doing; /etc is what matters
+            guest.vm.push(tmp_path)
+        assert PWNED not in as_root(guest.vm, "ls -A /etc").split()
+    finally:
+        payload(guest.vm, "rm -rf escape")
+
+
+def test_swapping_the_work_dir_for_a_link_gains_nothing(
+    guest: Guest, unprotected: str, tmp_path: Path
+) -> None:
+    """The payload replaces its work dir by a link to the host key's directory: copying files
+    out must not read the key, and preparing the next run must not give the user that
+    directory."""
+    vm = guest.vm
+    key_pem = guest.setup.file(HOSTKEY_PATH).data()
+    payload(vm, f"cd / && rm -rf {GUEST_WORKDIR}; ln -s {GRID_SECURITY_DIR} {GUEST_WORKDIR}")
+    with contextlib.suppress(AgentError):
+        vm.pull(tmp_path, refused=[])
+    pulled = b"".join(files_under(tmp_path).values())
+    assert not [p for p in key_material(key_pem) if p in pulled], "the host key came out"
+    with contextlib.suppress(AgentError):
+        payload(vm, f"touch {GRID_SECURITY_DIR}/{PWNED}")
+    owners = as_root(vm, f"stat -c '%u %a' {GRID_SECURITY_DIR} /etc; ls -A {GRID_SECURITY_DIR}")
+    grid, etc, *names = owners.split("\n")
+    assert grid == "0 755" and etc.startswith("0 ")
+    assert PWNED not in names
+    assert as_root(vm, f"cat {HOSTKEY_PATH}").encode() == key_pem  # still the host's key
+    # and the job still runs in a work dir of its own
+    after = payload(vm, "pwd; echo ok > result.txt; cat result.txt")
+    assert after.result.exit_code == 0, after.stderr
+    assert after.text.split() == [GUEST_WORKDIR, "ok"]
