@@ -15,6 +15,7 @@ import json
 import os
 import pwd
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -32,6 +33,7 @@ from glite_vm.condor.launcher import LAUNCHER_FAILURE_EXIT
 from glite_vm.config import GIB
 from glite_vm.images import build_catalogue, write_catalogue
 from glite_vm.images.inspect import Limits
+from glite_vm.service.events import event_log_path, read_events
 from tests.condor.pool import (
     JobAd,
     PersonalPool,
@@ -192,6 +194,7 @@ class Jobs:
     broken: int
     removed: int
     other_keyword: int
+    orphaned: int
 
 
 def _submit(pool: PersonalPool, name: str, description: str, payload: str = PAYLOAD) -> int:
@@ -223,6 +226,9 @@ def jobs(e2e_pool: PersonalPool) -> Jobs:
             p, "removed", submit_description(), payload="#!/bin/sh\necho started\nsleep 600\n"
         ),
         other_keyword=_submit(p, "other", submit_description('+HookKeyword = "OTHER"')),
+        orphaned=_submit(
+            p, "orphaned", submit_description(), payload="#!/bin/sh\necho started\nsleep 600\n"
+        ),
     )
 
 
@@ -324,6 +330,72 @@ def test_condor_rm_stops_the_payload_and_the_vm_within_seconds(
     assert domain in snapshot.parts
 
 
+def test_a_killed_starter_is_reaped_and_the_event_log_says_why(
+    e2e_pool: PersonalPool, e2e_service: ServiceProcess, jobs: Jobs
+) -> None:
+    """The job's whole process tree (condor_starter and the launcher under it) SIGKILLed: no
+    JOB_EXIT will come, so the service's reaper must take the VM, within 60 s."""
+
+    def started() -> str | None:
+        ad = e2e_pool.queue_ad(jobs.orphaned)
+        if ad is None or ad.get("JobStatus") != 2 or "GliteVmDomain" not in ad:
+            return None
+        domain: str = ad["GliteVmDomain"]
+        return domain if domain in running_domains() else None
+
+    domain = wait_until("the job to run in its VM", started, JOB_TIMEOUT)
+    time.sleep(3)  # the launcher is in the payload's `sleep 600`
+    (launcher,) = _launchers_of(domain, e2e_pool.user.pw_uid)
+    starter = _parent(launcher)
+    assert _command(starter) == "condor_starter"
+    killed_at = time.monotonic()
+    os.kill(starter, signal.SIGKILL)
+    os.kill(launcher, signal.SIGKILL)
+    wait_until("the VM to go", lambda: domain not in running_domains(), 60, interval=0.5)
+    assert time.monotonic() - killed_at < 60
+    e2e_pool.run(["condor_rm", str(jobs.orphaned)])  # HTCondor would run it again
+    state = Path(e2e_service.env["GLITE_VM_STATE_DIR"])
+    events = [e for e in read_events(event_log_path(state)) if e.vm == domain]
+    assert [e.event for e in events] == ["started", "reaped"], events
+    reaped = events[-1]
+    # The starter's death is what the reaper sees first, unless the startd removed the
+    # scratch directory before the reaper's pass: either names what is gone.
+    assert reaped.reason in (
+        f"its starter process {starter} is gone",
+        f"its scratch directory {_scratch_of(state, domain)} is gone",
+    ), reaped
+    assert reaped.snapshot is not None and Path(reaped.snapshot).is_file()
+
+
+def _launchers_of(domain: str, uid: int) -> list[int]:
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            argv = (entry / "cmdline").read_bytes().split(b"\0")
+            owner = entry.stat().st_uid
+        except OSError:
+            continue
+        if owner == uid and domain.encode() in argv and any(b"launcher" in a for a in argv):
+            found.append(int(entry.name))
+    return found
+
+
+def _parent(pid: int) -> int:
+    stat = Path(f"/proc/{pid}/stat").read_bytes()
+    return int(stat[stat.rfind(b")") + 2 :].split()[1])
+
+
+def _command(pid: int) -> str:
+    return Path(f"/proc/{pid}/comm").read_text().strip()
+
+
+def _scratch_of(state: Path, domain: str) -> str:
+    data = json.loads((state / "service" / "vms" / f"{domain}.json").read_text())
+    return str(data["scratch_dir"])
+
+
 def test_a_jobs_own_hook_keyword_does_not_bypass_the_vm(e2e_pool: PersonalPool, jobs: Jobs) -> None:
     ad = e2e_pool.wait_for_history(jobs.other_keyword, JOB_TIMEOUT)
     out = (e2e_pool.job_dir("other") / "out").read_text()
@@ -350,7 +422,7 @@ def test_slot_ads_carry_the_host_facts(e2e_pool: PersonalPool, jobs: Jobs) -> No
 def test_nothing_is_left_behind(
     e2e_pool: PersonalPool, e2e_service: ServiceProcess, jobs: Jobs
 ) -> None:
-    for cluster in (jobs.run, jobs.root, jobs.other_keyword, jobs.removed):
+    for cluster in (jobs.run, jobs.root, jobs.other_keyword, jobs.removed, jobs.orphaned):
         e2e_pool.wait_for_history(cluster, JOB_TIMEOUT)
     client = e2e_service.client()
     wait_until("the service to hold no VM", lambda: client.list_vms() == [], 60)
