@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -91,24 +92,56 @@ def direct_image_in(guest_dir: Path, manifest: dict[str, Any], name: str) -> Loc
     )
 
 
-def disk_guest_catalogue(guests_src: Path, repo: Path, name: str) -> Path:
-    """A ``file://`` repository in ``repo`` listing the disk-boot test guest as ``name``."""
+def guest_catalogue(
+    guests_src: Path,
+    repo: Path,
+    *,
+    direct: Mapping[str, str] | None = None,
+    disk: str | None = None,
+) -> Path:
+    """A ``file://`` repository in ``repo`` (created) listing the test guests the way a central
+    repository publishes images; the catalogue's path.
+
+    ``direct`` names the direct-kernel guest's entries, each with words to add to its kernel
+    command line (e.g. the flag that keeps its agent from starting); ``disk`` names the
+    disk-boot guest's entry.
+    """
     from glite_vm.images import build_catalogue, write_catalogue  # noqa: PLC0415
     from glite_vm.images.inspect import Limits  # noqa: PLC0415
 
     manifest = json.loads((guests_src / "guests.json").read_text())
-    image = repo / manifest["disk"]["disk"]
-    shutil.copyfile(guests_src / image.name, image)
-    image.chmod(0o644)
-    (repo / f"{image.name}.json").write_text(
-        json.dumps({"name": name, "guest_user": manifest["user"], "os": "test guest"})
-    )
+    repo.mkdir(mode=0o755, exist_ok=True)
+    user = manifest["user"]
+    files: dict[str, dict[str, str]] = {}
+    if direct:
+        d = manifest["direct"]
+        for name in (d["kernel"], d["initrd"]):
+            shutil.copyfile(guests_src / name, repo / name)
+        for name, extra in direct.items():
+            cmdline = f"{d['cmdline']} {extra}".strip()
+            boot = {"boot": "kernel", "kernel": d["kernel"], "initrd": d["initrd"]}
+            files[f"{name}.qcow2"] = {"name": name, **boot, "cmdline": cmdline}
+            shutil.copyfile(guests_src / d["disk"], repo / f"{name}.qcow2")
+    if disk:
+        files[f"{disk}.qcow2"] = {"name": disk, "os": "test guest"}
+        shutil.copyfile(guests_src / manifest["disk"]["disk"], repo / f"{disk}.qcow2")
+    for image, sidecar in files.items():
+        (repo / image).chmod(0o644)
+        (repo / f"{image}.json").write_text(json.dumps({**sidecar, "guest_user": user}))
     doc = build_catalogue(repo, limits=Limits(max_virtual_bytes=64 << 30, max_file_bytes=1 << 30))
     return write_catalogue(doc, repo / "catalogue.json")
 
 
-def service_env(root: Path, catalogue: Path) -> dict[str, str]:
-    """The environment of a glite-vm service whose state and socket live under ``root``."""
+def disk_guest_catalogue(guests_src: Path, repo: Path, name: str) -> Path:
+    """A ``file://`` repository in ``repo`` listing the disk-boot test guest as ``name``."""
+    return guest_catalogue(guests_src, repo, disk=name)
+
+
+def service_env(
+    root: Path, catalogue: Path, extra: Mapping[str, str] | None = None
+) -> dict[str, str]:
+    """The environment of a glite-vm service whose state (``root/state``, created 0711 so
+    QEMU's user can reach VM directories) and socket (``root/run``) live under ``root``."""
     state = root / "state"
     state.mkdir(mode=0o711, exist_ok=True)
     run = root / "run"
@@ -120,5 +153,7 @@ def service_env(root: Path, catalogue: Path) -> dict[str, str]:
         "GLITE_VM_STATE_DIR": str(state),
         "GLITE_VM_CATALOGUE": str(catalogue),
         "GLITE_VM_SOCKET_PATH": str(run / "glite-vm.sock"),
+        "GLITE_VM_BOOT_TIMEOUT": "120",
         "GLITE_VM_CACHE_MIN_FREE_BYTES": "0",
+        **(extra or {}),
     }

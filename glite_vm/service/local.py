@@ -110,9 +110,10 @@ class LocalService:
         (the caller hung up) stops the wait and removes the VM again."""
         scratch, owner_uid = self._check_scratch_dir(scratch_dir)
         starter_start = _check_starter(starter_pid)
-        self.registry.ensure_connection()
         slot = SlotFacts.from_machine_ad(machine_ad) if machine_ad is not None else SlotFacts()
         request = request_from_job_ad(self._as_caller(job_ad), slot, self.settings)
+        # After the request: a bad job ad is held for what it is even while libvirtd is down.
+        self.registry.ensure_connection()
         lease_job_id = f"{request.job_id}/{secrets.token_hex(4)}"
         lease = acquire_image(
             self.settings,

@@ -42,10 +42,9 @@ from glite_vm.api import (
 from glite_vm.cli import main as glite_vm_cli
 from glite_vm.condor.config import ExecuteHostConfig, SlotLayout, render_execute_config
 from glite_vm.config import GIB, Settings
-from glite_vm.images import build_catalogue, write_catalogue
-from glite_vm.images.inspect import Limits
 from tests.condor.pool import JobAd, PersonalPool, find_tarball, running_pool, unpack_release
 from tests.service.svc_support import ServiceProcess, wait_for
+from tests.support import guest_catalogue, service_env
 
 pytestmark = [pytest.mark.condor, pytest.mark.vm]
 
@@ -149,50 +148,19 @@ def root_dir() -> Iterator[Path]:
 
 
 @pytest.fixture(scope="module")
-def repo(root_dir: Path, guest_dir: Path, guests: dict[str, Any]) -> Path:
+def repo(root_dir: Path, guest_dir: Path) -> Path:
     """A file:// repository with both test guests; the direct one boots a kernel and initrd."""
     path = root_dir / "repo"
-    path.mkdir(mode=0o755)
-    direct = guests["direct"]
-    for name in (direct["kernel"], direct["initrd"]):
-        shutil.copyfile(guest_dir / name, path / name)
-    shutil.copyfile(guest_dir / direct["disk"], path / "test-direct.qcow2")
-    shutil.copyfile(guest_dir / guests["disk"]["disk"], path / "test-disk.qcow2")
-    sidecars = {
-        "test-direct.qcow2": {
-            "name": "test-direct",
-            "boot": "kernel",
-            "kernel": direct["kernel"],
-            "initrd": direct["initrd"],
-            "cmdline": direct["cmdline"],
-            "guest_user": guests["user"],
-        },
-        "test-disk.qcow2": {"name": "test-disk", "guest_user": guests["user"]},
-    }
-    for image, sidecar in sidecars.items():
-        (path / f"{image}.json").write_text(json.dumps(sidecar))
-    doc = build_catalogue(path, limits=Limits(max_virtual_bytes=64 << 30, max_file_bytes=1 << 30))
-    write_catalogue(doc, path / "catalogue.json")
+    guest_catalogue(guest_dir, path, direct={"test-direct": ""}, disk="test-disk")
     return path
 
 
 @pytest.fixture(scope="module")
 def service(root_dir: Path, repo: Path) -> Iterator[ServiceProcess]:
-    state = _traversable(root_dir / "state")
-    run = root_dir / "run"
-    run.mkdir(mode=0o755)
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
-        "LC_ALL": "C.UTF-8",
-        "GLITE_VM_CONFIG": str(root_dir / "no-config.toml"),
-        "GLITE_VM_STATE_DIR": str(state),
-        "GLITE_VM_CATALOGUE": str(repo / "catalogue.json"),
-        "GLITE_VM_CUSTOM_IMAGE_SOURCES": repo.as_uri() + "/",
-        "GLITE_VM_SOCKET_PATH": str(run / "glite-vm.sock"),
-        "GLITE_VM_BOOT_TIMEOUT": "180",
-        "GLITE_VM_CACHE_MIN_FREE_BYTES": "0",
-    }
-    svc = ServiceProcess(run / "glite-vm.sock", env, root_dir / "service.log")
+    extra = {"GLITE_VM_CUSTOM_IMAGE_SOURCES": repo.as_uri() + "/", "GLITE_VM_BOOT_TIMEOUT": "180"}
+    env = service_env(root_dir, repo / "catalogue.json", extra)
+    _traversable(Path(env["GLITE_VM_STATE_DIR"]))
+    svc = ServiceProcess(Path(env["GLITE_VM_SOCKET_PATH"]), env, root_dir / "service.log")
     svc.start()
     try:
         yield svc

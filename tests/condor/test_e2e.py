@@ -22,7 +22,6 @@ import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -31,8 +30,7 @@ from glite_vm.condor.config import ExecuteHostConfig, SlotLayout, render_execute
 from glite_vm.condor.jobad import HOST_FAILURES_ATTR, HOST_FAILURES_HOLD_CODE
 from glite_vm.condor.launcher import LAUNCHER_FAILURE_EXIT
 from glite_vm.config import GIB
-from glite_vm.images import build_catalogue, write_catalogue
-from glite_vm.images.inspect import Limits
+from glite_vm.images import write_catalogue
 from glite_vm.service.events import event_log_path, read_events
 from tests.condor.pool import (
     JobAd,
@@ -43,6 +41,7 @@ from tests.condor.pool import (
     wait_until,
 )
 from tests.service.svc_support import ServiceProcess
+from tests.support import guest_catalogue, service_env
 
 pytestmark = [pytest.mark.condor, pytest.mark.vm]
 
@@ -72,47 +71,22 @@ def e2e_root() -> Iterator[Path]:
 
 
 @pytest.fixture(scope="module")
-def e2e_catalogue(e2e_root: Path, guest_dir: Path, guests: dict[str, Any]) -> Path:
-    repo = e2e_root / "repo"
-    repo.mkdir(mode=0o755)
-    direct = guests["direct"]
-    for name in (direct["kernel"], direct["initrd"]):
-        shutil.copyfile(guest_dir / name, repo / name)
-    shutil.copyfile(guest_dir / direct["disk"], repo / "test-direct.qcow2")
-    sidecar = {
-        "name": "test-direct",
-        "boot": "kernel",
-        "kernel": direct["kernel"],
-        "initrd": direct["initrd"],
-        "cmdline": direct["cmdline"],
-        "guest_user": guests["user"],
-    }
-    (repo / "test-direct.qcow2.json").write_text(json.dumps(sidecar))
-    doc = build_catalogue(repo, limits=Limits(max_virtual_bytes=64 << 30, max_file_bytes=1 << 30))
+def e2e_catalogue(e2e_root: Path, guest_dir: Path) -> Path:
+    catalogue = guest_catalogue(guest_dir, e2e_root / "repo", direct={"test-direct": ""})
+    doc = json.loads(catalogue.read_text())
     # an image the repository lists but cannot deliver: the host's problem, not the user's
     broken = json.loads(json.dumps(doc["images"][0]))
-    broken.update(name="test-broken", url=(repo / "missing.qcow2").as_uri(), sha256="0" * 64)
+    broken.update(name="test-broken", url=(catalogue.parent / "missing.qcow2").as_uri())
+    broken["sha256"] = "0" * 64
     doc["images"].append(broken)
-    return write_catalogue(doc, repo / "catalogue.json")
+    return write_catalogue(doc, catalogue)
 
 
 @pytest.fixture(scope="module")
 def e2e_service(e2e_root: Path, e2e_catalogue: Path) -> Iterator[ServiceProcess]:
-    state = _traversable(e2e_root / "state")
-    run = e2e_root / "run"
-    run.mkdir(mode=0o755)
-    env = {
-        "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
-        "LC_ALL": "C.UTF-8",
-        "GLITE_VM_CONFIG": str(e2e_root / "no-config.toml"),
-        "GLITE_VM_STATE_DIR": str(state),
-        "GLITE_VM_CATALOGUE": str(e2e_catalogue),
-        "GLITE_VM_SOCKET_PATH": str(run / "glite-vm.sock"),
-        "GLITE_VM_BOOT_TIMEOUT": "120",
-        "GLITE_VM_CACHE_MIN_FREE_BYTES": "0",
-        "GLITE_VM_REAP_INTERVAL": "5",
-    }
-    svc = ServiceProcess(run / "glite-vm.sock", env, e2e_root / "service.log")
+    env = service_env(e2e_root, e2e_catalogue, {"GLITE_VM_REAP_INTERVAL": "5"})
+    _traversable(Path(env["GLITE_VM_STATE_DIR"]))
+    svc = ServiceProcess(Path(env["GLITE_VM_SOCKET_PATH"]), env, e2e_root / "service.log")
     svc.start()
     try:
         yield svc

@@ -8,7 +8,6 @@ At the end no domain of these users, no overlay and no cache lease may remain.
 
 from __future__ import annotations
 
-import json
 import os
 import secrets
 import shutil
@@ -19,10 +18,10 @@ from typing import Any
 
 import pytest
 
-from glite_vm.images import build_catalogue, write_catalogue
-from glite_vm.images.inspect import Limits
 from glite_vm.vm.hypervisor import detect_cached
 from tests.service.svc_support import Account, ServiceProcess, ensure_account, our_domains
+from tests.support import guest_catalogue
+from tests.support import service_env as support_service_env
 
 REAP_INTERVAL = 2.0
 USERS = ("gvm-alice", "gvm-bob")
@@ -52,29 +51,8 @@ def svc_root() -> Iterator[Path]:
 def catalogue(svc_root: Path, guest_dir: Path, guests: dict[str, Any]) -> Path:
     """``test-direct`` (the direct-kernel guest) and ``test-noagent`` (the same guest told not
     to start its agent), published the way a central repository publishes images."""
-    repo = svc_root / "repo"
-    repo.mkdir(mode=0o755)
-    direct = guests["direct"]
-    for name in (direct["kernel"], direct["initrd"]):
-        shutil.copyfile(guest_dir / name, repo / name)
-    variants = {
-        "test-direct": direct["cmdline"],
-        "test-noagent": f"{direct['cmdline']} {guests['noagent_flag']}",
-    }
-    for name, cmdline in variants.items():
-        disk = repo / f"{name}.qcow2"
-        shutil.copyfile(guest_dir / direct["disk"], disk)
-        sidecar = {
-            "name": name,
-            "boot": "kernel",
-            "kernel": direct["kernel"],
-            "initrd": direct["initrd"],
-            "cmdline": cmdline,
-            "guest_user": guests["user"],
-        }
-        (repo / f"{name}.qcow2.json").write_text(json.dumps(sidecar))
-    doc = build_catalogue(repo, limits=Limits(max_virtual_bytes=64 << 30, max_file_bytes=1 << 30))
-    return write_catalogue(doc, repo / "catalogue.json")
+    variants = {"test-direct": "", "test-noagent": guests["noagent_flag"]}
+    return guest_catalogue(guest_dir, svc_root / "repo", direct=variants)
 
 
 @pytest.fixture(scope="session")
@@ -103,28 +81,22 @@ def canary(svc_root: Path) -> tuple[Path, bytes]:
     return path, secret
 
 
-def service_env(
-    state: Path, run: Path, catalogue: Path, extra: dict[str, str] | None = None
-) -> dict[str, str]:
-    """The environment of a test service with its own state dir, catalogue and socket."""
-    return {
-        "PATH": os.environ.get("PATH", "/usr/sbin:/usr/bin:/sbin:/bin"),
-        "LC_ALL": "C.UTF-8",
-        "GLITE_VM_CONFIG": str(state.parent / "no-config.toml"),
-        "GLITE_VM_STATE_DIR": str(state),
-        "GLITE_VM_CATALOGUE": str(catalogue),
-        "GLITE_VM_SOCKET_PATH": str(run / "glite-vm.sock"),
-        "GLITE_VM_BOOT_TIMEOUT": "120",
-        "GLITE_VM_DEFAULT_MEMORY_MIB": "512",
-        "GLITE_VM_DEFAULT_DISK_BYTES": "1GiB",
-        "GLITE_VM_CACHE_MIN_FREE_BYTES": "0",
-        "GLITE_VM_REAP_INTERVAL": str(REAP_INTERVAL),
-        "GLITE_VM_GUEST_IDENTITY": "true",
-        **(extra or {}),
-    }
+def service_env(root: Path, catalogue: Path, extra: dict[str, str] | None = None) -> dict[str, str]:
+    """The environment of a test service whose state and socket live under ``root``."""
+    return support_service_env(
+        root,
+        catalogue,
+        {
+            "GLITE_VM_DEFAULT_MEMORY_MIB": "512",
+            "GLITE_VM_DEFAULT_DISK_BYTES": "1GiB",
+            "GLITE_VM_REAP_INTERVAL": str(REAP_INTERVAL),
+            "GLITE_VM_GUEST_IDENTITY": "true",
+            **(extra or {}),
+        },
+    )
 
 
-def check_nothing_left(svc: ServiceProcess, state: Path) -> None:
+def check_nothing_left(svc: ServiceProcess, state: Path, owners: tuple[str, ...] = USERS) -> None:
     """Tear down what tests left running, stop the service, and fail on anything left over:
     VMs, domains, overlays, cache leases, or an unexpected error in the service's log."""
     client = svc.client()
@@ -133,7 +105,7 @@ def check_nothing_left(svc: ServiceProcess, state: Path) -> None:
         client.teardown(name, failed=False)
     if svc.proc is not None and svc.proc.poll() is None:
         svc.stop()
-    domains = our_domains(USERS)
+    domains = our_domains(owners)
     overlays = list((state / "snapshots").glob("*/overlay.qcow2"))
     leases = list((state / "cache" / "leases").rglob("*.json"))
     assert not leftovers, f"tests left VMs running: {leftovers}"
@@ -149,11 +121,8 @@ def service(
     svc_root: Path, catalogue: Path, hypervisor_probe: Path, alice: Account, bob: Account
 ) -> Iterator[ServiceProcess]:
     state = new_state_dir(svc_root / "state", hypervisor_probe)
-    run = svc_root / "run"
-    run.mkdir(mode=0o755)
-    svc = ServiceProcess(
-        run / "glite-vm.sock", service_env(state, run, catalogue), svc_root / "service.log"
-    )
+    env = service_env(svc_root, catalogue)
+    svc = ServiceProcess(Path(env["GLITE_VM_SOCKET_PATH"]), env, svc_root / "service.log")
     svc.start()
     try:
         yield svc

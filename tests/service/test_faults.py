@@ -158,8 +158,6 @@ def faulty(
     root = svc_root / "faults"
     root.mkdir(mode=0o711)
     state = new_state_dir(root / "state", hypervisor_probe)
-    run = root / "run"
-    run.mkdir(mode=0o755)
 
     # test-http: the direct-kernel guest of the shared catalogue, served over HTTP.
     doc = json.loads(catalogue.read_text())
@@ -188,16 +186,10 @@ def faulty(
     assert real is not None
     (shim / "qemu-img").write_text(QEMU_IMG_SHIM.format(real=real))
     (shim / "qemu-img").chmod(0o755)
-    env = service_env(
-        state,
-        run,
-        own_catalogue,
-        {
-            "PATH": f"{shim}:{os.environ.get('PATH', '/usr/bin:/bin')}",
-            "GLITE_VM_TEST_SHIM": str(shim),
-        },
-    )
-    svc = ServiceProcess(run / "glite-vm.sock", env, root / "service.log")
+    path = os.environ.get("PATH", "/usr/bin:/bin")
+    extra = {"PATH": f"{shim}:{path}", "GLITE_VM_TEST_SHIM": str(shim)}
+    env = service_env(root, own_catalogue, extra)
+    svc = ServiceProcess(Path(env["GLITE_VM_SOCKET_PATH"]), env, root / "service.log")
     svc.start()
     try:
         yield Faulty(svc, root, state, server, shim)
