@@ -29,7 +29,7 @@ sys.path.insert(0, str(REPO))
 from glite_vm.config import Settings  # noqa: E402
 from glite_vm.request import VMRequest  # noqa: E402
 from glite_vm.session import open_host  # noqa: E402
-from glite_vm.vm.lifecycle import VmHost  # noqa: E402
+from glite_vm.vm.lifecycle import VmHost, overlay_command  # noqa: E402
 from tests.support import LocalImage, direct_image_in, install_guests  # noqa: E402
 
 GUESTS = Path(os.environ.get("GLITE_VM_TEST_GUESTS", REPO / "tests" / "guest" / "build"))
@@ -40,21 +40,7 @@ TIMEOUT = 120.0
 def bare_qemu_ready(image: LocalImage, emulator: str, accel: str, work: Path) -> float:
     overlay = work / "bare.qcow2"
     subprocess.run(
-        [
-            "qemu-img",
-            "create",
-            "-q",
-            "-f",
-            "qcow2",
-            "-u",
-            "-b",
-            str(image.path),
-            "-F",
-            image.format,
-            str(overlay),
-            str(image.virtual_size),
-        ],
-        check=True,
+        overlay_command(image.path, image.format, overlay, image.virtual_size), check=True
     )
     sock_path = work / "qga.sock"
     sock_path.unlink(missing_ok=True)

@@ -33,29 +33,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from glite_vm.config import GIB  # noqa: E402
-from glite_vm.vm.lifecycle import run_tool  # noqa: E402
+from glite_vm.vm.lifecycle import overlay_command, run_tool  # noqa: E402
 
 SIZES_GIB = (1, 20)
 #: Above this 20 GiB / 1 GiB ratio of medians, the overlay's cost is said to grow with size.
 GROWTH_LIMIT = 1.25
-
-
-def overlay_argv(base: Path, fmt: str, overlay: Path, size: int) -> list[str]:
-    """The argv ``VmHost.start`` runs (glite_vm/vm/lifecycle.py)."""
-    return [
-        "qemu-img",
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-u",
-        "-b",
-        str(base),
-        "-F",
-        fmt,
-        str(overlay),
-        str(size),
-    ]
 
 
 def timed(action: Callable[[], object], cleanup: Path) -> float:
@@ -99,7 +81,7 @@ def main() -> int:
                 f"overlay_{gib}g",
                 functools.partial(
                     run_tool,
-                    overlay_argv(base, "qcow2", overlay, gib * GIB),
+                    overlay_command(base, "qcow2", overlay, gib * GIB),
                     "creating the overlay",
                 ),
                 overlay,

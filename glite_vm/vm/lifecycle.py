@@ -214,20 +214,7 @@ class VmHost:
             t1 = time.monotonic()
             size = max(image.virtual_size, request.disk_bytes)
             run_tool(
-                [
-                    "qemu-img",
-                    "create",
-                    "-q",
-                    "-f",
-                    "qcow2",
-                    "-u",
-                    "-b",
-                    str(image.path),
-                    "-F",
-                    image.format,
-                    str(vm.overlay),
-                    str(size),
-                ],
+                overlay_command(image.path, image.format, vm.overlay, size),
                 "creating the overlay",
             )
             vm.timings.overlay = time.monotonic() - t1
@@ -606,6 +593,25 @@ class Vm:
                 log.warning("cannot give %s to uid %s: %s", p, self.owner_uid, exc)
 
 
+def overlay_command(base: Path, base_format: str, overlay: Path, size: int) -> list[str]:
+    """The ``qemu-img`` argv of a job's copy-on-write overlay on ``base`` (``-u``: the base
+    is not opened, so the cost does not depend on its size)."""
+    return [
+        "qemu-img",
+        "create",
+        "-q",
+        "-f",
+        "qcow2",
+        "-u",
+        "-b",
+        str(base),
+        "-F",
+        base_format,
+        str(overlay),
+        str(size),
+    ]
+
+
 def qemu_pid(name: str) -> int | None:
     """The pid of the QEMU process of domain ``name`` (from libvirt's pid file), if running."""
     runtime = os.environ.get("XDG_RUNTIME_DIR", f"/run/user/{os.getuid()}")
@@ -669,5 +675,6 @@ __all__ = [
     "VmHost",
     "destroy_domain",
     "lock_vm_dir",
+    "overlay_command",
     "qemu_pid",
 ]

@@ -210,6 +210,20 @@ def slot_number(ad: JobAd) -> int:
     return int(str(ad["LastRemoteHost"]).partition("@")[0].removeprefix("slot"))
 
 
+def wait_until_running_in_vm(pool: PersonalPool, cluster: int) -> str:
+    """The domain of ``cluster`` once the job runs and its VM does; waits up to JOB_TIMEOUT."""
+
+    def started() -> str | None:
+        ad = pool.queue_ad(cluster)
+        if ad is None or ad.get("JobStatus") != 2 or "GliteVmDomain" not in ad:
+            return None
+        domain: str = ad["GliteVmDomain"]
+        return domain if domain in running_domains() else None
+
+    found: str = wait_until("the job to run in its VM", started, JOB_TIMEOUT)
+    return found
+
+
 def running_domains() -> list[str]:
     out = subprocess.run(
         ["virsh", "-c", "qemu:///system", "list", "--name"],
@@ -281,14 +295,7 @@ def test_host_failures_requeue_then_hold(e2e_pool: PersonalPool, jobs: Jobs) -> 
 def test_condor_rm_stops_the_payload_and_the_vm_within_seconds(
     e2e_pool: PersonalPool, e2e_service: ServiceProcess, jobs: Jobs
 ) -> None:
-    def started() -> str | None:
-        ad = e2e_pool.queue_ad(jobs.removed)
-        if ad is None or ad.get("JobStatus") != 2 or "GliteVmDomain" not in ad:
-            return None
-        domain: str = ad["GliteVmDomain"]
-        return domain if domain in running_domains() else None
-
-    domain = wait_until("the job to run in its VM", started, JOB_TIMEOUT)
+    domain = wait_until_running_in_vm(e2e_pool, jobs.removed)
     time.sleep(3)  # the launcher is past push and in the payload's `sleep 600`
     removed_at = time.monotonic()
     e2e_pool.run(["condor_rm", str(jobs.removed)])
@@ -310,14 +317,7 @@ def test_a_killed_starter_is_reaped_and_the_event_log_says_why(
     """The job's whole process tree (condor_starter and the launcher under it) SIGKILLed: no
     JOB_EXIT will come, so the service's reaper must take the VM, within 60 s."""
 
-    def started() -> str | None:
-        ad = e2e_pool.queue_ad(jobs.orphaned)
-        if ad is None or ad.get("JobStatus") != 2 or "GliteVmDomain" not in ad:
-            return None
-        domain: str = ad["GliteVmDomain"]
-        return domain if domain in running_domains() else None
-
-    domain = wait_until("the job to run in its VM", started, JOB_TIMEOUT)
+    domain = wait_until_running_in_vm(e2e_pool, jobs.orphaned)
     time.sleep(3)  # the launcher is in the payload's `sleep 600`
     (launcher,) = _launchers_of(domain, e2e_pool.user.pw_uid)
     starter = _parent(launcher)

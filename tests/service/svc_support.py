@@ -279,3 +279,24 @@ def domains_of(who: Account) -> list[str]:
 def events_of(state: Path, vm: str) -> list[Event]:
     """What the service's event log says about ``vm``, oldest first."""
     return [e for e in read_events(event_log_path(state)) if e.vm == vm]
+
+
+_CLI = "import sys; from glite_vm.cli import main; sys.exit(main())"
+
+
+def admin_cli(svc: ServiceProcess, *args: str) -> subprocess.CompletedProcess[str]:
+    """``glite-vm ARGS`` as root against ``svc``'s state and socket (what an admin types)."""
+    return subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import sys; from glite_vm.cli import main; sys.exit(main())",
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=svc.env,
+        cwd="/",
+        check=False,
+    )

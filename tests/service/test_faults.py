@@ -25,7 +25,6 @@ import os
 import shutil
 import signal
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -39,6 +38,7 @@ from tests.service.conftest import REAP_INTERVAL, check_nothing_left, new_state_
 from tests.service.svc_support import (
     Account,
     ServiceProcess,
+    admin_cli,
     answer_of,
     as_user,
     background,
@@ -58,7 +58,6 @@ from tests.service.svc_support import (
 
 pytestmark = pytest.mark.vm
 
-_CLI = "import sys; from glite_vm.cli import main; sys.exit(main())"
 STALL_AT = (1 << 20) + (128 << 10)  # bytes served before the stall: 1 MiB is on disk
 SETTLE = REAP_INTERVAL + 10.0  # "within one reaper period", plus a teardown under TCG
 
@@ -81,6 +80,19 @@ class Faulty:
         self._scratches += 1
         return make_scratch(self.root, owner, f"job-{self._scratches}")
 
+    def prepare_in_background(
+        self, owner: Account, image: str, starter_pid: int | None = None
+    ) -> subprocess.Popen[str]:
+        """A PREPARE_JOB hook's call, running while the test does something to it."""
+        return background(
+            self.svc,
+            owner,
+            "prepare",
+            job_ad=job_ad(image),
+            scratch_dir=str(self.scratch(owner)),
+            starter_pid=starter_pid,
+        )
+
     def starter(self, owner: Account) -> subprocess.Popen[bytes]:
         """A stand-in for the job's condor_starter: the reaper watches this process."""
         return subprocess.Popen([*as_user(owner), "sleep", "600"])
@@ -92,15 +104,7 @@ class Faulty:
 
     def glite_vm(self, *args: str) -> subprocess.CompletedProcess[str]:
         """The admin CLI against this service's state (as root)."""
-        return subprocess.run(
-            [sys.executable, "-c", _CLI, *args],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            env=self.svc.env,
-            cwd="/",
-            check=False,
-        )
+        return admin_cli(self.svc, *args)
 
     def vm_dirs(self) -> list[Path]:
         return sorted((self.state / "snapshots").glob("glite-vm-*"))
@@ -233,13 +237,7 @@ def _cache_verifies(faulty: Faulty) -> None:
 @pytest.mark.usefixtures("fresh_cache")
 def test_hook_killed_during_the_download(faulty: Faulty, alice: Account) -> None:
     _stall_download(faulty)
-    hook = background(
-        faulty.svc,
-        alice,
-        "prepare",
-        job_ad=job_ad("test-http"),
-        scratch_dir=str(faulty.scratch(alice)),
-    )
+    hook = faulty.prepare_in_background(alice, "test-http")
     try:
         assert faulty.server.stalled.wait(60), "the download never started"
     finally:
@@ -258,13 +256,7 @@ def test_hook_killed_during_the_download(faulty: Faulty, alice: Account) -> None
 def test_hook_killed_after_the_overlay_before_the_domain(faulty: Faulty, alice: Account) -> None:
     before = set(faulty.vm_dirs())
     faulty.pause_after_overlay()
-    hook = background(
-        faulty.svc,
-        alice,
-        "prepare",
-        job_ad=job_ad("test-http"),
-        scratch_dir=str(faulty.scratch(alice)),
-    )
+    hook = faulty.prepare_in_background(alice, "test-http")
     try:
         faulty.wait_paused()
         assert len(faulty.overlays()) == 1
@@ -282,13 +274,7 @@ def test_hook_killed_after_the_overlay_before_the_domain(faulty: Faulty, alice: 
 
 
 def test_hook_killed_while_the_guest_boots(faulty: Faulty, alice: Account) -> None:
-    hook = background(
-        faulty.svc,
-        alice,
-        "prepare",
-        job_ad=job_ad("test-noagent"),
-        scratch_dir=str(faulty.scratch(alice)),
-    )
+    hook = faulty.prepare_in_background(alice, "test-noagent")
     try:
         wait_for("the VM is defined", lambda: bool(domains_of(alice)), 60)
         (name,) = domains_of(alice)
@@ -366,13 +352,7 @@ def test_job_exit_hook_killed_during_the_teardown(faulty: Faulty, alice: Account
 @pytest.mark.usefixtures("fresh_cache")
 def test_service_killed_during_the_download_resumes_it(faulty: Faulty, alice: Account) -> None:
     _stall_download(faulty)
-    hook = background(
-        faulty.svc,
-        alice,
-        "prepare",
-        job_ad=job_ad("test-http"),
-        scratch_dir=str(faulty.scratch(alice)),
-    )
+    hook = faulty.prepare_in_background(alice, "test-http")
     assert faulty.server.stalled.wait(60), "the download never started"
     wait_for("the first MiB is on disk", lambda: _partial_bytes(faulty) >= 1 << 20, 30, 0.05)
     faulty.kill_service()
@@ -392,13 +372,7 @@ def test_service_killed_during_the_download_resumes_it(faulty: Faulty, alice: Ac
 def test_service_killed_between_overlay_and_domain(faulty: Faulty, alice: Account) -> None:
     before = set(faulty.vm_dirs())
     faulty.pause_after_overlay()
-    hook = background(
-        faulty.svc,
-        alice,
-        "prepare",
-        job_ad=job_ad("test-http"),
-        scratch_dir=str(faulty.scratch(alice)),
-    )
+    hook = faulty.prepare_in_background(alice, "test-http")
     try:
         faulty.wait_paused()
         faulty.kill_service()
@@ -419,14 +393,7 @@ def test_service_killed_between_overlay_and_domain(faulty: Faulty, alice: Accoun
 def test_service_killed_while_the_guest_boots(faulty: Faulty, alice: Account) -> None:
     starter = faulty.starter(alice)
     try:
-        hook = background(
-            faulty.svc,
-            alice,
-            "prepare",
-            job_ad=job_ad("test-noagent"),
-            scratch_dir=str(faulty.scratch(alice)),
-            starter_pid=starter.pid,
-        )
+        hook = faulty.prepare_in_background(alice, "test-noagent", starter_pid=starter.pid)
         wait_for("the VM is defined", lambda: bool(domains_of(alice)), 60)
         (name,) = domains_of(alice)
         wait_for("the VM runs", lambda: domain_running(name), 60, 0.05)

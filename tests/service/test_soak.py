@@ -14,8 +14,6 @@ from __future__ import annotations
 
 import concurrent.futures
 import os
-import subprocess
-import sys
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -26,6 +24,7 @@ from tests.service.conftest import check_nothing_left, new_state_dir, service_en
 from tests.service.svc_support import (
     Account,
     ServiceProcess,
+    admin_cli,
     domains_of,
     ensure_account,
     job_ad,
@@ -84,21 +83,7 @@ class Soak:
         assert list((self.state / "snapshots").glob("*/overlay.qcow2")) == []
         assert len(list((self.state / "snapshots").glob("*/snapshot.qcow2"))) == kept
         assert leases_in(self.state) == []
-        verify = subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                "import sys; from glite_vm.cli import main; sys.exit(main())",
-                "cache",
-                "verify",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=120,
-            env=self.svc.env,
-            cwd="/",
-            check=False,
-        )
+        verify = admin_cli(self.svc, "cache", "verify")
         assert verify.returncode == 0 and " 0 bad" in verify.stdout, verify.stdout + verify.stderr
 
 

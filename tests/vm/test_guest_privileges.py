@@ -32,8 +32,10 @@ from glite_vm.identity import (
 )
 from glite_vm.request import VMRequest
 from glite_vm.vm.guest_setup import apply_guest_setup
-from glite_vm.vm.lifecycle import GUEST_PATH, GUEST_STATE, GUEST_WORKDIR, ExecResult, Vm, VmHost
+from glite_vm.vm.lifecycle import GUEST_PATH, GUEST_STATE, GUEST_WORKDIR, Vm, VmHost
 from tests.support import LocalImage
+from tests.vm.guest_calls import as_root as root_bytes
+from tests.vm.guest_calls import payload
 
 pytestmark = pytest.mark.vm
 
@@ -51,29 +53,9 @@ find / \( -path /proc -o -path /sys -o -path /dev -o -path /run \) -prune -o \
 """
 
 
-@dataclasses.dataclass
-class Output:
-    result: ExecResult
-    stdout: bytes
-    stderr: bytes
-
-    @property
-    def text(self) -> str:
-        return self.stdout.decode(errors="replace")
-
-
-def payload(vm: Vm, script: str) -> Output:
-    """Run ``script`` as the job's payload: the guest user of a non-root job."""
-    out, err = bytearray(), bytearray()
-    result = vm.run(["sh", "-c", script], stdout=out.extend, stderr=err.extend, timeout=120)
-    return Output(result, bytes(out), bytes(err))
-
-
 def as_root(vm: Vm, script: str) -> str:
     """Run ``script`` as root through the agent: the host's view, not the job's."""
-    st = vm.agent.run(["/bin/sh", "-c", script], timeout=120, env=[f"PATH={GUEST_PATH}"])
-    assert st.exitcode == 0, st.stderr
-    return st.stdout.decode()
+    return root_bytes(vm, script).decode()
 
 
 def key_material(key_pem: bytes) -> list[bytes]:

@@ -39,8 +39,9 @@ from glite_vm.identity import (
 )
 from glite_vm.request import VMRequest
 from glite_vm.vm.guest_setup import apply_guest_setup
-from glite_vm.vm.lifecycle import GUEST_PATH, ExecResult, Vm, VmHost
+from glite_vm.vm.lifecycle import Vm, VmHost
 from tests.support import LocalImage, our_domain_names
+from tests.vm.guest_calls import as_root, payload
 
 pytestmark = pytest.mark.vm
 
@@ -68,31 +69,6 @@ def make_request(settings: Settings, *, root: bool = False) -> VMRequest:
         root=root,
         keep_snapshot="never",
     )
-
-
-@dataclasses.dataclass
-class Output:
-    result: ExecResult
-    stdout: bytes
-    stderr: bytes
-
-    @property
-    def text(self) -> str:
-        return self.stdout.decode()
-
-
-def payload(vm: Vm, script: str) -> Output:
-    """Run ``script`` as the job's payload (the guest user of a non-root job)."""
-    out, err = bytearray(), bytearray()
-    result = vm.run(["sh", "-c", script], stdout=out.extend, stderr=err.extend, timeout=120)
-    return Output(result, bytes(out), bytes(err))
-
-
-def as_root(vm: Vm, script: str) -> bytes:
-    """Run ``script`` as root through the agent (the host's view, not the job's)."""
-    st = vm.agent.run(["/bin/sh", "-c", script], timeout=120, env=[f"PATH={GUEST_PATH}"])
-    assert st.exitcode == 0, st.stderr
-    return st.stdout
 
 
 def openssl(*args: str) -> str:
