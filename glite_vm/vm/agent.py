@@ -48,6 +48,11 @@ class GuestAgent:
         try:
             reply = libvirt_qemu.qemuAgentCommand(self.domain, json.dumps(msg), timeout, 0)
         except libvirt.libvirtError as exc:
+            if not _connection_alive(self.domain):
+                raise AgentError(
+                    f"lost the connection to libvirtd (stopped or restarted?) during guest agent "
+                    f"command {execute}: {exc}"
+                ) from exc
             raise AgentError(f"guest agent command {execute} failed: {exc}") from exc
         try:
             decoded = json.loads(reply)
@@ -156,3 +161,10 @@ class GuestAgent:
             self.write(handle, data)
         finally:
             self.close(handle)
+
+
+def _connection_alive(domain: libvirt.virDomain) -> bool:
+    try:
+        return bool(domain.connect().isAlive())
+    except libvirt.libvirtError:
+        return False
