@@ -262,9 +262,16 @@ class Settings:
         env = os.environ if environ is None else environ
         raw: dict[str, str] = {}
         path = config_file or Path(env.get("GLITE_VM_CONFIG", "/etc/glite-vm/config.toml"))
-        if path.is_file():
-            with path.open("rb") as f:
-                data = tomllib.load(f)
+        try:
+            data = tomllib.loads(path.read_text("utf-8")) if path.is_file() else {}
+        except OSError as exc:
+            raise ValueError(
+                f"cannot read the configuration file {path}: {exc.strerror or exc} "
+                "(make it readable, or point GLITE_VM_CONFIG elsewhere)"
+            ) from None
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise ValueError(f"the configuration file {path} is not valid TOML: {exc}") from None
+        if data:
             for key, value in data.items():
                 raw[key.lower()] = value if isinstance(value, str) else _toml_to_str(value)
         if use_condor:

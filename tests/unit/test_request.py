@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from glite_vm.config import GIB, MIB, Settings, parse_size
@@ -103,3 +105,14 @@ def test_settings_from_environment_and_bad_values() -> None:
     assert s.cache_max_bytes == 2 * GIB
     with pytest.raises(ValueError, match="GLITE_VM_MAX_CPUS"):
         Settings.load({"GLITE_VM_MAX_CPUS": "many", "GLITE_VM_CONFIG": "/nonexistent"})
+
+
+def test_a_config_file_is_read_and_a_bad_one_is_named(tmp_path: Path) -> None:
+    good = tmp_path / "config.toml"
+    good.write_text('max_cpus = 3\nroot_users = ["carol"]\n')
+    s = Settings.load({"GLITE_VM_CONFIG": str(good), "GLITE_VM_MAX_CPUS": "5"})
+    assert (s.max_cpus, s.root_users) == (5, ("carol",))  # the environment wins
+    bad = tmp_path / "bad.toml"
+    bad.write_text("max_cpus = = 3\n")
+    with pytest.raises(ValueError, match=r"bad\.toml is not valid TOML"):
+        Settings.load({"GLITE_VM_CONFIG": str(bad)})
