@@ -12,8 +12,9 @@ reaper only. A state file whose domain vanished while the service was down is fi
 
 A VM is reaped when its starter process is gone (pid plus the process's start time, so a
 recycled pid does not keep it alive), its scratch directory is gone or no longer the owner's, or
-its domain disappeared. Torn-down VMs are remembered for :data:`FINISHED_RETENTION` seconds so
-that a second teardown (a JOB_EXIT hook after the reaper) gets the same outcome.
+its domain disappeared or stopped running. Torn-down VMs are remembered for
+:data:`FINISHED_RETENTION` seconds so that a second teardown (a JOB_EXIT hook after the reaper)
+gets the same outcome.
 """
 
 from __future__ import annotations
@@ -327,7 +328,9 @@ class VmRegistry:
             if st is not None and (not stat.S_ISDIR(st.st_mode) or st.st_uid != record.owner_uid):
                 return f"its scratch directory {record.scratch_dir} was replaced"
         try:
-            self.host.conn.lookupByName(record.name)
+            dom = self.host.conn.lookupByName(record.name)
+            if not dom.isActive():
+                return "its domain stopped (the guest powered off or QEMU died)"
         except libvirt.libvirtError as exc:
             if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
                 return "its domain disappeared"

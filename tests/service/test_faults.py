@@ -332,6 +332,31 @@ def test_launcher_and_starter_killed_during_the_payload(faulty: Faulty, alice: A
     faulty.run_job(alice)
 
 
+def test_qemu_killed_under_a_running_job(faulty: Faulty, alice: Account) -> None:
+    """QEMU dies (here: SIGKILL, as the OOM killer would) while the starter lives: the reaper
+    tears the VM down within a period, keeps its disk and says why."""
+    starter = faulty.starter(alice)
+    try:
+        vm = prepare(
+            faulty.svc,
+            alice,
+            faulty.scratch(alice),
+            job_ad=job_ad("test-http"),
+            starter_pid=starter.pid,
+        )["vm"]
+        qemu = int(Path(f"/run/libvirt/qemu/{vm}.pid").read_text())
+        os.kill(qemu, signal.SIGKILL)
+        wait_for("the VM is reaped", lambda: not domains_of(alice), SETTLE, 0.2)
+        faulty.assert_clean(alice)
+    finally:
+        starter.kill()
+        starter.wait(timeout=10)
+    reaped = events_of(faulty.state, vm)[-1]
+    assert reaped.event == "reaped" and "its domain stopped" in (reaped.reason or ""), reaped
+    assert reaped.snapshot is not None and Path(reaped.snapshot).is_file()
+    faulty.run_job(alice)
+
+
 def test_job_exit_hook_killed_during_the_teardown(faulty: Faulty, alice: Account) -> None:
     vm = prepare(faulty.svc, alice, faulty.scratch(alice), job_ad=job_ad("test-http"))["vm"]
     hook = background(faulty.svc, alice, "teardown", vm=vm, failed=True)
