@@ -39,7 +39,6 @@ import os
 import re
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -49,8 +48,7 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from glite_vm.cli import main as glite_vm  # noqa: E402
-from glite_vm.condor.config import ExecuteHostConfig, SlotLayout, render_execute_config  # noqa: E402
+from glite_vm.condor.config import SlotLayout  # noqa: E402
 from glite_vm.config import GIB  # noqa: E402
 from tests.condor.pool import (  # noqa: E402
     JobAd,
@@ -58,12 +56,13 @@ from tests.condor.pool import (  # noqa: E402
     PoolError,
     ensure_user,
     find_tarball,
+    glite_vm_execute_host,
     running_pool,
     unpack_release,
     wait_until,
 )
-from tests.service.svc_support import ServiceProcess  # noqa: E402
-from tests.support import disk_guest_catalogue, service_env  # noqa: E402
+from tests.service.svc_support import ServiceProcess, running_service  # noqa: E402
+from tests.support import disk_guest_catalogue, domain_names  # noqa: E402
 
 GUESTS = Path(os.environ.get("GLITE_VM_TEST_GUESTS", REPO / "tests" / "guest" / "build"))
 JOB_TIMEOUT = 300.0
@@ -185,13 +184,7 @@ def main() -> int:
     try:
         figures = run_bench(root, args.runs, domains)
     finally:
-        left = subprocess.run(
-            ["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
-            capture_output=True,
-            text=True,
-            check=False,
-            timeout=30,
-        ).stdout.split()
+        left = domain_names()
         ours_left = sorted(set(left) & set(domains))
         print(f"VMs of this run left: {ours_left or 'none'}", flush=True)
         shutil.rmtree(root, ignore_errors=True)
@@ -203,38 +196,24 @@ def main() -> int:
 def run_bench(root: Path, runs: int, domains: list[str]) -> dict[str, Any]:
     repo = root / "repo"
     repo.mkdir(mode=0o755)
-    env = service_env(root, disk_guest_catalogue(GUESTS, repo, "test-guest"))
-    state = Path(env["GLITE_VM_STATE_DIR"])
-    run = Path(env["GLITE_VM_SOCKET_PATH"]).parent
-    service = ServiceProcess(run / "glite-vm.sock", env, root / "service.log")
-    service.start()
-    try:
+    with running_service(root, disk_guest_catalogue(GUESTS, repo, "test-guest")) as service:
+        state = Path(service.env["GLITE_VM_STATE_DIR"])
         return run_pools(root, service, state, runs, domains)
-    finally:
-        service.stop()
 
 
 def run_pools(
     root: Path, service: ServiceProcess, state: Path, runs: int, domains: list[str]
 ) -> dict[str, Any]:
-    tarball = find_tarball()
     plain_prefix = root / "plain"
     ours_prefix = root / "htcondor"
-    for prefix in (plain_prefix, ours_prefix):
-        prefix.mkdir(mode=0o755)
-        unpack_release(tarball, prefix)
-    hooks = ours_prefix / "glite-vm-hooks"
-    if glite_vm(["hook", "install", str(hooks), "--python", sys.executable]) != 0:
-        raise PoolError("glite-vm hook install failed")
-    config = render_execute_config(
-        ExecuteHostConfig(
-            hooks_dir=hooks,
-            glite_vm=Path(sys.executable).parent / "glite-vm",
-            layout=SlotLayout(slots=2, root_slots=1, cpus=1, memory_mib=2048, disk_bytes=30 * GIB),
-            advertise_period=10,
-            state_dir=state,
-            socket_path=service.socket_path,
-        )
+    plain_prefix.mkdir(mode=0o755)
+    unpack_release(find_tarball(), plain_prefix)
+    _hooks, config = glite_vm_execute_host(
+        ours_prefix,
+        state_dir=state,
+        socket_path=service.socket_path,
+        layout=SlotLayout(slots=2, root_slots=1, cpus=1, memory_mib=2048, disk_bytes=30 * GIB),
+        advertise_period=10,
     )
     user = ensure_user()
     base: list[dict[str, float]] = []

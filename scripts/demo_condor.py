@@ -24,12 +24,11 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from glite_vm.cli import main as glite_vm  # noqa: E402
-from glite_vm.condor.config import ExecuteHostConfig, SlotLayout, render_execute_config  # noqa: E402
+from glite_vm.condor.config import SlotLayout  # noqa: E402
 from glite_vm.config import GIB  # noqa: E402
-from tests.condor.pool import ensure_user, find_tarball, running_pool, unpack_release  # noqa: E402
-from tests.service.svc_support import ServiceProcess  # noqa: E402
-from tests.support import disk_guest_catalogue, service_env  # noqa: E402
+from tests.condor.pool import ensure_user, glite_vm_execute_host, running_pool  # noqa: E402
+from tests.service.svc_support import ServiceProcess, running_service  # noqa: E402
+from tests.support import disk_guest_catalogue  # noqa: E402
 
 GUESTS = Path(os.environ.get("GLITE_VM_TEST_GUESTS", REPO / "tests" / "guest" / "build"))
 DEMO_USER = "glitevm-demo"
@@ -66,35 +65,20 @@ def main() -> int:
 def run_demo(root: Path) -> int:
     repo = root / "repo"
     repo.mkdir(mode=0o755)
-    env = service_env(root, disk_guest_catalogue(GUESTS, repo, "test-guest"))
-    state = Path(env["GLITE_VM_STATE_DIR"])
-    run = Path(env["GLITE_VM_SOCKET_PATH"]).parent
     say("starting the glite-vm service (root; owns libvirt, the image cache and the VMs)")
-    service = ServiceProcess(run / "glite-vm.sock", env, root / "service.log")
-    service.start()
-    try:
-        return run_pool(root, service, state)
-    finally:
-        service.stop()
+    with running_service(root, disk_guest_catalogue(GUESTS, repo, "test-guest")) as service:
+        return run_pool(root, service, Path(service.env["GLITE_VM_STATE_DIR"]))
 
 
 def run_pool(root: Path, service: ServiceProcess, state: Path) -> int:
     prefix = root / "htcondor"
-    prefix.mkdir(mode=0o755)
     say("starting a personal HTCondor pool with glite-vm's execute-host configuration")
-    unpack_release(find_tarball(), prefix)
-    hooks = prefix / "glite-vm-hooks"
-    if glite_vm(["hook", "install", str(hooks), "--python", sys.executable]) != 0:
-        return 1
-    config = render_execute_config(
-        ExecuteHostConfig(
-            hooks_dir=hooks,
-            glite_vm=Path(sys.executable).parent / "glite-vm",
-            layout=SlotLayout(slots=3, root_slots=1, cpus=1, memory_mib=2048, disk_bytes=30 * GIB),
-            advertise_period=10,
-            state_dir=state,
-            socket_path=service.socket_path,
-        )
+    _hooks, config = glite_vm_execute_host(
+        prefix,
+        state_dir=state,
+        socket_path=service.socket_path,
+        layout=SlotLayout(slots=3, root_slots=1, cpus=1, memory_mib=2048, disk_bytes=30 * GIB),
+        advertise_period=10,
     )
     user = ensure_user(DEMO_USER)
     with running_pool(prefix, config, user) as pool:

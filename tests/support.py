@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import json
 import os
 import shutil
 import subprocess
-from collections.abc import Mapping
+import tempfile
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -59,14 +61,43 @@ def local_image(path: Path, **kw: Any) -> LocalImage:
     )
 
 
-def our_domain_names() -> list[str]:
+def domain_names(*, inactive: bool = True) -> list[str]:
+    """The names of all libvirt domains on ``qemu:///system`` (only running ones without
+    ``inactive``)."""
     out = subprocess.run(
-        ["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
+        ["virsh", "-c", "qemu:///system", "list", *(["--all"] if inactive else []), "--name"],
         capture_output=True,
         text=True,
         check=True,
+        timeout=30,
     ).stdout
-    return [n for n in out.split() if n.startswith(DOMAIN_PREFIX)]
+    return out.split()
+
+
+def our_domain_names() -> list[str]:
+    return [n for n in domain_names() if n.startswith(DOMAIN_PREFIX)]
+
+
+def traversable(path: Path) -> Path:
+    """``path`` (created) at mode 0711: QEMU's user, the condor user and the test users can
+    reach into it, nobody can list it."""
+    path.mkdir(mode=0o711, exist_ok=True)
+    path.chmod(0o711)
+    return path
+
+
+@contextlib.contextmanager
+def scratch_root(prefix: str, keep_env: str) -> Iterator[Path]:
+    """A fresh :func:`traversable` directory under /var/tmp, removed afterwards unless the
+    environment variable ``keep_env`` is set (then its path is printed, for a post-mortem)."""
+    path = traversable(Path(tempfile.mkdtemp(prefix=prefix, dir="/var/tmp")))
+    try:
+        yield path
+    finally:
+        if os.environ.get(keep_env):
+            print(f"kept {path}")
+        else:
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def install_guests(src: Path, dest: Path) -> dict[str, Any]:

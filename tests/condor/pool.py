@@ -16,10 +16,14 @@ import pwd
 import signal
 import socket
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
+
+from glite_vm.cli import main as glite_vm_cli
+from glite_vm.condor.config import ExecuteHostConfig, render_execute_config
 
 REPO = Path(__file__).resolve().parents[2]
 TARBALL_ENV = "GLITE_VM_HTCONDOR_TARBALL"
@@ -55,6 +59,28 @@ def unpack_release(tarball: Path, prefix: Path) -> Path:
     if not (prefix / "sbin" / "condor_master").is_file():
         raise PoolError(f"{tarball} has no sbin/condor_master")
     return prefix
+
+
+def glite_vm_execute_host(
+    prefix: Path, *, state_dir: Path, socket_path: Path, **config: Any
+) -> tuple[Path, str]:
+    """An HTCondor release unpacked into ``prefix`` (created) with glite-vm's hooks installed
+    in ``prefix/glite-vm-hooks`` (what ``glite-vm hook install`` writes), and the execute-host
+    configuration ``glite-vm config`` renders for them: ``(hooks dir, configuration)``.
+    ``config`` are further :class:`ExecuteHostConfig` fields (``layout``, periods, ...)."""
+    prefix.mkdir(mode=0o755, exist_ok=True)
+    unpack_release(find_tarball(), prefix)
+    hooks = prefix / "glite-vm-hooks"
+    if glite_vm_cli(["hook", "install", str(hooks), "--python", sys.executable]) != 0:
+        raise PoolError("glite-vm hook install failed")
+    host = ExecuteHostConfig(
+        hooks_dir=hooks,
+        glite_vm=Path(sys.executable).parent / "glite-vm",
+        state_dir=state_dir,
+        socket_path=socket_path,
+        **config,
+    )
+    return hooks, render_execute_config(host)
 
 
 def free_port() -> int:

@@ -18,10 +18,8 @@ import dataclasses
 import json
 import os
 import pwd
-import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -39,12 +37,11 @@ from glite_vm.api import (
     submit,
     wait,
 )
-from glite_vm.cli import main as glite_vm_cli
-from glite_vm.condor.config import ExecuteHostConfig, SlotLayout, render_execute_config
+from glite_vm.condor.config import SlotLayout
 from glite_vm.config import GIB, Settings
-from tests.condor.pool import JobAd, PersonalPool, find_tarball, running_pool, unpack_release
-from tests.service.svc_support import ServiceProcess, wait_for
-from tests.support import guest_catalogue, service_env
+from tests.condor.pool import JobAd, PersonalPool, glite_vm_execute_host, running_pool
+from tests.service.svc_support import ServiceProcess, running_service, wait_for
+from tests.support import guest_catalogue, scratch_root, traversable
 
 pytestmark = [pytest.mark.condor, pytest.mark.vm]
 
@@ -130,21 +127,12 @@ def driver(request: dict[str, Any]) -> dict[str, Any]:
 # --- the pool, the service, the catalogue ------------------------------------------------------
 
 
-def _traversable(path: Path) -> Path:
-    path.mkdir(mode=0o711, exist_ok=True)
-    path.chmod(0o711)
-    return path
-
-
 @pytest.fixture(scope="module")
 def root_dir() -> Iterator[Path]:
-    """QEMU's user, the condor user and the test user must traverse it; nobody lists it."""
-    path = _traversable(Path(tempfile.mkdtemp(prefix="glite-vm-api-pool-", dir="/var/tmp")))
-    yield path
-    if os.environ.get("GLITE_VM_KEEP_API_POOL"):  # for a post-mortem: jobs, logs, snapshots
-        print(f"kept {path}")
-    else:
-        shutil.rmtree(path, ignore_errors=True)
+    """QEMU's user, the condor user and the test user must traverse it; nobody lists it.
+    GLITE_VM_KEEP_API_POOL keeps it for a post-mortem: jobs, logs, snapshots."""
+    with scratch_root("glite-vm-api-pool-", "GLITE_VM_KEEP_API_POOL") as path:
+        yield path
 
 
 @pytest.fixture(scope="module")
@@ -158,14 +146,8 @@ def repo(root_dir: Path, guest_dir: Path) -> Path:
 @pytest.fixture(scope="module")
 def service(root_dir: Path, repo: Path) -> Iterator[ServiceProcess]:
     extra = {"GLITE_VM_CUSTOM_IMAGE_SOURCES": repo.as_uri() + "/", "GLITE_VM_BOOT_TIMEOUT": "180"}
-    env = service_env(root_dir, repo / "catalogue.json", extra)
-    _traversable(Path(env["GLITE_VM_STATE_DIR"]))
-    svc = ServiceProcess(Path(env["GLITE_VM_SOCKET_PATH"]), env, root_dir / "service.log")
-    svc.start()
-    try:
+    with running_service(root_dir, repo / "catalogue.json", extra) as svc:
         yield svc
-    finally:
-        svc.stop()
 
 
 @pytest.fixture(scope="module")
@@ -173,20 +155,15 @@ def pool(
     root_dir: Path, service: ServiceProcess, test_user: pwd.struct_passwd
 ) -> Iterator[PersonalPool]:
     prefix = root_dir / "htcondor"
-    prefix.mkdir(mode=0o755)
-    unpack_release(find_tarball(), prefix)
-    hooks_dir = prefix / "glite-vm-hooks"
-    assert glite_vm_cli(["hook", "install", str(hooks_dir), "--python", sys.executable]) == 0
-    cfg = ExecuteHostConfig(
-        hooks_dir=hooks_dir,
-        glite_vm=Path(sys.executable).parent / "glite-vm",
+    _hooks, config = glite_vm_execute_host(
+        prefix,
+        state_dir=Path(service.env["GLITE_VM_STATE_DIR"]),
+        socket_path=service.socket_path,
         layout=LAYOUT,
         advertise_period=30,
         reap_period=30,
-        state_dir=Path(service.env["GLITE_VM_STATE_DIR"]),
-        socket_path=service.socket_path,
     )
-    with running_pool(prefix, render_execute_config(cfg), test_user) as the_pool:
+    with running_pool(prefix, config, test_user) as the_pool:
         yield the_pool
         the_pool.run(["condor_rm", "-all"], check=False)
 
@@ -316,7 +293,7 @@ def test_run_local_gives_what_the_pool_gave(
     answer: dict[str, Any], inputs: Path, repo: Path, root_dir: Path
 ) -> None:
     settings = Settings(
-        state_dir=_traversable(root_dir / "local-state"),
+        state_dir=traversable(root_dir / "local-state"),
         catalogue=(repo / "catalogue.json").as_uri(),
         cache_min_free_bytes=0,
         boot_timeout=180.0,

@@ -14,34 +14,23 @@ import dataclasses
 import json
 import os
 import pwd
-import shutil
 import signal
 import subprocess
-import sys
-import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from glite_vm.cli import main as glite_vm_cli
-from glite_vm.condor.config import ExecuteHostConfig, SlotLayout, render_execute_config
+from glite_vm.condor.config import SlotLayout
 from glite_vm.condor.jobad import HOST_FAILURES_ATTR, HOST_FAILURES_HOLD_CODE
 from glite_vm.condor.launcher import LAUNCHER_FAILURE_EXIT
 from glite_vm.config import GIB
 from glite_vm.images import write_catalogue
 from glite_vm.service.events import event_log_path, read_events
-from tests.condor.pool import (
-    JobAd,
-    PersonalPool,
-    find_tarball,
-    running_pool,
-    unpack_release,
-    wait_until,
-)
-from tests.service.svc_support import ServiceProcess
-from tests.support import guest_catalogue, service_env
+from tests.condor.pool import JobAd, PersonalPool, glite_vm_execute_host, running_pool, wait_until
+from tests.service.svc_support import ServiceProcess, running_service
+from tests.support import guest_catalogue, scratch_root
 
 pytestmark = [pytest.mark.condor, pytest.mark.vm]
 
@@ -53,21 +42,12 @@ FAILURE_TIMEOUT = 240.0  # two PREPARE_JOB failures (~20 s each to land) plus sl
 GUEST_USER_UID = 1000  # the test guest's unprivileged account (tests/guest/build.sh)
 
 
-def _traversable(path: Path) -> Path:
-    path.mkdir(mode=0o711, exist_ok=True)
-    path.chmod(0o711)
-    return path
-
-
 @pytest.fixture(scope="module")
 def e2e_root() -> Iterator[Path]:
-    """QEMU's user, the condor user and the test user must traverse it; nobody lists it."""
-    path = _traversable(Path(tempfile.mkdtemp(prefix="glite-vm-e2e-", dir="/var/tmp")))
-    yield path
-    if os.environ.get("GLITE_VM_KEEP_E2E"):  # for a post-mortem: logs, ads, snapshots
-        print(f"kept {path}")
-    else:
-        shutil.rmtree(path, ignore_errors=True)
+    """QEMU's user, the condor user and the test user must traverse it; nobody lists it.
+    GLITE_VM_KEEP_E2E keeps it for a post-mortem: logs, ads, snapshots."""
+    with scratch_root("glite-vm-e2e-", "GLITE_VM_KEEP_E2E") as path:
+        yield path
 
 
 @pytest.fixture(scope="module")
@@ -84,14 +64,8 @@ def e2e_catalogue(e2e_root: Path, guest_dir: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def e2e_service(e2e_root: Path, e2e_catalogue: Path) -> Iterator[ServiceProcess]:
-    env = service_env(e2e_root, e2e_catalogue, {"GLITE_VM_REAP_INTERVAL": "5"})
-    _traversable(Path(env["GLITE_VM_STATE_DIR"]))
-    svc = ServiceProcess(Path(env["GLITE_VM_SOCKET_PATH"]), env, e2e_root / "service.log")
-    svc.start()
-    try:
+    with running_service(e2e_root, e2e_catalogue, {"GLITE_VM_REAP_INTERVAL": "5"}) as svc:
         yield svc
-    finally:
-        svc.stop()
 
 
 @pytest.fixture(scope="module")
@@ -99,24 +73,18 @@ def e2e_pool(
     e2e_root: Path, e2e_service: ServiceProcess, test_user: pwd.struct_passwd
 ) -> Iterator[PersonalPool]:
     prefix = e2e_root / "htcondor"
-    prefix.mkdir(mode=0o755)
-    unpack_release(find_tarball(), prefix)
-    hooks_dir = prefix / "glite-vm-hooks"
-    assert glite_vm_cli(["hook", "install", str(hooks_dir), "--python", sys.executable]) == 0
-    glite_vm = Path(sys.executable).parent / "glite-vm"
-    (hooks_dir / "other_prepare_job").write_text("#!/bin/sh\necho 'Cmd = \"/bin/false\"'\n")
-    (hooks_dir / "other_prepare_job").chmod(0o755)
-    cfg = ExecuteHostConfig(
-        hooks_dir=hooks_dir,
-        glite_vm=glite_vm,
+    hooks_dir, config = glite_vm_execute_host(
+        prefix,
+        state_dir=Path(e2e_service.env["GLITE_VM_STATE_DIR"]),
+        socket_path=e2e_service.socket_path,
         layout=LAYOUT,
         max_host_failures=MAX_HOST_FAILURES,
         advertise_period=5,
         reap_period=30,
-        state_dir=Path(e2e_service.env["GLITE_VM_STATE_DIR"]),
-        socket_path=e2e_service.socket_path,
     )
-    extra = render_execute_config(cfg) + (
+    (hooks_dir / "other_prepare_job").write_text("#!/bin/sh\necho 'Cmd = \"/bin/false\"'\n")
+    (hooks_dir / "other_prepare_job").chmod(0o755)
+    extra = config + (
         "\n# a keyword a job may name: it must not get around glite-vm's hooks\n"
         f"OTHER_HOOK_PREPARE_JOB = {hooks_dir / 'other_prepare_job'}\n"
     )

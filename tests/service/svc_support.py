@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -11,13 +12,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
 from glite_vm.errors import GliteVmError
 from glite_vm.service.client import ServiceClient
 from glite_vm.service.events import Event, event_log_path, read_events
+from tests.support import domain_names, service_env, traversable
 
 DRIVER = Path(__file__).resolve().parent / "driver.py"
 CALL_TIMEOUT = 120.0  # bound on any one client run (a boot under TCG takes ~5 s)
@@ -170,14 +172,7 @@ class ServiceProcess:
 
 def our_domains(owner_names: tuple[str, ...]) -> list[str]:
     """libvirt domains of the test users (other suites' domains are none of our business)."""
-    out = subprocess.run(
-        ["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=30,
-    ).stdout
-    return [n for n in out.split() if any(f"-{o}-" in n for o in owner_names)]
+    return [n for n in domain_names() if any(f"-{o}-" in n for o in owner_names)]
 
 
 def domain_running(name: str) -> bool:
@@ -300,3 +295,19 @@ def admin_cli(svc: ServiceProcess, *args: str) -> subprocess.CompletedProcess[st
         cwd="/",
         check=False,
     )
+
+
+@contextlib.contextmanager
+def running_service(
+    root: Path, catalogue: Path, extra: Mapping[str, str] | None = None
+) -> Iterator[ServiceProcess]:
+    """A ``glite-vm serve`` whose state and socket live under ``root`` (see
+    :func:`tests.support.service_env`), logging to ``root/service.log``; stopped afterwards."""
+    env = service_env(root, catalogue, extra)
+    traversable(Path(env["GLITE_VM_STATE_DIR"]))
+    svc = ServiceProcess(Path(env["GLITE_VM_SOCKET_PATH"]), env, root / "service.log")
+    svc.start()
+    try:
+        yield svc
+    finally:
+        svc.stop()

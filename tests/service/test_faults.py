@@ -33,6 +33,7 @@ from typing import Any
 import pytest
 
 from glite_vm.images.build import CATALOGUE_NAME
+from glite_vm.vm.lifecycle import qemu_pid
 from tests.images.images_http import Fault, LoopbackServer
 from tests.service.conftest import REAP_INTERVAL, check_nothing_left, new_state_dir, service_env
 from tests.service.svc_support import (
@@ -79,6 +80,17 @@ class Faulty:
     def scratch(self, owner: Account) -> Path:
         self._scratches += 1
         return make_scratch(self.root, owner, f"job-{self._scratches}")
+
+    def new_vm(self, owner: Account, starter_pid: int | None = None) -> str:
+        """A prepared VM of ``test-http`` for ``owner``'s next job: its name."""
+        prepared = prepare(
+            self.svc,
+            owner,
+            self.scratch(owner),
+            job_ad=job_ad("test-http"),
+            starter_pid=starter_pid,
+        )
+        return str(prepared["vm"])
 
     def prepare_in_background(
         self, owner: Account, image: str, starter_pid: int | None = None
@@ -296,13 +308,7 @@ def test_launcher_and_starter_killed_during_the_payload(faulty: Faulty, alice: A
     says why in the event log."""
     starter = faulty.starter(alice)
     try:
-        vm = prepare(
-            faulty.svc,
-            alice,
-            faulty.scratch(alice),
-            job_ad=job_ad("test-http"),
-            starter_pid=starter.pid,
-        )["vm"]
+        vm = faulty.new_vm(alice, starter.pid)
         launcher = background_exec(faulty.svc, alice, vm, "echo started; sleep 300")
         time.sleep(3.0)  # the payload is running (one exec at a time: it cannot be asked)
         assert launcher.poll() is None
@@ -337,14 +343,9 @@ def test_qemu_killed_under_a_running_job(faulty: Faulty, alice: Account) -> None
     tears the VM down within a period, keeps its disk and says why."""
     starter = faulty.starter(alice)
     try:
-        vm = prepare(
-            faulty.svc,
-            alice,
-            faulty.scratch(alice),
-            job_ad=job_ad("test-http"),
-            starter_pid=starter.pid,
-        )["vm"]
-        qemu = int(Path(f"/run/libvirt/qemu/{vm}.pid").read_text())
+        vm = faulty.new_vm(alice, starter.pid)
+        qemu = qemu_pid(vm)
+        assert qemu is not None, f"no QEMU process for {vm}"
         os.kill(qemu, signal.SIGKILL)
         wait_for("the VM is reaped", lambda: not domains_of(alice), SETTLE, 0.2)
         faulty.assert_clean(alice)
@@ -358,7 +359,7 @@ def test_qemu_killed_under_a_running_job(faulty: Faulty, alice: Account) -> None
 
 
 def test_job_exit_hook_killed_during_the_teardown(faulty: Faulty, alice: Account) -> None:
-    vm = prepare(faulty.svc, alice, faulty.scratch(alice), job_ad=job_ad("test-http"))["vm"]
+    vm = faulty.new_vm(alice)
     hook = background(faulty.svc, alice, "teardown", vm=vm, failed=True)
     wait_for("the teardown started", lambda: not domain_running(vm), 30, 0.01)
     hook.kill()
@@ -442,7 +443,7 @@ def test_service_killed_while_the_guest_boots(faulty: Faulty, alice: Account) ->
 
 
 def test_service_killed_during_the_payload(faulty: Faulty, alice: Account) -> None:
-    vm = prepare(faulty.svc, alice, faulty.scratch(alice), job_ad=job_ad("test-http"))["vm"]
+    vm = faulty.new_vm(alice)
     launcher = background_exec(faulty.svc, alice, vm, "sleep 3; echo done > /tmp/marker")
     time.sleep(1.0)
     faulty.kill_service()
@@ -468,7 +469,7 @@ def test_service_killed_during_the_payload(faulty: Faulty, alice: Account) -> No
 
 @pytest.mark.parametrize("delay", [0.0, 0.05, 0.15])
 def test_service_killed_during_the_teardown(faulty: Faulty, alice: Account, delay: float) -> None:
-    vm = prepare(faulty.svc, alice, faulty.scratch(alice), job_ad=job_ad("test-http"))["vm"]
+    vm = faulty.new_vm(alice)
     hook = background(faulty.svc, alice, "teardown", vm=vm, failed=True)
     wait_for("the teardown started", lambda: not domain_running(vm), 30, 0.005)
     time.sleep(delay)
@@ -489,7 +490,7 @@ def test_service_killed_during_the_teardown(faulty: Faulty, alice: Account, dela
 def test_libvirtd_restarted_under_a_running_job(faulty: Faulty, alice: Account) -> None:
     """The job either completes or fails with a requeue error that says what happened; the
     VM is torn down afterwards either way and nothing leaks."""
-    vm = prepare(faulty.svc, alice, faulty.scratch(alice), job_ad=job_ad("test-http"))["vm"]
+    vm = faulty.new_vm(alice)
     launcher = background_exec(faulty.svc, alice, vm, "sleep 6; echo survived")
     time.sleep(1.0)
     _restart_libvirtd()

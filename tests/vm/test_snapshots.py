@@ -13,7 +13,6 @@ import errno
 import json
 import os
 import pty
-import pwd
 import select
 import shutil
 import signal
@@ -42,6 +41,7 @@ from glite_vm.snapshots import (
 from glite_vm.vm.agent import GuestAgent
 from glite_vm.vm.domain_xml import DomainSpec, JobMetadata, build_domain_xml, with_serial_console
 from glite_vm.vm.lifecycle import VmHost
+from tests.service.svc_support import Account, as_user, ensure_account
 from tests.support import LocalImage, local_image, our_domain_names, sha256_of
 
 pytestmark = pytest.mark.vm
@@ -60,32 +60,6 @@ CLI = [
     "if m not in c._COMMAND_MODULES: c._COMMAND_MODULES += (m,)\n"
     "sys.exit(c.main())",
 ]
-
-
-@dataclasses.dataclass(frozen=True)
-class Account:
-    name: str
-    uid: int
-    gid: int
-
-
-def ensure_account(name: str) -> Account:
-    """A real local user (created once; idempotent)."""
-    try:
-        entry = pwd.getpwnam(name)
-    except KeyError:
-        subprocess.run(
-            ["useradd", "--no-create-home", "--user-group", "--shell", "/bin/sh", name],
-            check=True,
-            capture_output=True,
-            timeout=30,
-        )
-        entry = pwd.getpwnam(name)
-    return Account(name, entry.pw_uid, entry.pw_gid)
-
-
-def as_user(account: Account) -> list[str]:
-    return ["setpriv", f"--reuid={account.uid}", f"--regid={account.gid}", "--init-groups", "--"]
 
 
 @dataclasses.dataclass(frozen=True)
