@@ -271,9 +271,8 @@ class Settings:
             ) from None
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise ValueError(f"the configuration file {path} is not valid TOML: {exc}") from None
-        if data:
-            for key, value in data.items():
-                raw[key.lower()] = value if isinstance(value, str) else _toml_to_str(value)
+        for key, value in data.items():
+            raw[key.lower()] = value if isinstance(value, str) else _toml_to_str(value)
         if use_condor:
             raw.update(_condor_params())
         for key, value in env.items():
