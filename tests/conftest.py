@@ -76,7 +76,12 @@ def vm_settings(state_dir: Path) -> Settings:
 def vm_host(vm_settings: Settings) -> Iterator[VmHost]:
     host = open_host(vm_settings)
     yield host
-    leftovers = [d.name() for d, _m in host.our_domains()]
+    # Only this run's domains: other runs and other users may share the libvirtd.
+    leftovers = [
+        d.name()
+        for d, m in host.our_domains()
+        if m is None or Path(m.vm_dir).is_relative_to(vm_settings.state_dir)
+    ]
     overlays = list(vm_settings.effective_snapshot_dir.glob("*/overlay.qcow2"))
     host.conn.close()
     assert not leftovers, f"domains left behind: {leftovers}"

@@ -78,6 +78,32 @@ def our_domain_names() -> list[str]:
     return [n for n in domain_names() if n.startswith(DOMAIN_PREFIX)]
 
 
+def domains_under(root: Path) -> list[str]:
+    """Names of glite-vm domains whose VM directory lies under ``root``: one test run's own,
+    whatever other runs or other users' VMs share this libvirtd."""
+    import libvirt  # noqa: PLC0415
+
+    from glite_vm.vm.domain_xml import METADATA_NS, JobMetadata  # noqa: PLC0415
+
+    conn = libvirt.open("qemu:///system")
+    try:
+        found = []
+        for dom in conn.listAllDomains(0):
+            if not dom.name().startswith(DOMAIN_PREFIX):
+                continue
+            try:
+                meta = JobMetadata.from_xml(
+                    dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, METADATA_NS)
+                )
+            except (libvirt.libvirtError, KeyError, ValueError):
+                continue
+            if Path(meta.vm_dir).is_relative_to(root):
+                found.append(dom.name())
+        return found
+    finally:
+        conn.close()
+
+
 def traversable(path: Path) -> Path:
     """``path`` (created) at mode 0711: QEMU's user, the condor user and the test users can
     reach into it, nobody can list it."""

@@ -19,6 +19,7 @@ from typing import Any
 import pytest
 
 from glite_vm.vm.hypervisor import detect_cached
+from tests.service import svc_support
 from tests.service.svc_support import Account, ServiceProcess, ensure_account, our_domains
 from tests.support import guest_catalogue
 from tests.support import service_env as support_service_env
@@ -42,6 +43,7 @@ def svc_root() -> Iterator[Path]:
     """A directory QEMU's user and the test users can traverse (not list)."""
     path = Path(tempfile.mkdtemp(prefix="glite-vm-svc-", dir="/var/tmp"))
     path.chmod(0o711)
+    svc_support.RUN_ROOT[:] = [path]
     yield path
     if not os.environ.get("GLITE_VM_TEST_KEEP"):
         shutil.rmtree(path, ignore_errors=True)

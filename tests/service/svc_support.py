@@ -19,7 +19,7 @@ from typing import Any
 from glite_vm.errors import GliteVmError
 from glite_vm.service.client import ServiceClient
 from glite_vm.service.events import Event, event_log_path, read_events
-from tests.support import domain_names, service_env, traversable
+from tests.support import domain_names, domains_under, service_env, traversable
 
 DRIVER = Path(__file__).resolve().parent / "driver.py"
 CALL_TIMEOUT = 120.0  # bound on any one client run (a boot under TCG takes ~5 s)
@@ -170,9 +170,15 @@ class ServiceProcess:
         return self.log_path.read_text(errors="replace")
 
 
+#: Where this run's services keep their VM directories (set by the ``svc_root`` fixture):
+#: domains of the same test users made by another run sharing this libvirtd are not ours.
+RUN_ROOT: list[Path] = []
+
+
 def our_domains(owner_names: tuple[str, ...]) -> list[str]:
     """libvirt domains of the test users (other suites' domains are none of our business)."""
-    return [n for n in domain_names() if any(f"-{o}-" in n for o in owner_names)]
+    names = domains_under(RUN_ROOT[0]) if RUN_ROOT else domain_names()
+    return [n for n in names if any(f"-{o}-" in n for o in owner_names)]
 
 
 def domain_running(name: str) -> bool:
