@@ -155,13 +155,15 @@ def guest_catalogue(
     *,
     direct: Mapping[str, str] | None = None,
     disk: str | None = None,
+    initrds: Mapping[str, Path] | None = None,
 ) -> Path:
     """A ``file://`` repository in ``repo`` (created) listing the test guests the way a central
     repository publishes images; the catalogue's path.
 
     ``direct`` names the direct-kernel guest's entries, each with words to add to its kernel
-    command line (e.g. the flag that keeps its agent from starting); ``disk`` names the
-    disk-boot guest's entry.
+    command line (e.g. the flag that keeps its agent from starting); ``initrds`` gives some of
+    them an initramfs of their own (see :func:`dash_initrd`); ``disk`` names the disk-boot
+    guest's entry.
     """
     from glite_vm.images import build_catalogue, write_catalogue  # noqa: PLC0415
     from glite_vm.images.inspect import Limits  # noqa: PLC0415
@@ -176,7 +178,11 @@ def guest_catalogue(
             shutil.copyfile(guests_src / name, repo / name)
         for name, extra in direct.items():
             cmdline = f"{d['cmdline']} {extra}".strip()
-            boot = {"boot": "kernel", "kernel": d["kernel"], "initrd": d["initrd"]}
+            initrd = d["initrd"]
+            if initrds and name in initrds:
+                initrd = f"{name}-initrd.img"
+                shutil.copyfile(initrds[name], repo / initrd)
+            boot = {"boot": "kernel", "kernel": d["kernel"], "initrd": initrd}
             files[f"{name}.qcow2"] = {"name": name, **boot, "cmdline": cmdline}
             shutil.copyfile(guests_src / d["disk"], repo / f"{name}.qcow2")
     if disk:
@@ -187,6 +193,57 @@ def guest_catalogue(
         (repo / f"{image}.json").write_text(json.dumps({**sidecar, "guest_user": user}))
     doc = build_catalogue(repo, limits=Limits(max_virtual_bytes=64 << 30, max_file_bytes=1 << 30))
     return write_catalogue(doc, repo / "catalogue.json")
+
+
+def dash_initrd(initrd: Path, dest: Path) -> Path:
+    """The direct guest's initramfs with ``/bin/sh`` as Debian images have it: dash, which
+    looks commands up in ``PATH`` (the guest's static busybox runs its own applets whatever
+    ``PATH`` says, which would hide what the environment does to a shell in real images).
+    The guest's own scripts keep busybox's shell; only programs started as ``/bin/sh`` (the
+    agent's ``guest-exec``) get dash. Needs the host's dash and cpio; returns ``dest``."""
+    work = Path(tempfile.mkdtemp(prefix="dash-initrd-", dir=dest.parent))
+    try:
+        root = work / "root"
+        root.mkdir()
+        with initrd.open("rb") as f:
+            unpacked = subprocess.run(
+                ["sh", "-c", "gzip -dc | cpio -idm --quiet"],
+                stdin=f,
+                cwd=root,
+                capture_output=True,
+                timeout=120,
+                check=False,
+            )
+        if unpacked.returncode != 0:
+            raise RuntimeError(f"unpacking {initrd}: {unpacked.stderr.decode()}")
+        for path in root.rglob("*"):
+            if path.is_symlink() or not path.is_file():
+                continue
+            with path.open("rb") as f:
+                head = f.read(16)
+            if head.startswith(b"#!/bin/sh"):
+                path.write_bytes(b"#!/bin/busybox sh" + path.read_bytes()[len(b"#!/bin/sh") :])
+        shutil.copyfile("/bin/dash", root / "bin" / "dash")
+        (root / "bin" / "dash").chmod(0o755)
+        (root / "bin" / "sh").unlink()
+        (root / "bin" / "sh").symlink_to("dash")
+        packed = subprocess.run(
+            [
+                "sh",
+                "-c",
+                "find . -mindepth 1 | LC_ALL=C sort | cpio -o -H newc --quiet | gzip -9n",
+            ],
+            cwd=root,
+            capture_output=True,
+            timeout=300,
+            check=False,
+        )
+        if packed.returncode != 0:
+            raise RuntimeError(f"packing {dest}: {packed.stderr.decode()}")
+        dest.write_bytes(packed.stdout)
+        return dest
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 def disk_guest_catalogue(guests_src: Path, repo: Path, name: str) -> Path:

@@ -8,6 +8,7 @@ import itertools
 import json
 import os
 import pwd
+import shlex
 import signal
 import subprocess
 import sys
@@ -317,3 +318,105 @@ def running_service(
         yield svc
     finally:
         svc.stop()
+
+
+# -- a stand-in for condor_starter ------------------------------------------------------------
+
+#: A stand-in for condor_starter: its name and arguments look like the real one's
+#: (``condor_starter -f -local-name slot_type_N -a slotN ADDRESS``, measured on HTCondor 25.0).
+#: It runs each line of its stdin with ``/bin/sh -c`` as its child, answers ``done STATUS`` and
+#: exits when stdin closes, so a test's client calls have it as their parent, as a hook's do.
+FAKE_STARTER_C = r"""
+#include <stdio.h>
+#include <string.h>
+#include <unistd.h>
+#include <sys/wait.h>
+int main(void) {
+    static char line[1 << 20];
+    setvbuf(stdout, NULL, _IOLBF, 0);
+    while (fgets(line, sizeof line, stdin)) {
+        line[strcspn(line, "\n")] = 0;
+        pid_t pid = fork();
+        if (pid == 0) { execl("/bin/sh", "sh", "-c", line, (char *)0); _exit(127); }
+        int st = 0;
+        waitpid(pid, &st, 0);
+        printf("done %d\n", WIFEXITED(st) ? WEXITSTATUS(st) : 128 + WTERMSIG(st));
+    }
+    return 0;
+}
+"""
+
+
+def build_fake_starter(directory: Path) -> Path:
+    """Compile :data:`FAKE_STARTER_C` into ``directory/condor_starter`` (root-owned, 0755)."""
+    directory.mkdir(mode=0o755, exist_ok=True)
+    source = directory / "fake_starter.c"
+    source.write_text(FAKE_STARTER_C)
+    binary = directory / "condor_starter"
+    subprocess.run(["gcc", "-O", "-o", str(binary), str(source)], check=True, timeout=120)
+    binary.chmod(0o755)
+    return binary
+
+
+class FakeStarter:
+    """A running :data:`FAKE_STARTER_C` for slot ``slot`` (``slot3``), started by root or,
+    as an attacker would, by ``started_by``; client calls run as its children."""
+
+    def __init__(
+        self,
+        binary: Path,
+        service: ServiceProcess,
+        slot: str,
+        *,
+        slot_type: int,
+        started_by: Account | None = None,
+    ) -> None:
+        self.service = service
+        self.started_by = started_by
+        argv = [str(binary), "-f", "-local-name", f"slot_type_{slot_type}", "-a", slot, "127.0.0.1"]
+        prefix = as_user(started_by) if started_by is not None else []
+        self.proc = subprocess.Popen(
+            [*prefix, *argv],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            text=True,
+            cwd="/",
+        )
+        self._calls = itertools.count()
+        self._out = Path(f"/var/tmp/glite-vm-fake-starter-{self.proc.pid}")
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def call(self, who: Account, op: str, **args: Any) -> dict[str, Any]:
+        """``op`` as ``who``, run by this starter; the driver's answer."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        request = {"op": op, "socket": str(self.service.socket_path), **args}
+        out = self._out.with_suffix(f".{next(self._calls)}.json")
+        if self.started_by is not None:  # the starter already runs as its user
+            assert who == self.started_by, "a user's own starter runs only that user's calls"
+            prefix: list[str] = []
+        else:
+            prefix = as_user(who)
+        command = [*prefix, sys.executable, str(DRIVER), json.dumps(request)]
+        line = "exec " + " ".join(shlex.quote(a) for a in command) + f" > {shlex.quote(str(out))}"
+        self.proc.stdin.write(line + "\n")
+        self.proc.stdin.flush()
+        done = self.proc.stdout.readline()
+        assert done.startswith("done "), f"the fake starter said {done!r}"
+        try:
+            answer: dict[str, Any] = json.loads(out.read_text().strip().splitlines()[-1])
+        finally:
+            out.unlink(missing_ok=True)
+        return answer
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(timeout=10)
