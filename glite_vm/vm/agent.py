@@ -19,6 +19,13 @@ import libvirt_qemu
 from glite_vm.errors import AgentError
 
 FILE_CHUNK = 64 << 10  # bytes per guest-file-read/write; 256 KiB writes stalled the channel (TCG)
+#: The search path of every process the agent starts (it runs as root in the guest).
+GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
+#: The whole environment of every process the agent starts, unless a caller gives another one.
+#: qemu-guest-agent passes no environment of its own when asked for one, so nothing a job sent
+#: (PATH, LD_PRELOAD, ENV, IFS, ...) reaches a root process: the job's environment is applied
+#: only to its payload, by ``env -i`` after the switch to the job's user (lifecycle.GUEST_RUN).
+ROOT_ENV = (f"PATH={GUEST_PATH}", "LC_ALL=C")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -82,9 +89,12 @@ class GuestAgent:
         capture: bool = False,
         input_data: bytes | None = None,
     ) -> int:
-        arguments: dict[str, Any] = {"path": path, "arg": args, "capture-output": capture}
-        if env is not None:
-            arguments["env"] = env
+        arguments: dict[str, Any] = {
+            "path": path,
+            "arg": args,
+            "capture-output": capture,
+            "env": list(ROOT_ENV) if env is None else env,
+        }
         if input_data is not None:
             arguments["input-data"] = base64.b64encode(input_data).decode()
         result = self.command("guest-exec", arguments)

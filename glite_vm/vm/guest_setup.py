@@ -43,7 +43,7 @@ from collections.abc import Iterable, Sequence
 from glite_vm.errors import AgentError
 from glite_vm.identity import HOSTS_PATH, GuestDirectory, GuestFile, GuestSetup
 from glite_vm.vm.agent import ExecStatus, GuestAgent
-from glite_vm.vm.lifecycle import GUEST_PATH, Vm
+from glite_vm.vm.lifecycle import Vm
 
 log = logging.getLogger(__name__)
 
@@ -212,11 +212,7 @@ def _write(agent: GuestAgent, guest_file: GuestFile) -> None:
 def _remove_quietly(agent: GuestAgent, path: str) -> None:
     """Best effort: leave no partial secret behind (it is 0400 root meanwhile anyway)."""
     with contextlib.suppress(AgentError):
-        agent.run(
-            ["/bin/sh", "-c", 'rm -f "$1"', _ARGV0, path],
-            timeout=SETUP_TIMEOUT,
-            env=[f"PATH={GUEST_PATH}"],
-        )
+        agent.run(["/bin/sh", "-c", 'rm -f "$1"', _ARGV0, path], timeout=SETUP_TIMEOUT)
 
 
 def _run_command(agent: GuestAgent, argv: tuple[str, ...]) -> None:
@@ -273,11 +269,7 @@ def _mismatch(item: GuestDirectory | GuestFile, seen: _Observed) -> str | None:
 
 
 def _run_script(agent: GuestAgent, script: str, args: list[str], what: str) -> ExecStatus:
-    st = agent.run(
-        ["/bin/sh", "-c", script, _ARGV0, *args],
-        timeout=SETUP_TIMEOUT,
-        env=[f"PATH={GUEST_PATH}", "LC_ALL=C"],
-    )
+    st = agent.run(["/bin/sh", "-c", script, _ARGV0, *args], timeout=SETUP_TIMEOUT)
     if st.exitcode != 0 or st.signal is not None:
         detail = st.stderr.decode("utf-8", "replace").strip()
         status = f"signal {st.signal}" if st.signal is not None else f"status {st.exitcode}"

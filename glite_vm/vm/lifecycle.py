@@ -31,7 +31,7 @@ from glite_vm.config import Settings
 from glite_vm.errors import AgentError, BootError, HypervisorError, RequestError
 from glite_vm.request import VMRequest
 from glite_vm.vm import transfer
-from glite_vm.vm.agent import GuestAgent
+from glite_vm.vm.agent import GUEST_PATH, GuestAgent
 from glite_vm.vm.domain_xml import (
     DOMAIN_PREFIX,
     METADATA_NS,
@@ -47,12 +47,13 @@ log = logging.getLogger(__name__)
 
 GUEST_WORKDIR = "/var/tmp/glite-vm-job"
 GUEST_STATE = "/run/glite-vm"
-GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 BOOT_LOG_TAIL_LINES = 25
 
-# Runs the payload in the guest (as root, through the agent): switches to the job's user, its
-# working directory and environment, and *execs* the payload so that its exit code or signal is
-# what the agent reports. Arguments: WORKDIR USER CMD [ARGS...].
+# Runs the payload in the guest (as root, through the agent, with the fixed ROOT_ENV): switches
+# to the job's user and working directory and *execs* CMD, so that the payload's exit code or
+# signal is what the agent reports. Arguments: WORKDIR USER CMD [ARGS...], where CMD is
+# `env -i NAME=VALUE... PAYLOAD...` (see payload_argv): the job's environment reaches the
+# payload only, after the switch; nothing here looks anything up with it.
 GUEST_RUN = r"""
 work=$1; runas=$2; shift 2
 cd "$work" || exit 126
@@ -426,9 +427,7 @@ class Vm:
             shutil.rmtree(staging, ignore_errors=True)
 
     def _root_script(self, script: str, args: list[str], what: str) -> None:
-        st = self.agent.run(
-            ["/bin/sh", "-c", script, "glite-vm", *args], timeout=600, env=[f"PATH={GUEST_PATH}"]
-        )
+        st = self.agent.run(["/bin/sh", "-c", script, "glite-vm", *args], timeout=600)
         if st.exitcode != 0 or st.signal is not None:
             detail = st.stderr.decode(errors="replace").strip() or f"status {st.exitcode}"
             raise AgentError(f"{what} failed in the guest: {detail}")
@@ -452,14 +451,11 @@ class Vm:
             raise RequestError("command", "is empty")
         self.prepare_workdir()
         user = self.guest_user
-        home = "/root" if user == "root" else f"/home/{user}"
-        base = {"PATH": GUEST_PATH, "HOME": home, "USER": user, "LOGNAME": user}
-        full_env = {**base, **(env or {})}
-        env_list = [f"{k}={v}" for k, v in full_env.items()]
         agent = self.agent
         start = time.monotonic()
         pid = agent.spawn(
-            "/bin/sh", ["-c", GUEST_RUN, "glite-vm", GUEST_WORKDIR, user, *argv], env=env_list
+            "/bin/sh",
+            ["-c", GUEST_RUN, "glite-vm", GUEST_WORKDIR, user, *payload_argv(user, argv, env)],
         )
         streams = [
             (agent.open(f"{GUEST_STATE}/stdout"), stdout),
@@ -591,6 +587,20 @@ class Vm:
                     os.chmod(p, 0o700 if p == self.dir else 0o600)
             except OSError as exc:
                 log.warning("cannot give %s to uid %s: %s", p, self.owner_uid, exc)
+
+
+def payload_argv(user: str, argv: Sequence[str], env: Mapping[str, str] | None) -> list[str]:
+    """What GUEST_RUN execs as the job's user: ``env -i`` with exactly the payload's
+    environment (a base of PATH, HOME, USER and LOGNAME, then the job's own), then the payload.
+    ``env`` would take a first word containing ``=`` for one more variable, so such a command
+    goes through ``sh -c 'exec "$0" "$@"'``."""
+    home = "/root" if user == "root" else f"/home/{user}"
+    base = {"PATH": GUEST_PATH, "HOME": home, "USER": user, "LOGNAME": user}
+    pairs = [f"{k}={v}" for k, v in {**base, **(env or {})}.items()]
+    command = list(argv)
+    if "=" in command[0]:
+        command = ["/bin/sh", "-c", 'exec "$0" "$@"', *command]
+    return ["env", "-i", *pairs, *command]
 
 
 def overlay_command(base: Path, base_format: str, overlay: Path, size: int) -> list[str]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from glite_vm.vm.lifecycle import GUEST_PATH, ExecResult, Vm
+from glite_vm.vm.lifecycle import ExecResult, Vm
 
 
 @dataclasses.dataclass
@@ -28,6 +28,6 @@ def payload(vm: Vm, script: str) -> Output:
 
 def as_root(vm: Vm, script: str) -> bytes:
     """Run ``script`` as root through the agent: the host's view, not the job's."""
-    st = vm.agent.run(["/bin/sh", "-c", script], timeout=120, env=[f"PATH={GUEST_PATH}"])
+    st = vm.agent.run(["/bin/sh", "-c", script], timeout=120)
     assert st.exitcode == 0, st.stderr
     return bytes(st.stdout)
