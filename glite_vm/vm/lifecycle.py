@@ -151,11 +151,17 @@ class TeardownResult:
 OutputSink = Callable[[bytes], None]
 
 
-def run_tool(argv: Sequence[str], what: str, timeout: float = 120.0) -> str:
-    """Run a host tool (qemu-img, ...) and return stdout; failures are host errors."""
+def run_tool(argv: Sequence[str], what: str, timeout: float = 120.0, *, umask: int = -1) -> str:
+    """Run a host tool (qemu-img, ...) and return stdout; failures are host errors. ``umask``
+    is the tool's own (for the files it creates); -1 leaves this process's."""
     try:
         proc = subprocess.run(
-            list(argv), capture_output=True, text=True, timeout=timeout, check=False
+            list(argv),
+            capture_output=True,
+            text=True,
+            timeout=timeout,
+            check=False,
+            umask=umask,
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise HypervisorError(f"{what}: {exc}") from exc
@@ -203,8 +209,13 @@ class VmHost:
         t0 = time.monotonic()
         token = secrets.token_hex(3)
         name = domain_name(request.job_id, request.owner, token)
-        vm_dir = self.settings.effective_snapshot_dir / name
-        vm_dir.mkdir(parents=True, mode=0o711)
+        snapshots = self.settings.effective_snapshot_dir
+        if not snapshots.is_dir():
+            # Listable, so that users find their kept snapshots (glite-vm snapshots list); the
+            # names it shows give nothing away: every file inside is private from birth.
+            snapshots.mkdir(parents=True, exist_ok=True, mode=0o755)
+        vm_dir = snapshots / name
+        vm_dir.mkdir(mode=0o711)
         vm = Vm(self, name, vm_dir, request, image, owner_uid=owner_uid)
         vm.timings.fetch = fetch_seconds
         # Until the domain exists the directory is locked: a sweeper of half-made VM
@@ -214,30 +225,25 @@ class VmHost:
         try:
             t1 = time.monotonic()
             size = max(image.virtual_size, request.disk_bytes)
+            # Every file of a VM is private (0600) from its first byte, qemu-img's overlay too:
+            # a chmod afterwards leaves a window in which another user can open it and keep the
+            # descriptor. QEMU's own user gets these files from libvirt (it relabels them), and
+            # the VM directory stays traversable (0711) for it.
             run_tool(
                 overlay_command(image.path, image.format, vm.overlay, size),
                 "creating the overlay",
+                umask=0o077,
             )
             vm.timings.overlay = time.monotonic() - t1
-            # A VM made for another user (owner_uid: the service) keeps the job's data private
-            # from the first byte: QEMU's own user gets these two from libvirt, and the VM
-            # directory must stay traversable for it, so their modes are what protects them.
-            private = owner_uid is not None
-            if private:
-                vm.overlay.chmod(0o600)
-            mode = 0o600 if private else 0o644
-            fd = os.open(vm.xfer, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, mode)
-            with os.fdopen(fd, "wb") as f:
+            with os.fdopen(create_private(vm.xfer), "wb") as f:
                 f.truncate(request.disk_bytes)
             # libvirt hands kernel and initrd to QEMU's user while the VM runs; per-VM copies
             # keep the cached originals root-owned and unwritable by any QEMU.
             kernel = initrd = None
             if image.kernel is not None:
-                kernel = vm_dir / "vmlinuz"
-                shutil.copyfile(image.kernel, kernel)
+                kernel = copy_private(image.kernel, vm_dir / "vmlinuz")
             if image.initrd is not None:
-                initrd = vm_dir / "initrd.img"
-                shutil.copyfile(image.initrd, initrd)
+                initrd = copy_private(image.initrd, vm_dir / "initrd.img")
             metadata = JobMetadata(
                 job_id=request.job_id,
                 owner=request.owner,
@@ -270,7 +276,8 @@ class VmHost:
                 base_chain=base_chain,
             )
             xml = build_domain_xml(spec)
-            (vm_dir / "domain.xml").write_text(xml)
+            with os.fdopen(create_private(vm_dir / "domain.xml"), "w") as f:
+                f.write(xml)
             try:
                 vm.domain = self.conn.defineXML(xml)
                 vm.domain.create()
@@ -571,12 +578,19 @@ class Vm:
             "finished": time.time(),
         }
         tmp = self.record.with_suffix(".tmp")
-        tmp.write_text(json.dumps(record, indent=2) + "\n")
+        tmp.unlink(missing_ok=True)
+        with os.fdopen(create_private(tmp), "w") as f:
+            f.write(json.dumps(record, indent=2) + "\n")
         tmp.replace(self.record)
 
     def _give_to_owner(self, paths: list[Path]) -> None:
-        """Kept files belong to the job's owner alone (when running as root for others)."""
+        """Kept files belong to the job's owner alone (when running as root for others); a
+        VM of this process's own keeps them private to its user (no QEMU needs them now)."""
         if self.owner_uid is None or os.geteuid() != 0:
+            for p in [*paths, self.dir]:
+                with contextlib.suppress(OSError):
+                    if not p.is_symlink():
+                        p.chmod(0o700 if p == self.dir else 0o600)
             return
         # The directory goes last: once it is the owner's, the owner could swap a name inside
         # for a symlink to a file of root's, and a chown by name would follow it.
@@ -587,6 +601,19 @@ class Vm:
                     os.chmod(p, 0o700 if p == self.dir else 0o600)
             except OSError as exc:
                 log.warning("cannot give %s to uid %s: %s", p, self.owner_uid, exc)
+
+
+def create_private(path: Path) -> int:
+    """A new file at ``path``, mode 0600 from its first byte (never through a link); its
+    descriptor, open for writing."""
+    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+
+
+def copy_private(src: Path, dest: Path) -> Path:
+    """Copy ``src`` to a new private file ``dest``; ``dest``."""
+    with src.open("rb") as fin, os.fdopen(create_private(dest), "wb") as fout:
+        shutil.copyfileobj(fin, fout, 1 << 20)
+    return dest
 
 
 def payload_argv(user: str, argv: Sequence[str], env: Mapping[str, str] | None) -> list[str]:

@@ -207,7 +207,6 @@ def test_a_new_vms_files_are_private_from_their_first_byte(
     """Bob watches the snapshot directory while alice's VM is created (its overlay creation
     slowed down): he can open none of its files, not even for a moment."""
     snapshots = boundary.state / "snapshots"
-    snapshots.mkdir(mode=0o711, exist_ok=True)
     stop = boundary.root / "stop-watching"
     stop.unlink(missing_ok=True)
     watcher = subprocess.Popen(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -104,3 +105,26 @@ def test_clear_errors_for_bad_input(state_dir: Path, tmp_path: Path) -> None:
     helptext = glite_vm(state_dir, "run", "--help")
     assert helptext.returncode == 0
     assert b"--keep-snapshot" in helptext.stdout
+
+
+def test_a_root_run_keeps_its_files_private(state_dir: Path, guest_dir: Path) -> None:
+    """Root's own runs too: the kept disk, the record, the domain XML and the boot log are
+    0600 in a 0700 directory, and another local user reads none of them."""
+    proc = glite_vm(
+        state_dir, "run", "--image", str(guest_dir / "disk-boot.qcow2"), "--json", "--", "false"
+    )
+    assert proc.returncode == 1, proc.stderr.decode()
+    result = json.loads(proc.stderr.decode().strip().splitlines()[-1])
+    vm_dir = Path(result["snapshot_path"]).parent
+    assert stat.S_IMODE(vm_dir.stat().st_mode) == 0o700
+    kept = sorted(vm_dir.iterdir())
+    assert {p.name for p in kept} >= {"snapshot.qcow2", "record.json", "domain.xml", "boot.log"}
+    for path in kept:
+        assert stat.S_IMODE(path.lstat().st_mode) == 0o600, path
+        nobody = subprocess.run(
+            ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "cat", str(path)],
+            capture_output=True,
+            timeout=30,
+            check=False,
+        )
+        assert nobody.returncode != 0 and b"Permission denied" in nobody.stderr, path
