@@ -10,13 +10,18 @@ Everything goes through the guest agent (which runs as root), in four steps:
 
 1. **prepare** (one ``guest-exec`` of ``/bin/sh``): make each directory (parents first), then set
    its owner and mode; for each file remove what is there and create it *empty*, under umask
-   077 and noclobber, then give it its final owner and mode;
+   077 and noclobber, then give it its final owner and mode. A **secret** file (a host key) is
+   created in :data:`SECRETS_DIR`, a RAM-only file system (ramfs, which is never swapped out;
+   tmpfs where the kernel lacks ramfs) mounted for it, and its usual path becomes a symlink to
+   it: the secret never touches the guest's disk, so a kept snapshot or an export of it holds
+   no key;
 2. **write** each file's content with ``guest-file-open`` in ``"r+"`` mode, which never
    creates: qemu-guest-agent creates *new* files with mode 0666 whatever the umask, so a key
    written straight into a new file would be world-readable until a chmod;
 3. **commands** (argv, run through ``exec "$@"``: arguments are never parsed by a shell);
-4. **verify** (one ``guest-exec``): type, mode, owner and size of every directory and file, and
-   the hostname the kernel reports.
+4. **verify** (one ``guest-exec``): type, mode, owner and size of every directory and file (of a
+   secret: of its RAM copy, and where its link points), the file system type under
+   :data:`SECRETS_DIR`, and the hostname the kernel reports.
 
 Paths and commands travel as separate arguments of ``sh -c SCRIPT``, never pasted into a
 script, so no name can inject shell syntax. Secret content (``GuestFile.secret``) is revealed
@@ -50,12 +55,48 @@ log = logging.getLogger(__name__)
 SETUP_TIMEOUT = 120.0  # seconds for one step in the guest (TCG under load is slow)
 HOSTS_READ_LIMIT = 1 << 20  # a guest's /etc/hosts larger than this is replaced, not merged
 _ARGV0 = "glite-vm-setup"
+#: Where secret files live in the guest: a RAM-only file system mounted for them.
+SECRETS_DIR = "/run/glite-vm-secrets"
+_RAM_FILESYSTEMS = ("ramfs", "tmpfs")
 
-# Arguments: quadruples KIND PATH UID:GID MODE (KIND is "dir" or "file").
+# Arguments: SECRETS_DIR, then quintuples KIND PATH UID:GID MODE RAMCOPY (KIND is "dir", "file"
+# or "secret"; RAMCOPY is the path of a secret's bytes under SECRETS_DIR, "-" otherwise).
 _PREPARE = r"""
 set -eu
-while [ $# -ge 4 ]; do
-    kind=$1; path=$2; owner=$3; mode=$4; shift 4
+secrets=$1; shift
+mounted=
+ram_fs() {  # whether $1 is the mount point of a RAM-only file system
+    while read -r _dev _dir _type _rest; do
+        if [ "$_dir" = "$1" ]; then
+            case $_type in ramfs|tmpfs) return 0 ;; esac
+        fi
+    done < /proc/mounts
+    return 1
+}
+mount_secrets() {
+    [ -n "$mounted" ] && return 0
+    if ! ram_fs "$secrets"; then
+        if [ -L "$secrets" ] || { [ -e "$secrets" ] && [ ! -d "$secrets" ]; }; then
+            rm -f "$secrets"
+        fi
+        (umask 077 && mkdir -p "$secrets")
+        mount -t ramfs -o mode=0711 glite-vm-secrets "$secrets" 2>/dev/null \
+            || mount -t tmpfs -o mode=0711,size=4m glite-vm-secrets "$secrets" \
+            || { echo "cannot mount a RAM file system on $secrets for secrets" >&2; exit 3; }
+    fi
+    chown 0:0 "$secrets"
+    chmod 0711 "$secrets"
+    mounted=yes
+}
+new_file() {  # empty, private and with its final owner and mode before any byte is written
+    # (the noclobber create cannot follow a link that appears after the rm)
+    rm -f "$1"
+    (umask 077 && set -C && : > "$1")
+    chown "$2" "$1"
+    chmod "$3" "$1"
+}
+while [ $# -ge 5 ]; do
+    kind=$1; path=$2; owner=$3; mode=$4; ramcopy=$5; shift 5
     case $kind in
     dir)
         (umask 022 && mkdir -p "$path")
@@ -63,12 +104,13 @@ while [ $# -ge 4 ]; do
         chmod "$mode" "$path"
         ;;
     file)
-        # Empty, private and with its final owner and mode before any byte is written; the
-        # noclobber create cannot follow a link that appears after the rm.
+        new_file "$path" "$owner" "$mode"
+        ;;
+    secret)
+        mount_secrets
+        new_file "$ramcopy" "$owner" "$mode"
         rm -f "$path"
-        (umask 077 && set -C && : > "$path")
-        chown "$owner" "$path"
-        chmod "$mode" "$path"
+        ln -s "$ramcopy" "$path"
         ;;
     *)
         echo "unknown kind $kind" >&2
@@ -79,11 +121,22 @@ done
 [ $# -eq 0 ] || { echo "stray arguments: $*" >&2; exit 2; }
 """
 
-# One line per path, in order: raw mode (hex, with the file type), uid, gid, size. The paths
-# are not printed, so no name can break the parsing. Then the kernel's hostname.
+# Arguments: SECRETS_DIR, N, then N paths to stat, then the links of secrets. Prints one line
+# per path, in order: raw mode (hex, with the file type), uid, gid, size; one line per link:
+# where it points; the type of the file system on SECRETS_DIR ("-" if nothing is mounted
+# there); then the kernel's hostname. The paths are not printed, so no name can break the
+# parsing.
 _VERIFY = r"""
 set -eu
-if [ $# -gt 0 ]; then stat -c '%f %u %g %s' "$@"; fi
+secrets=$1; n=$2; shift 2
+i=0
+while [ $i -lt "$n" ]; do stat -c '%f %u %g %s' "$1"; shift; i=$((i + 1)); done
+for link in "$@"; do readlink "$link"; done
+fs=-
+while read -r _dev dir type _rest; do
+    if [ "$dir" = "$secrets" ]; then fs=$type; fi
+done < /proc/mounts
+echo "$fs"
 hostname
 """
 
@@ -114,12 +167,13 @@ def apply_guest_setup(vm: Vm, setup: GuestSetup, *, keep_guest_hosts: bool = Tru
     if keep_guest_hosts and any(f.path == HOSTS_PATH for f in setup.files):
         setup = _merge_guest_hosts(agent, setup)
     directories = sorted(setup.directories, key=lambda d: d.path.count("/"))
-    _prepare(agent, directories, setup.files)
+    copies = ram_copies(setup.files)
+    _prepare(agent, directories, setup.files, copies)
     for guest_file in setup.files:
-        _write(agent, guest_file)
+        _write(agent, guest_file, copies.get(guest_file.path, guest_file.path))
     for argv in setup.commands:
         _run_command(agent, argv)
-    _verify(agent, directories, setup)
+    _verify(agent, directories, setup, copies)
     secret_count = sum(1 for f in setup.files if f.secret)
     log.info(
         "guest setup of %s applied in %.2f s: hostname %s, %d directories, "
@@ -167,6 +221,14 @@ def _merge_guest_hosts(agent: GuestAgent, setup: GuestSetup) -> GuestSetup:
     return setup.with_existing_hosts(existing)
 
 
+def ram_copies(files: Sequence[GuestFile]) -> dict[str, str]:
+    """Where each secret file's bytes live: its path -> a file under :data:`SECRETS_DIR`."""
+    secrets = [f for f in files if f.secret]
+    return {
+        f.path: f"{SECRETS_DIR}/{i}-{posixpath.basename(f.path)}" for i, f in enumerate(secrets)
+    }
+
+
 # -- steps -----------------------------------------------------------------------------------
 
 
@@ -175,25 +237,30 @@ def _owner(item: GuestDirectory | GuestFile) -> str:
 
 
 def _prepare(
-    agent: GuestAgent, directories: Sequence[GuestDirectory], files: Sequence[GuestFile]
+    agent: GuestAgent,
+    directories: Sequence[GuestDirectory],
+    files: Sequence[GuestFile],
+    copies: dict[str, str],
 ) -> None:
     args: list[str] = []
     for directory in directories:
-        args += ["dir", directory.path, _owner(directory), f"{directory.mode:o}"]
-    for guest_file in files:
-        args += ["file", guest_file.path, _owner(guest_file), f"{guest_file.mode:o}"]
+        args += ["dir", directory.path, _owner(directory), f"{directory.mode:o}", "-"]
+    for f in files:
+        kind, ram = ("secret", copies[f.path]) if f.path in copies else ("file", "-")
+        args += [kind, f.path, _owner(f), f"{f.mode:o}", ram]
     if args:
-        _run_script(agent, _PREPARE, args, "preparing directories and files")
+        _run_script(agent, _PREPARE, [SECRETS_DIR, *args], "preparing directories and files")
 
 
-def _write(agent: GuestAgent, guest_file: GuestFile) -> None:
-    """Write into the file ``_prepare`` created; ``"r+"`` fails rather than create one."""
+def _write(agent: GuestAgent, guest_file: GuestFile, target: str) -> None:
+    """Write into the file ``_prepare`` created at ``target`` (a secret's RAM copy, else the
+    file's own path); ``"r+"`` fails rather than create one."""
     data = guest_file.data()
     if not data:
         return
     handle: int | None = None
     try:
-        handle = agent.open(guest_file.path, "r+")
+        handle = agent.open(target, "r+")
         agent.write(handle, data)
         closing, handle = handle, None
         agent.close(closing)
@@ -202,7 +269,7 @@ def _write(agent: GuestAgent, guest_file: GuestFile) -> None:
             with contextlib.suppress(AgentError):
                 agent.close(handle)
         if guest_file.secret:
-            _remove_quietly(agent, guest_file.path)
+            _remove_quietly(agent, target)
         detail = _scrub(str(exc), data) if guest_file.secret else str(exc)
         raise AgentError(
             f"writing {guest_file.path} ({len(data)} bytes) in the guest failed: {detail}"
@@ -219,20 +286,35 @@ def _run_command(agent: GuestAgent, argv: tuple[str, ...]) -> None:
     _run_script(agent, _EXEC, list(argv), f"the setup command {shlex.join(argv)}")
 
 
-def _verify(agent: GuestAgent, directories: Sequence[GuestDirectory], setup: GuestSetup) -> None:
+def _verify(
+    agent: GuestAgent,
+    directories: Sequence[GuestDirectory],
+    setup: GuestSetup,
+    copies: dict[str, str],
+) -> None:
     items: list[GuestDirectory | GuestFile] = [*directories, *setup.files]
-    st = _run_script(agent, _VERIFY, [i.path for i in items], "checking the guest setup")
+    stat_paths = [copies.get(i.path, i.path) for i in items]
+    links = list(copies)
+    args = [SECRETS_DIR, str(len(stat_paths)), *stat_paths, *links]
+    st = _run_script(agent, _VERIFY, args, "checking the guest setup")
     lines = st.stdout.decode("utf-8", "replace").splitlines()
-    if len(lines) != len(items) + 1:
+    expected = len(items) + len(links) + 2
+    if len(lines) != expected:
         raise AgentError(
-            f"checking the guest setup: expected {len(items) + 1} lines from the guest, "
-            f"got {len(lines)}"
+            f"checking the guest setup: expected {expected} lines from the guest, got {len(lines)}"
         )
     problems = [
         problem
         for item, line in zip(items, lines, strict=False)
         if (problem := _mismatch(item, _parse_stat(line, item.path)))
     ]
+    pointed = lines[len(items) : len(items) + len(links)]
+    for link, target in zip(links, pointed, strict=True):
+        if target != copies[link]:
+            problems.append(f"{link} points to {target!r}, not to its copy in RAM")
+    filesystem = lines[-2]
+    if links and filesystem not in _RAM_FILESYSTEMS:
+        problems.append(f"{SECRETS_DIR} is on {filesystem!r}, not on a RAM file system")
     if ("hostname", setup.kernel_hostname) in setup.commands and lines[-1] != (
         setup.kernel_hostname
     ):

@@ -178,7 +178,7 @@ def test_what_the_tool_puts_in_the_guest_is_protected(guest: Guest) -> None:
     out = payload(
         guest.vm,
         f"""
-        stat -c '%a %u %n' . input.txt {GUEST_STATE} {GRID_SECURITY_DIR} {HOSTKEY_PATH}
+        stat -L -c '%a %u %n' . input.txt {GUEST_STATE} {GRID_SECURITY_DIR} {HOSTKEY_PATH}
         ls {GUEST_STATE} >/dev/null 2>&1 && echo STATE-LISTED
         cat {HOSTKEY_PATH} 2>/dev/null && echo KEY-READ
         for d in $(echo "{GUEST_PATH}" | tr : ' ') /etc {GRID_SECURITY_DIR}; do

@@ -38,7 +38,7 @@ from glite_vm.identity import (
     prepare_guest_identity,
 )
 from glite_vm.request import VMRequest
-from glite_vm.vm.guest_setup import apply_guest_setup
+from glite_vm.vm.guest_setup import SECRETS_DIR, apply_guest_setup
 from glite_vm.vm.lifecycle import Vm, VmHost
 from tests.support import LocalImage, our_domain_names
 from tests.vm.guest_calls import as_root, payload
@@ -221,7 +221,9 @@ def test_guest_trust_directory_verifies_the_host_certificate(
 def test_modes_and_owners_as_the_job_sees_them(minted_vm: Vm, ca: CaFiles) -> None:
     new_hash = openssl("x509", "-hash", "-noout", "-in", str(ca.cert_path))
     paths = [GRID_SECURITY_DIR, TRUST_DIR, f"{TRUST_DIR}/{new_hash}.0", HOSTCERT_PATH, HOSTKEY_PATH]
-    out = payload(minted_vm, "stat -c '%A %u %g %n' " + " ".join(paths))
+    out = payload(
+        minted_vm, "stat -L -c '%A %u %g %n' " + " ".join(paths) + f"; readlink {HOSTKEY_PATH}"
+    )
     assert out.result.exit_code == 0, out.stderr
     assert out.text.splitlines() == [
         f"drwxr-xr-x 0 0 {GRID_SECURITY_DIR}",
@@ -229,6 +231,7 @@ def test_modes_and_owners_as_the_job_sees_them(minted_vm: Vm, ca: CaFiles) -> No
         f"-rw-r--r-- 0 0 {TRUST_DIR}/{new_hash}.0",
         f"-rw-r--r-- 0 0 {HOSTCERT_PATH}",
         f"-r-------- 0 0 {HOSTKEY_PATH}",
+        f"{SECRETS_DIR}/0-hostkey.pem",  # the key's bytes live in RAM only
     ]
 
 
@@ -248,16 +251,17 @@ def test_the_key_never_shows_in_an_error_or_a_log(
     caplog: pytest.LogCaptureFixture,
     capfd: pytest.CaptureFixture[str],
 ) -> None:
-    """A real failure while the key is being written: the guest's disk is full."""
+    """A real failure while the key is being written: the RAM file system for secrets is
+    full (a full tmpfs mounted there first, which the setup then uses)."""
     vm = guest.vm
-    full = "/run/glite-vm-full"
+    full = SECRETS_DIR
     as_root(
         vm,
-        f"mkdir -p {full} && mount -t tmpfs -o size=4k,mode=0755 tmpfs {full} && "
+        f"mkdir -p {full} && mount -t tmpfs -o size=4k,mode=0711 tmpfs {full} && "
         f"(dd if=/dev/zero of={full}/fill bs=4096 count=8 2>/dev/null || true)",
     )
     key = minted.file(HOSTKEY_PATH)
-    target = f"{full}/hostkey.pem"
+    target = "/run/glite-vm-test-hostkey.pem"
     plan = dataclasses.replace(
         minted,
         directories=(),
@@ -269,7 +273,7 @@ def test_the_key_never_shows_in_an_error_or_a_log(
             apply_guest_setup(vm, plan)
         remains = as_root(vm, f"ls -A {full}").decode().split()
     finally:
-        as_root(vm, f"umount {full} && rmdir {full}")
+        as_root(vm, f"umount {full}; rm -f {target}")
     err = info.value
     assert err.disposition is Disposition.REQUEUE
     assert target in str(err)
@@ -347,7 +351,9 @@ def test_unusable_preissued_pair_holds_the_job_before_any_vm_boots(
     break_pair(cert_dir, how)
     settings = dataclasses.replace(vm_settings, host_cert_dir=cert_dir, ca_cert=ca.cert_path)
     domains_before = our_domain_names()
-    vm_dirs_before = set(vm_settings.effective_snapshot_dir.iterdir())
+    snapshots = vm_settings.effective_snapshot_dir
+    snapshots.mkdir(parents=True, exist_ok=True)
+    vm_dirs_before = set(snapshots.iterdir())
 
     def start_job() -> Vm:
         # the order a job's start follows: its identity first, then the VM
@@ -364,4 +370,4 @@ def test_unusable_preissued_pair_holds_the_job_before_any_vm_boots(
     assert BROKEN_PAIRS[how] in str(err) and HOSTNAME in str(err)
     assert leaked(str(err), foreign_key) == []
     assert our_domain_names() == domains_before
-    assert set(vm_settings.effective_snapshot_dir.iterdir()) == vm_dirs_before
+    assert set(snapshots.iterdir()) == vm_dirs_before
