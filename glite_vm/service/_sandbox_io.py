@@ -26,7 +26,7 @@ import tempfile
 from pathlib import Path
 from typing import IO, Any, cast
 
-from glite_vm.errors import AccessDeniedError, AgentError, GliteVmError, HostError, RequestError
+from glite_vm.errors import AccessDeniedError, GliteVmError, HostError, RequestError
 from glite_vm.vm import transfer
 
 
@@ -140,20 +140,9 @@ def unpack_from(
     except OSError as exc:
         raise AccessDeniedError(f"cannot write into {dest}: {exc.strerror}") from None
     try:
-        names: list[str] = []
         with os.fdopen(os.dup(xfer_fd), "rb") as raw:
-            try:
-                with tarfile.open(fileobj=raw, mode="r:") as tar:
-                    for member in tar:
-                        if member.name in (".", "./"):
-                            continue
-                        problem = transfer._extract_member(tar, member, staging)
-                        if problem is not None:
-                            refused.append(f"{member.name}: {problem}")
-                        elif member.isreg():
-                            names.append(os.path.normpath(member.name))
-            except tarfile.ReadError as exc:
-                raise AgentError(f"the guest's output stream is not a tar archive: {exc}") from exc
+            limit = os.fstat(raw.fileno()).st_size  # the transfer disk: the job's disk request
+            names = transfer.extract_stream(raw, staging, refused, limit=limit)
         return transfer.copy_changed(staging, names, dest, unchanged_from)
     finally:
         shutil.rmtree(staging, ignore_errors=True)

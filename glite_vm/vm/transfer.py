@@ -29,8 +29,13 @@ import stat
 import tarfile
 import tempfile
 from pathlib import Path
+from typing import IO, BinaryIO
 
-from glite_vm.errors import AgentError
+from glite_vm.errors import AgentError, RequestError
+
+#: Members of one output stream at most (each becomes a file or directory on the host).
+MAX_OUTPUT_MEMBERS = 1_000_000
+_ZERO_CHUNK = bytes(1 << 20)
 
 # Shell fragment (POSIX sh, run as root in the guest) that sets $dev to the transfer disk.
 FIND_XFER_DEVICE = r"""
@@ -135,28 +140,75 @@ def _walk(src: Path) -> list[Path]:
 
 
 def unpack_tree(xfer_disk: Path, dest: Path, refused: list[str] | None = None) -> list[str]:
-    """Extract the guest's tar stream into ``dest`` safely; relative names of regular files.
+    """Extract the guest's tar stream from ``xfer_disk`` into ``dest`` (see
+    :func:`extract_stream`); the files' names. Bounded by the transfer disk's size, which is
+    the job's disk request."""
+    with xfer_disk.open("rb") as raw:
+        return extract_stream(raw, dest, refused, limit=os.fstat(raw.fileno()).st_size)
+
+
+def extract_stream(
+    raw: BinaryIO, dest: Path, refused: list[str] | None = None, *, limit: int
+) -> list[str]:
+    """Extract a tar stream from the guest into ``dest`` safely; relative names of the regular
+    files.
+
+    Every byte that comes back from a guest is bounded: the files' sizes together (as the
+    archive states them, holes included) may not pass ``limit`` (the job's disk request), nor
+    the members :data:`MAX_OUTPUT_MEMBERS`: either ends the copy with a hold-class
+    :class:`~glite_vm.errors.RequestError` before anything past the bound is written. Files
+    are written sparse (runs of zeros become holes), so a sparse member of a few hundred bytes
+    in the archive takes no more room on the host than in the guest.
 
     Members the ``data`` filter refuses (absolute or escaping links, devices) are skipped and
     their names appended to ``refused``: a job that leaves such a link behind still succeeds.
     """
     names: list[str] = []
-    with xfer_disk.open("rb") as raw:
-        try:
-            with tarfile.open(fileobj=raw, mode="r:") as tar:
-                for member in tar:
-                    if member.name in (".", "./"):
-                        continue
-                    problem = _extract_member(tar, member, dest)
-                    if problem is not None:
-                        if refused is not None:
-                            refused.append(f"{member.name}: {problem}")
-                        continue
-                    if member.isreg():
-                        names.append(os.path.normpath(member.name))
-        except tarfile.ReadError as exc:
-            raise AgentError(f"the guest's output stream is not a tar archive: {exc}") from exc
+    budget = _Budget(limit)
+    try:
+        with tarfile.open(fileobj=raw, mode="r:") as tar:
+            for member in tar:
+                if member.name in (".", "./"):
+                    continue
+                budget.take(member)
+                problem = _extract_member(tar, member, dest)
+                if problem is not None:
+                    if refused is not None:
+                        refused.append(f"{member.name}: {problem}")
+                    continue
+                if member.isreg():
+                    names.append(os.path.normpath(member.name))
+    except tarfile.ReadError as exc:
+        raise AgentError(f"the guest's output stream is not a tar archive: {exc}") from exc
     return names
+
+
+class _Budget:
+    """What the output of one job may still take: bytes (as the archive states them) and
+    members."""
+
+    def __init__(self, limit: int) -> None:
+        self.limit = limit
+        self.used = 0
+        self.members = 0
+
+    def take(self, member: tarfile.TarInfo) -> None:
+        self.members += 1
+        if self.members > MAX_OUTPUT_MEMBERS:
+            raise RequestError(
+                "output",
+                f"the job left more than {MAX_OUTPUT_MEMBERS} files and directories to copy "
+                "back; pack them into an archive in the guest",
+            )
+        if member.isreg():
+            self.used += member.size
+            if self.used > self.limit:
+                raise RequestError(
+                    "RequestDisk",
+                    f"the job's output files add up to more than its disk request "
+                    f"({self.limit} bytes; {member.name!r} alone states {member.size}); "
+                    "ask for more disk (RequestDisk) or leave less in the working directory",
+                )
 
 
 def _inside(name: str) -> bool:
@@ -201,10 +253,25 @@ def _extract_member(tar: tarfile.TarFile, member: tarfile.TarInfo, dest: Path) -
         return "unreadable member"
     fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "wb") as out:
-        shutil.copyfileobj(src, out, 1 << 20)
+        _copy_sparse(src, out, member.size)
     target.chmod(member.mode & 0o755)
     os.utime(target, (member.mtime, member.mtime), follow_symlinks=False)
     return None
+
+
+def _copy_sparse(src: IO[bytes], out: BinaryIO, size: int) -> None:
+    """Copy ``size`` bytes, seeking over whole chunks of zeros so that they become holes."""
+    left = size
+    while left > 0:
+        chunk = src.read(min(len(_ZERO_CHUNK), left))
+        if not chunk:
+            break
+        left -= len(chunk)
+        if chunk == _ZERO_CHUNK[: len(chunk)]:
+            out.seek(len(chunk), os.SEEK_CUR)
+        else:
+            out.write(chunk)
+    out.truncate(size - left)
 
 
 def file_digest(path: Path) -> str:
