@@ -48,8 +48,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from glite_vm.condor.config import SlotLayout  # noqa: E402
 from glite_vm.config import GIB  # noqa: E402
+from glite_vm.slots import SlotLayout  # noqa: E402
 from tests.condor.pool import (  # noqa: E402
     JobAd,
     PersonalPool,
@@ -64,6 +64,7 @@ from tests.condor.pool import (  # noqa: E402
 from tests.service.svc_support import ServiceProcess, running_service  # noqa: E402
 from tests.support import disk_guest_catalogue, domain_names  # noqa: E402
 
+LAYOUT = SlotLayout(slots=2, root_slots=1, cpus=1, memory_mib=2048, disk_bytes=30 * GIB)
 GUESTS = Path(os.environ.get("GLITE_VM_TEST_GUESTS", REPO / "tests" / "guest" / "build"))
 JOB_TIMEOUT = 300.0
 USERLOG_CONFIG = "DEFAULT_USERLOG_FORMAT_OPTIONS = ISO_DATE SUB_SECOND\n"
@@ -196,7 +197,9 @@ def main() -> int:
 def run_bench(root: Path, runs: int, domains: list[str]) -> dict[str, Any]:
     repo = root / "repo"
     repo.mkdir(mode=0o755)
-    with running_service(root, disk_guest_catalogue(GUESTS, repo, "test-guest")) as service:
+    catalogue = disk_guest_catalogue(GUESTS, repo, "test-guest")
+    # The service knows the pool's slots as `glite-vm config` writes them.
+    with running_service(root, catalogue, LAYOUT.knobs()) as service:
         state = Path(service.env["GLITE_VM_STATE_DIR"])
         return run_pools(root, service, state, runs, domains)
 
@@ -212,7 +215,7 @@ def run_pools(
         ours_prefix,
         state_dir=state,
         socket_path=service.socket_path,
-        layout=SlotLayout(slots=2, root_slots=1, cpus=1, memory_mib=2048, disk_bytes=30 * GIB),
+        layout=LAYOUT,
         advertise_period=10,
     )
     user = ensure_user()

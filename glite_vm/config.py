@@ -210,8 +210,18 @@ class Settings:
     max_host_failures: int = 3  # host failures of one job before it is held (0: never)
     network: str = "none"
     socket_path: Path = dataclasses.field(default_factory=_default_socket)
+    # the execute host's VM slots (glite-vm config renders them; the service trusts only these:
+    # glite_vm.slots); the last root_slots of them are root-enabled
+    slots: int = 3
+    root_slots: int = 1
+    slot_cpus: int = 1
+    slot_memory_bytes: int = 2 * GIB
+    slot_disk_bytes: int = 30 * GIB
     # the bootstrapper service (docs/service.md)
     reap_interval: float = 15.0  # seconds between reaper passes of `glite-vm serve`
+    max_calls_per_user: int = 32  # calls one local user (not root) may have running at once
+    max_unmanaged_vms_per_user: int = 4  # VMs started outside HTCondor, per user (not root)
+    unmanaged_vm_lifetime: float = 12 * 3600.0  # seconds such a VM may live (0: no limit)
     service_connect_timeout: float = 5.0  # seconds a client waits to connect to the service
     service_idle_timeout: float = 30.0  # seconds a client waits for any sign of life mid-call
     # guest identity: hostname and host certificate (docs/identity.md)

@@ -24,12 +24,13 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from glite_vm.condor.config import SlotLayout  # noqa: E402
 from glite_vm.config import GIB  # noqa: E402
+from glite_vm.slots import SlotLayout  # noqa: E402
 from tests.condor.pool import ensure_user, glite_vm_execute_host, running_pool  # noqa: E402
 from tests.service.svc_support import ServiceProcess, running_service  # noqa: E402
 from tests.support import disk_guest_catalogue  # noqa: E402
 
+LAYOUT = SlotLayout(slots=3, root_slots=1, cpus=1, memory_mib=2048, disk_bytes=30 * GIB)
 GUESTS = Path(os.environ.get("GLITE_VM_TEST_GUESTS", REPO / "tests" / "guest" / "build"))
 DEMO_USER = "glitevm-demo"
 JOB_TIMEOUT = 300.0
@@ -66,7 +67,9 @@ def run_demo(root: Path) -> int:
     repo = root / "repo"
     repo.mkdir(mode=0o755)
     say("starting the glite-vm service (root; owns libvirt, the image cache and the VMs)")
-    with running_service(root, disk_guest_catalogue(GUESTS, repo, "test-guest")) as service:
+    catalogue = disk_guest_catalogue(GUESTS, repo, "test-guest")
+    # The service knows the pool's slots as `glite-vm config` writes them.
+    with running_service(root, catalogue, LAYOUT.knobs()) as service:
         return run_pool(root, service, Path(service.env["GLITE_VM_STATE_DIR"]))
 
 
@@ -77,7 +80,7 @@ def run_pool(root: Path, service: ServiceProcess, state: Path) -> int:
         prefix,
         state_dir=state,
         socket_path=service.socket_path,
-        layout=SlotLayout(slots=3, root_slots=1, cpus=1, memory_mib=2048, disk_bytes=30 * GIB),
+        layout=LAYOUT,
         advertise_period=10,
     )
     user = ensure_user(DEMO_USER)

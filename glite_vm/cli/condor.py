@@ -16,12 +16,12 @@ from glite_vm.condor.config import (
     DEFAULT_HOOKS_DIR,
     HOOK_ENTRY_POINTS,
     ExecuteHostConfig,
-    SlotLayout,
     hook_script,
     render_execute_config,
 )
 from glite_vm.config import MIB, Settings, parse_size
 from glite_vm.errors import RequestError
+from glite_vm.slots import SlotLayout
 
 _DEFAULT = SlotLayout()
 

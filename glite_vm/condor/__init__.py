@@ -15,12 +15,10 @@ from glite_vm._lazy import lazy_exports
 if TYPE_CHECKING:
     from glite_vm.condor.config import (
         ExecuteHostConfig,
-        SlotLayout,
         render_execute_config,
     )
     from glite_vm.condor.jobad import (
         HOST_FAILURES_ATTR,
-        SlotFacts,
         ad_safe_text,
         append_host_failure,
         chirp_literal,
@@ -34,10 +32,9 @@ if TYPE_CHECKING:
 
 # Imported on first use: see glite_vm._lazy.
 _EXPORTS: dict[str, tuple[str, ...]] = {
-    "glite_vm.condor.config": ("ExecuteHostConfig", "SlotLayout", "render_execute_config"),
+    "glite_vm.condor.config": ("ExecuteHostConfig", "render_execute_config"),
     "glite_vm.condor.jobad": (
         "HOST_FAILURES_ATTR",
-        "SlotFacts",
         "ad_safe_text",
         "append_host_failure",
         "chirp_literal",
@@ -54,8 +51,6 @@ __getattr__ = lazy_exports(__name__, _EXPORTS)
 __all__ = [
     "HOST_FAILURES_ATTR",
     "ExecuteHostConfig",
-    "SlotFacts",
-    "SlotLayout",
     "ad_safe_text",
     "append_host_failure",
     "chirp_literal",

@@ -23,7 +23,8 @@ from pathlib import Path
 from typing import Final
 
 from glite_vm import __version__
-from glite_vm.config import GIB, KIB, MIB, Settings, format_size
+from glite_vm.config import KIB, MIB, Settings, format_size
+from glite_vm.slots import ROOT_SLOT_TYPE, USER_SLOT_TYPE, SlotLayout
 
 HOOK_KEYWORD: Final = "GLITE_VM"
 #: HTCondor hook name -> file in the hooks directory. No UPDATE_JOB_INFO: the starter ignores
@@ -47,8 +48,6 @@ HOOK_ENTRY_POINTS: Final = {
 }
 #: STARTD_CRON job name -> ``glite-vm`` sub-command.
 CRON_JOBS: Final = {"GLITE_VM_ADVERTISE": "advertise", "GLITE_VM_REAP": "reap"}
-USER_SLOT_TYPE: Final = 1
-ROOT_SLOT_TYPE: Final = 2
 
 # Characters a value may carry into condor_config unquoted: no blanks, '$' (macro expansion),
 # quotes or backslashes (they end up inside ClassAd strings of the START expression).
@@ -84,41 +83,12 @@ def hook_script(name: str, interpreter: str) -> str:
 
 
 @dataclasses.dataclass(frozen=True)
-class SlotLayout:
-    """Static VM slots of one execute host; the last ``root_slots`` of them are root-enabled."""
-
-    slots: int = 3
-    root_slots: int = 1
-    cpus: int = 1
-    memory_mib: int = 2048
-    disk_bytes: int = 30 * GIB
-
-    def __post_init__(self) -> None:
-        if self.slots < 1:
-            raise ValueError(f"a host needs at least 1 slot, got {self.slots}")
-        if not 0 <= self.root_slots <= self.slots:
-            raise ValueError(f"root slots must be within 0 .. {self.slots}, got {self.root_slots}")
-        if self.cpus < 1:
-            raise ValueError(f"a slot needs at least 1 CPU, got {self.cpus}")
-        if self.memory_mib < 64:
-            raise ValueError(f"a slot needs at least 64 MiB of memory, got {self.memory_mib} MiB")
-        if self.disk_bytes < 64 * MIB:
-            raise ValueError(
-                f"a slot needs at least 64 MiB of disk, got {format_size(self.disk_bytes)}"
-            )
-
-    @property
-    def user_slots(self) -> int:
-        return self.slots - self.root_slots
-
-
-@dataclasses.dataclass(frozen=True)
 class ExecuteHostConfig:
     """Everything the snippet states. Build with :meth:`from_settings` or directly."""
 
     hooks_dir: Path
     glite_vm: Path  # the executable STARTD_CRON runs
-    layout: SlotLayout = SlotLayout()
+    layout: SlotLayout = dataclasses.field(default_factory=SlotLayout)
     default_image: str = ""
     root_users: tuple[str, ...] = ()
     max_host_failures: int = 3
@@ -232,6 +202,9 @@ def render_execute_config(cfg: ExecuteHostConfig) -> str:
         f"the last {layout.root_slots} root-enabled ---",
         "# VM vCPUs are host threads: the startd counts exactly the VMs' CPUs.",
         f"NUM_CPUS = {layout.slots * layout.cpus}",
+        "# The service reads the same layout (`glite-vm serve --condor-config`) and trusts only",
+        "# it: a VM's root and size come from the slot its job's condor_starter runs.",
+        *(f"{name} = {value}" for name, value in layout.knobs().items()),
         "# KiB shared out as the slots' Disk (the VMs' disk size; overlays are sparse).",
         f"DISK = {layout.slots * (layout.disk_bytes // KIB)}",
     ]

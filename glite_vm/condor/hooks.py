@@ -169,16 +169,6 @@ def parse_old_ad(text: str, what: str) -> classad2.ClassAd:
     return ad
 
 
-def read_ad_file(path: str | None, what: str) -> classad2.ClassAd | None:
-    if not path:
-        return None
-    try:
-        text = Path(path).read_text(errors="replace")
-    except OSError:
-        return None
-    return parse_old_ad(text, what)
-
-
 def _string_attr(ad: Mapping[str, object], name: str) -> str | None:
     try:
         value = ad.get(name)
@@ -351,18 +341,16 @@ def prepare_job(ctx: HookContext, stdin_text: str) -> int:
     job_ad: classad2.ClassAd | None = None
     try:
         job_ad = parse_old_ad(stdin_text, "job ad")
-        machine_ad = read_ad_file(ctx.environ.get("_CONDOR_MACHINE_AD"), "machine ad")
         scratch = ctx.scratch_dir
         inputs = input_names(scratch)
         launcher = launcher_path(ctx)
         ad = job_ad
 
         def prepare() -> PrepareResult:
+            # No machine ad: the service learns the slot from the starter this hook runs
+            # under, and takes no caller's word for it (glite_vm.service.claims).
             return ctx.connect(ctx.settings).prepare(
-                ad,
-                machine_ad=machine_ad,
-                scratch_dir=str(scratch),
-                starter_pid=ctx.starter_pid,
+                ad, machine_ad=None, scratch_dir=str(scratch), starter_pid=ctx.starter_pid
             )
 
         result = call_with_deadline(prepare, prepare_timeout(ctx.settings), "preparing the VM")

@@ -20,7 +20,6 @@ HTCondor facts this module relies on (measured on 25.0.13, see docs/condor.md):
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 from collections.abc import Mapping
@@ -51,6 +50,7 @@ from glite_vm.errors import (
 from glite_vm.identity import resolve_hostname
 from glite_vm.images.sources import classify_ref
 from glite_vm.request import KeepSnapshot, VMRequest
+from glite_vm.slots import SlotFacts
 
 # --- hook status codes (HoldReasonSubCode of held jobs; periodic_release can key on them) ------
 
@@ -219,53 +219,57 @@ def _size(ad: _Ad, name: str, unit: str) -> int | None:
 # --- the slot ------------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class SlotFacts:
-    """What the job's slot offers. ``None`` where the slot does not say."""
+def slot_facts_from_machine_ad(machine_ad: Mapping[str, object]) -> SlotFacts:
+    """Read a slot ad (``$_CONDOR_MACHINE_AD``). Unreadable values count as unknown.
 
-    root_enabled: bool = False
-    cpus: int | None = None
-    memory_mib: int | None = None
-    disk_kib: int | None = None
+    Only for callers that may state their slot (root, or an in-process caller): the service
+    never takes a slot's facts from a caller (:mod:`glite_vm.slots`)."""
+    ad = _Ad(machine_ad)
 
-    @classmethod
-    def from_machine_ad(cls, machine_ad: Mapping[str, object]) -> SlotFacts:
-        """Read the slot ad (``$_CONDOR_MACHINE_AD``). Unreadable values count as unknown."""
-        ad = _Ad(machine_ad)
+    def number(*names: str) -> int | None:
+        for name in names:
+            try:
+                value = ad.evaluate(name)
+            except RequestError:
+                continue
+            if isinstance(value, float) and math.isfinite(value):
+                value = math.floor(value)  # a fractional slot share of DISK
+            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
+                return value
+        return None
 
-        def number(*names: str) -> int | None:
-            for name in names:
-                try:
-                    value = ad.evaluate(name)
-                except RequestError:
-                    continue
-                if isinstance(value, float) and math.isfinite(value):
-                    value = math.floor(value)  # a fractional slot share of DISK
-                if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-                    return value
-            return None
-
-        try:
-            root = ad.raw("GliteVmRootEnabled") is True
-        except RequestError:
-            root = False
-        return cls(
-            root_enabled=root,
-            cpus=number("Cpus", "TotalSlotCpus"),
-            memory_mib=number("Memory", "TotalSlotMemory"),
-            disk_kib=number("TotalSlotDisk", "Disk"),
-        )
+    try:
+        root = ad.raw("GliteVmRootEnabled") is True
+    except RequestError:
+        root = False
+    try:
+        name = ad.raw("Name")
+    except RequestError:
+        name = None
+    return SlotFacts(
+        root_enabled=root,
+        cpus=number("Cpus", "TotalSlotCpus"),
+        memory_mib=number("Memory", "TotalSlotMemory"),
+        disk_kib=number("TotalSlotDisk", "Disk"),
+        name=name.partition("@")[0] if isinstance(name, str) else "",
+    )
 
 
-def _vm_size(field: str, requested: int | None, offered: int | None, unit: str) -> int | None:
-    """The slot's size when known (the job was given exactly that), else the request."""
+def _vm_size(
+    field: str, requested: int | None, offered: int | None, unit: str, slot: SlotFacts
+) -> int | None:
+    """The slot's size when known and exact (the job was given exactly that), else the request
+    (bounded by the slot's size when there is one)."""
     if offered is None:
         return requested
     if requested is not None and requested > offered:
-        raise RequestError(
-            field, f"asks for {requested} {unit} but this slot offers {offered} {unit}"
+        where = (
+            "this slot offers"
+            if slot.exact
+            else "a VM started outside HTCondor may have at most (one slot)"
         )
-    return offered
+        raise RequestError(field, f"asks for {requested} {unit} but {where} {offered} {unit}")
+    return offered if slot.exact else requested
 
 
 # --- job ad -> request ---------------------------------------------------------------------
@@ -300,8 +304,9 @@ def request_from_job_ad(
 
     root = bool(_literal_bool(ad, "GliteVmRoot"))
     if root and not slot.root_enabled:
+        which = f"the slot {slot.name}" if slot.name else "this slot"
         raise RootNotPermittedError(
-            "GliteVmRoot = True, but this slot is not root-enabled; "
+            f"GliteVmRoot = True, but {which} is not root-enabled; "
             "root jobs must match only slots with GliteVmRootEnabled = True"
         )
     if root and settings.root_users and owner not in settings.root_users:
@@ -310,9 +315,11 @@ def request_from_job_ad(
             "(not in GLITE_VM_ROOT_USERS); remove GliteVmRoot or ask the site's admins"
         )
 
-    cpus = _vm_size("RequestCpus", _size(ad, "RequestCpus", "CPUs"), slot.cpus, "CPUs")
-    memory = _vm_size("RequestMemory", _size(ad, "RequestMemory", "MiB"), slot.memory_mib, "MiB")
-    disk_kib = _vm_size("RequestDisk", _size(ad, "RequestDisk", "KiB"), slot.disk_kib, "KiB")
+    cpus = _vm_size("RequestCpus", _size(ad, "RequestCpus", "CPUs"), slot.cpus, "CPUs", slot)
+    memory = _vm_size(
+        "RequestMemory", _size(ad, "RequestMemory", "MiB"), slot.memory_mib, "MiB", slot
+    )
+    disk_kib = _vm_size("RequestDisk", _size(ad, "RequestDisk", "KiB"), slot.disk_kib, "KiB", slot)
 
     keep = _literal_string(ad, "GliteVmKeepSnapshot")
     hostname = _literal_string(ad, "GliteVmHostname")

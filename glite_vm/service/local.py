@@ -10,12 +10,20 @@ against ``qemu:///session``. It implements :class:`~glite_vm.service.api.VmServi
   domain metadata); the ad's ``Owner`` is replaced by the caller's account name, so a job ad
   cannot claim someone else's name (``GLITE_VM_ROOT_USERS`` names local accounts). The cache
   lease is held until teardown. On any failure nothing is left: no domain, no overlay, no lease.
+* the slot: a caller over the socket (not root) never states its slot. Its :class:`Claim`
+  (the root-run condor_starter it descends from, found by the server) names the slot, whose
+  root and size come from the service's :class:`~glite_vm.slots.SlotLayout`; one claim gets
+  one VM, which lives as long as that starter. A caller of no claim gets a VM "outside
+  HTCondor": never root, at most one slot's size, at most ``max_unmanaged_vms_per_user`` of
+  them, each for at most ``unmanaged_vm_lifetime``. Root, and a caller in this process, may
+  still state a slot with a machine ad.
 * every other call acts only on the caller's own VMs (root: on all), and moves files with the
   caller's rights (:mod:`glite_vm.service.sandbox`).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import pwd
@@ -28,7 +36,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from glite_vm import __version__
-from glite_vm.condor.jobad import SlotFacts, request_from_job_ad
+from glite_vm.condor.jobad import request_from_job_ad, slot_facts_from_machine_ad
 from glite_vm.config import Settings
 from glite_vm.errors import AccessDeniedError, HostError, RequestError
 from glite_vm.images import ImageLease, acquire_image
@@ -44,8 +52,10 @@ from glite_vm.service.api import (
     TeardownOutcome,
     VmSummary,
 )
-from glite_vm.service.registry import FinishedVm, VmRecord, VmRegistry
+from glite_vm.service.claims import Claim, process_uids
+from glite_vm.service.registry import Admission, FinishedVm, VmRecord, VmRegistry
 from glite_vm.service.sandbox import Identity
+from glite_vm.slots import SlotFacts, SlotLayout
 from glite_vm.vm.lifecycle import Vm, VmHost, qemu_pid
 
 log = logging.getLogger(__name__)
@@ -66,11 +76,17 @@ class LocalService:
         caller_gid: int | None = None,
         caller_groups: Sequence[int] | None = None,
         registry: VmRegistry | None = None,
+        over_socket: bool = False,
+        claim: Claim | None = None,
     ) -> None:
         self.settings = settings
         self.host = host
         self.caller_uid = caller_uid
         self.caller_name = caller_name
+        # Over the socket a caller other than root states nothing about its slot: ``claim``
+        # (from the kernel's view of its process, see claims.find_claim) says which it is.
+        self.over_socket = over_socket
+        self.claim = claim
         if caller_gid is None:
             self.identity = Identity.of_user(caller_uid)
         else:
@@ -109,11 +125,58 @@ class LocalService:
         """Fetch the image, start the job's VM and wait for its agent. Setting ``cancel``
         (the caller hung up) stops the wait and removes the VM again."""
         scratch, owner_uid = self._check_scratch_dir(scratch_dir)
+        slot, starter_pid, managed = self._slot(machine_ad, starter_pid)
         starter_start = _check_starter(starter_pid)
-        slot = SlotFacts.from_machine_ad(machine_ad) if machine_ad is not None else SlotFacts()
         request = request_from_job_ad(self._as_caller(job_ad), slot, self.settings)
         # After the request: a bad job ad is held for what it is even while libvirtd is down.
         self.registry.ensure_connection()
+        admission = Admission(
+            uid=self.caller_uid,
+            starter=(starter_pid, starter_start) if managed and starter_pid else None,
+            limit=None if self.is_root else self.settings.max_unmanaged_vms_per_user,
+        )
+        place = _Place(
+            scratch, owner_uid, slot.name or "slot1", starter_pid, starter_start, managed
+        )
+        with self.registry.admit(admission):
+            return self._prepare_admitted(request, place, admission, cancel)
+
+    def _slot(
+        self, machine_ad: Mapping[str, object] | None, starter_pid: int | None
+    ) -> tuple[SlotFacts, int | None, bool]:
+        """The slot the VM is for, the starter whose life bounds it, and whether it is for a
+        HTCondor job (see the module docstring)."""
+        layout = SlotLayout.from_settings(self.settings)
+        trusted = not self.over_socket or self.is_root
+        if trusted and machine_ad is not None:
+            return slot_facts_from_machine_ad(machine_ad), starter_pid, starter_pid is not None
+        if trusted and self.claim is None:
+            return SlotFacts(), starter_pid, starter_pid is not None
+        if self.claim is not None:
+            facts = layout.facts(self.claim.slot)
+            if facts is None:
+                raise AccessDeniedError(
+                    f"this job runs in {self.claim.slot!r}, which is not one of the "
+                    f"{layout.slots} VM slots this host's glite-vm knows (GLITE_VM_SLOTS); "
+                    "the execute host's configuration and the service's disagree"
+                )
+            return facts, self.claim.starter_pid, True
+        if starter_pid is not None and self.caller_uid not in process_uids(starter_pid)[:2]:
+            raise RequestError(
+                "starter_pid",
+                f"process {starter_pid} is neither yours nor the condor_starter of your job; "
+                "a VM started outside HTCondor can only live as long as a process of yours",
+            )
+        return layout.unmanaged(), starter_pid, False
+
+    def _prepare_admitted(
+        self,
+        request: VMRequest,
+        place: _Place,
+        admission: Admission,
+        cancel: threading.Event | None,
+    ) -> PrepareResult:
+        scratch, owner_uid, starter_pid = place.scratch, place.owner_uid, place.starter_pid
         lease_job_id = f"{request.job_id}/{secrets.token_hex(4)}"
         lease = acquire_image(
             self.settings,
@@ -142,17 +205,18 @@ class LocalService:
             owner_uid=owner_uid,
             scratch_dir=str(scratch),
             starter_pid=starter_pid,
-            starter_start=starter_start,
+            starter_start=place.starter_start,
             lease_job_id=lease_job_id,
             created=time.time(),
             lease=lease,
+            managed=place.managed,
         )
         try:
-            self.registry.add(record)  # from here on a restarted service adopts it
+            self.registry.add(record, admission)  # from here on a restarted service adopts it
             _give_boot_log(vm, owner_uid)
             _bind_lease_to_qemu(lease, vm.name)
             vm.wait_ready(cancel=cancel)
-            hostname = self._apply_identity(vm, request, machine_ad)
+            hostname = self._apply_identity(vm, request, place.slot_name)
         except BaseException as exc:
             log.warning("preparing %s for uid %d failed: %s", vm.name, owner_uid, exc)
             self.registry.teardown(
@@ -244,9 +308,7 @@ class LocalService:
             plain["Owner"] = self.caller_name
         return plain
 
-    def _apply_identity(
-        self, vm: Vm, request: VMRequest, machine_ad: Mapping[str, object] | None
-    ) -> str | None:
+    def _apply_identity(self, vm: Vm, request: VMRequest, slot_name: str) -> str | None:
         s = self.settings
         wanted = (
             s.guest_identity
@@ -258,7 +320,6 @@ class LocalService:
         from glite_vm.identity import prepare_guest_identity  # noqa: PLC0415
         from glite_vm.vm.guest_setup import apply_guest_setup  # noqa: PLC0415
 
-        slot_name = str((machine_ad or {}).get("Name") or "slot1").partition("@")[0]
         setup = prepare_guest_identity(
             s,
             host=socket.gethostname(),
@@ -387,6 +448,19 @@ class LocalService:
 
 
 # -- helpers ---------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class _Place:
+    """Where a VM being prepared belongs: its job's scratch directory and owner, the slot it is
+    named after, and the starter whose life bounds it (``managed``: a HTCondor job's)."""
+
+    scratch: Path
+    owner_uid: int
+    slot_name: str
+    starter_pid: int | None
+    starter_start: int | None
+    managed: bool
 
 
 def account_name(uid: int) -> str:

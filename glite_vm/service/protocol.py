@@ -30,7 +30,11 @@ from glite_vm.errors import Disposition, GliteVmError, HostError, UserError
 
 VERSION = 1
 HEARTBEAT_SECONDS = 5.0
-MAX_LINE = 16 << 20  # bytes in one line, either way (a job ad, a 64 KiB output chunk, ...)
+MAX_LINE = 16 << 20  # bytes in one line the client reads (a 64 KiB output chunk, a result, ...)
+MAX_REQUEST = 4 << 20  # bytes in one request line (a job ad, an argv of at most 1 MiB, ...)
+#: JSON containers (objects and arrays) plus commas in one request: a bound on the memory its
+#: parse takes (a job ad has hundreds; a request of four million "[]," would take gigabytes).
+MAX_REQUEST_ITEMS = 200_000
 
 OPS = ("ping", "prepare", "push", "exec", "pull", "teardown", "list_vms", "reap")
 
@@ -44,6 +48,19 @@ class ProtocolError(HostError):
 def encode(message: Mapping[str, Any]) -> bytes:
     """One line: compact JSON (non-ASCII escaped, so the line is pure ASCII) and ``\\n``."""
     return json.dumps({"v": VERSION, **message}, separators=(",", ":")).encode() + b"\n"
+
+
+def decode_request(line: bytes) -> dict[str, Any]:
+    """:func:`decode` for the service's side: bounded in what a caller can make it parse."""
+    items = line.count(b"[") + line.count(b"{") + line.count(b",")
+    if items > MAX_REQUEST_ITEMS:
+        raise ProtocolError(
+            f"the request holds more than {MAX_REQUEST_ITEMS} values, the most it may have"
+        )
+    try:
+        return decode(line)
+    except RecursionError:
+        raise ProtocolError("the request is nested too deeply to be a valid request") from None
 
 
 def decode(line: bytes) -> dict[str, Any]:

@@ -29,13 +29,14 @@ import stat
 import threading
 import time
 import xml.etree.ElementTree as ET
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import libvirt
 
 from glite_vm.config import Settings
-from glite_vm.errors import HypervisorError
+from glite_vm.errors import AccessDeniedError, HypervisorError
 from glite_vm.images import ImageLease, release_job_leases
 from glite_vm.images.cache import ImageCache
 from glite_vm.images.leases import process_alive, read_leases, write_lease
@@ -126,6 +127,7 @@ class VmRecord:
         lease: ImageLease | None = None,
         state_lost: bool = False,
         adopted: bool = False,
+        managed: bool = True,
     ) -> None:
         self.vm = vm
         self.owner_uid = owner_uid
@@ -137,6 +139,7 @@ class VmRecord:
         self.lease = lease
         self.state_lost = state_lost  # adopted without a state file: teardown and reaping only
         self.adopted = adopted
+        self.managed = managed  # started for a HTCondor job (else: capped per user, and in age)
         self.ad_attributes: dict[str, object] = {}
         self.io_lock = threading.Lock()  # push, exec and pull share the transfer disk
 
@@ -168,12 +171,25 @@ class VmRecord:
             "lease_job_id": self.lease_job_id,
             "created": self.created,
             "state_lost": self.state_lost,
+            "managed": self.managed,
             "request": request,
             "image": StoredImage.of(self.vm.image).to_dict(),
             "timings": self.vm.timings.as_dict(),
             "ad_attributes": self.ad_attributes,
             "finished": finished,
         }
+
+
+@dataclasses.dataclass(eq=False)
+class Admission:
+    """A prepare under way: for the claim of ``starter`` (pid, start time), or, with ``starter``
+    ``None``, outside HTCondor for ``uid`` with at most ``limit`` such VMs (``None``: no cap).
+    ``registered``: its VM is in the registry now, and counts there."""
+
+    uid: int
+    starter: tuple[int, int | None] | None
+    limit: int | None
+    registered: bool = False
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,6 +215,7 @@ class VmRegistry:
         self._finished: dict[str, FinishedVm] = {}
         self._lock = threading.Lock()
         self._teardown_locks: dict[str, threading.Lock] = {}
+        self._admitted: dict[int, Admission] = {}  # prepares under way, by a token
         self.events = events.EventLog(events.event_log_path(settings.state_dir))
 
     # -- lookup ------------------------------------------------------------------------------
@@ -211,11 +228,58 @@ class VmRegistry:
         with self._lock:
             return list(self._active.values())
 
+    # -- admission ---------------------------------------------------------------------------
+
+    @contextlib.contextmanager
+    def admit(self, admission: Admission) -> Iterator[None]:
+        """Count a prepare against its caller's limits from now until it returns: one VM per
+        HTCondor claim (its starter), and ``max_unmanaged_vms_per_user`` VMs started outside
+        HTCondor per user (root has no cap). Raises AccessDeniedError over a limit."""
+        with self._lock:
+            if admission.starter is not None:
+                taken = [
+                    r.name
+                    for r in self._active.values()
+                    if (r.starter_pid, r.starter_start) == admission.starter
+                ]
+                pending = (a.starter for a in self._admitted.values() if not a.registered)
+                if taken or admission.starter in pending:
+                    raise AccessDeniedError(
+                        "this job already has a VM"
+                        + (f" ({taken[0]})" if taken else " being prepared")
+                        + "; a HTCondor claim gets one VM"
+                    )
+            elif admission.limit is not None:
+                mine = sum(
+                    1
+                    for r in self._active.values()
+                    if not r.managed and r.owner_uid == admission.uid
+                ) + sum(
+                    1
+                    for a in self._admitted.values()
+                    if a.starter is None and a.uid == admission.uid and not a.registered
+                )
+                if mine >= admission.limit:
+                    raise AccessDeniedError(
+                        f"uid {admission.uid} already has {mine} VMs started outside HTCondor, "
+                        f"the most one user may have here (GLITE_VM_MAX_UNMANAGED_VMS_PER_USER "
+                        f"= {admission.limit}); tear one down first"
+                    )
+            token = id(admission)
+            self._admitted[token] = admission
+        try:
+            yield
+        finally:
+            with self._lock:
+                self._admitted.pop(token, None)
+
     # -- changes -----------------------------------------------------------------------------
 
-    def add(self, record: VmRecord) -> None:
+    def add(self, record: VmRecord, admission: Admission | None = None) -> None:
         with self._lock:
             self._active[record.name] = record
+            if admission is not None:
+                admission.registered = True  # counted as the record from now on
             self._teardown_locks.setdefault(record.name, threading.Lock())
         self.persist(record)
         self.events.record(
@@ -313,8 +377,15 @@ class VmRegistry:
 
     # -- reaping -----------------------------------------------------------------------------
 
-    def reap_reason(self, record: VmRecord) -> str | None:
+    def reap_reason(self, record: VmRecord, now: float | None = None) -> str | None:
         """Why ``record``'s job is gone, or ``None`` while it may still need its VM."""
+        lifetime = self.settings.unmanaged_vm_lifetime
+        age = (time.time() if now is None else now) - record.created
+        if not record.managed and lifetime > 0 and age > lifetime:
+            return (
+                f"it was started outside HTCondor {age:.0f} s ago, longer than such a VM may "
+                f"live (GLITE_VM_UNMANAGED_VM_LIFETIME = {lifetime:g} s)"
+            )
         pid = record.starter_pid
         if pid is not None and not _alive(pid, record.starter_start):
             return f"its starter process {pid} is gone"
@@ -539,6 +610,7 @@ class VmRegistry:
             created=float(state["created"]),
             state_lost=bool(state.get("state_lost")),
             adopted=True,
+            managed=state.get("managed") is not False,
         )
         record.ad_attributes = dict(state.get("ad_attributes") or {})
         return record

@@ -32,6 +32,7 @@ from typing import Any, TypeVar
 from glite_vm.config import Settings
 from glite_vm.errors import GliteVmError, HostError, RequestError, ServiceUnavailableError
 from glite_vm.service import events, protocol
+from glite_vm.service.claims import Claim, find_claim, process_uids
 from glite_vm.service.local import LocalService, account_name
 from glite_vm.service.registry import VmRecord, VmRegistry
 from glite_vm.vm.lifecycle import VmHost
@@ -39,11 +40,13 @@ from glite_vm.vm.lifecycle import VmHost
 log = logging.getLogger(__name__)
 
 SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13; Python 3.11 lacks the name
-REQUEST_TIMEOUT = 30.0  # seconds a client has to send its request line
+REQUEST_TIMEOUT = 10.0  # seconds a client has to send its whole request line, however slowly
 SEND_TIMEOUT = 120.0  # seconds one reply line may wait for a client that does not read
 SHUTDOWN_GRACE = 10.0  # seconds running calls get to finish when the service stops
 MAX_PEER_GROUPS = 256  # what fits the 1024-byte getsockopt buffer Python allows
 MAX_CONNECTIONS = 512  # calls served at once; beyond that a caller is told the service is busy
+# and each local user but root has at most settings.max_calls_per_user of them, so that one
+# user's flood of connections cannot make the service refuse another user's job
 
 T = TypeVar("T")
 
@@ -88,6 +91,7 @@ class ServiceServer:
         self._calls: set[_Call] = set()
         self._calls_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
+        self._per_uid: dict[int, int] = {}  # calls running, by caller (guarded by _calls_lock)
         self._stopping = threading.Event()
 
     # -- socket ------------------------------------------------------------------------------
@@ -144,10 +148,17 @@ class ServiceServer:
                     time.sleep(0.1)
                     continue
                 self._threads = [t for t in self._threads if t.is_alive()]
-                if len(self._threads) >= MAX_CONNECTIONS:
-                    _refuse(conn, f"the glite-vm service is busy ({MAX_CONNECTIONS} calls)")
+                try:
+                    peer = peer_of(conn)
+                except OSError as exc:
+                    log.warning("cannot identify a caller: %s", exc)
+                    conn.close()
                     continue
-                thread = threading.Thread(target=self._handle, args=(conn,), daemon=True)
+                refusal = self._admit(peer)
+                if refusal is not None:
+                    _refuse(conn, refusal)
+                    continue
+                thread = threading.Thread(target=self._handle, args=(conn, peer), daemon=True)
                 thread.start()
                 self._threads.append(thread)
         finally:
@@ -183,19 +194,40 @@ class ServiceServer:
 
     # -- one call ----------------------------------------------------------------------------
 
-    def _handle(self, conn: socket.socket) -> None:
+    def _admit(self, peer: Peer) -> str | None:
+        """Count a new call of ``peer``; why it is refused, or ``None``."""
+        if len(self._threads) >= MAX_CONNECTIONS:
+            return f"the glite-vm service is busy ({MAX_CONNECTIONS} calls)"
+        limit = self.settings.max_calls_per_user
+        with self._calls_lock:
+            running = self._per_uid.get(peer.uid, 0)
+            if peer.uid != 0 and running >= limit:
+                return (
+                    f"uid {peer.uid} already has {running} calls running, the most one user may "
+                    f"have at once (GLITE_VM_MAX_CALLS_PER_USER = {limit}); try again later"
+                )
+            self._per_uid[peer.uid] = running + 1
+        return None
+
+    def _handle(self, conn: socket.socket, peer: Peer) -> None:
+        try:
+            self._handle_call(conn, peer)
+        finally:
+            with self._calls_lock:
+                left = self._per_uid.get(peer.uid, 1) - 1
+                if left > 0:
+                    self._per_uid[peer.uid] = left
+                else:
+                    self._per_uid.pop(peer.uid, None)
+
+    def _handle_call(self, conn: socket.socket, peer: Peer) -> None:
         with conn:
             try:
-                peer = peer_of(conn)
-            except OSError as exc:
-                log.warning("cannot identify a caller: %s", exc)
-                return
-            conn.settimeout(REQUEST_TIMEOUT)
-            try:
-                op, args = _read_request(conn)
+                op, args = _read_request(conn, time.monotonic() + REQUEST_TIMEOUT)
             except (GliteVmError, OSError) as exc:
                 if not isinstance(exc, GliteVmError):
                     exc = protocol.ProtocolError(f"no valid request: {exc}")
+                conn.settimeout(1.0)  # the answer is small; a client that does not read loses it
                 with contextlib.suppress(OSError):
                     conn.sendall(
                         protocol.encode({"ok": False, "error": protocol.error_to_wire(exc)})
@@ -215,6 +247,8 @@ class ServiceServer:
                 caller_gid=peer.gid,
                 caller_groups=groups,
                 registry=self.registry,
+                over_socket=True,
+                claim=_claim_of(peer) if op == "prepare" else None,
             )
             with self._calls_lock:
                 self._calls.add(call)
@@ -312,15 +346,22 @@ class _Call:
     def watch(self) -> None:
         """Heartbeats while the call runs; notice a client that hung up."""
         last_beat = time.monotonic()
+        # poll, not select: with hundreds of calls the descriptors pass select's limit of 1024
+        poller = select.poll()
+        try:
+            poller.register(self.conn.fileno(), select.POLLIN)
+            poller.register(self._wake_r, select.POLLIN)
+        except (OSError, ValueError):
+            return
         while not self._done.is_set():
             wait = max(0.0, last_beat + protocol.HEARTBEAT_SECONDS - time.monotonic())
             try:
-                readable, _w, _x = select.select([self.conn.fileno(), self._wake_r], [], [], wait)
-            except (OSError, ValueError):
+                events_ready = poller.poll(wait * 1000)
+            except OSError:
                 return
             if self._done.is_set():
                 return
-            if self.conn.fileno() in readable:
+            if any(fd == self.conn.fileno() for fd, _mask in events_ready):
                 try:
                     data = self.conn.recv(4096, socket.MSG_DONTWAIT)
                 except BlockingIOError:
@@ -341,17 +382,30 @@ class _Call:
         self.cancel.set()
 
 
-def _read_request(conn: socket.socket) -> tuple[str, dict[str, Any]]:
+def _read_request(conn: socket.socket, deadline: float) -> tuple[str, dict[str, Any]]:
+    """The request line, which must arrive whole by ``deadline`` (however it trickles in) and
+    within :data:`~glite_vm.service.protocol.MAX_REQUEST` bytes."""
     buffer = bytearray()
     while b"\n" not in buffer:
-        if len(buffer) > protocol.MAX_LINE:
-            raise protocol.ProtocolError("the request is longer than the protocol allows")
-        data = conn.recv(1 << 20)
+        if len(buffer) > protocol.MAX_REQUEST:
+            raise protocol.ProtocolError(
+                f"the request is longer than the protocol allows ({protocol.MAX_REQUEST} bytes)"
+            )
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise protocol.ProtocolError(
+                f"no whole request arrived within {REQUEST_TIMEOUT:g} s; the call is dropped"
+            )
+        conn.settimeout(left)
+        try:
+            data = conn.recv(1 << 20)
+        except TimeoutError:
+            continue
         if not data:
             raise protocol.ProtocolError("the connection closed before a whole request arrived")
         buffer += data
     line = bytes(buffer[: buffer.index(b"\n")])
-    message = protocol.decode(line)
+    message = protocol.decode_request(line)
     op = message.get("op")
     args = message.get("args", {})
     if op not in protocol.OPS:
@@ -463,6 +517,14 @@ def _classad_value(classad2: Any, value: Any) -> Any:
     if isinstance(value, list):
         return [_classad_value(classad2, v) for v in value]
     return value
+
+
+def _claim_of(peer: Peer) -> Claim | None:
+    """The HTCondor claim ``peer`` acts for; ``None`` when none, or when its pid no longer
+    belongs to it (it exited, and the number may have been given to someone else)."""
+    if process_uids(peer.pid)[:1] != (peer.uid,):
+        return None
+    return find_claim(peer.pid)
 
 
 def _refuse(conn: socket.socket, message: str) -> None:

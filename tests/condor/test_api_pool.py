@@ -37,8 +37,8 @@ from glite_vm.api import (
     submit,
     wait,
 )
-from glite_vm.condor.config import SlotLayout
 from glite_vm.config import GIB, Settings
+from glite_vm.slots import SlotLayout
 from tests.condor.pool import JobAd, PersonalPool, glite_vm_execute_host, running_pool
 from tests.service.svc_support import ServiceProcess, running_service, wait_for
 from tests.support import guest_catalogue, scratch_root, traversable
@@ -145,7 +145,11 @@ def repo(root_dir: Path, guest_dir: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def service(root_dir: Path, repo: Path) -> Iterator[ServiceProcess]:
-    extra = {"GLITE_VM_CUSTOM_IMAGE_SOURCES": repo.as_uri() + "/", "GLITE_VM_BOOT_TIMEOUT": "180"}
+    extra = {
+        "GLITE_VM_CUSTOM_IMAGE_SOURCES": repo.as_uri() + "/",
+        "GLITE_VM_BOOT_TIMEOUT": "180",
+        **LAYOUT.knobs(),  # the service knows the pool's slots as glite-vm config wrote them
+    }
     with running_service(root_dir, repo / "catalogue.json", extra) as svc:
         yield svc
 

@@ -13,10 +13,10 @@ from glite_vm.condor.config import (
     CRON_JOBS,
     HOOK_FILES,
     ExecuteHostConfig,
-    SlotLayout,
     render_execute_config,
 )
 from glite_vm.config import GIB, MIB, Settings
+from glite_vm.slots import SlotLayout
 
 HOOKS = Path("/opt/glite-vm/hooks")
 GLITE_VM = Path("/usr/bin/glite-vm")

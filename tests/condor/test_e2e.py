@@ -22,12 +22,12 @@ from pathlib import Path
 
 import pytest
 
-from glite_vm.condor.config import SlotLayout
 from glite_vm.condor.jobad import HOST_FAILURES_ATTR, HOST_FAILURES_HOLD_CODE
 from glite_vm.condor.launcher import LAUNCHER_FAILURE_EXIT
 from glite_vm.config import GIB
 from glite_vm.images import write_catalogue
 from glite_vm.service.events import event_log_path, read_events
+from glite_vm.slots import SlotLayout
 from tests.condor.pool import JobAd, PersonalPool, glite_vm_execute_host, running_pool, wait_until
 from tests.service.svc_support import ServiceProcess, running_service
 from tests.support import guest_catalogue, scratch_root
@@ -64,7 +64,8 @@ def e2e_catalogue(e2e_root: Path, guest_dir: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def e2e_service(e2e_root: Path, e2e_catalogue: Path) -> Iterator[ServiceProcess]:
-    with running_service(e2e_root, e2e_catalogue, {"GLITE_VM_REAP_INTERVAL": "5"}) as svc:
+    extra = {"GLITE_VM_REAP_INTERVAL": "5", **LAYOUT.knobs()}
+    with running_service(e2e_root, e2e_catalogue, extra) as svc:
         yield svc
 
 

@@ -19,7 +19,7 @@ from pathlib import Path
 import classad2
 import pytest
 
-from glite_vm.condor.jobad import SlotFacts, hook_status_lines, request_from_job_ad
+from glite_vm.condor.jobad import hook_status_lines, request_from_job_ad
 from glite_vm.config import GIB, Settings
 from glite_vm.errors import (
     Disposition,
@@ -31,6 +31,7 @@ from glite_vm.errors import (
 )
 from glite_vm.service.local import LocalService
 from glite_vm.session import open_host
+from glite_vm.slots import SlotFacts
 from glite_vm.vm.hypervisor import HypervisorInfo, find_emulator
 from tests.support import our_domain_names
 

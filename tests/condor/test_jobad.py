@@ -13,7 +13,6 @@ from hypothesis import strategies as st
 from glite_vm.condor.jobad import (
     HOST_FAILURES_HOLD_CODE,
     MAX_HISTORY,
-    SlotFacts,
     ad_safe_text,
     append_host_failure,
     chirp_literal,
@@ -22,6 +21,7 @@ from glite_vm.condor.jobad import (
     host_failure_count,
     host_failure_history,
     request_from_job_ad,
+    slot_facts_from_machine_ad,
     status_code,
 )
 from glite_vm.config import GIB, MIB, Settings
@@ -36,6 +36,7 @@ from glite_vm.errors import (
     ServiceUnavailableError,
 )
 from glite_vm.request import KeepSnapshot, VMRequest
+from glite_vm.slots import SlotFacts
 
 SETTINGS = Settings(max_cpus=8, max_memory_mib=16384, max_disk_bytes=100 * GIB)
 SLOT = SlotFacts(root_enabled=False, cpus=1, memory_mib=2048, disk_kib=30 * GIB // 1024)
@@ -362,10 +363,10 @@ def test_slot_facts_come_from_the_machine_ad() -> None:
         "GliteVmRootEnabled = true\nCpus = 1\nMemory = 2048\nTotalSlotDisk = 31457280.0\n"
         "Disk = 31000000\n"
     )
-    assert SlotFacts.from_machine_ad(machine) == SlotFacts(True, 1, 2048, 31457280)  # type: ignore[arg-type]
-    odd = parsed('GliteVmRootEnabled = "true"\nCpus = "many"\nMemory = -1\n')
-    assert SlotFacts.from_machine_ad(odd) == SlotFacts()  # type: ignore[arg-type]
-    assert SlotFacts.from_machine_ad({"Disk": 1024.7, "GliteVmRootEnabled": 1}) == SlotFacts(
+    assert slot_facts_from_machine_ad(machine) == SlotFacts(True, 1, 2048, 31457280)  # type: ignore[arg-type]
+    odd = parsed('GliteVmRootEnabled = "true"\nCpus = "many"\nMemory = -1\nName = "slot2@h"\n')
+    assert slot_facts_from_machine_ad(odd) == SlotFacts(name="slot2")  # type: ignore[arg-type]
+    assert slot_facts_from_machine_ad({"Disk": 1024.7, "GliteVmRootEnabled": 1}) == SlotFacts(
         disk_kib=1024
     )
 

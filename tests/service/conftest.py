@@ -20,7 +20,13 @@ import pytest
 
 from glite_vm.vm.hypervisor import detect_cached
 from tests.service import svc_support
-from tests.service.svc_support import Account, ServiceProcess, ensure_account, our_domains
+from tests.service.svc_support import (
+    Account,
+    ServiceProcess,
+    build_fake_starter,
+    ensure_account,
+    our_domains,
+)
 from tests.support import guest_catalogue
 from tests.support import service_env as support_service_env
 
@@ -69,6 +75,12 @@ def new_state_dir(path: Path, probe: Path) -> Path:
     path.mkdir(mode=0o711)
     shutil.copyfile(probe, path / "hypervisor.json")
     return path
+
+
+@pytest.fixture(scope="session")
+def fake_starter(svc_root: Path) -> Path:
+    """A stand-in for condor_starter (svc_support.FakeStarter), compiled once."""
+    return build_fake_starter(svc_root / "bin")
 
 
 @pytest.fixture(scope="session")

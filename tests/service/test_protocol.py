@@ -13,7 +13,7 @@ import classad2
 import pytest
 
 from glite_vm import errors
-from glite_vm.condor.jobad import SlotFacts, request_from_job_ad
+from glite_vm.condor.jobad import request_from_job_ad
 from glite_vm.config import Settings
 from glite_vm.errors import (
     BootError,
@@ -29,6 +29,7 @@ from glite_vm.identity import IdentityConfigError
 from glite_vm.service import protocol
 from glite_vm.service.api import ExecOutcome, TeardownOutcome
 from glite_vm.service.server import ad_from_wire
+from glite_vm.slots import SlotFacts
 
 ERROR_CLASSES = [
     cls

@@ -24,6 +24,7 @@ import pytest
 from tests.service.conftest import REAP_INTERVAL, USERS
 from tests.service.svc_support import (
     Account,
+    FakeStarter,
     ServiceProcess,
     answer_of,
     as_user,
@@ -56,11 +57,11 @@ def test_job_life_through_the_socket(
     service: ServiceProcess, svc_root: Path, alice: Account, bob: Account
 ) -> None:
     scratch = make_scratch(svc_root, alice, "life", {"in.txt": "hello\n", "sub/deep.txt": "x"})
-    slot = {"Name": "slot2@exec.example", "Cpus": 1, "Memory": 512, "TotalSlotDisk": 1 << 20}
-    prepared = prepare(service, alice, scratch, machine_ad=slot)
+    prepared = prepare(service, alice, scratch)
     vm = prepared["vm"]
     attrs = prepared["ad_attributes"]
-    assert attrs["GliteVmGuestHostname"].split(".")[0].endswith("-slot2")
+    # Outside any HTCondor job: the VM is named after no slot ("local").
+    assert attrs["GliteVmGuestHostname"].split(".")[0].endswith("-local")
     assert "GliteVmHostname" not in attrs  # that one is the job's request, not ours
     assert attrs["GliteVmNetwork"] == "none"
     assert attrs["GliteVmDomain"] == vm
@@ -322,55 +323,60 @@ def test_a_second_service_on_the_same_socket_refuses_to_start(service: ServicePr
 
 
 def test_restart_keeps_track_of_running_vms(
-    service: ServiceProcess, svc_root: Path, alice: Account
+    service: ServiceProcess, svc_root: Path, alice: Account, fake_starter: Path
 ) -> None:
-    root_slot = {"Name": "slot3@exec.example", "GliteVmRootEnabled": True}
-    ad = job_ad(GliteVmRoot=True)
-    vm = prepare(
-        service, alice, make_scratch(svc_root, alice, "restart"), job_ad=ad, machine_ad=root_slot
-    )["vm"]
-    before = ok(call(service, alice, "exec", vm=vm, argv=["sh", "-c", "echo before > f; id -u"]))
-    assert stdout_of(before) == "0\n"  # a root job on a root-enabled slot
-
-    # A restart while a payload runs: its client learns at once, the VM lives on.
-    running = background_exec(service, alice, vm, "sleep 30")
-    time.sleep(1.5)
-    service.restart()
-    interrupted = answer_of(running, timeout=30)
-    assert interrupted["type"] == "ServiceUnavailableError", interrupted
-    assert "stopping" in interrupted["message"]
-    assert domain_running(vm), "stopping the service must not stop VMs"
-    assert f"adopted {vm}" in service.log()
-    assert [v["vm"] for v in ok(call(service, alice, "list_vms"))] == [vm]
-
-    # The adopted VM serves as before; a silent payload longer than the client's idle
-    # timeout survives thanks to the heartbeats.
-    after = ok(
-        call(
-            service,
-            alice,
-            "exec",
-            vm=vm,
-            argv=["sh", "-c", "sleep 7; cat f; echo after; exit 3"],
-            idle_timeout=6.0,
+    # A root job on the root-enabled slot3 (the default layout: 3 slots, the last for root).
+    starter = FakeStarter(fake_starter, service, "slot3", slot_type=2)
+    try:
+        ad = job_ad(GliteVmRoot=True)
+        scratch = str(make_scratch(svc_root, alice, "restart"))
+        vm = ok(starter.call(alice, "prepare", job_ad=ad, scratch_dir=scratch))["vm"]
+        before = ok(
+            call(service, alice, "exec", vm=vm, argv=["sh", "-c", "echo before > f; id -u"])
         )
-    )
-    assert after["outcome"]["exit_code"] == 3
-    assert stdout_of(after) == "before\nafter\n"
+        assert stdout_of(before) == "0\n"  # a root job on a root-enabled slot
 
-    # A launcher killed mid-payload frees the VM for the next call at once.
-    abandoned = background_exec(service, alice, vm, "sleep 30")
-    time.sleep(1.5)
-    abandoned.kill()
-    abandoned.wait(timeout=10)
-    start = time.monotonic()
-    quick = ok(call(service, alice, "exec", vm=vm, argv=["echo", "quick"]))
-    assert stdout_of(quick) == "quick\n"
-    assert time.monotonic() - start < 15
+        # A restart while a payload runs: its client learns at once, the VM lives on.
+        running = background_exec(service, alice, vm, "sleep 30")
+        time.sleep(1.5)
+        service.restart()
+        interrupted = answer_of(running, timeout=30)
+        assert interrupted["type"] == "ServiceUnavailableError", interrupted
+        assert "stopping" in interrupted["message"]
+        assert domain_running(vm), "stopping the service must not stop VMs"
+        assert f"adopted {vm}" in service.log()
+        assert [v["vm"] for v in ok(call(service, alice, "list_vms"))] == [vm]
 
-    done = ok(call(service, alice, "teardown", vm=vm, failed=False))
-    assert done["snapshot_path"] is None
-    assert vm not in our_domains(USERS)
+        # The adopted VM serves as before; a silent payload longer than the client's idle
+        # timeout survives thanks to the heartbeats.
+        after = ok(
+            call(
+                service,
+                alice,
+                "exec",
+                vm=vm,
+                argv=["sh", "-c", "sleep 7; cat f; echo after; exit 3"],
+                idle_timeout=6.0,
+            )
+        )
+        assert after["outcome"]["exit_code"] == 3
+        assert stdout_of(after) == "before\nafter\n"
+
+        # A launcher killed mid-payload frees the VM for the next call at once.
+        abandoned = background_exec(service, alice, vm, "sleep 30")
+        time.sleep(1.5)
+        abandoned.kill()
+        abandoned.wait(timeout=10)
+        start = time.monotonic()
+        quick = ok(call(service, alice, "exec", vm=vm, argv=["echo", "quick"]))
+        assert stdout_of(quick) == "quick\n"
+        assert time.monotonic() - start < 15
+
+        done = ok(call(service, alice, "teardown", vm=vm, failed=False))
+        assert done["snapshot_path"] is None
+        assert vm not in our_domains(USERS)
+    finally:
+        starter.stop()
 
 
 def test_a_restart_never_writes_into_a_directory_already_given_to_its_owner(

@@ -44,11 +44,12 @@ from glite_vm.api import (
     submit,
     wait,
 )
-from glite_vm.condor.jobad import SlotFacts, request_from_job_ad
+from glite_vm.condor.jobad import request_from_job_ad
 from glite_vm.condor.launcher import parse_arguments, parse_environment, split_v2_arguments
 from glite_vm.config import GIB, KIB, MIB, Settings
 from glite_vm.errors import Disposition, RequestError
 from glite_vm.request import KeepSnapshot
+from glite_vm.slots import SlotFacts
 from tests.unit.test_templates import REPO, condor_submit, dry_run
 
 __all__ = ["condor_submit"]  # the fixture, shared with the template tests
