@@ -12,6 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from glite_vm.cli.common import EXIT_FAILURE
 from glite_vm.condor.config import (
     DEFAULT_HOOKS_DIR,
     HOOK_ENTRY_POINTS,
@@ -20,8 +21,8 @@ from glite_vm.condor.config import (
     hook_script,
     render_execute_config,
 )
-from glite_vm.config import MIB, Settings, parse_size
-from glite_vm.errors import RequestError
+from glite_vm.config import Settings, parse_memory_mib, parse_size
+from glite_vm.errors import UserError
 
 _DEFAULT = SlotLayout()
 
@@ -67,8 +68,10 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=_DEFAULT.cpus,
         help=f"CPUs per VM slot (default: {_DEFAULT.cpus})",
     )
-    p.add_argument("--memory", default="2GiB", help="memory per VM slot (default: 2GiB)")
-    p.add_argument("--disk", default="30GiB", help="VM disk per slot (default: 30GiB)")
+    p.add_argument(
+        "--memory", default="2GiB", help="memory per VM slot, with a unit (default: 2GiB)"
+    )
+    p.add_argument("--disk", default="30GiB", help="VM disk per slot, with a unit (default: 30GiB)")
     p.add_argument("-o", "--output", type=Path, help="write the snippet here instead of stdout")
     p.set_defaults(handler=handle_config)
 
@@ -119,24 +122,19 @@ def _running_glite_vm() -> Path:
 
 
 def handle_config(args: argparse.Namespace, settings: Settings) -> int:
-    try:
-        memory = parse_size(args.memory, "--memory")
-        layout = SlotLayout(
-            slots=args.slots,
-            root_slots=args.root_slots,
-            cpus=args.cpus,
-            memory_mib=memory // MIB,
-            disk_bytes=parse_size(args.disk, "--disk"),
-        )
-        cfg = ExecuteHostConfig.from_settings(
-            settings,
-            hooks_dir=(args.hooks_dir or DEFAULT_HOOKS_DIR).absolute(),
-            glite_vm=(args.glite_vm or _running_glite_vm()).absolute(),
-            layout=layout,
-        )
-    except (ValueError, RequestError) as exc:
-        print(f"glite-vm config: {exc}", file=sys.stderr)
-        return 2
+    layout = SlotLayout(
+        slots=args.slots,
+        root_slots=args.root_slots,
+        cpus=args.cpus,
+        memory_mib=parse_memory_mib(args.memory, "--memory"),
+        disk_bytes=parse_size(args.disk, "--disk"),
+    )
+    cfg = ExecuteHostConfig.from_settings(
+        settings,
+        hooks_dir=(args.hooks_dir or DEFAULT_HOOKS_DIR).absolute(),
+        glite_vm=(args.glite_vm or _running_glite_vm()).absolute(),
+        layout=layout,
+    )
     text = render_execute_config(cfg)
     if args.output is None:
         sys.stdout.write(text)
@@ -154,18 +152,13 @@ def handle_hook_install(args: argparse.Namespace, settings: Settings) -> int:
     directory: Path = args.directory.absolute()
     python = str(args.python)
     if not os.path.isabs(python) or not os.access(python, os.X_OK):
-        print(
-            f"glite-vm hook install: {python} is not an executable absolute path", file=sys.stderr
-        )
-        return 2
+        raise UserError(f"--python {python} is not an executable absolute path")
     directory.mkdir(mode=0o755, parents=True, exist_ok=True)
     if _writable_by_others(directory):
-        print(
-            f"glite-vm hook install: {directory} is writable by group or others; the starter "
-            "refuses hooks there (chmod go-w it or choose another directory)",
-            file=sys.stderr,
+        raise UserError(
+            f"{directory} is writable by group or others; the starter refuses hooks there "
+            "(chmod go-w it or choose another directory)"
         )
-        return 2
     for name in HOOK_ENTRY_POINTS:
         target = directory / name
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=directory)
@@ -187,8 +180,8 @@ def handle_advertise(args: argparse.Namespace, settings: Settings) -> int:
     try:
         settings = Settings.load(use_condor=True)  # STARTD_CRON: HTCondor's knobs count
     except ValueError as exc:
-        print(f"glite-vm advertise: {exc}", file=sys.stderr)
-        return 2
+        print(f"glite-vm advertise: configuration error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     facts = collect(settings)
     for problem in facts.problems:
         print(f"glite-vm advertise: {problem}", file=sys.stderr)

@@ -250,6 +250,8 @@ def test_the_command_prints_the_snippet(
     assert main(["config", "--hooks-dir", "/srv/hooks", "-o", str(target)]) == 0
     assert target.read_text().startswith("# glite-vm ")
 
-    assert main(["config", "--slots", "2", "--root-slots", "3"]) == 2
-    assert "root slots must be within 0 .. 2" in capsys.readouterr().err
-    assert main(["config", "--memory", "lots"]) == 2
+    assert main(["config", "--slots", "2", "--root-slots", "3"]) == 125
+    assert "request error: root slots must be within 0 .. 2" in capsys.readouterr().err
+    assert main(["config", "--memory", "lots"]) == 125
+    assert main(["config", "--memory", "2048"]) == 125  # MiB? bytes? the unit is required
+    assert "--memory: '2048' has no unit; write e.g. '2048MiB'" in capsys.readouterr().err
