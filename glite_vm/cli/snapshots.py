@@ -381,19 +381,19 @@ def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
         )
         retention = Retention(retention.max_age, size)
     store = SnapshotStore(settings)
-    plan = store.prune(
-        retention, dry_run=True, all_users=args.all, running=_running(settings, dry_run=True)
-    )
-    if args.dry_run or not plan.removed:
+    running = _running(settings, args.dry_run)
+    plan = store.prune(retention, dry_run=True, all_users=args.all, running=running)
+    if args.dry_run:
         return _prune_report(args, plan)
-    if not args.json:
-        _prune_report(args, plan, intro=True)
-    if not confirm(f"Remove these {len(plan.removed)} entries?", yes=args.yes):
-        print("nothing was removed", file=sys.stderr if args.json else sys.stdout)
-        return EXIT_PROBLEMS
-    report = store.prune(
-        retention, dry_run=False, all_users=args.all, running=_running(settings, dry_run=False)
-    )
+    if plan.removed:
+        if not args.json:
+            _prune_report(args, plan, intro=True)
+        if not confirm(f"Remove these {len(plan.removed)} entries?", yes=args.yes):
+            print("nothing was removed", file=sys.stderr if args.json else sys.stdout)
+            return EXIT_PROBLEMS
+    # Nothing of anyone's to remove needs no question: the prune then only sweeps directories
+    # their owners emptied long ago.
+    report = store.prune(retention, dry_run=False, all_users=args.all, running=running)
     return _prune_report(args, report)
 
 

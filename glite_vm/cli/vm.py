@@ -32,6 +32,7 @@ from glite_vm.request import KeepSnapshot
 from glite_vm.session import (
     JobSpec,
     RunReport,
+    check_output_dir,
     hypervisor_for,
     open_host,
     run_job,
@@ -216,7 +217,6 @@ def _job_spec(args: argparse.Namespace) -> JobSpec:
 
 
 def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
-    spec = _job_spec(args)
     out = sys.stdout.buffer
     err = sys.stderr.buffer
 
@@ -232,6 +232,9 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     report = RunReport()
     old = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
+        spec = _job_spec(args)
+        if spec.output_dir is not None:
+            check_output_dir(spec.output_dir)  # before anything is fetched, booted or connected
         host = open_host(settings)
         result = run_job(
             host,

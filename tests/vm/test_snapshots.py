@@ -86,7 +86,7 @@ class Kept:
             "GLITE_VM_STATE_DIR": str(self.settings.state_dir),
             "GLITE_VM_CATALOGUE": self.settings.catalogue,
             "GLITE_VM_CONFIG": "/nonexistent",
-            "GLITE_VM_DEFAULT_MEMORY_MIB": "512",
+            "GLITE_VM_DEFAULT_MEMORY_MIB": "512MiB",
             "GLITE_VM_BOOT_TIMEOUT": "120",
             "HOME": str(self.home(account)),
         }
@@ -573,7 +573,17 @@ def test_prune_by_age_keeps_recent_ones_and_running_vms(prune_settings: Settings
     assert f"kept {busy.name}: its VM still runs" in out
     assert old.is_dir() and recent.is_dir() and busy.is_dir()
 
-    done = prune_cli(prune_settings, "--json")
+    unconfirmed = prune_cli(prune_settings)  # a script without --yes: nothing goes
+    assert unconfirmed.returncode == 125, lines(unconfirmed)
+    assert b"confirm with --yes" in unconfirmed.stderr
+    assert f"will remove {old.name}".encode() in unconfirmed.stdout
+    assert old.is_dir()
+    for bare in (["--max-age", "7"], ["--max-bytes", "20"]):
+        refused = prune_cli(prune_settings, *bare, "--yes")
+        assert refused.returncode == 125 and b"has no unit" in refused.stderr, lines(refused)
+    assert old.is_dir()
+
+    done = prune_cli(prune_settings, "--json", "--yes")
     assert done.returncode == 0, lines(done)
     report = json.loads(done.stdout)
     assert [r["name"] for r in report["removed"]] == [old.name]
@@ -582,7 +592,7 @@ def test_prune_by_age_keeps_recent_ones_and_running_vms(prune_settings: Settings
     assert not old.exists() and recent.is_dir() and busy.is_dir()
 
     # The flag overrides the setting: two days removes nothing more (busy still runs).
-    again = prune_cli(prune_settings, "--max-age", "12h", "--json")
+    again = prune_cli(prune_settings, "--max-age", "12h", "--json", "--yes")
     assert [r["name"] for r in json.loads(again.stdout)["removed"]] == [recent.name]
     assert busy.is_dir()
 
@@ -597,7 +607,9 @@ def test_prune_by_total_bytes_removes_oldest_first(prune_settings: Settings) -> 
     sizes = {e.name: e.total_bytes for e in store.entries()}
     budget = sizes[b.name] + sizes[c.name] + 4096
 
-    proc = prune_cli(prune_settings, "--max-bytes", f"{budget}B", "--max-age", "none", "--json")
+    proc = prune_cli(
+        prune_settings, "--max-bytes", f"{budget}B", "--max-age", "none", "--json", "--yes"
+    )
     assert proc.returncode == 0, lines(proc)
     report = json.loads(proc.stdout)
     assert [r["name"] for r in report["removed"]] == [a.name]
@@ -625,7 +637,7 @@ def test_a_users_prune_empties_their_entry_and_roots_prune_removes_it_later() ->
             os.chown(p, user.uid, user.gid)
         mine.chmod(0o700)
         proc = subprocess.run(
-            [*as_user(user), *CLI, "snapshots", "prune", "--json"],
+            [*as_user(user), *CLI, "snapshots", "prune", "--json", "--yes"],
             capture_output=True,
             env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "GLITE_VM_STATE_DIR": str(state)},
             cwd="/",
