@@ -26,7 +26,7 @@ from glite_vm.config import (
     parse_memory_mib,
     parse_size,
 )
-from glite_vm.errors import GliteVmError
+from glite_vm.errors import GliteVmError, UserError
 from glite_vm.session import open_host
 from glite_vm.snapshots import (
     ConsoleBridge,
@@ -226,8 +226,12 @@ class _Terminated(Exception):
 
 def cmd_boot(args: argparse.Namespace, settings: Settings) -> int:
     cmd = list(args.cmd)
-    if cmd and cmd[0] == "--":
-        cmd = cmd[1:]
+    if cmd and cmd[0] != "--":
+        raise UserError(
+            f"{' '.join(cmd)!r} after ID: options go before ID and a command after '--', "
+            "e.g. glite-vm snapshots boot --memory 1GB ID -- sh -c 'tail /var/log/syslog'"
+        )
+    cmd = cmd[1:]
     memory_mib = None if args.memory is None else parse_memory_mib(args.memory, "--memory")
     entry = SnapshotStore(settings).find(args.id)
     host = open_host(settings)

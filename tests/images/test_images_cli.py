@@ -13,6 +13,7 @@ import pytest
 from glite_vm.cli import images as cli
 from glite_vm.cli.progress import ProgressBar
 from glite_vm.config import MIB, Settings
+from glite_vm.errors import RequestError, UserError
 from glite_vm.images import ImageCache, acquire_image
 from tests.images.images_helpers import Repo, qemu_img, random_bytes
 
@@ -120,6 +121,12 @@ def test_cache_status_prune_verify(
     assert "would remove 1 image file(s), 1.0 MiB" in out and a[:12] in out and "alpha" in out
     assert "images in use by jobs stay" in out
     assert len(ImageCache(settings).entries()) == 2  # a dry run removes nothing
+    with pytest.raises(UserError, match="confirm with --yes"):  # a script that did not say so
+        run(settings, "cache", "prune", "--to", "1MiB")
+    assert "will remove 1 image file(s), 1.0 MiB" in capsys.readouterr().out
+    assert len(ImageCache(settings).entries()) == 2
+    with pytest.raises(RequestError, match="'20' has no unit"):
+        run(settings, "cache", "prune", "--to", "20")
     assert run(settings, "cache", "prune", "--to", "1MiB", "--yes") == 1  # still above target
     out = capsys.readouterr().out
     assert "will remove 1 image file(s), 1.0 MiB" in out

@@ -178,3 +178,26 @@ def test_ca_with_a_broken_ca_key_is_reported_as_a_host_problem(
     assert code == 125
     err = capsys.readouterr().err
     assert "host error" in err and "GLITE_VM_CA_KEY" in err
+
+
+def test_ca_issue_with_its_defaults_says_nothing_about_cutting_short(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A CA of `ca init` and a pair of `ca issue`, both with their defaults (365 days): the
+    pair ends with the CA, and that is no news worth a warning."""
+    assert glite_vm.cli.main(["ca", "init", str(tmp_path / "ca"), "--key-type", "ec"]) == 0
+    ca_args = ["--ca-cert", str(tmp_path / "ca/ca.pem"), "--ca-key", str(tmp_path / "ca/ca.key")]
+    issue = ["ca", "issue", *ca_args, "--cert-dir", str(tmp_path / "certs")]
+    capsys.readouterr()
+    assert glite_vm.cli.main([*issue, "vm.example.org", "--key-type", "ec"]) == 0
+    err = capsys.readouterr().err
+    assert err == "", err
+    assert "cut short" not in caplog.text  # the library's warning, wherever logging goes
+    ca = LocalCA.load(tmp_path / "ca/ca.pem", tmp_path / "ca/ca.key")
+    pair = load_preissued(tmp_path / "certs", "vm.example.org")
+    assert not_valid_after(pair.certificate) <= not_valid_after(ca.certificate)
+    assert (not_valid_after(pair.certificate) - not_valid_before(pair.certificate)).days >= 363
+    # asking for more than the CA has left is cut, and said once, by the CLI
+    assert glite_vm.cli.main([*issue, "vm2.example.org", "--key-type", "ec", "--days", "1000"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("would outlive the CA") == 1 and "WARNING" not in err, err
