@@ -226,12 +226,13 @@ class _Terminated(Exception):
 
 def cmd_boot(args: argparse.Namespace, settings: Settings) -> int:
     cmd = list(args.cmd)
-    if cmd and cmd[0] != "--":
+    if cmd and cmd[0] == "--":
+        cmd = cmd[1:]
+    elif cmd and cmd[0].startswith("-"):  # an option after ID would be run as the command
         raise UserError(
-            f"{' '.join(cmd)!r} after ID: options go before ID and a command after '--', "
-            "e.g. glite-vm snapshots boot --memory 1GB ID -- sh -c 'tail /var/log/syslog'"
+            f"{cmd[0]} after ID: options go before ID and a command after '--', e.g. "
+            "glite-vm snapshots boot --memory 1GB ID -- sh -c 'tail /var/log/syslog'"
         )
-    cmd = cmd[1:]
     memory_mib = None if args.memory is None else parse_memory_mib(args.memory, "--memory")
     entry = SnapshotStore(settings).find(args.id)
     host = open_host(settings)

@@ -480,13 +480,13 @@ def test_another_user_cannot_list_show_boot_or_export_it(kept: Kept) -> None:
         ("export", kept.name, str(dest)),
     ):
         proc = kept.cli(*args, account=user)
-        assert proc.returncode == 2, (args, lines(proc))
+        assert proc.returncode == 125, (args, lines(proc))
         assert not proc.stdout, (args, proc.stdout)
         err = proc.stderr.decode()
         assert "permission denied" in err and "belongs to another user" in err, err
         assert MARKER.strip() not in err
     by_job = kept.cli("show", JOB_ID, account=user)
-    assert by_job.returncode == 2 and not by_job.stdout
+    assert by_job.returncode == 125 and not by_job.stdout
     assert not dest.exists()
     # Nor can the files be read behind the tool's back.
     for path in (kept.snapshot, kept.snapshot.parent / "record.json"):
