@@ -14,6 +14,8 @@ import time
 from pathlib import Path
 from types import FrameType
 
+import libvirt
+
 from glite_vm.cli.common import (
     EXIT_FAILURE,
     EXIT_PROBLEMS,
@@ -439,17 +441,23 @@ def _dir_status(path: Path) -> tuple[bool, str]:
 
 def _vm_rows(host: VmHost) -> list[dict[str, object]]:
     now = time.time()
-    return [
-        {
-            "name": dom.name(),
-            "state": "running" if dom.isActive() else "defined",
-            "owner": meta.owner if meta else "?",
-            "job": meta.job_id if meta else "?",
-            "image": meta.image if meta else "?",
-            "age_seconds": round(now - meta.created) if meta else None,
-        }
-        for dom, meta in host.our_domains()
-    ]
+    rows: list[dict[str, object]] = []
+    for dom, meta in host.our_domains():
+        try:
+            active = dom.isActive()
+        except libvirt.libvirtError:
+            continue  # it went away while we looked (another job's VM ending)
+        rows.append(
+            {
+                "name": dom.name(),
+                "state": "running" if active else "defined",
+                "owner": meta.owner if meta else "?",
+                "job": meta.job_id if meta else "?",
+                "image": meta.image if meta else "?",
+                "age_seconds": round(now - meta.created) if meta else None,
+            }
+        )
+    return rows
 
 
 def _print_vms(rows: list[dict[str, object]]) -> None:

@@ -143,8 +143,17 @@ def test_a_job_that_outlives_its_own_time_limit_is_held_naming_the_limit(
         ad = pool.wait_for_status(jobs["slow"], 5, JOB_TIMEOUT + TIME_LIMIT)
     except Exception:
         queued = pool.queue_ad(jobs["slow"]) or pool.history_ad(jobs["slow"]) or {}
-        keys = ("JobStatus", "HoldReason", "LastHoldReason", "AllowedExecuteDuration",
-                "NumJobStarts", "ExitCode", "ExitSignal", "GliteVmLauncherError", "RemoveReason")
+        keys = (
+            "JobStatus",
+            "HoldReason",
+            "LastHoldReason",
+            "AllowedExecuteDuration",
+            "NumJobStarts",
+            "ExitCode",
+            "ExitSignal",
+            "GliteVmLauncherError",
+            "RemoveReason",
+        )
         raise AssertionError({k: queued.get(k) for k in keys}) from None
     assert ad["HoldReasonCode"] == 47  # HTCondor's JobExecuteExceeded: the job's own limit
     assert f"{TIME_LIMIT}" in ad["HoldReason"] and "duration" in ad["HoldReason"], ad["HoldReason"]

@@ -307,3 +307,10 @@ def test_vms_list_columns_line_up_whatever_the_widths(capsys: pytest.CaptureFixt
     age_end = header.index("AGE") + len("AGE")  # right-aligned: each ends in one place
     for line in lines[1:]:
         assert line[age_end - 1] != " " and line[age_end : age_end + 2] == "  ", lines
+
+
+def test_the_cli_and_the_launcher_share_one_failure_status() -> None:
+    from glite_vm.cli.common import EXIT_FAILURE  # noqa: PLC0415
+    from glite_vm.condor.launcher import LAUNCHER_FAILURE_EXIT  # noqa: PLC0415
+
+    assert EXIT_FAILURE == LAUNCHER_FAILURE_EXIT == 125  # docs: README "Exit statuses"

@@ -117,3 +117,69 @@ def test_serve_says_what_it_does_before_its_socket_exists(tmp_path: Path) -> Non
     assert first < text.index("accelerator: ") < text.index(f"socket {socket_path} bound")
     assert f"accepting calls on {socket_path}" in text
     assert (state / hv.HYPERVISOR_CACHE).is_file()  # and the verdict is remembered for others
+
+
+def test_vms_destroy_shows_what_goes_and_asks_first(tmp_path: Path) -> None:
+    """A defined (not started) domain of glite-vm's: nothing boots, the flow is the real one."""
+    import xml.etree.ElementTree as ET  # noqa: PLC0415
+
+    import libvirt  # noqa: PLC0415
+
+    from glite_vm.vm.domain_xml import METADATA_NS, JobMetadata  # noqa: PLC0415
+
+    name = f"glite-vm-clitest-{os.getpid()}.0-d35700"
+    meta = JobMetadata(
+        job_id=f"{os.getpid()}.0",
+        owner="clitest",
+        owner_uid=0,
+        image="test-image",
+        image_sha256="0" * 64,
+        keep_snapshot="never",
+        vm_dir=str(tmp_path),
+        created=time.time() - 610,
+    )
+    xml = (
+        f"<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory>"
+        "<os><type arch='x86_64'>hvm</type></os></domain>"
+    )
+    conn = libvirt.open("qemu:///system")
+    dom = conn.defineXML(xml)
+    try:
+        dom.setMetadata(
+            libvirt.VIR_DOMAIN_METADATA_ELEMENT,
+            ET.tostring(meta.to_element(), encoding="unicode"),
+            "glitevm",
+            METADATA_NS,
+            libvirt.VIR_DOMAIN_AFFECT_CONFIG,
+        )
+
+        def destroy(*args: str) -> subprocess.CompletedProcess[str]:
+            return subprocess.run(
+                [*CLI, "vms", "destroy", name, *args],
+                env=env_for(tmp_path / "state", GLITE_VM_HYPERVISOR="qemu"),
+                capture_output=True,
+                text=True,
+                stdin=subprocess.DEVNULL,
+                timeout=120,
+                check=False,
+            )
+
+        looked = destroy("--dry-run")
+        assert looked.returncode == 0, looked.stderr
+        assert "would destroy 1 VM(s)" in looked.stdout
+        assert (
+            name in looked.stdout and "clitest" in looked.stdout and "test-image" in looked.stdout
+        )
+        unconfirmed = destroy()  # a script, no --yes: nothing happens
+        assert unconfirmed.returncode == 125
+        assert "will destroy 1 VM(s)" in unconfirmed.stdout
+        assert "confirm with --yes" in unconfirmed.stderr
+        assert name in [d.name() for d in conn.listAllDomains(0)]
+        done = destroy("--yes")
+        assert done.returncode == 0, done.stderr
+        assert f"destroyed {name}" in done.stdout
+        assert name not in [d.name() for d in conn.listAllDomains(0)]
+    finally:
+        if name in [d.name() for d in conn.listAllDomains(0)]:
+            dom.undefine()
+        conn.close()
