@@ -29,7 +29,7 @@ TIB = 1024 * GIB
 #
 # Every size and duration a person types (CLI options, GLITE_VM_* settings from the environment,
 # a TOML file or condor_config, API arguments) goes through the parsers below, so a unit means
-# the same thing everywhere. The contract, also in docs/users.md ("Sizes and durations"):
+# the same thing everywhere. The contract, also in README.md ("Sizes and durations"):
 #
 # * A size is a number and a binary unit: B, K/KB/KiB, M/MB/MiB, G/GB/GiB, T/TB/TiB (any case,
 #   blanks allowed; "2GB" is 2 GiB, as in HTCondor's submit language). A bare number is refused

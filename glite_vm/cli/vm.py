@@ -29,7 +29,7 @@ from glite_vm.cli.common import (
 )
 from glite_vm.cli.progress import ProgressBar
 from glite_vm.config import Settings, format_size, parse_memory_mib, parse_size, parse_timeout
-from glite_vm.errors import GliteVmError, PayloadTimeoutError, RequestError, UnknownImageError
+from glite_vm.errors import GliteVmError, PayloadTimeoutError, RequestError
 from glite_vm.request import KeepSnapshot
 from glite_vm.session import (
     JobSpec,
@@ -249,21 +249,25 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
         )
     except _Terminated as exc:
         bar.close()
-        print(f"glite-vm run: stopped by {exc}; the VM was torn down", file=sys.stderr)
+        print(f"glite-vm run: stopped by {exc}", file=sys.stderr)
         return _failed(args, report, None, 143)
     except KeyboardInterrupt:
         bar.close()
-        print("glite-vm run: interrupted; the VM was torn down", file=sys.stderr)
+        print("glite-vm run: interrupted", file=sys.stderr)
         return _failed(args, report, None, 130)
     except Exception as exc:
         bar.close()
-        if isinstance(exc, UnknownImageError) and os.path.isfile(args.image):
-            exc = UnknownImageError(exc.name, exc.known)
-            exc.message += f"; to use the file {args.image} here, write ./{args.image}"
         if isinstance(exc, PayloadTimeoutError):
             print(f"glite-vm: request error: {exc} (--timeout)", file=sys.stderr)
             return _failed(args, report, exc, EXIT_TIMEOUT)
         report_error(exc)
+        if report.domain is None and "/" not in args.image and os.path.isfile(args.image):
+            # a name without '/' is a catalogue name, even when a file of that name is here
+            print(
+                f"glite-vm: hint: {args.image} was taken for a catalogue name; "
+                f"to boot the file here, write --image ./{args.image}",
+                file=sys.stderr,
+            )
         return _failed(args, report, exc, EXIT_FAILURE)
     finally:
         signal.signal(signal.SIGTERM, old)

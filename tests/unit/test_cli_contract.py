@@ -186,6 +186,23 @@ def test_what_the_errors_say(base_env: dict[str, str]) -> None:
     assert usage.returncode == 125 and "request error" in usage.stderr
 
 
+def test_a_bare_file_name_is_a_catalogue_name_and_the_cli_says_how_to_mean_the_file(
+    base_env: dict[str, str], tmp_path: Path
+) -> None:
+    (tmp_path / "my.qcow2").write_bytes(b"")
+    proc = subprocess.run(
+        [*CLI, "run", "--image", "my.qcow2", "--", "true"],
+        env=base_env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    assert proc.returncode == 125
+    assert "write --image ./my.qcow2" in proc.stderr, proc.stderr
+
+
 # --- the unit contract --------------------------------------------------------------------------
 
 
