@@ -113,7 +113,8 @@ class PayloadTimeoutError(UserError, TimeoutError):
     """
 
     def __init__(self, limit: float) -> None:
-        super().__init__(f"the payload did not finish within its time limit of {limit:g} s")
+        shown = f"{limit:g}" if isinstance(limit, int | float) else str(limit)
+        super().__init__(f"the payload did not finish within its time limit of {shown} s")
         self.limit = limit
 
 

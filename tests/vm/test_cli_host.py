@@ -125,7 +125,7 @@ def test_vms_destroy_shows_what_goes_and_asks_first(tmp_path: Path) -> None:
 
     import libvirt  # noqa: PLC0415
 
-    from glite_vm.vm.domain_xml import METADATA_NS, JobMetadata  # noqa: PLC0415
+    from glite_vm.vm.domain_xml import METADATA_NS, METADATA_PREFIX, JobMetadata  # noqa: PLC0415
 
     name = f"glite-vm-clitest-{os.getpid()}.0-d35700"
     meta = JobMetadata(
@@ -138,20 +138,16 @@ def test_vms_destroy_shows_what_goes_and_asks_first(tmp_path: Path) -> None:
         vm_dir=str(tmp_path),
         created=time.time() - 610,
     )
-    xml = (
-        f"<domain type='qemu'><name>{name}</name><memory unit='MiB'>64</memory>"
-        "<os><type arch='x86_64'>hvm</type></os></domain>"
-    )
+    # as build_domain_xml writes it: the job's metadata inside the definition
+    ET.register_namespace(METADATA_PREFIX, METADATA_NS)
+    domain = ET.Element("domain", type="qemu")
+    ET.SubElement(domain, "name").text = name
+    ET.SubElement(domain, "memory", unit="MiB").text = "64"
+    ET.SubElement(ET.SubElement(domain, "os"), "type", arch="x86_64").text = "hvm"
+    ET.SubElement(domain, "metadata").append(meta.to_element())
     conn = libvirt.open("qemu:///system")
-    dom = conn.defineXML(xml)
+    dom = conn.defineXML(ET.tostring(domain, encoding="unicode"))
     try:
-        dom.setMetadata(
-            libvirt.VIR_DOMAIN_METADATA_ELEMENT,
-            ET.tostring(meta.to_element(), encoding="unicode"),
-            "glitevm",
-            METADATA_NS,
-            libvirt.VIR_DOMAIN_AFFECT_CONFIG,
-        )
 
         def destroy(*args: str) -> subprocess.CompletedProcess[str]:
             return subprocess.run(
