@@ -161,7 +161,7 @@ def concurrent_cold(repo: Repository, work: Path, size: int) -> dict[str, Any]:
         {
             "GLITE_VM_STATE_DIR": str(state),
             "GLITE_VM_CATALOGUE": repo.url("catalogue.json"),
-            "GLITE_VM_CACHE_MIN_FREE_BYTES": "0",
+            "GLITE_VM_CACHE_MIN_FREE_BYTES": "0B",
         }
     )
     repo.reset_counts()

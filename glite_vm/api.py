@@ -42,9 +42,17 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, overload
 
-from glite_vm.config import KIB, MIB, Settings, format_size, parse_size
+from glite_vm.config import (
+    KIB,
+    MIB,
+    Settings,
+    check_network_name,
+    format_size,
+    parse_size,
+    parse_timeout,
+)
 from glite_vm.errors import GliteVmError, HostError, RequestError
-from glite_vm.request import KeepSnapshot
+from glite_vm.request import KeepSnapshot, with_field_names
 
 if TYPE_CHECKING:
     import htcondor2
@@ -72,6 +80,19 @@ _MACRO_DOLLAR = re.compile(r"\$(?=[A-Za-z0-9_]*\()")
 _UNWRITABLE = re.compile(r"\$\$[A-Za-z0-9_]*\(|\$\(dollar\)", re.IGNORECASE)
 
 DownloadProgress = Callable[[int, int | None], None]
+
+#: Job-ad attributes (what the request layer names) -> this API's parameter names.
+PARAMETER_NAMES: Final = {
+    "GliteVmImage": "image",
+    "GliteVmImageSha256": "image_sha256",
+    "GliteVmRoot": "root",
+    "GliteVmKeepSnapshot": "keep_snapshot",
+    "GliteVmNetwork": "network",
+    "GliteVmHostname": "hostname",
+    "RequestCpus": "cpus",
+    "RequestMemory": "memory",
+    "RequestDisk": "disk",
+}
 
 
 # --- errors of the API's own ------------------------------------------------------------------
@@ -134,19 +155,15 @@ def _plain_string(field: str, value: object) -> str:
 
 
 def _size(field: str, value: object) -> int:
-    """Bytes of a size given with a unit (``"2GB"``, ``"512MiB"``)."""
+    """Bytes of a size given with a unit (``"2GB"``, ``"512MiB"``; the unit contract of
+    :mod:`glite_vm.config`): a string, as a number alone would be ambiguous."""
     if isinstance(value, bool) or not isinstance(value, str):
         raise RequestError(
             field,
             f"give a size with a unit, like '2GB' or '512MiB', got {value!r} (a bare number "
-            "is ambiguous: HTCondor reads MiB or KiB, glite-vm bytes)",
+            "is ambiguous: HTCondor reads MiB or KiB, other tools bytes)",
         )
-    if value.strip().isdigit():
-        raise RequestError(field, f"give the unit too, like '{value.strip()}MiB' or '2GB'")
-    try:
-        size = parse_size(value, field)
-    except RequestError as exc:
-        raise _refield(field, exc) from None
+    size = parse_size(value, field, likely="MiB" if field == "memory" else "GB")
     if size < MIN_SIZE:
         raise RequestError(field, f"{format_size(size)} is below the minimum of 64.0 MiB")
     return size
@@ -188,7 +205,9 @@ class VmJob:
     (``"2GB"``, ``"512MiB"``; binary units). ``keep_snapshot`` is ``"always"``,
     ``"on_failure"`` or ``"never"``. ``hostname`` asks for a guest host name
     (``GliteVmHostname``; only where the site allows it, and only on a pool). ``image_sha256``
-    pins a custom image's digest.
+    pins a custom image's digest. ``network`` asks for one of the networks the site offers
+    (``GliteVmNetwork``: ``GLITE_VM_NETWORK`` or one of ``GLITE_VM_JOB_NETWORKS``; ``None``: the
+    host's default).
     """
 
     image: str
@@ -206,6 +225,7 @@ class VmJob:
     env: Mapping[str, str] = dataclasses.field(default_factory=dict)
     image_sha256: str | None = None
     transfer_executable: bool = True
+    network: str | None = None
 
     def __post_init__(self) -> None:
         self._normalise_image()
@@ -286,6 +306,8 @@ class VmJob:
         if self.hostname is not None:
             hostname = validate_hostname(self.hostname, field="hostname")
             object.__setattr__(self, "hostname", hostname)
+        if self.network is not None:
+            check_network_name(self.network, "network")
 
     def _checked_executable(self) -> str:
         exe = self.executable
@@ -458,6 +480,8 @@ class VmJob:
             items["MY.GliteVmImageSha256"] = _ad_string(self.image_sha256)
         if self.hostname is not None:
             items["MY.GliteVmHostname"] = _ad_string(self.hostname)
+        if self.network is not None:
+            items["MY.GliteVmNetwork"] = _ad_string(self.network)
         return items
 
     def write_files(self, directory: str | os.PathLike[str]) -> Path:
@@ -970,8 +994,11 @@ def run_local(
     receives its stdout and stderr (written as they arrive), its outputs by the same rule as on
     a pool, and the script. ``settings`` default to :meth:`Settings.load` (read once);
     ``host`` lets several runs share one libvirt connection (:func:`glite_vm.session.open_host`).
-    ``timeout`` (seconds) bounds the payload and ``cancel`` stops it: both end in
-    :class:`~glite_vm.errors.AgentError` after the VM is torn down.
+    ``timeout`` (seconds, more than zero; checked before anything boots) bounds the payload:
+    one that outlives it ends in :class:`~glite_vm.errors.PayloadTimeoutError` (hold-class: the
+    job's own limit). ``cancel`` stops it with :class:`~glite_vm.errors.AgentError`. Both come
+    after the VM is torn down. A request the host refuses (memory above its maximum, a network
+    it does not offer) raises :class:`~glite_vm.errors.RequestError` naming the parameter.
 
     Differences from a pool, on purpose: the image may be a local path; a declared output the
     job did not make is listed in ``missing_outputs`` (HTCondor holds such a job); ``hostname``
@@ -993,6 +1020,7 @@ def run_local(
         raise RequestError(
             "directory", f"{os.fspath(directory)} is not empty; give a new or empty directory"
         )
+    limit = None if timeout is None else parse_timeout(timeout, "timeout")
     the_settings = settings if settings is not None else Settings.load()
     job_dir = job.write_files(_base_directory(directory, "glite-vm-local-"))
     staging = Path(tempfile.mkdtemp(prefix=".glite-vm-in-", dir=job_dir))
@@ -1012,7 +1040,8 @@ def run_local(
             input_dir=staging,
             output_dir=pulled,
             env=dict(job.env),
-            timeout=timeout,
+            timeout=limit,
+            network=job.network,
         )
         the_host = host if host is not None else open_host(the_settings)
         try:
@@ -1020,15 +1049,18 @@ def run_local(
                 (job_dir / STDOUT_NAME).open("wb") as out,
                 (job_dir / STDERR_NAME).open("wb") as err,
             ):
-                done = run_job(
-                    the_host,
-                    spec,
-                    stdout=_sink(out),
-                    stderr=_sink(err),
-                    progress=download_progress,
-                    cancel=cancel,
-                    allow_local=True,
-                )
+                try:
+                    done = run_job(
+                        the_host,
+                        spec,
+                        stdout=_sink(out),
+                        stderr=_sink(err),
+                        progress=download_progress,
+                        cancel=cancel,
+                        allow_local=True,
+                    )
+                except RequestError as exc:
+                    raise with_field_names(exc, PARAMETER_NAMES) from None
         finally:
             if own_host:
                 the_host.conn.close()

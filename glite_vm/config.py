@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import tomllib
 from collections.abc import Callable, Mapping
 from pathlib import Path
@@ -24,8 +25,25 @@ MIB = 1024 * KIB
 GIB = 1024 * MIB
 TIB = 1024 * GIB
 
-_UNITS = {
-    "": 1,
+# --- units ------------------------------------------------------------------------------------
+#
+# Every size and duration a person types (CLI options, GLITE_VM_* settings from the environment,
+# a TOML file or condor_config, API arguments) goes through the parsers below, so a unit means
+# the same thing everywhere. The contract, also in README.md ("Sizes and durations"):
+#
+# * A size is a number and a binary unit: B, K/KB/KiB, M/MB/MiB, G/GB/GiB, T/TB/TiB (any case,
+#   blanks allowed; "2GB" is 2 GiB, as in HTCondor's submit language). A bare number is refused
+#   everywhere: HTCondor reads `request_memory = 2048` as MiB and `request_disk` as KiB, docker
+#   and most tools read bytes, so whichever one glite-vm picked, someone would silently get a
+#   VM, a cache budget or a retention 1024 times off. Memory is a size like any other
+#   (`--memory 2GB`, `--memory 2048MiB`).
+# * A duration is a number and a unit: s, m, h, d, w ("30m" is thirty minutes). A bare number is
+#   seconds only where the option or setting is a timeout or an interval (`--timeout 600`,
+#   GLITE_VM_BOOT_TIMEOUT = 300), as for timeout(1) and HTCondor's own knobs; an age
+#   (`--max-age`, `--since`, GLITE_VM_SNAPSHOT_RETENTION) needs its unit, because "7" reads as
+#   days to a person and as seconds to a program.
+
+_SIZE_UNITS = {
     "b": 1,
     "k": KIB,
     "kb": KIB,
@@ -40,28 +58,51 @@ _UNITS = {
     "tb": TIB,
     "tib": TIB,
 }
+_SIZE_EXAMPLE = "like '20GB', '512MiB' or '1.5G'"
 
 
-def parse_size(text: str | int, field: str = "size") -> int:
-    """Parse ``"30GB"``, ``"512 MiB"``, ``"1073741824"`` into bytes (binary units)."""
-    if isinstance(text, bool):
-        raise RequestError(field, f"expected a size like '2GB', got {text!r}")
+def _split_number(text: str) -> tuple[str, str]:
+    """``"30 GB"`` -> ``("30", "gb")``: the number and the lower-case unit after it."""
+    s = text.strip().lower().replace(" ", "")
+    num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
+    return num, s[len(num) :]
+
+
+def parse_size(text: str | int, field: str = "size", *, likely: str = "GB") -> int:
+    """Bytes of a size with its unit: ``"30GB"``, ``"512 MiB"``, ``"1.5G"`` (binary units).
+
+    A bare number (``"20"``) is refused with the units to add; an ``int`` from Python code is
+    taken as bytes (the type says so). Negative and non-finite sizes are refused. ``likely``
+    is the unit the refusal of a bare number suggests first.
+    """
+    if isinstance(text, bool) or not isinstance(text, str | int):
+        raise RequestError(field, f"expected a size {_SIZE_EXAMPLE}, got {text!r}")
     if isinstance(text, int):
         if text < 0:
             raise RequestError(field, f"must not be negative, got {text}")
         return text
-    s = text.strip().lower().replace(" ", "")
-    num = s.rstrip("abcdefghijklmnopqrstuvwxyz")
-    unit = s[len(num) :]
-    if unit not in _UNITS or not num:
-        raise RequestError(field, f"expected a size like '2GB' or '512MiB', got {text!r}")
-    try:
-        value = float(num)
-    except ValueError:
-        raise RequestError(field, f"expected a size like '2GB' or '512MiB', got {text!r}") from None
+    num, unit = _split_number(text)
+    if num and not unit and _is_number(num):
+        raise RequestError(
+            field,
+            f"{text.strip()!r} has no unit; write e.g. "
+            + " or ".join(f"'{num}{u}'" for u in dict.fromkeys((likely, "GB", "MiB")))
+            + " (a bare number is MiB to HTCondor and bytes to other tools; glite-vm takes "
+            "none)",
+        )
+    if unit not in _SIZE_UNITS or not _is_number(num):
+        raise RequestError(field, f"expected a size {_SIZE_EXAMPLE}, got {text!r}")
+    value = float(num)
     if not math.isfinite(value) or value < 0:
         raise RequestError(field, f"must be a finite, non-negative size, got {text!r}")
-    return int(value * _UNITS[unit])
+    return int(value * _SIZE_UNITS[unit])
+
+
+def parse_memory_mib(text: str, field: str = "memory") -> int:
+    """Whole MiB (rounded up) of a memory size with its unit: ``"2GB"`` -> 2048."""
+    if not isinstance(text, str):
+        raise RequestError(field, f"expected a size {_SIZE_EXAMPLE}, got {text!r}")
+    return math.ceil(parse_size(text, field, likely="MiB") / MIB)
 
 
 def format_size(n: int) -> str:
@@ -75,20 +116,53 @@ def format_size(n: int) -> str:
 
 
 _DURATION_UNITS = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 7 * 86400.0}
+_DURATION_EXAMPLE = "like '90s', '30m', '12h' or '7d'"
 
 
-def parse_duration(text: str, field: str = "duration") -> float:
-    """Parse ``"90s"``, ``"30m"``, ``"12h"``, ``"7d"``, ``"2w"`` (or a plain number of seconds)."""
-    s = text.strip().lower().replace(" ", "")
-    unit = s[-1:] if s[-1:] in _DURATION_UNITS else ""
-    num = s[: len(s) - len(unit)]
-    try:
+def parse_duration(
+    text: str | float, field: str = "duration", *, bare_seconds: bool = False
+) -> float:
+    """Seconds of ``"90s"``, ``"30m"``, ``"12h"``, ``"7d"``, ``"2w"``.
+
+    ``bare_seconds``: a plain number is seconds (timeouts and intervals); otherwise it is
+    refused with the units to add (ages). A ``float``/``int`` from Python code is seconds.
+    Negative and non-finite durations are refused.
+    """
+    if isinstance(text, bool) or not isinstance(text, str | int | float):
+        raise RequestError(field, f"expected a duration {_DURATION_EXAMPLE}, got {text!r}")
+    if isinstance(text, int | float):
+        value = float(text)
+    else:
+        num, unit = _split_number(text)
+        if not unit and _is_number(num) and not bare_seconds:
+            raise RequestError(
+                field,
+                f"{text.strip()!r} has no unit; write e.g. '{num}d', '{num}h' or '{num}s'",
+            )
+        if (unit and unit not in _DURATION_UNITS) or not _is_number(num):
+            raise RequestError(field, f"expected a duration {_DURATION_EXAMPLE}, got {text!r}")
         value = float(num) * _DURATION_UNITS.get(unit, 1.0)
-    except ValueError:
-        raise RequestError(field, f"expected a duration like '7d' or '12h', got {text!r}") from None
     if not math.isfinite(value) or value < 0:
         raise RequestError(field, f"must be a finite, non-negative duration, got {text!r}")
     return value
+
+
+def parse_timeout(text: str | float, field: str = "timeout") -> float:
+    """A time limit: a duration whose bare number is seconds, and which must be above zero."""
+    value = parse_duration(text, field, bare_seconds=True)
+    if value <= 0:
+        raise RequestError(
+            field, f"must be more than zero, got {text!r}; give e.g. '600' (seconds) or '10m'"
+        )
+    return value
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return bool(text) and text.lower() not in ("nan", "inf", "infinity")
 
 
 def format_duration(seconds: float) -> str:
@@ -171,34 +245,85 @@ def _default_socket() -> Path:
     return Path("/run/glite-vm/glite-vm.sock")
 
 
+def _knob(default: Any, parse: Callable[[str], Any]) -> Any:
+    """A settings field whose text (environment, TOML, condor_config) ``parse`` reads."""
+    return dataclasses.field(default=default, metadata={"parse": parse})
+
+
+def _size(default: int) -> Any:
+    return _knob(default, lambda text: parse_size(text, "size"))
+
+
+def _memory(default: int) -> Any:
+    return _knob(default, lambda text: parse_memory_mib(text, "memory"))
+
+
+def _seconds(default: float, *, zero_ok: bool = False) -> Any:
+    if zero_ok:
+        return _knob(default, lambda text: parse_duration(text, "seconds", bare_seconds=True))
+    return _knob(default, lambda text: parse_timeout(text, "seconds"))
+
+
+def _count(default: int, low: int) -> Any:
+    def parse(text: str) -> int:
+        try:
+            value = int(text.strip())
+        except ValueError:
+            raise ValueError(f"expected a whole number, got {text!r}") from None
+        if value < low:
+            raise ValueError(f"must be at least {low}, got {value}")
+        return value
+
+    return _knob(default, parse)
+
+
+#: Names of a VM network: ``none``, ``user`` (QEMU's user-mode NAT) or a libvirt network.
+NETWORK_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+
+
+def check_network_name(name: str, field: str = "network") -> str:
+    if not isinstance(name, str) or not NETWORK_NAME.match(name):
+        raise RequestError(
+            field,
+            f"{name!r} is not a network name ('none', 'user' or a libvirt network: letters, "
+            "digits, '.', '_', '-')",
+        )
+    return name
+
+
 @dataclasses.dataclass(frozen=True)
 class Settings:
-    """Every knob glite-vm reads. Build with :meth:`load`; pass it down, never make it global."""
+    """Every knob glite-vm reads. Build with :meth:`load`; pass it down, never make it global.
+
+    Sizes and durations in knob texts follow the unit contract above (sizes need a unit;
+    timeouts and intervals take bare seconds).
+    """
 
     state_dir: Path = dataclasses.field(default_factory=_default_state_dir)
     libvirt_uri: str = ""  # empty: qemu:///system as root, qemu:///session otherwise
     hypervisor: str = "auto"  # auto | kvm | qemu
     # image cache and catalogue
     cache_dir: Path | None = None  # default: state_dir/cache
-    cache_max_bytes: int = 50 * GIB
+    cache_max_bytes: int = _size(50 * GIB)
     catalogue: str = ""
-    catalogue_max_age: float = 60.0  # seconds a fetched catalogue is used without revalidating
-    cache_min_free_bytes: int = 512 * MIB  # free space a download must leave on the cache's disk
+    # seconds a fetched catalogue is used without revalidating (0: ask every time)
+    catalogue_max_age: float = _seconds(60.0, zero_ok=True)
+    cache_min_free_bytes: int = _size(512 * MIB)  # free space a download must leave on disk
     custom_image_sources: tuple[str, ...] = ()
-    max_image_virtual_bytes: int = 64 * GIB
-    max_image_file_bytes: int = 32 * GIB
-    download_timeout: float = 60.0  # seconds without progress before a download fails
-    lock_timeout: float = 1800.0  # seconds a job waits for another job's download
+    max_image_virtual_bytes: int = _size(64 * GIB)
+    max_image_file_bytes: int = _size(32 * GIB)
+    download_timeout: float = _seconds(60.0)  # without progress before a download fails
+    lock_timeout: float = _seconds(1800.0)  # a job waits for another job's download
     # VM sizing bounds and defaults (the site's historical VM: 1 core / 2 GB / 30 GB)
-    default_cpus: int = 1
-    default_memory_mib: int = 2048
-    default_disk_bytes: int = 30 * GIB
-    max_cpus: int = 64
-    max_memory_mib: int = 256 * 1024
-    max_disk_bytes: int = 2 * TIB
+    default_cpus: int = _count(1, 1)
+    default_memory_mib: int = _memory(2048)
+    default_disk_bytes: int = _size(30 * GIB)
+    max_cpus: int = _count(64, 1)
+    max_memory_mib: int = _memory(256 * 1024)
+    max_disk_bytes: int = _size(2 * TIB)
     # life cycle
-    boot_timeout: float = 300.0
-    teardown_timeout: float = 30.0
+    boot_timeout: float = _seconds(300.0)
+    teardown_timeout: float = _seconds(30.0)
     snapshot_dir: Path | None = None  # default: state_dir/snapshots
     # kept snapshots: age and/or total bytes, e.g. "7d", "7d,50GB", "none" (docs/snapshots.md)
     snapshot_retention: Retention = dataclasses.field(default_factory=Retention)
@@ -207,23 +332,27 @@ class Settings:
     # policy
     root_users: tuple[str, ...] = ()
     default_image: str = ""
-    max_host_failures: int = 3  # host failures of one job before it is held (0: never)
+    max_host_failures: int = _count(3, 0)  # host failures of one job before it is held (0: never)
+    # the VMs' network when a job asks for none: none | user | <libvirt network>
     network: str = "none"
+    # further networks a job may ask for (GliteVmNetwork, --network, VmJob(network=...))
+    job_networks: tuple[str, ...] = ()
     socket_path: Path = dataclasses.field(default_factory=_default_socket)
     # the execute host's VM slots (glite-vm config renders them; the service trusts only these:
     # glite_vm.slots); the last root_slots of them are root-enabled
-    slots: int = 3
-    root_slots: int = 1
-    slot_cpus: int = 1
-    slot_memory_bytes: int = 2 * GIB
-    slot_disk_bytes: int = 30 * GIB
+    slots: int = _count(3, 1)
+    root_slots: int = _count(1, 0)
+    slot_cpus: int = _count(1, 1)
+    slot_memory_bytes: int = _size(2 * GIB)
+    slot_disk_bytes: int = _size(30 * GIB)
     # the bootstrapper service (docs/service.md)
-    reap_interval: float = 15.0  # seconds between reaper passes of `glite-vm serve`
-    max_calls_per_user: int = 32  # calls one local user (not root) may have running at once
-    max_unmanaged_vms_per_user: int = 4  # VMs started outside HTCondor, per user (not root)
-    unmanaged_vm_lifetime: float = 12 * 3600.0  # seconds such a VM may live (0: no limit)
-    service_connect_timeout: float = 5.0  # seconds a client waits to connect to the service
-    service_idle_timeout: float = 30.0  # seconds a client waits for any sign of life mid-call
+    reap_interval: float = _seconds(15.0)  # between reaper passes of `glite-vm serve`
+    max_calls_per_user: int = _count(32, 1)  # calls one local user (not root) may have running
+    max_unmanaged_vms_per_user: int = _count(4, 0)  # VMs started outside HTCondor, per user
+    # seconds such a VM may live (0: no limit)
+    unmanaged_vm_lifetime: float = _seconds(12 * 3600.0, zero_ok=True)
+    service_connect_timeout: float = _seconds(5.0)  # a client waits to connect to the service
+    service_idle_timeout: float = _seconds(30.0)  # a client waits for any sign of life mid-call
     # guest identity: hostname and host certificate (docs/identity.md)
     guest_identity: bool = False  # the service sets each VM's hostname (certificates imply it)
     hostname_pattern: str = "{host}-{slot}.{domain}"
@@ -233,9 +362,18 @@ class Settings:
     ca_cert: Path | None = None  # local CA certificate (also the trust anchor put into guests)
     ca_key: Path | None = None  # local CA key: mint a certificate per VM
     host_key_type: str = "rsa"  # rsa (RSA 2048) | ec (P-256) for minted host keys
-    cert_margin: float = 3600.0  # seconds a minted certificate outlives the job's expected run
-    cert_default_runtime: float = 86400.0  # seconds assumed when the job states no run time
-    cert_max_lifetime: float = 7 * 86400.0  # seconds; upper bound of a minted certificate
+    # a minted certificate outlives the job's expected run by this
+    cert_margin: float = _seconds(3600.0, zero_ok=True)
+    cert_default_runtime: float = _seconds(86400.0)  # assumed when the job states no run time
+    cert_max_lifetime: float = _seconds(7 * 86400.0)  # upper bound of a minted certificate
+
+    def __post_init__(self) -> None:
+        for name in self.allowed_networks:
+            try:
+                check_network_name(name)
+            except RequestError as exc:
+                knob = "GLITE_VM_NETWORK" if name == self.network else "GLITE_VM_JOB_NETWORKS"
+                raise ValueError(f"setting {knob}: {exc.problem}") from None
 
     # -- derived ------------------------------------------------------------------------------
 
@@ -256,6 +394,11 @@ class Settings:
     @property
     def effective_run_dir(self) -> Path:
         return self.run_dir or self.state_dir / "run"
+
+    @property
+    def allowed_networks(self) -> tuple[str, ...]:
+        """Networks a VM may have here: the default (``network``) first, then ``job_networks``."""
+        return tuple(dict.fromkeys((self.network, *self.job_networks)))
 
     # -- loading ------------------------------------------------------------------------------
 
@@ -299,9 +442,12 @@ class Settings:
         for key, text in raw.items():
             if key not in fields:
                 continue  # unknown knobs belong to other tools or later versions
+            parse = fields[key].metadata.get("parse") or _PARSERS[fields[key].type]
             try:
-                kwargs[key] = _PARSERS[fields[key].type](text)
-            except (ValueError, RequestError) as exc:
+                kwargs[key] = parse(text)
+            except RequestError as exc:
+                raise ValueError(f"setting GLITE_VM_{key.upper()}: {exc.problem}") from None
+            except ValueError as exc:
                 raise ValueError(f"setting GLITE_VM_{key.upper()}: {exc}") from None
         kwargs.update(overrides or {})
         return cls(**kwargs)
@@ -323,8 +469,6 @@ _PARSERS: dict[object, Callable[[str], Any]] = {
     "Path": Path,
     "Path | None": _opt_path,
     "str": str,
-    "int": lambda v: parse_size(v, "setting") if v.strip()[-1:].isalpha() else int(v),
-    "float": float,
     "bool": _bool,
     "tuple[str, ...]": _list,
     "Retention": Retention.parse,

@@ -72,7 +72,8 @@ class ChecksumMismatchError(UserError):
     def __init__(self, source: str, expected: str, actual: str) -> None:
         super().__init__(
             f"checksum mismatch for {source}: expected sha256 {expected}, got {actual}; "
-            "fix the digest in the submit file (GliteVmImageSha256) or the image"
+            "fix the expected digest (GliteVmImageSha256 in a submit file, --sha256 on the "
+            "command line) or the image"
         )
         self.source = source
         self.expected = expected
@@ -103,6 +104,22 @@ class RootNotPermittedError(UserError, PermissionError):
 
 class AccessDeniedError(UserError, PermissionError):
     """A caller asked to act on something it does not own."""
+
+
+class PayloadTimeoutError(UserError, TimeoutError):
+    """The payload outlived the time limit its own job set (``--timeout``, ``timeout=``).
+
+    The job's doing, not the host's: running it elsewhere would end the same way.
+    """
+
+    def __init__(self, limit: float) -> None:
+        shown = f"{limit:g}" if isinstance(limit, int | float) else str(limit)
+        super().__init__(f"the payload did not finish within its time limit of {shown} s")
+        self.limit = limit
+
+
+class CatalogueInputError(UserError, ValueError):
+    """The directory or sidecar files given to ``catalogue build`` cannot make a catalogue."""
 
 
 # --- host errors: requeue the job -----------------------------------------------------------

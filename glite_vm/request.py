@@ -5,8 +5,9 @@ from __future__ import annotations
 import dataclasses
 import enum
 import re
+from collections.abc import Mapping
 
-from glite_vm.config import MIB, Settings, format_size, parse_size
+from glite_vm.config import MIB, Settings, check_network_name, format_size, parse_size
 from glite_vm.errors import RequestError
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -67,6 +68,7 @@ class VMRequest:
     owner: str
     image_sha256: str | None = None
     hostname: str | None = None
+    network: str = "none"  # one of settings.allowed_networks
 
     @classmethod
     def create(
@@ -83,6 +85,7 @@ class VMRequest:
         keep_snapshot: KeepSnapshot | str = KeepSnapshot.ON_FAILURE,
         image_sha256: str | None = None,
         hostname: str | None = None,
+        network: str | None = None,
     ) -> VMRequest:
         check_image_ref(image)
         cpus = settings.default_cpus if cpus is None else cpus
@@ -109,6 +112,7 @@ class VMRequest:
             image_sha256 = image_sha256.strip().lower()
             if not _SHA256.match(image_sha256):
                 raise RequestError("GliteVmImageSha256", "must be 64 hexadecimal digits")
+        network = check_network(settings, network)
         if not isinstance(job_id, str) or not _JOB_ID.match(job_id):
             raise RequestError("job id", f"{job_id!r} is not a valid job identifier")
         if not isinstance(owner, str) or not _OWNER.match(owner):
@@ -124,7 +128,43 @@ class VMRequest:
             owner=owner,
             image_sha256=image_sha256,
             hostname=hostname,
+            network=network,
         )
+
+
+def check_network(settings: Settings, network: str | None) -> str:
+    """The network a job asked for (``None``: the host's default), if this host offers it.
+
+    The host offers its default network (``GLITE_VM_NETWORK``) and the ones in
+    ``GLITE_VM_JOB_NETWORKS``; anything else is refused with the list, so a held job says
+    what it may ask for.
+    """
+    if network is None:
+        return settings.network
+    check_network_name(network, "GliteVmNetwork")
+    allowed = settings.allowed_networks
+    if network not in allowed:
+        raise RequestError(
+            "GliteVmNetwork",
+            f"{network!r} is not offered here; this host's VMs may have "
+            + ", ".join(repr(n) for n in allowed)
+            + f" (default {settings.network!r}; the site sets GLITE_VM_JOB_NETWORKS)",
+        )
+    return network
+
+
+def with_field_names(error: RequestError, names: Mapping[str, str]) -> RequestError:
+    """``error`` naming its field as the caller knows it (``RequestMemory`` -> ``--memory``).
+
+    The request speaks in job-ad attributes; the CLI and the API rename them to their options
+    and parameters, so a user reads the name they typed.
+    """
+    name = names.get(error.field)
+    if name is None:
+        return error
+    renamed = RequestError(name, error.problem)
+    renamed.__cause__ = error.__cause__
+    return renamed
 
 
 def _bounded_int(field: str, value: object, low: int, high: int, unit: str = "") -> None:

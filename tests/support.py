@@ -268,6 +268,6 @@ def service_env(
         "GLITE_VM_CATALOGUE": str(catalogue),
         "GLITE_VM_SOCKET_PATH": str(run / "glite-vm.sock"),
         "GLITE_VM_BOOT_TIMEOUT": "120",
-        "GLITE_VM_CACHE_MIN_FREE_BYTES": "0",
+        "GLITE_VM_CACHE_MIN_FREE_BYTES": "0B",
         **(extra or {}),
     }

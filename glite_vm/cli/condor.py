@@ -12,6 +12,7 @@ import sys
 import tempfile
 from pathlib import Path
 
+from glite_vm.cli.common import EXIT_FAILURE
 from glite_vm.condor.config import (
     DEFAULT_HOOKS_DIR,
     HOOK_ENTRY_POINTS,
@@ -19,11 +20,9 @@ from glite_vm.condor.config import (
     hook_script,
     render_execute_config,
 )
-from glite_vm.config import MIB, Settings, parse_size
-from glite_vm.errors import RequestError
+from glite_vm.config import Settings, parse_memory_mib, parse_size
+from glite_vm.errors import UserError
 from glite_vm.slots import SlotLayout
-
-_DEFAULT = SlotLayout()
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -52,23 +51,31 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     p.add_argument(
         "--slots",
         type=int,
-        default=_DEFAULT.slots,
-        help=f"VM slots on this host (default: {_DEFAULT.slots})",
+        default=None,
+        help="VM slots on this host (default: GLITE_VM_SLOTS, 3)",
     )
     p.add_argument(
         "--root-slots",
         type=int,
-        default=_DEFAULT.root_slots,
-        help=f"how many of them are root-enabled (default: {_DEFAULT.root_slots})",
+        default=None,
+        help="how many of them are root-enabled, the last ones (default: GLITE_VM_ROOT_SLOTS, 1)",
     )
     p.add_argument(
         "--cpus",
         type=int,
-        default=_DEFAULT.cpus,
-        help=f"CPUs per VM slot (default: {_DEFAULT.cpus})",
+        default=None,
+        help="CPUs per VM slot (default: GLITE_VM_SLOT_CPUS, 1)",
     )
-    p.add_argument("--memory", default="2GiB", help="memory per VM slot (default: 2GiB)")
-    p.add_argument("--disk", default="30GiB", help="VM disk per slot (default: 30GiB)")
+    p.add_argument(
+        "--memory",
+        default=None,
+        help="memory per VM slot, with a unit (default: GLITE_VM_SLOT_MEMORY_BYTES, 2GiB)",
+    )
+    p.add_argument(
+        "--disk",
+        default=None,
+        help="VM disk per slot, with a unit (default: GLITE_VM_SLOT_DISK_BYTES, 30GiB)",
+    )
     p.add_argument("-o", "--output", type=Path, help="write the snippet here instead of stdout")
     p.set_defaults(handler=handle_config)
 
@@ -119,24 +126,24 @@ def _running_glite_vm() -> Path:
 
 
 def handle_config(args: argparse.Namespace, settings: Settings) -> int:
-    try:
-        memory = parse_size(args.memory, "--memory")
-        layout = SlotLayout(
-            slots=args.slots,
-            root_slots=args.root_slots,
-            cpus=args.cpus,
-            memory_mib=memory // MIB,
-            disk_bytes=parse_size(args.disk, "--disk"),
-        )
-        cfg = ExecuteHostConfig.from_settings(
-            settings,
-            hooks_dir=(args.hooks_dir or DEFAULT_HOOKS_DIR).absolute(),
-            glite_vm=(args.glite_vm or _running_glite_vm()).absolute(),
-            layout=layout,
-        )
-    except (ValueError, RequestError) as exc:
-        print(f"glite-vm config: {exc}", file=sys.stderr)
-        return 2
+    # The options override the settings' layout, which the snippet then carries for the
+    # service (GLITE_VM_SLOTS, ...): both read the same slots.
+    base = SlotLayout.from_settings(settings)
+    layout = SlotLayout(
+        slots=base.slots if args.slots is None else args.slots,
+        root_slots=base.root_slots if args.root_slots is None else args.root_slots,
+        cpus=base.cpus if args.cpus is None else args.cpus,
+        memory_mib=(
+            base.memory_mib if args.memory is None else parse_memory_mib(args.memory, "--memory")
+        ),
+        disk_bytes=base.disk_bytes if args.disk is None else parse_size(args.disk, "--disk"),
+    )
+    cfg = ExecuteHostConfig.from_settings(
+        settings,
+        hooks_dir=(args.hooks_dir or DEFAULT_HOOKS_DIR).absolute(),
+        glite_vm=(args.glite_vm or _running_glite_vm()).absolute(),
+        layout=layout,
+    )
     text = render_execute_config(cfg)
     if args.output is None:
         sys.stdout.write(text)
@@ -154,18 +161,13 @@ def handle_hook_install(args: argparse.Namespace, settings: Settings) -> int:
     directory: Path = args.directory.absolute()
     python = str(args.python)
     if not os.path.isabs(python) or not os.access(python, os.X_OK):
-        print(
-            f"glite-vm hook install: {python} is not an executable absolute path", file=sys.stderr
-        )
-        return 2
+        raise UserError(f"--python {python} is not an executable absolute path")
     directory.mkdir(mode=0o755, parents=True, exist_ok=True)
     if _writable_by_others(directory):
-        print(
-            f"glite-vm hook install: {directory} is writable by group or others; the starter "
-            "refuses hooks there (chmod go-w it or choose another directory)",
-            file=sys.stderr,
+        raise UserError(
+            f"{directory} is writable by group or others; the starter refuses hooks there "
+            "(chmod go-w it or choose another directory)"
         )
-        return 2
     for name in HOOK_ENTRY_POINTS:
         target = directory / name
         fd, tmp = tempfile.mkstemp(prefix=f".{name}.", dir=directory)
@@ -187,8 +189,8 @@ def handle_advertise(args: argparse.Namespace, settings: Settings) -> int:
     try:
         settings = Settings.load(use_condor=True)  # STARTD_CRON: HTCondor's knobs count
     except ValueError as exc:
-        print(f"glite-vm advertise: {exc}", file=sys.stderr)
-        return 2
+        print(f"glite-vm advertise: configuration error: {exc}", file=sys.stderr)
+        return EXIT_FAILURE
     facts = collect(settings)
     for problem in facts.problems:
         print(f"glite-vm advertise: {problem}", file=sys.stderr)

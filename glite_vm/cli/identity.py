@@ -6,9 +6,11 @@ import argparse
 import shlex
 import socket
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 
 from glite_vm.config import Settings
+from glite_vm.errors import UserError
 from glite_vm.identity import (
     HOST_CERT_FILE,
     HOST_KEY_FILE,
@@ -20,6 +22,8 @@ from glite_vm.identity import (
     not_valid_after,
     subject_hash,
 )
+
+DEFAULT_DAYS = 365
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -56,7 +60,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
     )
     issue.add_argument("--ca-cert", type=Path, help="default: GLITE_VM_CA_CERT")
     issue.add_argument("--ca-key", type=Path, help="default: GLITE_VM_CA_KEY")
-    issue.add_argument("--days", type=_positive_int, default=365, help="validity (default 365)")
+    issue.add_argument(
+        "--days",
+        type=_positive_int,
+        default=None,
+        help="validity (default: 365, or until the CA's own end if that comes sooner)",
+    )
     issue.add_argument("--key-type", choices=KEY_TYPES, default="rsa", help="rsa (2048) or ec")
     issue.set_defaults(handler=handle_ca_issue)
 
@@ -78,11 +87,7 @@ def _default_ca_name() -> str:
 def handle_ca_init(args: argparse.Namespace, settings: Settings) -> int:
     directory: Path = args.directory.absolute()
     name: str = args.name if args.name is not None else _default_ca_name()
-    try:
-        created = init_ca(directory, name=name, days=args.days, key_type=args.key_type)
-    except (OSError, ValueError) as exc:
-        print(f"glite-vm: ca init: {exc}", file=sys.stderr)
-        return 1
+    created = init_ca(directory, name=name, days=args.days, key_type=args.key_type)
     cert = created.authority.certificate
     print(
         f"Created the CA {cert.subject.rfc4514_string()!r}, valid until "
@@ -109,28 +114,30 @@ def handle_ca_issue(args: argparse.Namespace, settings: Settings) -> int:
     ca_key: Path | None = args.ca_key or settings.ca_key
     cert_dir: Path | None = args.cert_dir or settings.host_cert_dir
     if ca_cert is None or ca_key is None:
-        print(
-            "glite-vm: ca issue: no CA; give --ca-cert and --ca-key or set GLITE_VM_CA_CERT "
-            "and GLITE_VM_CA_KEY",
-            file=sys.stderr,
+        raise UserError(
+            "ca issue: no CA; give --ca-cert and --ca-key or set GLITE_VM_CA_CERT and "
+            "GLITE_VM_CA_KEY"
         )
-        return 2
     if cert_dir is None:
-        print(
-            "glite-vm: ca issue: no certificate directory; give --cert-dir or set "
-            "GLITE_VM_HOST_CERT_DIR",
-            file=sys.stderr,
+        raise UserError(
+            "ca issue: no certificate directory; give --cert-dir or set GLITE_VM_HOST_CERT_DIR"
         )
-        return 2
     cert_dir = cert_dir.absolute()
     authority = LocalCA.load(ca_cert, ca_key)
-    try:
-        issued = issue_to_directory(
-            authority, args.hostname, cert_dir, days=args.days, key_type=args.key_type
+    # A certificate never outlives its CA. With the default validity that is no news (a CA of
+    # `ca init` lives 365 days too), so only an explicit --days beyond the CA's end is noted.
+    ca_left = (not_valid_after(authority.certificate) - datetime.now(UTC)).days
+    days = args.days if args.days is not None else max(1, min(DEFAULT_DAYS, ca_left))
+    if args.days is not None and args.days > ca_left:
+        days = max(1, ca_left)
+        print(
+            f"glite-vm: ca issue: note: --days {args.days} would outlive the CA, which ends "
+            f"{not_valid_after(authority.certificate):%Y-%m-%d}; the certificate ends with it",
+            file=sys.stderr,
         )
-    except OSError as exc:
-        print(f"glite-vm: ca issue: {exc}", file=sys.stderr)
-        return 1
+    issued = issue_to_directory(
+        authority, args.hostname, cert_dir, days=days, key_type=args.key_type
+    )
     directory = cert_dir / issued.hostname
     print(
         f"Issued a host certificate for {issued.hostname}, valid until "

@@ -8,10 +8,18 @@ import datetime
 import json
 import os
 import sys
-import time
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Any
 
+from glite_vm.cli.common import (
+    EXIT_FAILURE,
+    EXIT_PROBLEMS,
+    confirm,
+    local_ref,
+    print_table,
+    report_error,
+)
+from glite_vm.cli.progress import ProgressBar
 from glite_vm.config import Settings, format_size, parse_size
 from glite_vm.errors import GliteVmError
 from glite_vm.images import (
@@ -23,6 +31,7 @@ from glite_vm.images import (
     write_catalogue,
 )
 from glite_vm.images.build import CATALOGUE_NAME
+from glite_vm.images.cache import PrunePlan
 from glite_vm.images.catalogue import format_age
 
 
@@ -57,9 +66,17 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         "prune",
         help="evict unused images down to a size",
         description="Remove dead leases and interrupted downloads, then evict the least "
-        "recently used images that no job is using until the cache fits SIZE.",
+        "recently used images that no job is using until the cache fits SIZE. Shows what "
+        "it will remove and how much first; asks on a terminal, and in scripts removes "
+        "only with --yes.",
     )
-    p.add_argument("--to", metavar="SIZE", help="target size, e.g. 20GiB (default: the budget)")
+    p.add_argument(
+        "--to",
+        metavar="SIZE",
+        help="target size with a unit, e.g. 20GB (default: the budget, GLITE_VM_CACHE_MAX_BYTES)",
+    )
+    p.add_argument("--dry-run", action="store_true", help="only show what would be removed")
+    p.add_argument("--yes", action="store_true", help="do not ask; remove it")
     p.set_defaults(handler=cache_prune)
     p = csub.add_parser("verify", help="re-hash every cached file; remove corrupt ones")
     p.add_argument("--keep-bad", action="store_true", help="report corrupt files, keep them")
@@ -114,87 +131,43 @@ def images_list(args: argparse.Namespace, settings: Settings) -> int:
         ]
         print(json.dumps(rows, indent=2))
         return 0
-    table = [["NAME", "OS", "ARCH", "BOOT", "SIZE", "CACHED"]]
+    table = []
     for e in entries:
         size = format_size(e.size) if e.size is not None else "?"
         table.append([e.name, e.os, e.arch, e.boot, size, "yes" if cached[e.name] else "no"])
-    _print_table(table)
+    print_table(("NAME", "OS", "ARCH", "BOOT", "SIZE", "CACHED"), table)
     return 0
 
 
 def images_pull(args: argparse.Namespace, settings: Settings) -> int:
     if args.sha256 and len(args.refs) != 1:
-        print("glite-vm: --sha256 needs exactly one IMAGE", file=sys.stderr)
-        return 2
+        raise GliteVmError("--sha256 needs exactly one IMAGE")
     show = args.progress == "always" or (args.progress == "auto" and sys.stderr.isatty())
     worst = 0
     for ref in args.refs:
         target = local_ref(ref)
-        bar = ProgressBar(ref, sys.stderr) if show else None
+        bar = ProgressBar(ref, sys.stderr, force=show) if show else None
         try:
             with acquire_image(
                 settings,
                 target,
                 sha256=args.sha256,
                 job_id=f"cli-pull-{os.getpid()}",
-                progress=bar,
+                progress=bar.update if bar is not None else None,
                 allow_local=True,
             ) as lease:
                 image = lease.image
         except GliteVmError as exc:
             if bar is not None:
-                bar.finish()
-            kind = "error (fix the request)" if exc.is_user_error else "error (host problem)"
-            print(f"glite-vm: {ref}: {kind}: {exc}", file=sys.stderr)
-            worst = max(worst, 2 if exc.is_user_error else 3)
+                bar.close()
+            report_error(exc, ref)
+            worst = EXIT_FAILURE
             continue
         if bar is not None:
-            bar.finish()
+            bar.close()
         how = "cached" if image.cache_hit else f"fetched in {image.fetch_seconds:.2f}s"
         print(f"{image.name}\t{image.format}\t{image.sha256}\t{image.path}\t{how}")
     return worst
-
-
-def local_ref(ref: str) -> str:
-    """A path the user typed (anything with '/' and no scheme) made absolute."""
-    if "://" in ref or "/" not in ref or ref.startswith("/"):
-        return ref
-    return os.path.abspath(ref)
-
-
-class ProgressBar:
-    """``name  42% 215.0 MiB / 512.0 MiB  110.3 MiB/s`` redrawn in place, at most 10 times/s."""
-
-    def __init__(self, label: str, stream: TextIO, width: int = 30) -> None:
-        self.label = label if len(label) <= 40 else "..." + label[-37:]
-        self.stream = stream
-        self.width = width
-        self.started = time.monotonic()
-        self._last = 0.0
-        self._drawn = False
-
-    def __call__(self, done: int, total: int | None) -> None:
-        now = time.monotonic()
-        if now - self._last < 0.1 and (total is None or done < total):
-            return
-        self._last = now
-        rate = done / max(now - self.started, 1e-6)
-        if total:
-            frac = min(1.0, done / total)
-            filled = int(frac * self.width)
-            bar = "#" * filled + "-" * (self.width - filled)
-            text = f"{frac:4.0%} [{bar}] {format_size(done)} / {format_size(total)}"
-        else:
-            text = format_size(done)
-        self.stream.write(f"\r{self.label}  {text}  {format_size(int(rate))}/s\x1b[K")
-        self.stream.flush()
-        self._drawn = True
-
-    def finish(self) -> None:
-        if self._drawn:
-            self.stream.write("\n")
-            self.stream.flush()
-            self._drawn = False
 
 
 # --- cache -----------------------------------------------------------------------------------
@@ -232,27 +205,33 @@ def cache_status(args: argparse.Namespace, settings: Settings) -> int:
     )
     print(f"entries    {len(st.entries)}; leases {st.live_leases} live, {st.dead_leases} dead")
     if st.entries:
-        table = [["SHA256", "SIZE", "FORMAT", "LEASES", "LAST USED", "SOURCES"]]
-        for e in sorted(st.entries, key=lambda x: -x.entry.last_used):
-            used = datetime.datetime.fromtimestamp(e.entry.last_used).strftime("%Y-%m-%d %H:%M")
-            table.append(
-                [
-                    e.entry.sha256[:12],
-                    format_size(e.entry.size),
-                    e.entry.format or e.entry.kind,
-                    ", ".join(r.job_id for r in e.leases) or "-",
-                    used,
-                    ", ".join(e.entry.sources),
-                ]
-            )
+        table = [
+            [
+                e.entry.sha256[:12],
+                format_size(e.entry.size),
+                e.entry.format or e.entry.kind,
+                ", ".join(r.job_id for r in e.leases) or "-",
+                _when(e.entry.last_used),
+                ", ".join(e.entry.sources),
+            ]
+            for e in sorted(st.entries, key=lambda x: -x.entry.last_used)
+        ]
         print()
-        _print_table(table)
+        print_table(("SHA256", "SIZE", "FORMAT", "LEASES", "LAST USED", "SOURCES"), table)
     return 0
 
 
 def cache_prune(args: argparse.Namespace, settings: Settings) -> int:
     target = parse_size(args.to, "--to") if args.to else None
-    report = ImageCache(settings).prune(target)
+    cache = ImageCache(settings)
+    plan = cache.prune_plan(target)
+    _show_prune_plan(cache, plan, dry_run=args.dry_run)
+    if args.dry_run or not plan.removes_anything:
+        return EXIT_PROBLEMS if plan.in_use_above_target else 0
+    if not confirm("Remove them?", yes=args.yes):
+        print("nothing was removed")
+        return EXIT_PROBLEMS
+    report = cache.prune(target)
     print(
         f"removed {len(report.removed)} image file(s), freed {format_size(report.freed_bytes)}; "
         f"dropped {report.partials_removed} interrupted download(s) and "
@@ -262,8 +241,49 @@ def cache_prune(args: argparse.Namespace, settings: Settings) -> int:
         print(f"  removed {e.sha256[:12]} {format_size(e.size)} {', '.join(e.sources)}")
     if report.kept_in_use:
         print(f"{report.kept_in_use} image(s) in use were kept; the cache is still above target")
-        return 1
+        return EXIT_PROBLEMS
     return 0
+
+
+def _show_prune_plan(cache: ImageCache, plan: PrunePlan, *, dry_run: bool) -> None:
+    verb = "would remove" if dry_run else "will remove"
+    print(
+        f"cache {cache.root}: {format_size(plan.used_bytes)} in images, target "
+        f"{format_size(plan.target_bytes)}"
+    )
+    if not plan.removes_anything:
+        print("nothing to remove")
+    if plan.evict:
+        print(
+            f"{verb} {len(plan.evict)} image file(s), {format_size(plan.evict_bytes)}, "
+            "least recently used first:"
+        )
+        print_table(
+            ("  SHA256", "SIZE", "LAST USED", "SOURCES"),
+            [
+                (
+                    "  " + e.sha256[:12],
+                    format_size(e.size),
+                    _when(e.last_used),
+                    ", ".join(e.sources) or "-",
+                )
+                for e in plan.evict
+            ],
+            right=frozenset({1}),
+        )
+    if plan.partial_downloads:
+        print(
+            f"{verb} {plan.partial_downloads} interrupted download(s), "
+            f"{format_size(plan.partial_bytes)}"
+        )
+    if plan.dead_leases:
+        print(f"{verb} {plan.dead_leases} lease(s) of processes that are gone")
+    if plan.in_use_above_target:
+        print("images in use by jobs stay, so the cache stays above the target")
+
+
+def _when(timestamp: float) -> str:
+    return datetime.datetime.fromtimestamp(timestamp).strftime("%Y-%m-%d %H:%M")
 
 
 def cache_verify(args: argparse.Namespace, settings: Settings) -> int:
@@ -276,7 +296,7 @@ def cache_verify(args: argparse.Namespace, settings: Settings) -> int:
             bad += 1
             print(f"BAD  {r.sha256}: {r.detail}")
     print(f"{len(results)} file(s) checked, {bad} bad")
-    return 1 if bad else 0
+    return EXIT_PROBLEMS if bad else 0
 
 
 # --- catalogue -------------------------------------------------------------------------------
@@ -296,9 +316,3 @@ def catalogue_build(args: argparse.Namespace, settings: Settings) -> int:
     for entry in doc["images"]:
         print(f"  {entry['name']}\t{entry['format']}\t{format_size(entry['size'])}\t{entry['url']}")
     return 0
-
-
-def _print_table(rows: list[list[str]]) -> None:
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        print("  ".join(c.ljust(w) for c, w in zip(r, widths, strict=True)).rstrip())

@@ -51,7 +51,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="ask the service to reap VMs whose job is gone, now",
         description="Ask the running service for one reaper pass (it also reaps on its own "
         "every GLITE_VM_REAP_INTERVAL seconds). Prints nothing on stdout unless --json, so it "
-        "can run as a STARTD_CRON job; what was reaped goes to stderr. Exits 3 when the "
+        "can run as a STARTD_CRON job; what was reaped goes to stderr. Exits 125 when the "
         "service cannot be reached.",
     )
     reap.add_argument("--socket", type=Path, metavar="PATH", help="the service's socket")
@@ -71,7 +71,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     events.add_argument("--job", metavar="ID", help="only this job (e.g. 1234.0)")
     events.add_argument("--event", choices=EVENTS, help="only events of this kind")
     events.add_argument(
-        "--since", metavar="AGE", help="only events newer than AGE (e.g. 90s, 30m, 12h, 7d)"
+        "--since",
+        metavar="AGE",
+        help="only events newer than AGE, with a unit (90s, 30m, 12h, 7d)",
     )
     events.add_argument(
         "-n",
@@ -88,7 +90,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from glite_vm.service.registry import VmRegistry  # noqa: PLC0415 - libvirt: only here
     from glite_vm.service.server import ServiceServer  # noqa: PLC0415
-    from glite_vm.session import open_host  # noqa: PLC0415
+    from glite_vm.session import hypervisor_for, open_host  # noqa: PLC0415
+    from glite_vm.vm.hypervisor import HYPERVISOR_CACHE  # noqa: PLC0415
 
     if args.condor_config:
         settings = Settings.load(use_condor=True)
@@ -104,19 +107,31 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
 
     signal.signal(signal.SIGTERM, request_stop)
     signal.signal(signal.SIGINT, request_stop)
-    host = open_host(settings)
+    log.info(
+        "starting: choosing the accelerator (a KVM self-test of up to ~10 s unless the verdict "
+        "in %s still holds), then libvirt at %s",
+        settings.state_dir / HYPERVISOR_CACHE,
+        settings.effective_libvirt_uri,
+    )
+    started = time.monotonic()
+    hypervisor = hypervisor_for(settings)
+    log.info("accelerator: %s (%s)", hypervisor.kind, hypervisor.reason)
+    host = open_host(settings, hypervisor)
     try:
         registry = VmRegistry(settings, host)
         server = ServiceServer(settings, host, registry, socket_path)
         server.bind()  # before adopting: a second instance must not touch the first's VMs
+        log.info("socket %s bound; adopting VMs of an earlier run, reaping", socket_path)
         registry.recover()
         registry.reap_once()
         log.info(
-            "glite-vm service: %s, %s, state in %s, %d VMs",
+            "ready after %.1f s: %s, %s, state in %s, %d VMs; accepting calls on %s",
+            time.monotonic() - started,
             settings.effective_libvirt_uri,
             host.hypervisor.kind,
             settings.state_dir,
             len(registry.active()),
+            socket_path,
         )
         server.serve(stop)
     finally:

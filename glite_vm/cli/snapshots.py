@@ -17,11 +17,20 @@ from types import FrameType
 
 import libvirt
 
-from glite_vm.config import Retention, Settings, format_size, parse_duration, parse_size
-from glite_vm.errors import GliteVmError
+from glite_vm.cli.common import EXIT_PROBLEMS, confirm, print_table
+from glite_vm.config import (
+    Retention,
+    Settings,
+    format_size,
+    parse_duration,
+    parse_memory_mib,
+    parse_size,
+)
+from glite_vm.errors import GliteVmError, UserError
 from glite_vm.session import open_host
 from glite_vm.snapshots import (
     ConsoleBridge,
+    PruneReport,
     SnapshotBoot,
     SnapshotStore,
     boot_log_text,
@@ -69,7 +78,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     p.add_argument("id", metavar="ID")
     p.add_argument("--cpus", type=int, help="virtual CPUs (default: as the job had)")
-    p.add_argument("--memory", type=int, metavar="MiB", help="memory (default: as the job had)")
+    p.add_argument(
+        "--memory",
+        metavar="SIZE",
+        help="memory with a unit, e.g. 1GB (default: as the job had)",
+    )
     p.add_argument(
         "cmd",
         nargs=argparse.REMAINDER,
@@ -97,12 +110,22 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description="Remove whole entries (snapshot, boot log, record) older than the maximum "
         "age, then the oldest ones until the rest fit in the byte budget. A VM that still runs "
         "is never touched. Limits come from GLITE_VM_SNAPSHOT_RETENTION (e.g. '7d,50GB'); the "
-        "flags override one part each ('none' lifts it).",
+        "flags override one part each ('none' lifts it). Shows what it will remove and how "
+        "much first; asks on a terminal, and in scripts removes only with --yes.",
     )
-    p.add_argument("--max-age", metavar="AGE", help="e.g. 7d, 12h, 30m, or none")
-    p.add_argument("--max-bytes", metavar="SIZE", help="e.g. 50GB, 500MiB, or none")
+    p.add_argument(
+        "--max-age",
+        metavar="AGE",
+        help="with a unit: 7d, 12h, 30m (a bare number is refused), or none",
+    )
+    p.add_argument(
+        "--max-bytes",
+        metavar="SIZE",
+        help="with a unit: 50GB, 500MiB (a bare number is refused), or none",
+    )
     p.add_argument("--all", action="store_true", help="every user's entries (root only)")
     p.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+    p.add_argument("--yes", action="store_true", help="do not ask; remove them")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(handler=cmd_prune)
 
@@ -132,14 +155,7 @@ def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
         for e in entries
     ]
     header = ("NAME", "OWNER", "JOB", "IMAGE", "AGE", "SIZE", "EXIT", "KEPT")
-    widths = [max(len(r[i]) for r in [header, *rows]) for i in range(len(header))]
-    right = {4, 5}  # age and size line up on the right
-    for row in [header, *rows]:
-        cells = [
-            cell.rjust(widths[i]) if i in right else cell.ljust(widths[i])
-            for i, cell in enumerate(row)
-        ]
-        print("  ".join(cells).rstrip())
+    print_table(header, rows, right=frozenset({4, 5}))  # age and size line up on the right
     return 0
 
 
@@ -212,6 +228,12 @@ def cmd_boot(args: argparse.Namespace, settings: Settings) -> int:
     cmd = list(args.cmd)
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
+    elif cmd and cmd[0].startswith("-"):  # an option after ID would be run as the command
+        raise UserError(
+            f"{cmd[0]} after ID: options go before ID and a command after '--', e.g. "
+            "glite-vm snapshots boot --memory 1GB ID -- sh -c 'tail /var/log/syslog'"
+        )
+    memory_mib = None if args.memory is None else parse_memory_mib(args.memory, "--memory")
     entry = SnapshotStore(settings).find(args.id)
     host = open_host(settings)
     console = "file" if cmd else "pty"
@@ -219,7 +241,7 @@ def cmd_boot(args: argparse.Namespace, settings: Settings) -> int:
     with _stop_signals() as flag:
         try:
             with boot_snapshot(
-                host, entry, console=console, cpus=args.cpus, memory_mib=args.memory
+                host, entry, console=console, cpus=args.cpus, memory_mib=memory_mib
             ) as boot:
                 print(
                     f"glite-vm: started {boot.name} from the snapshot of job {entry.job_id} "
@@ -364,13 +386,25 @@ def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
         )
         retention = Retention(retention.max_age, size)
     store = SnapshotStore(settings)
-    report = store.prune(
-        retention,
-        dry_run=args.dry_run,
-        all_users=args.all,
-        running=_running(settings, args.dry_run),
-    )
-    if args.json:
+    running = _running(settings, args.dry_run)
+    plan = store.prune(retention, dry_run=True, all_users=args.all, running=running)
+    if args.dry_run:
+        return _prune_report(args, plan)
+    if plan.removed:
+        if not args.json:
+            _prune_report(args, plan, intro=True)
+        if not confirm(f"Remove these {len(plan.removed)} entries?", yes=args.yes):
+            print("nothing was removed", file=sys.stderr if args.json else sys.stdout)
+            return EXIT_PROBLEMS
+    # Nothing of anyone's to remove needs no question: the prune then only sweeps directories
+    # their owners emptied long ago.
+    report = store.prune(retention, dry_run=False, all_users=args.all, running=running)
+    return _prune_report(args, report)
+
+
+def _prune_report(args: argparse.Namespace, report: PruneReport, *, intro: bool = False) -> int:
+    """Print a prune's outcome (or, with ``intro``, what it will remove); its exit status."""
+    if args.json and not intro:
         doc = {
             "dry_run": report.dry_run,
             "retention": str(report.retention),
@@ -391,10 +425,16 @@ def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
             "empty_dirs_removed": list(report.empty_dirs_removed),
         }
         print(json.dumps(doc, indent=2))
-        return 1 if report.failures else 0
-    verb = "would remove" if report.dry_run else "removed"
+        return EXIT_PROBLEMS if report.failures else 0
+    verb = "will remove" if intro else "would remove" if report.dry_run else "removed"
     for d in report.removed:
         print(f"{verb} {d.entry.name} ({format_size(d.entry.total_bytes)}, {d.reason})")
+    if intro:
+        print(
+            f"retention {report.retention}: {len(report.removed)} entries, "
+            f"{format_size(report.freed_bytes)}"
+        )
+        return 0
     for name in report.in_use:
         print(f"kept {name}: its VM still runs")
     if report.empty_dirs_removed:
@@ -406,7 +446,7 @@ def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
         f"{len(report.kept) + len(report.in_use)}, {format_size(report.freed_bytes)} "
         f"{'would be ' if report.dry_run else ''}freed"
     )
-    return 1 if report.failures else 0
+    return EXIT_PROBLEMS if report.failures else 0
 
 
 def _running(settings: Settings, dry_run: bool) -> set[str]:

@@ -14,13 +14,58 @@ import time
 from pathlib import Path
 from types import FrameType
 
+import libvirt
+
+from glite_vm.cli.common import (
+    EXIT_FAILURE,
+    EXIT_PROBLEMS,
+    EXIT_TIMEOUT,
+    confirm,
+    describe_error,
+    error_class,
+    local_ref,
+    print_table,
+    report_error,
+)
 from glite_vm.cli.progress import ProgressBar
-from glite_vm.config import Settings, format_size
-from glite_vm.errors import GliteVmError, RequestError
+from glite_vm.config import Settings, format_size, parse_memory_mib, parse_size, parse_timeout
+from glite_vm.errors import GliteVmError, PayloadTimeoutError, RequestError
 from glite_vm.request import KeepSnapshot
-from glite_vm.session import JobSpec, hypervisor_for, open_host, run_job
+from glite_vm.session import (
+    JobSpec,
+    RunReport,
+    check_output_dir,
+    hypervisor_for,
+    open_host,
+    run_job,
+)
 from glite_vm.vm import hypervisor as hv
-from glite_vm.vm.lifecycle import destroy_domain
+from glite_vm.vm.hypervisor import HYPERVISOR_CACHE
+from glite_vm.vm.lifecycle import VmHost, destroy_domain
+
+_RUN_EPILOG = """\
+IMAGE is a catalogue name (GLITE_VM_CATALOGUE), an http(s)/file URL or a local path (a
+relative path such as ./my.qcow2 is made absolute); URLs and paths get the same safety checks
+as custom images from jobs.
+
+Sizes need a unit (--memory 2GB, --memory 2048MiB, --disk 30GB: binary units; a bare number
+is refused, as HTCondor reads it as MiB and other tools as bytes). --timeout takes seconds or
+a unit (600, 10m, 2h) and must be more than zero.
+
+exit status:
+  0-255    the command's own exit status; 128+N when signal N ended it
+  124      the command outlived --timeout (as timeout(1)); the VM was torn down
+  125      glite-vm failed; stderr names the class: "request error" (fix the command line or
+           its inputs; nothing ran or the outputs could not be saved), "host error" (this host
+           failed: libvirt, disk, download) or "configuration error" (a GLITE_VM_* setting)
+  126/127  not used by glite-vm: the guest's shell reports them (command not executable /
+           not found), as the command's own status
+  130/143  glite-vm was interrupted (SIGINT/SIGTERM); the VM was torn down
+
+On success and on every failure after a VM was made, stderr ends with the VM's name, its boot
+log, the snapshot (or "not kept") and, once the command ran, its exit status.
+
+example: glite-vm run --image debian-12 --input src/ --output out/ -- ./build.sh"""
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
@@ -30,16 +75,22 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description="Boot a fresh VM of IMAGE, run CMD inside it as the guest user (or root), "
         "stream its stdout/stderr to ours, tear the VM down and exit with CMD's exit status. "
         "The snapshot and boot-log paths and the phase timings are printed on stderr.",
-        epilog="IMAGE is a catalogue name (GLITE_VM_CATALOGUE), an http(s)/file URL or a local "
-        "path; URLs and paths get the same safety checks as custom images from jobs. "
-        "Example: glite-vm run --image debian-12 --input src/ --output out/ -- ./build.sh",
+        epilog=_RUN_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     run.add_argument("--image", required=True, help="catalogue name, URL or local path")
     run.add_argument("--sha256", help="expected sha256 of a custom image")
     run.add_argument("--root", action="store_true", help="run CMD as root in the guest")
     run.add_argument("--cpus", type=int, help="virtual CPUs (default: GLITE_VM_DEFAULT_CPUS)")
-    run.add_argument("--memory", type=int, metavar="MiB", help="guest memory in MiB")
-    run.add_argument("--disk", metavar="SIZE", help="disk size, e.g. 30GB")
+    run.add_argument(
+        "--memory", metavar="SIZE", help="guest memory, e.g. 2GB or 512MiB (a unit is required)"
+    )
+    run.add_argument("--disk", metavar="SIZE", help="disk size, e.g. 30GB (a unit is required)")
+    run.add_argument(
+        "--network",
+        metavar="NAME",
+        help="the VM's network: GLITE_VM_NETWORK (the default) or one of GLITE_VM_JOB_NETWORKS",
+    )
     run.add_argument(
         "--keep-snapshot",
         choices=[k.value for k in KeepSnapshot],
@@ -56,7 +107,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "--output",
         type=Path,
         metavar="DIR",
-        help="copy new and changed files of the working directory to DIR after",
+        help="copy new and changed files of the working directory to DIR after (DIR is "
+        "created and checked to be writable before the VM starts)",
     )
     run.add_argument(
         "--env",
@@ -65,11 +117,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="NAME=VALUE",
         help="environment variable for CMD (repeatable)",
     )
-    run.add_argument("--timeout", type=float, metavar="SECONDS", help="stop CMD after this long")
+    run.add_argument(
+        "--timeout",
+        metavar="DURATION",
+        help="stop CMD after this long: seconds (600) or with a unit (10m, 2h)",
+    )
     run.add_argument(
         "--json",
         action="store_true",
-        help="print the result (paths, timings) as JSON on stderr at the end",
+        help="print the result (paths, timings; the error on failure) as JSON on stderr at the end",
     )
     run.add_argument(
         "cmd",
@@ -82,10 +138,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     doctor = sub.add_parser(
         "doctor",
         help="check this host: hypervisor, libvirt, tools, directories",
-        description="Probe the accelerator (KVM only when a bounded self-test passes, else "
-        "QEMU TCG), check libvirt, qemu-img and the state directories, and say what to fix.",
+        description="Check the accelerator (KVM only when a bounded self-test passes, else "
+        "QEMU TCG), libvirt, qemu-img and the state directories, and say what to fix. The "
+        "accelerator verdict is the one remembered in <state dir>/hypervisor.json (what jobs "
+        "and the service use); it is probed, and remembered, when there is none or it no "
+        "longer holds (new kernel, QEMU or /dev/kvm), or with --reprobe.",
     )
     doctor.add_argument("--json", action="store_true", help="machine-readable output")
+    doctor.add_argument(
+        "--reprobe",
+        action="store_true",
+        help="probe KVM again now (up to ~10 s) and remember the new verdict",
+    )
     doctor.set_defaults(handler=cmd_doctor)
 
     vms = sub.add_parser(
@@ -97,8 +161,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     lst = vms_sub.add_parser("list", help="running VMs with owner, job and age")
     lst.add_argument("--json", action="store_true", help="machine-readable output")
     lst.set_defaults(handler=cmd_vms_list)
-    destroy = vms_sub.add_parser("destroy", help="stop and undefine VMs by name")
+    destroy = vms_sub.add_parser(
+        "destroy",
+        help="stop and undefine VMs by name",
+        description="Show the VMs (owner, job, image, age), then stop them at once and remove "
+        "their definitions; a running job loses its VM. Asks first on a terminal; --yes "
+        "confirms in scripts, --dry-run only shows them.",
+    )
     destroy.add_argument("names", nargs="+", metavar="NAME")
+    destroy.add_argument("--yes", action="store_true", help="do not ask; destroy them")
+    destroy.add_argument("--dry-run", action="store_true", help="only show what would go")
     destroy.set_defaults(handler=cmd_vms_destroy)
 
 
@@ -120,33 +192,33 @@ def _parse_env(items: list[str]) -> dict[str, str]:
     return env
 
 
-def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
+def _job_spec(args: argparse.Namespace) -> JobSpec:
+    """Everything of the command line checked, before anything is fetched or booted."""
     cmd = list(args.cmd)
     if cmd and cmd[0] == "--":
         cmd = cmd[1:]
     if not cmd:
-        print(
-            "glite-vm run: give the command after --, e.g. glite-vm run --image IMG -- uname -a",
-            file=sys.stderr,
+        raise RequestError(
+            "CMD", "give the command after --, e.g. glite-vm run --image IMG -- uname -a"
         )
-        return 2
-    if args.input is not None and not args.input.is_dir():
-        print(f"glite-vm run: --input {args.input} is not a directory", file=sys.stderr)
-        return 2
-    spec = JobSpec(
-        image=args.image,
+    return JobSpec(
+        image=local_ref(args.image),
         argv=cmd,
         image_sha256=args.sha256,
         root=args.root,
         cpus=args.cpus,
-        memory_mib=args.memory,
-        disk=args.disk,
+        memory_mib=None if args.memory is None else parse_memory_mib(args.memory, "--memory"),
+        disk=None if args.disk is None else parse_size(args.disk, "--disk"),
         keep_snapshot=args.keep_snapshot,
         input_dir=args.input,
         output_dir=args.output,
         env=_parse_env(args.env),
-        timeout=args.timeout,
+        timeout=None if args.timeout is None else parse_timeout(args.timeout, "--timeout"),
+        network=args.network,
     )
+
+
+def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
     out = sys.stdout.buffer
     err = sys.stderr.buffer
 
@@ -159,8 +231,12 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
         err.flush()
 
     bar = ProgressBar(f"fetching {args.image}", sys.stderr)
+    report = RunReport()
     old = signal.signal(signal.SIGTERM, _raise_terminated)
     try:
+        spec = _job_spec(args)
+        if spec.output_dir is not None:
+            check_output_dir(spec.output_dir)  # before anything is fetched, booted or connected
         host = open_host(settings)
         result = run_job(
             host,
@@ -169,10 +245,30 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
             stderr=to_stderr,
             progress=bar.update,
             cancel=threading.Event(),
+            report=report,
         )
     except _Terminated as exc:
-        print(f"glite-vm run: stopped by {exc}; the VM was torn down", file=sys.stderr)
-        return 143
+        bar.close()
+        print(f"glite-vm run: stopped by {exc}", file=sys.stderr)
+        return _failed(args, report, None, 143)
+    except KeyboardInterrupt:
+        bar.close()
+        print("glite-vm run: interrupted", file=sys.stderr)
+        return _failed(args, report, None, 130)
+    except Exception as exc:
+        bar.close()
+        if isinstance(exc, PayloadTimeoutError):
+            print(f"glite-vm: request error: {exc} (--timeout)", file=sys.stderr)
+            return _failed(args, report, exc, EXIT_TIMEOUT)
+        report_error(exc)
+        if report.domain is None and "/" not in args.image and os.path.isfile(args.image):
+            # a name without '/' is a catalogue name, even when a file of that name is here
+            print(
+                f"glite-vm: hint: {args.image} was taken for a catalogue name; "
+                f"to boot the file here, write --image ./{args.image}",
+                file=sys.stderr,
+            )
+        return _failed(args, report, exc, EXIT_FAILURE)
     finally:
         signal.signal(signal.SIGTERM, old)
         bar.close()
@@ -195,6 +291,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
                     "domain": result.domain,
                     "exit_code": result.exit_code,
                     "signal": result.signal,
+                    "exit_status": result.shell_status,
                     "snapshot_path": str(result.snapshot_path) if result.snapshot_path else None,
                     "boot_log_path": str(result.boot_log_path),
                     "record_path": str(result.record_path),
@@ -203,11 +300,55 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
                     "cache_hit": result.cache_hit,
                     "outputs": result.outputs,
                     "timings": t.as_dict(),
+                    "error": None,
                 }
             ),
             file=sys.stderr,
         )
     return result.shell_status
+
+
+def _failed(
+    args: argparse.Namespace, report: RunReport, exc: BaseException | None, status: int
+) -> int:
+    """What `run` promises on a failure too: the VM, its boot log, the snapshot, the command's
+    status when it ran, and the exit status chosen."""
+    done = report.teardown
+    lines = []
+    if report.domain is None:
+        lines.append("glite-vm: no VM was started")
+    else:
+        lines.append(f"glite-vm: VM {report.domain}")
+        lines.append(f"glite-vm: boot log: {report.boot_log_path}")
+        snapshot = done.snapshot_path if done is not None else None
+        lines.append(f"glite-vm: snapshot: {snapshot or '(not kept)'}")
+    payload = report.payload
+    if payload is not None:
+        ended = f"signal {payload.signal}" if payload.signal is not None else f"{payload.exit_code}"
+        lines.append(f"glite-vm: the command had ended: exit {ended}")
+    lines.append(f"glite-vm: exit status {status}")
+    print("\n".join(lines), file=sys.stderr)
+    if args.json:
+        print(
+            json.dumps(
+                {
+                    "domain": report.domain,
+                    "exit_code": payload.exit_code if payload else None,
+                    "signal": payload.signal if payload else None,
+                    "exit_status": status,
+                    "snapshot_path": (
+                        str(done.snapshot_path) if done and done.snapshot_path else None
+                    ),
+                    "boot_log_path": str(report.boot_log_path) if report.boot_log_path else None,
+                    "record_path": str(done.record_path) if done else None,
+                    "error": None
+                    if exc is None
+                    else {"class": error_class(exc), "message": describe_error(exc)},
+                }
+            ),
+            file=sys.stderr,
+        )
+    return status
 
 
 def _check(name: str, ok: bool, detail: str, fix: str = "") -> dict[str, object]:
@@ -217,12 +358,20 @@ def _check(name: str, ok: bool, detail: str, fix: str = "") -> dict[str, object]
 def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
     checks: list[dict[str, object]] = []
     t0 = time.monotonic()
-    info = hv.detect(settings.hypervisor)
+    info = hypervisor_for(settings, reprobe=args.reprobe)
+    took = time.monotonic() - t0
+    remembered = settings.state_dir / HYPERVISOR_CACHE
+    if "(cached probe)" in info.reason:
+        how = f"; the verdict remembered in {remembered} (--reprobe probes again)"
+    elif settings.hypervisor == "qemu":
+        how = ""
+    else:
+        how = f"; probed in {took:.1f} s, remembered in {remembered}"
     checks.append(
         _check(
             "hypervisor",
             True,
-            f"{info.kind} ({info.reason}; probe {time.monotonic() - t0:.1f} s)",
+            f"{info.kind} ({info.reason}{how})",
             "" if info.accelerated else "VMs run under QEMU TCG (slower); enable KVM for speed",
         )
     )
@@ -294,34 +443,54 @@ def _dir_status(path: Path) -> tuple[bool, str]:
     return True, f"{path} (will be created)"
 
 
-def cmd_vms_list(args: argparse.Namespace, settings: Settings) -> int:
-    host = open_host(settings, hypervisor_for(settings))
-    rows = []
+def _vm_rows(host: VmHost) -> list[dict[str, object]]:
     now = time.time()
+    rows: list[dict[str, object]] = []
     for dom, meta in host.our_domains():
+        try:
+            active = dom.isActive()
+        except libvirt.libvirtError:
+            continue  # it went away while we looked (another job's VM ending)
         rows.append(
             {
                 "name": dom.name(),
-                "state": "running" if dom.isActive() else "defined",
+                "state": "running" if active else "defined",
                 "owner": meta.owner if meta else "?",
                 "job": meta.job_id if meta else "?",
                 "image": meta.image if meta else "?",
                 "age_seconds": round(now - meta.created) if meta else None,
             }
         )
+    return rows
+
+
+def _print_vms(rows: list[dict[str, object]]) -> None:
+    print_table(
+        ("NAME", "STATE", "OWNER", "JOB", "AGE", "IMAGE"),
+        [
+            (
+                str(r["name"]),
+                str(r["state"]),
+                str(r["owner"]),
+                str(r["job"]),
+                _age(r["age_seconds"]),
+                str(r["image"]),
+            )
+            for r in rows
+        ],
+        right=frozenset({4}),
+    )
+
+
+def cmd_vms_list(args: argparse.Namespace, settings: Settings) -> int:
+    rows = _vm_rows(open_host(settings, hypervisor_for(settings)))
     if args.json:
         print(json.dumps(rows, indent=2))
         return 0
     if not rows:
         print("no glite-vm VMs")
         return 0
-    print(f"{'NAME':<44} {'STATE':<8} {'OWNER':<12} {'JOB':<16} {'AGE':>7}  IMAGE")
-    for r in rows:
-        age = r["age_seconds"]
-        print(
-            f"{r['name']!s:<44} {r['state']!s:<8} {r['owner']!s:<12} {r['job']!s:<16} "
-            f"{_age(age):>7}  {r['image']}"
-        )
+    _print_vms(rows)
     return 0
 
 
@@ -338,13 +507,22 @@ def _age(seconds: object) -> str:
 def cmd_vms_destroy(args: argparse.Namespace, settings: Settings) -> int:
     host = open_host(settings, hypervisor_for(settings))
     ours = {dom.name(): dom for dom, _meta in host.our_domains()}
-    status = 0
-    for name in args.names:
-        dom = ours.get(name)
-        if dom is None:
-            print(f"glite-vm vms destroy: no glite-vm VM named {name!r}", file=sys.stderr)
-            status = 1
-            continue
-        destroy_domain(dom)
+    unknown = [n for n in args.names if n not in ours]
+    for name in unknown:
+        print(f"glite-vm vms destroy: no glite-vm VM named {name!r}", file=sys.stderr)
+    wanted = [n for n in dict.fromkeys(args.names) if n in ours]
+    if not wanted:
+        return EXIT_PROBLEMS
+    rows = [r for r in _vm_rows(host) if r["name"] in wanted]
+    verb = "would destroy" if args.dry_run else "will destroy"
+    print(f"{verb} {len(rows)} VM(s); a job still running in one loses it:")
+    _print_vms(rows)
+    if args.dry_run:
+        return EXIT_PROBLEMS if unknown else 0
+    if not confirm(f"Destroy {len(rows)} VM(s)?", yes=args.yes):
+        print("nothing was destroyed")
+        return EXIT_PROBLEMS
+    for name in wanted:
+        destroy_domain(ours[name])
         print(f"destroyed {name}")
-    return status
+    return EXIT_PROBLEMS if unknown else 0

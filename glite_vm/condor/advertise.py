@@ -6,8 +6,12 @@ The startd runs it every ``STARTD_CRON_GLITE_VM_ADVERTISE_PERIOD`` as the ``cond
     GliteVmHypervisors = "kvm,qemu"       # accelerators VMs can use here, best first
     GliteVmCachedImages = "debian-12,..." # images the local cache holds (catalogue names, URLs)
     GliteVmCacheFreeBytes = 12345         # bytes a new image may still take in the cache
+    GliteVmNetworks = "none,user"         # networks a job may ask for (GliteVmNetwork)
 
-so a submit file can ``rank = stringListMember(GliteVmImage, GliteVmCachedImages)``.
+so a submit file can ``rank = stringListMember(GliteVmImage, GliteVmCachedImages)``. The
+networks are ``GLITE_VM_NETWORK`` (the default, first) and ``GLITE_VM_JOB_NETWORKS``; the START
+expression of ``glite-vm config`` already keeps jobs off hosts that do not offer theirs, from the
+same knobs.
 ``GliteVmRootEnabled`` is not here: it is per slot, from the configuration (``glite-vm config``).
 
 It must be cheap and bounded: it reads the cache's files and the *remembered* hypervisor
@@ -34,7 +38,7 @@ from glite_vm.vm import hypervisor as hv
 #: Names a string list in a ClassAd can carry as one item (``stringListMember`` splits at
 #: commas and blanks).
 _LIST_ITEM: Final = re.compile(r'^[^\s,"\\]+$')
-HYPERVISOR_CACHE: Final = "hypervisor.json"
+HYPERVISOR_CACHE: Final = hv.HYPERVISOR_CACHE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,6 +47,7 @@ class HostFacts:
     cached_images: tuple[str, ...] | None
     cache_free_bytes: int | None
     problems: tuple[str, ...] = ()
+    networks: tuple[str, ...] = ()
 
     def ad_attributes(self) -> dict[str, AdValue]:
         out: dict[str, AdValue] = {}
@@ -52,6 +57,8 @@ class HostFacts:
             out["GliteVmCachedImages"] = ",".join(self.cached_images)
         if self.cache_free_bytes is not None:
             out["GliteVmCacheFreeBytes"] = self.cache_free_bytes
+        if self.networks:
+            out["GliteVmNetworks"] = ",".join(self.networks)
         return out
 
 
@@ -119,7 +126,7 @@ def collect(settings: Settings) -> HostFacts:
     hvs = hypervisors(settings)
     if hvs is None:
         problems.append("no QEMU found: GliteVmHypervisors not advertised")
-    return HostFacts(hvs, images, free, tuple(problems))
+    return HostFacts(hvs, images, free, tuple(problems), networks=settings.allowed_networks)
 
 
 def render(facts: HostFacts) -> str:

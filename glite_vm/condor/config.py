@@ -7,6 +7,8 @@ Knob names and behaviour were checked against HTCondor 25.0.13 (docs/condor.md):
   Memory may be absolute (MiB); disk only as a fraction, so ``DISK`` (KiB) sets the total the
   fractions divide: the VMs' disks live in glite-vm's state directory, not in HTCondor's
   execute directory, and their size is the site's choice.
+* A job's ``GliteVmNetwork`` matches only slots whose host offers it: ``GLITE_VM_NETWORK`` (the
+  default) or one of ``GLITE_VM_JOB_NETWORKS``, written into this snippet and read by START.
 * ``STARTD_ATTRS`` publishes ``GliteVmRootEnabled``; ``SLOT_TYPE_<n>_GliteVmRootEnabled``
   overrides it per slot type. Slots of type 1 (user) are numbered before type 2 (root).
 * The negotiator's default ``NEGOTIATOR_PRE_JOB_RANK`` starts with ``10000000 * My.Rank``, so
@@ -23,7 +25,8 @@ from pathlib import Path
 from typing import Final
 
 from glite_vm import __version__
-from glite_vm.config import KIB, MIB, Settings, format_size
+from glite_vm.config import KIB, MIB, Settings, check_network_name, format_size
+from glite_vm.errors import RequestError
 from glite_vm.slots import ROOT_SLOT_TYPE, USER_SLOT_TYPE, SlotLayout
 
 HOOK_KEYWORD: Final = "GLITE_VM"
@@ -92,6 +95,8 @@ class ExecuteHostConfig:
     default_image: str = ""
     root_users: tuple[str, ...] = ()
     max_host_failures: int = 3
+    network: str = "none"  # the VMs' network when a job asks for none
+    job_networks: tuple[str, ...] = ()  # further networks a job may ask for
     job_exit_timeout: int = 60  # seconds; HTCondor's default is 30
     advertise_period: int = 60
     reap_period: int = 30
@@ -124,6 +129,11 @@ class ExecuteHostConfig:
         for user in self.root_users:
             if not _USER_NAME.match(user):
                 raise ValueError(f"root user {user!r} is not a valid user name")
+        for name in (self.network, *self.job_networks):
+            try:
+                check_network_name(name)
+            except RequestError as exc:
+                raise ValueError(f"network {exc.problem}") from None
         for label, seconds in (
             ("job exit timeout", self.job_exit_timeout),
             ("advertise period", self.advertise_period),
@@ -147,6 +157,8 @@ class ExecuteHostConfig:
             default_image=settings.default_image,
             root_users=settings.root_users,
             max_host_failures=settings.max_host_failures,
+            network=settings.network,
+            job_networks=settings.job_networks,
             # teardown is bounded by teardown_timeout; leave room for the hook's own start-up
             job_exit_timeout=math.ceil(settings.teardown_timeout) + 15,
             state_dir=settings.state_dir,
@@ -195,6 +207,9 @@ def render_execute_config(cfg: ExecuteHostConfig) -> str:
         f"GLITE_VM_DEFAULT_IMAGE = {cfg.default_image}",
         f"GLITE_VM_ROOT_USERS = {', '.join(cfg.root_users)}",
         f"GLITE_VM_MAX_HOST_FAILURES = {cfg.max_host_failures}",
+        "# the VMs' network, and the others a job may ask for (+GliteVmNetwork)",
+        f"GLITE_VM_NETWORK = {cfg.network}",
+        f"GLITE_VM_JOB_NETWORKS = {', '.join(cfg.job_networks)}",
         *_location_knobs(cfg),
         "",
         f"# --- {layout.slots} static VM slots of {layout.cpus} CPU(s), "
@@ -219,7 +234,8 @@ def render_execute_config(cfg: ExecuteHostConfig) -> str:
         "",
         "# --- matching ---",
         "# Root jobs only on root-enabled slots, and only for GLITE_VM_ROOT_USERS when set;",
-        "# jobs without GliteVmImage only when there is a default image.",
+        "# jobs without GliteVmImage only when there is a default image; a job's GliteVmNetwork",
+        "# only where it is offered.",
         "GLITE_VM_ROOT_JOB = (TARGET.GliteVmRoot =?= True)",
         # stringListsIntersect, not stringListMember: the PyPI classad2 bindings answer error
         # for stringListMember, and tools evaluating this policy with them must agree.
@@ -227,7 +243,11 @@ def render_execute_config(cfg: ExecuteHostConfig) -> str:
         'stringListsIntersect(TARGET.Owner, "$(GLITE_VM_ROOT_USERS)", ", "))',
         "GLITE_VM_IMAGE_OK = (TARGET.GliteVmImage =!= undefined || "
         'size("$(GLITE_VM_DEFAULT_IMAGE)") > 0)',
-        "GLITE_VM_START = $(GLITE_VM_IMAGE_OK) && ifThenElse($(GLITE_VM_ROOT_JOB), "
+        "GLITE_VM_NETWORK_OK = (TARGET.GliteVmNetwork =?= undefined || "
+        'stringListsIntersect(TARGET.GliteVmNetwork, "$(GLITE_VM_NETWORK), '
+        '$(GLITE_VM_JOB_NETWORKS)", ", "))',
+        "GLITE_VM_START = $(GLITE_VM_IMAGE_OK) && $(GLITE_VM_NETWORK_OK) && "
+        "ifThenElse($(GLITE_VM_ROOT_JOB), "
         "MY.GliteVmRootEnabled =?= True && $(GLITE_VM_ROOT_USER_OK), True)",
         "START = ($(START)) && $(GLITE_VM_START)",
         "# Ordinary jobs prefer user slots (NEGOTIATOR_PRE_JOB_RANK weighs the slot's RANK).",

@@ -337,6 +337,7 @@ def request_from_job_ad(
         keep_snapshot=KeepSnapshot.ON_FAILURE if keep is None else keep,
         image_sha256=_literal_string(ad, "GliteVmImageSha256"),
         hostname=hostname,
+        network=_literal_string(ad, "GliteVmNetwork"),
     )
 
 

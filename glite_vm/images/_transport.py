@@ -9,8 +9,12 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import errno
+import http.client
 import os
 import re
+import socket
+import ssl
 import stat
 from collections.abc import Iterator
 from pathlib import Path
@@ -23,6 +27,7 @@ import urllib3
 from glite_vm.errors import DownloadError
 
 CHUNK = 1024 * 1024
+_UNREACHABLE = frozenset({errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EHOSTDOWN})
 _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
 
@@ -125,8 +130,46 @@ class _FileStream(Stream):
         self._handle.close()
 
 
+def _causes(exc: BaseException) -> Iterator[BaseException]:
+    """``exc`` and what it wraps: requests wraps urllib3, which wraps the socket's error."""
+    seen: set[int] = set()
+    todo = [exc]
+    while todo:
+        current = todo.pop(0)
+        if id(current) in seen:
+            continue
+        seen.add(id(current))
+        yield current
+        wrapped = [getattr(current, "reason", None), current.__cause__, current.__context__]
+        wrapped += [a for a in current.args if isinstance(a, BaseException)]
+        todo += [w for w in wrapped if isinstance(w, BaseException)]
+
+
 def _describe(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
+    """What went wrong with a connection, in words (not urllib3's object dumps)."""
+    causes = list(_causes(exc))
+    for cause in causes:
+        if isinstance(cause, socket.gaierror):
+            return "the host name does not resolve"
+        if isinstance(cause, ssl.SSLCertVerificationError):
+            return f"the server's TLS certificate is not trusted ({cause.verify_message})"
+        if isinstance(cause, ssl.SSLError):
+            return f"the TLS handshake failed ({cause.reason or cause})"
+        if isinstance(cause, ConnectionRefusedError):
+            return "connection refused (nothing listens there)"
+        if isinstance(cause, ConnectionResetError):
+            return "the server reset the connection"
+        if isinstance(cause, OSError) and cause.errno in _UNREACHABLE:
+            return f"{cause.strerror or 'unreachable'}".lower()
+    for cause in causes:
+        if isinstance(cause, TimeoutError | requests.Timeout) or (
+            isinstance(cause, urllib3.exceptions.TimeoutError)
+            and not isinstance(cause, urllib3.exceptions.NewConnectionError)
+        ):
+            return "no answer in time (GLITE_VM_DOWNLOAD_TIMEOUT)"
+        if isinstance(cause, urllib3.exceptions.ProtocolError | http.client.IncompleteRead):
+            return "the connection broke off"
+    text = re.sub(r" object at 0x[0-9a-f]+", "", str(exc)) or type(exc).__name__
     return text if len(text) < 300 else text[:300] + "..."
 
 

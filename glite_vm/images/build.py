@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from glite_vm.errors import CatalogueError
+from glite_vm.errors import CatalogueError, CatalogueInputError
 from glite_vm.images._fsutil import atomic_write_bytes
 from glite_vm.images._transport import CHUNK
 from glite_vm.images.catalogue import BOOT_KINDS, CATALOGUE_VERSION, parse_catalogue
@@ -45,7 +45,9 @@ def build_catalogue(
 ) -> dict[str, Any]:
     """The catalogue document for ``directory`` (see the module docstring)."""
     if not directory.is_dir():
-        raise CatalogueError(f"{directory} is not a directory")
+        raise CatalogueInputError(
+            f"{directory} is not a directory; give the directory of the images"
+        )
     files = sorted(
         p
         for p in directory.iterdir()
@@ -82,7 +84,9 @@ def build_catalogue(
             default_guest_user=default_guest_user,
         )
         if entry["name"] in entries:
-            raise CatalogueError(f"two images are named {entry['name']!r}; set 'name' in a sidecar")
+            raise CatalogueInputError(
+                f"two images are named {entry['name']!r}; set 'name' in a sidecar"
+            )
         entries[entry["name"]] = entry
     doc = {"version": CATALOGUE_VERSION, "images": [entries[k] for k in sorted(entries)]}
     # What we write must be what hosts read: round-trip through the parser.
@@ -101,21 +105,21 @@ def _read_sidecar(path: Path) -> dict[str, Any]:
     try:
         data = json.loads(path.read_bytes())
     except (OSError, ValueError) as exc:
-        raise CatalogueError(f"{path}: not a readable JSON file: {exc}") from None
+        raise CatalogueInputError(f"{path}: not a readable JSON file: {exc}") from None
     if not isinstance(data, dict):
-        raise CatalogueError(f"{path}: must hold a JSON object")
+        raise CatalogueInputError(f"{path}: must hold a JSON object")
     unknown = set(data) - _SIDECAR_KEYS
     if unknown:
-        raise CatalogueError(f"{path}: unknown keys {', '.join(sorted(unknown))}")
+        raise CatalogueInputError(f"{path}: unknown keys {', '.join(sorted(unknown))}")
     for key, value in data.items():
         if not isinstance(value, str):
-            raise CatalogueError(f"{path}: {key!r} must be a string")
+            raise CatalogueInputError(f"{path}: {key!r} must be a string")
     return data
 
 
 def _member(name: str, names: set[str], where: str) -> str:
     if "/" in name or name in (".", "..") or name not in names:
-        raise CatalogueError(f"{where}: {name!r} is not a file in this directory")
+        raise CatalogueInputError(f"{where}: {name!r} is not a file in this directory")
     return name
 
 
@@ -131,7 +135,7 @@ def _entry(
     stem = path.name[: -len(path.suffix)] if path.suffix in IMAGE_SUFFIXES else path.name
     name = side.get("name", stem)
     if not NAME_RE.match(name):
-        raise CatalogueError(f"{path.name}: {name!r} is not a valid image name; set 'name'")
+        raise CatalogueInputError(f"{path.name}: {name!r} is not a valid image name; set 'name'")
     info = inspect_image(path, source=path.name, limits=limits)
     sha, size = _digest(path)
     entry: dict[str, Any] = {
@@ -146,7 +150,7 @@ def _entry(
         "boot": side.get("boot", "kernel" if "kernel" in side else "disk"),
     }
     if entry["boot"] not in BOOT_KINDS:
-        raise CatalogueError(f"{path.name}.json: boot must be one of {', '.join(BOOT_KINDS)}")
+        raise CatalogueInputError(f"{path.name}.json: boot must be one of {', '.join(BOOT_KINDS)}")
     guest_user = side.get("guest_user", default_guest_user)
     if guest_user:
         entry["guest_user"] = guest_user
@@ -154,7 +158,7 @@ def _entry(
         entry["description"] = side["description"]
     if entry["boot"] == "kernel":
         if "kernel" not in side:
-            raise CatalogueError(f"{path.name}.json: boot 'kernel' needs a 'kernel' file")
+            raise CatalogueInputError(f"{path.name}.json: boot 'kernel' needs a 'kernel' file")
         for key in ("kernel", "initrd"):
             if key in side:
                 ksha, ksize = _digest(path.parent / side[key])

@@ -148,6 +148,27 @@ class PruneReport:
 
 
 @dataclasses.dataclass(frozen=True)
+class PrunePlan:
+    """What :meth:`ImageCache.prune` would remove if it ran now (shown before it runs)."""
+
+    target_bytes: int
+    used_bytes: int
+    evict: tuple[CacheEntry, ...]  # least recently used first
+    partial_downloads: int  # interrupted downloads (no running download owns them)
+    partial_bytes: int
+    dead_leases: int
+    in_use_above_target: bool  # leased images keep the cache above the target
+
+    @property
+    def evict_bytes(self) -> int:
+        return sum(e.size for e in self.evict)
+
+    @property
+    def removes_anything(self) -> bool:
+        return bool(self.evict or self.partial_downloads or self.dead_leases)
+
+
+@dataclasses.dataclass(frozen=True)
 class VerifyResult:
     sha256: str
     path: Path
@@ -686,6 +707,38 @@ class ImageCache:
             dead_leases=dead,
         )
 
+    def prune_plan(self, target_bytes: int | None = None) -> PrunePlan:
+        """What :meth:`prune` with the same target would remove now. Changes nothing; a
+        download or a lease taken meanwhile can make the real prune remove less."""
+        target = self.settings.cache_max_bytes if target_bytes is None else target_bytes
+        stale = [k for k in self._partial_keys() if self._live_reservation(k) is None]
+        dead = sum(
+            1
+            for sha in lease_files.all_lease_keys(self.leases)
+            for record in lease_files.read_leases(self.leases, sha)
+            if not record.alive
+        )
+        entries = sorted(self.entries(), key=lambda e: e.last_used)
+        used = sum(e.size for e in entries)
+        evict: list[CacheEntry] = []
+        left = used
+        for entry in entries:
+            if left <= target:
+                break
+            if self._live(entry.sha256):
+                continue
+            evict.append(entry)
+            left -= entry.size
+        return PrunePlan(
+            target_bytes=target,
+            used_bytes=used,
+            evict=tuple(evict),
+            partial_downloads=len(stale),
+            partial_bytes=sum(self._part_size(k) for k in stale),
+            dead_leases=dead,
+            in_use_above_target=left > target,
+        )
+
     def prune(self, target_bytes: int | None = None) -> PruneReport:
         """Drop dead leases and interrupted downloads, then evict least recently used unleased
         files until the cache holds at most ``target_bytes`` (default: the budget)."""
@@ -794,6 +847,7 @@ __all__ = [
     "CacheStatus",
     "EntryStatus",
     "ImageCache",
+    "PrunePlan",
     "PruneReport",
     "Source",
     "VerifyResult",

@@ -239,7 +239,8 @@ class LocalService:
             "GliteVmGuestUser": vm.guest_user,
             "GliteVmBootLogPath": str(vm.boot_log),
             "GliteVmRecordPath": str(vm.record),
-            "GliteVmNetwork": self.settings.network,
+            # Not GliteVmNetwork: that is the job's request (as with the hostname below).
+            "GliteVmGuestNetwork": request.network,
             "GliteVmTimeFetch": _seconds(vm.timings.fetch),
             "GliteVmTimeBoot": _seconds(vm.timings.boot),
             "GliteVmTimeReady": _seconds(vm.timings.ready),

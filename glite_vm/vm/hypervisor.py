@@ -28,6 +28,8 @@ KVM_GET_API_VERSION = 0xAE00
 _EXIT_BYTE = 0x21
 _EXPECTED_EXIT = (_EXIT_BYTE << 1) | 1
 EMULATOR_NAMES = ("qemu-system-x86_64", "kvm")
+#: File in the state directory that remembers the probe's verdict (see :func:`detect_cached`).
+HYPERVISOR_CACHE = "hypervisor.json"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -199,10 +201,13 @@ def _probe_key(emulator: str) -> str:
     return "|".join(parts)
 
 
-def detect_cached(preference: str, cache_file: Path, *, timeout: float = 10.0) -> HypervisorInfo:
+def detect_cached(
+    preference: str, cache_file: Path, *, timeout: float = 10.0, reprobe: bool = False
+) -> HypervisorInfo:
     """:func:`detect`, remembered in ``cache_file`` until the kernel, QEMU or /dev/kvm change.
 
-    A host where KVM hangs would otherwise pay the probe's timeout on every job.
+    A host where KVM hangs would otherwise pay the probe's timeout on every job. ``reprobe``
+    probes even when a remembered verdict holds, and remembers the new one.
     """
     if preference == "qemu":
         return detect(preference)
@@ -210,7 +215,7 @@ def detect_cached(preference: str, cache_file: Path, *, timeout: float = 10.0) -
     key = _probe_key(emulator)
     try:
         data = json.loads(cache_file.read_text())
-        if data.get("key") == key and data.get("preference") == preference:
+        if not reprobe and data.get("key") == key and data.get("preference") == preference:
             return HypervisorInfo(data["kind"], data["reason"] + " (cached probe)", emulator, 0.0)
     except (OSError, ValueError, KeyError, TypeError):
         pass

@@ -28,7 +28,13 @@ from typing import Protocol
 import libvirt
 
 from glite_vm.config import Settings
-from glite_vm.errors import AgentError, BootError, HypervisorError, RequestError
+from glite_vm.errors import (
+    AgentError,
+    BootError,
+    HypervisorError,
+    PayloadTimeoutError,
+    RequestError,
+)
 from glite_vm.request import VMRequest
 from glite_vm.vm import transfer
 from glite_vm.vm.agent import GUEST_PATH, GuestAgent
@@ -272,7 +278,7 @@ class VmHost:
                 kernel=kernel,
                 initrd=initrd,
                 cmdline=image.cmdline,
-                network=self.settings.network,
+                network=request.network,
                 base_chain=base_chain,
             )
             xml = build_domain_xml(spec)
@@ -479,7 +485,7 @@ class Vm:
                 if cancel is not None and cancel.is_set():
                     raise AgentError("the payload was cancelled")
                 if timeout is not None and time.monotonic() - start > timeout:
-                    raise AgentError(f"the payload did not finish within {timeout:g} s")
+                    raise PayloadTimeoutError(timeout)
                 delay = 0.02 if got else min(delay * 1.5, 0.25)
                 time.sleep(delay)
         finally:

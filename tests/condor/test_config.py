@@ -156,6 +156,22 @@ def test_jobs_without_image_match_only_with_a_default(
     assert evaluate(start, USER_SLOT, no_image) is True
 
 
+def test_jobs_asking_for_a_network_match_only_hosts_that_offer_it(
+    htcondor_release: Path, tmp_path: Path
+) -> None:
+    start, _ = policy(htcondor_release, tmp_path / "a", snippet())
+    assert evaluate(start, USER_SLOT, user_job()) is True  # no request: the host's default
+    assert evaluate(start, USER_SLOT, user_job(GliteVmNetwork="none")) is True
+    assert evaluate(start, USER_SLOT, user_job(GliteVmNetwork="user")) is False
+    offered = snippet(network="none", job_networks=("user", "build-net"))
+    start, _ = policy(htcondor_release, tmp_path / "b", offered)
+    for name in ("none", "user", "build-net"):
+        assert evaluate(start, USER_SLOT, user_job(GliteVmNetwork=name)) is True, name
+    assert evaluate(start, USER_SLOT, user_job(GliteVmNetwork="other")) is False
+    with pytest.raises(ValueError, match="not a network name"):
+        snippet(job_networks=("two words",))
+
+
 def test_a_later_site_file_changes_the_policy_without_regenerating(
     htcondor_release: Path, tmp_path: Path
 ) -> None:
@@ -250,6 +266,8 @@ def test_the_command_prints_the_snippet(
     assert main(["config", "--hooks-dir", "/srv/hooks", "-o", str(target)]) == 0
     assert target.read_text().startswith("# glite-vm ")
 
-    assert main(["config", "--slots", "2", "--root-slots", "3"]) == 2
-    assert "root slots must be within 0 .. 2" in capsys.readouterr().err
-    assert main(["config", "--memory", "lots"]) == 2
+    assert main(["config", "--slots", "2", "--root-slots", "3"]) == 125
+    assert "request error: root slots must be within 0 .. 2" in capsys.readouterr().err
+    assert main(["config", "--memory", "lots"]) == 125
+    assert main(["config", "--memory", "2048"]) == 125  # MiB? bytes? the unit is required
+    assert "--memory: '2048' has no unit; write e.g. '2048MiB'" in capsys.readouterr().err

@@ -775,5 +775,5 @@ def test_hook_install_writes_runnable_hooks_naming_this_python(tmp_path: Path) -
     shared = tmp_path / "shared"
     shared.mkdir()
     shared.chmod(0o777)
-    assert cli(["hook", "install", str(shared)]) == 2
+    assert cli(["hook", "install", str(shared)]) == 125
     assert list(shared.iterdir()) == []

@@ -120,7 +120,13 @@ def test_the_command_is_cheap_and_reads_htcondors_knobs(tmp_path: Path) -> None:
     assert result.returncode == 0, result.stderr
     assert time.monotonic() - started < 10
     ad = classad2.parseOne(result.stdout, classad2.ParserType.Old)
-    assert set(ad.keys()) == {"GliteVmHypervisors", "GliteVmCachedImages", "GliteVmCacheFreeBytes"}
+    assert set(ad.keys()) == {
+        "GliteVmHypervisors",
+        "GliteVmCachedImages",
+        "GliteVmCacheFreeBytes",
+        "GliteVmNetworks",
+    }
+    assert ad["GliteVmNetworks"] == "none"  # the default network, and no others for jobs
     assert ad["GliteVmHypervisors"] == "kvm,qemu"  # the probe in HTCondor's GLITE_VM_STATE_DIR
     assert not (state / "cache").exists()  # read-only: nothing made
 

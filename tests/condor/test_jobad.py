@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from glite_vm.condor.jobad import (
+    HOLD_CODES,
     HOST_FAILURES_HOLD_CODE,
     MAX_HISTORY,
     ad_safe_text,
@@ -134,6 +136,24 @@ def test_mapping_values_may_be_expressions_and_names_any_case() -> None:
     ad["Base"] = 300
     r = request_from_job_ad(ad, NO_FACTS, SETTINGS)
     assert (r.job_id, r.owner, r.memory_mib) == ("4.0", "bob", 600)
+
+
+def test_a_job_may_ask_for_a_network_the_site_offers_and_is_held_otherwise() -> None:
+    assert request_from_job_ad(job(), SLOT, SETTINGS).network == "none"  # the host's default
+    offering = dataclasses.replace(SETTINGS, network="none", job_networks=("user", "build"))
+    assert request_from_job_ad(job(GliteVmNetwork="user"), SLOT, offering).network == "user"
+    error = hold_error(job(GliteVmNetwork="internet"), SLOT, offering)
+    assert isinstance(error, RequestError) and error.field == "GliteVmNetwork"
+    assert "'internet' is not offered here" in str(error)
+    assert "'none', 'user', 'build'" in str(error)  # the hold reason lists what may be asked
+    assert status_code(error) == HOLD_CODES[RequestError]
+    for ad, cfg in (
+        (job(GliteVmNetwork="user"), SETTINGS),  # the default site offers no other network
+        (job(GliteVmNetwork=True), offering),
+        (job(GliteVmNetwork="a b"), offering),
+    ):
+        held = hold_error(ad, SLOT, cfg)
+        assert isinstance(held, RequestError) and held.field == "GliteVmNetwork", held
 
 
 def test_owner_falls_back_to_user() -> None:

@@ -13,6 +13,7 @@ import pytest
 from glite_vm.config import MIB, Settings
 from glite_vm.errors import (
     CatalogueError,
+    CatalogueInputError,
     ChecksumMismatchError,
     Disposition,
     DownloadError,
@@ -319,11 +320,14 @@ def test_build_refuses_what_hosts_would_refuse(tmp_path: Path) -> None:
         build_catalogue(root, limits=LIMITS)
 
 
-def test_build_rejects_bad_sidecars(tmp_path: Path) -> None:
+def test_build_rejects_bad_sidecars_as_the_admins_input(tmp_path: Path) -> None:
     root = make_repository(tmp_path / "repo")
     (root / "plain.raw.json").write_text(json.dumps({"kernel": "../../etc/passwd"}))
-    with pytest.raises(CatalogueError, match="not a file in this directory"):
+    with pytest.raises(CatalogueInputError, match="not a file in this directory") as info:
         build_catalogue(root, limits=LIMITS)
+    assert info.value.is_user_error  # what `catalogue build` was given, not a host problem
     (root / "plain.raw.json").write_text(json.dumps({"colour": "blue"}))
-    with pytest.raises(CatalogueError, match="unknown keys colour"):
+    with pytest.raises(CatalogueInputError, match="unknown keys colour"):
         build_catalogue(root, limits=LIMITS)
+    with pytest.raises(CatalogueInputError, match="is not a directory"):
+        build_catalogue(tmp_path / "nonexistent", limits=LIMITS)

@@ -11,7 +11,9 @@ from pathlib import Path
 import pytest
 
 from glite_vm.cli import images as cli
+from glite_vm.cli.progress import ProgressBar
 from glite_vm.config import MIB, Settings
+from glite_vm.errors import RequestError, UserError
 from glite_vm.images import ImageCache, acquire_image
 from tests.images.images_helpers import Repo, qemu_img, random_bytes
 
@@ -62,17 +64,17 @@ def test_images_pull_names_and_local_paths_quietly_in_batch(
     assert capsys.readouterr().out.rstrip().endswith("cached")
 
 
-def test_images_pull_reports_errors_with_the_disposition_exit_code(
+def test_images_pull_reports_errors_with_their_class(
     repo: Repo, settings: Settings, tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     repo.publish("alpha", random_bytes(MIB, 4))
-    assert run(settings, "images", "pull", "nope", "alpha") == 2
+    assert run(settings, "images", "pull", "nope", "alpha") == 125
     out, err = capsys.readouterr()
-    assert "nope: error (fix the request): unknown image 'nope'; known: alpha" in err
+    assert "glite-vm: nope: request error: unknown image 'nope'; known: alpha" in err
     assert out.startswith("alpha\t")  # the other image was still pulled
     evil = tmp_path / "evil.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", "-u", "-b", "/etc/shadow", "-F", "raw", str(evil), "1M")
-    assert run(settings, "images", "pull", str(evil)) == 2
+    assert run(settings, "images", "pull", str(evil)) == 125
     assert "backing file" in capsys.readouterr().err
 
 
@@ -82,16 +84,16 @@ def test_progress_bar_on_request(
     repo.publish("alpha", random_bytes(3 * MIB, 5))
     assert run(settings, "images", "pull", "--progress", "always", "alpha") == 0
     err = capsys.readouterr().err
-    assert "\ralpha  100% [" in err and "3.0 MiB / 3.0 MiB" in err and err.endswith("\n")
+    assert "\ralpha [" in err and "100.0% 3.0 MiB/3.0 MiB" in err and err.endswith("\n")
 
 
 def test_progress_bar_throttles_and_handles_unknown_totals() -> None:
     stream = io.StringIO()
-    bar = cli.ProgressBar("x", stream)
+    bar = ProgressBar("x", stream, force=True)
     for i in range(1000):
-        bar(i * 1000, None)
+        bar.update(i * 1000, None)
     assert 1 <= stream.getvalue().count("\r") <= 3  # redrawn at most ten times a second
-    bar.finish()
+    bar.close()
     assert stream.getvalue().endswith("\n")
 
 
@@ -114,11 +116,23 @@ def test_cache_status_prune_verify(
     assert run(settings, "cache", "verify") == 0
     assert "2 file(s) checked, 0 bad" in capsys.readouterr().out
 
-    assert run(settings, "cache", "prune", "--to", "1MiB") == 1  # beta is leased: still above
+    assert run(settings, "cache", "prune", "--to", "1MiB", "--dry-run") == 1  # beta is leased
     out = capsys.readouterr().out
+    assert "would remove 1 image file(s), 1.0 MiB" in out and a[:12] in out and "alpha" in out
+    assert "images in use by jobs stay" in out
+    assert len(ImageCache(settings).entries()) == 2  # a dry run removes nothing
+    with pytest.raises(UserError, match="confirm with --yes"):  # a script that did not say so
+        run(settings, "cache", "prune", "--to", "1MiB")
+    assert "will remove 1 image file(s), 1.0 MiB" in capsys.readouterr().out
+    assert len(ImageCache(settings).entries()) == 2
+    with pytest.raises(RequestError, match="'20' has no unit"):
+        run(settings, "cache", "prune", "--to", "20")
+    assert run(settings, "cache", "prune", "--to", "1MiB", "--yes") == 1  # still above target
+    out = capsys.readouterr().out
+    assert "will remove 1 image file(s), 1.0 MiB" in out
     assert "removed 1 image file(s), freed 1.0 MiB" in out and "in use were kept" in out
     held.release()
-    assert run(settings, "cache", "prune", "--to", "0") == 0
+    assert run(settings, "cache", "prune", "--to", "0B", "--yes") == 0
     assert ImageCache(settings).entries() == []
 
 

@@ -101,7 +101,7 @@ def service_env(root: Path, catalogue: Path, extra: dict[str, str] | None = None
         root,
         catalogue,
         {
-            "GLITE_VM_DEFAULT_MEMORY_MIB": "512",
+            "GLITE_VM_DEFAULT_MEMORY_MIB": "512MiB",
             "GLITE_VM_DEFAULT_DISK_BYTES": "1GiB",
             "GLITE_VM_REAP_INTERVAL": str(REAP_INTERVAL),
             "GLITE_VM_GUEST_IDENTITY": "true",

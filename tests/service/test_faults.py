@@ -220,7 +220,7 @@ def faulty(
 @pytest.fixture
 def fresh_cache(faulty: Faulty) -> Iterator[None]:
     """test-http not cached yet (so the job downloads it) and the server well-behaved."""
-    evicted = faulty.glite_vm("cache", "prune", "--to", "0")
+    evicted = faulty.glite_vm("cache", "prune", "--to", "0B", "--yes")
     assert evicted.returncode == 0, evicted.stderr
     faulty.server.fault("disk.qcow2", None)
     faulty.server.unstall.clear()

@@ -63,7 +63,8 @@ def test_job_life_through_the_socket(
     # Outside any HTCondor job: the VM is named after no slot ("local").
     assert attrs["GliteVmGuestHostname"].split(".")[0].endswith("-local")
     assert "GliteVmHostname" not in attrs  # that one is the job's request, not ours
-    assert attrs["GliteVmNetwork"] == "none"
+    assert attrs["GliteVmGuestNetwork"] == "none"  # what it used; GliteVmNetwork is the job's
+    assert "GliteVmNetwork" not in attrs
     assert attrs["GliteVmDomain"] == vm
     assert attrs["GliteVmHypervisor"] in ("qemu", "kvm")
     assert len(attrs["GliteVmImageDigest"]) == 64
@@ -301,7 +302,8 @@ def test_glite_vm_reap_runs_a_pass_now(
         env={"PATH": "/usr/bin:/bin", "GLITE_VM_SOCKET_PATH": str(svc_root / "none.sock")},
         check=False,
     )
-    assert gone.returncode == 3 and "not running" in gone.stderr, gone.stderr
+    assert gone.returncode == 125 and "not running" in gone.stderr, gone.stderr
+    assert "host error" in gone.stderr
 
 
 def test_a_second_service_on_the_same_socket_refuses_to_start(service: ServiceProcess) -> None:
@@ -314,8 +316,8 @@ def test_a_second_service_on_the_same_socket_refuses_to_start(service: ServicePr
         cwd="/",
         check=False,
     )
-    assert second.returncode == 3, second.stderr
-    assert "another glite-vm service is already serving" in second.stderr
+    assert second.returncode == 125, second.stderr
+    assert "host error: another glite-vm service is already serving" in second.stderr
     assert service.client().ping().pid == service.pid
 
 

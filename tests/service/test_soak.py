@@ -94,7 +94,7 @@ def soak(svc_root: Path, catalogue: Path, hypervisor_probe: Path) -> Iterator[So
     root = svc_root / "soak"
     root.mkdir(mode=0o711)
     state = new_state_dir(root / "state", hypervisor_probe)
-    env = service_env(root, catalogue, {"GLITE_VM_DEFAULT_MEMORY_MIB": "256"})
+    env = service_env(root, catalogue, {"GLITE_VM_DEFAULT_MEMORY_MIB": "256MiB"})
     svc = ServiceProcess(Path(env["GLITE_VM_SOCKET_PATH"]), env, root / "service.log")
     svc.start()
     try:

@@ -639,6 +639,23 @@ def test_run_local_refuses_what_it_cannot_do_before_touching_libvirt(tmp_path: P
     with pytest.raises(RequestError) as info:
         run_local(script_job(), Settings(state_dir=tmp_path), directory=tmp_path / "used")
     assert info.value.field == "directory"
+    for limit in (0, -1, float("nan")):
+        with pytest.raises(RequestError) as info:
+            run_local(script_job(), Settings(state_dir=tmp_path), timeout=limit)
+        assert info.value.field == "timeout"
+
+
+def test_sizes_and_networks_of_a_job_follow_the_unit_and_name_contracts() -> None:
+    for bare in ("2048", "30"):
+        with pytest.raises(RequestError, match="has no unit") as info:
+            script_job(memory=bare)
+        assert info.value.field == "memory"
+    with pytest.raises(RequestError) as info:
+        script_job(network="two words")
+    assert info.value.field == "network"
+    items = script_job(network="user").submit_items("/tmp/job")
+    assert items["MY.GliteVmNetwork"] == '"user"'
+    assert "MY.GliteVmNetwork" not in script_job().submit_items("/tmp/job")
 
 
 # --- the documentation ---------------------------------------------------------------------------

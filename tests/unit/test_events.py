@@ -131,7 +131,9 @@ def test_glite_vm_events_filters_by_vm_job_and_kind(
 def test_glite_vm_events_says_what_is_wrong(
     state: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    assert glite_vm(["events", "--since", "yesterday"]) == 2
+    assert glite_vm(["events", "--since", "yesterday"]) == 125
+    assert "--since" in capsys.readouterr().err
+    assert glite_vm(["events", "--since", "7"]) == 125  # 7 what? the unit is required
     assert "--since" in capsys.readouterr().err
 
     monkeypatch.setenv("GLITE_VM_STATE_DIR", str(tmp_path / "elsewhere"))
@@ -158,8 +160,8 @@ def test_a_non_root_reader_is_told_what_it_cannot_read(state: Path) -> None:
 
     # The test's config path lies in root's private temporary directory.
     unreachable = events_as_nobody(os.environ["GLITE_VM_CONFIG"])
-    assert unreachable.returncode == 2
+    assert unreachable.returncode == 125
     assert "cannot read the configuration file" in unreachable.stderr, unreachable.stderr
     refused = events_as_nobody("/nonexistent/config.toml")
-    assert refused.returncode == 2, refused.stderr
-    assert "readable by root only" in refused.stderr
+    assert refused.returncode == 125, refused.stderr
+    assert "request error" in refused.stderr and "readable by root only" in refused.stderr

@@ -75,7 +75,7 @@ def test_ca_init_refuses_to_overwrite(tmp_path: Path, capsys: pytest.CaptureFixt
     assert glite_vm.cli.main(["ca", "init", str(tmp_path), "--key-type", "ec"]) == 0
     key_before = (tmp_path / "ca.key").read_bytes()
     capsys.readouterr()
-    assert glite_vm.cli.main(["ca", "init", str(tmp_path), "--key-type", "ec"]) == 1
+    assert glite_vm.cli.main(["ca", "init", str(tmp_path), "--key-type", "ec"]) == 125
     assert "already exists" in capsys.readouterr().err
     assert (tmp_path / "ca.key").read_bytes() == key_before
 
@@ -90,7 +90,7 @@ def test_ca_init_default_name_and_rsa(tmp_path: Path) -> None:
 def test_ca_init_rejects_bad_days(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     with pytest.raises(SystemExit) as stopped:
         glite_vm.cli.main(["ca", "init", str(tmp_path), "--days", "0"])
-    assert stopped.value.code == 2
+    assert stopped.value.code == 125  # glite-vm's one failure status, usage errors included
     assert "at least 1" in capsys.readouterr().err
     assert not (tmp_path / "ca.key").exists()
 
@@ -123,12 +123,12 @@ def test_ca_issue_preissues_a_pair_the_directory_mode_accepts(
 def test_ca_issue_needs_a_ca_and_a_directory(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    assert glite_vm.cli.main(["ca", "issue", "vm.example.org"]) == 2
-    assert "no CA" in capsys.readouterr().err
+    assert glite_vm.cli.main(["ca", "issue", "vm.example.org"]) == 125
+    assert "request error: ca issue: no CA" in capsys.readouterr().err
     assert glite_vm.cli.main(["ca", "init", str(tmp_path / "ca"), "--key-type", "ec"]) == 0
     ca_args = ["--ca-cert", str(tmp_path / "ca/ca.pem"), "--ca-key", str(tmp_path / "ca/ca.key")]
     capsys.readouterr()
-    assert glite_vm.cli.main(["ca", "issue", "vm.example.org", *ca_args]) == 2
+    assert glite_vm.cli.main(["ca", "issue", "vm.example.org", *ca_args]) == 125
     assert "no certificate directory" in capsys.readouterr().err
 
 
@@ -150,8 +150,9 @@ def test_ca_issue_refuses_a_bad_hostname(
             str(tmp_path / "certs"),
         ]
     )
-    assert code == 2
-    assert "hostname" in capsys.readouterr().err
+    assert code == 125
+    err = capsys.readouterr().err
+    assert "request error" in err and "hostname" in err
     assert not (tmp_path / "escape").exists() and not (tmp_path / "certs").exists()
 
 
@@ -174,5 +175,29 @@ def test_ca_with_a_broken_ca_key_is_reported_as_a_host_problem(
             str(tmp_path / "certs"),
         ]
     )
-    assert code == 3
-    assert "GLITE_VM_CA_KEY" in capsys.readouterr().err
+    assert code == 125
+    err = capsys.readouterr().err
+    assert "host error" in err and "GLITE_VM_CA_KEY" in err
+
+
+def test_ca_issue_with_its_defaults_says_nothing_about_cutting_short(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], caplog: pytest.LogCaptureFixture
+) -> None:
+    """A CA of `ca init` and a pair of `ca issue`, both with their defaults (365 days): the
+    pair ends with the CA, and that is no news worth a warning."""
+    assert glite_vm.cli.main(["ca", "init", str(tmp_path / "ca"), "--key-type", "ec"]) == 0
+    ca_args = ["--ca-cert", str(tmp_path / "ca/ca.pem"), "--ca-key", str(tmp_path / "ca/ca.key")]
+    issue = ["ca", "issue", *ca_args, "--cert-dir", str(tmp_path / "certs")]
+    capsys.readouterr()
+    assert glite_vm.cli.main([*issue, "vm.example.org", "--key-type", "ec"]) == 0
+    err = capsys.readouterr().err
+    assert err == "", err
+    assert "cut short" not in caplog.text  # the library's warning, wherever logging goes
+    ca = LocalCA.load(tmp_path / "ca/ca.pem", tmp_path / "ca/ca.key")
+    pair = load_preissued(tmp_path / "certs", "vm.example.org")
+    assert not_valid_after(pair.certificate) <= not_valid_after(ca.certificate)
+    assert (not_valid_after(pair.certificate) - not_valid_before(pair.certificate)).days >= 363
+    # asking for more than the CA has left is cut, and said once, by the CLI
+    assert glite_vm.cli.main([*issue, "vm2.example.org", "--key-type", "ec", "--days", "1000"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("would outlive the CA") == 1 and "WARNING" not in err, err

@@ -85,7 +85,7 @@ def test_keep_snapshot_policy(policy: str, failed: bool, kept: bool) -> None:
 
 @pytest.mark.parametrize(
     ("text", "value"),
-    [("30GB", 30 * GIB), ("512 MiB", 512 * MIB), ("1024", 1024), ("1.5G", 3 * GIB // 2)],
+    [("30GB", 30 * GIB), ("512 MiB", 512 * MIB), ("1024B", 1024), ("1.5G", 3 * GIB // 2)],
 )
 def test_parse_size(text: str, value: int) -> None:
     assert parse_size(text) == value

@@ -27,7 +27,7 @@ from glite_vm.api import (
     run_local,
 )
 from glite_vm.config import Settings
-from glite_vm.errors import UnknownImageError
+from glite_vm.errors import PayloadTimeoutError, RequestError, UnknownImageError
 from glite_vm.images import build_catalogue, write_catalogue
 from glite_vm.images.inspect import Limits
 from tests.conftest import world_traversable_tmpdir
@@ -226,3 +226,22 @@ def test_a_local_matrix_runs_each_image_and_keeps_results_apart(
     assert "root=" not in reports["test-direct"]  # each image's own kernel command line
     assert results["test-direct"].image_digest == sha256_of(guest_dir / "direct-disk.qcow2")
     assert not (tmp_path / "m" / "no-such-image" / "report.txt").exists()
+
+
+def test_run_local_names_its_parameters_and_stops_a_payload_at_its_timeout(
+    vm_settings: Settings, guest_dir: Path, tmp_path: Path
+) -> None:
+    image = str(guest_dir / "disk-boot.qcow2")
+    too_big = small(image=image, script="true", memory="1TiB")
+    with pytest.raises(RequestError) as info:
+        run_local(too_big, vm_settings, directory=tmp_path / "big")
+    assert info.value.field == "memory" and "RequestMemory" not in str(info.value)
+    with pytest.raises(RequestError) as info:
+        run_local(small(image=image, script="true", network="user"), vm_settings)
+    assert info.value.field == "network" and "'none'" in str(info.value)
+
+    slow = small(image=image, script="echo started; sleep 120", keep_snapshot="on_failure")
+    with pytest.raises(PayloadTimeoutError) as stopped:
+        run_local(slow, vm_settings, directory=tmp_path / "slow", timeout=3)
+    assert stopped.value.limit == 3 and stopped.value.is_user_error  # the job's own limit
+    assert (tmp_path / "slow" / STDOUT_NAME).read_text() == "started\n"

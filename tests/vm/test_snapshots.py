@@ -42,7 +42,7 @@ from glite_vm.vm.agent import GuestAgent
 from glite_vm.vm.domain_xml import DomainSpec, JobMetadata, build_domain_xml, with_serial_console
 from glite_vm.vm.lifecycle import VmHost
 from tests.service.svc_support import Account, as_user, ensure_account
-from tests.support import LocalImage, local_image, our_domain_names, sha256_of
+from tests.support import LocalImage, domains_under, local_image, our_domain_names, sha256_of
 
 pytestmark = pytest.mark.vm
 
@@ -86,7 +86,7 @@ class Kept:
             "GLITE_VM_STATE_DIR": str(self.settings.state_dir),
             "GLITE_VM_CATALOGUE": self.settings.catalogue,
             "GLITE_VM_CONFIG": "/nonexistent",
-            "GLITE_VM_DEFAULT_MEMORY_MIB": "512",
+            "GLITE_VM_DEFAULT_MEMORY_MIB": "512MiB",
             "GLITE_VM_BOOT_TIMEOUT": "120",
             "HOME": str(self.home(account)),
         }
@@ -184,7 +184,8 @@ def kept(
     )
     assert sha256_of(snapshot) == digest  # every boot and export left it as it was
     shutil.rmtree(homes, ignore_errors=True)
-    leftovers = [n for n in our_domain_names() if ".debug-" in n]
+    # only this run's: other runs on this libvirtd boot snapshots of the same job id
+    leftovers = [n for n in domains_under(settings.state_dir) if ".debug-" in n]
     assert not leftovers, f"snapshot VMs left behind: {leftovers}"
 
 
@@ -278,7 +279,11 @@ def reap(pid: int, fd: int, buf: bytearray, grace: float = 60.0) -> int:
 
 
 def debug_domain(kept: Kept) -> str:
-    names = [n for n in our_domain_names() if n.startswith(f"glite-vm-root-{JOB_ID}.debug-")]
+    names = [
+        n
+        for n in domains_under(kept.settings.state_dir)
+        if n.startswith(f"glite-vm-root-{JOB_ID}.debug-")
+    ]
     assert len(names) == 1, names
     return names[0]
 
@@ -329,7 +334,7 @@ def test_boot_attaches_an_interactive_console_and_leaves_the_snapshot_unchanged(
     assert os.waitstatus_to_exitcode(wait_status) == 0, text[-3000:]
     assert "console closed (Ctrl-] typed)" in text
     assert "stopped and removed" in text
-    assert not [n for n in our_domain_names() if ".debug-" in n]
+    assert not [n for n in domains_under(kept.settings.state_dir) if ".debug-" in n]
     assert not any(boots_root(kept.settings).iterdir())  # workspace gone
     assert sha256_of(kept.snapshot) == kept.digest
 
@@ -340,7 +345,7 @@ def test_boot_with_a_command_runs_it_through_the_agent(kept: Kept) -> None:
     assert proc.stdout.decode() == MARKER
     assert b"stopped and removed" in proc.stderr
     assert sha256_of(kept.snapshot) == kept.digest
-    assert not [n for n in our_domain_names() if ".debug-" in n]
+    assert not [n for n in domains_under(kept.settings.state_dir) if ".debug-" in n]
 
 
 def test_a_killed_boot_is_cleaned_up_by_prune(kept: Kept) -> None:
@@ -480,13 +485,13 @@ def test_another_user_cannot_list_show_boot_or_export_it(kept: Kept) -> None:
         ("export", kept.name, str(dest)),
     ):
         proc = kept.cli(*args, account=user)
-        assert proc.returncode == 2, (args, lines(proc))
+        assert proc.returncode == 125, (args, lines(proc))
         assert not proc.stdout, (args, proc.stdout)
         err = proc.stderr.decode()
         assert "permission denied" in err and "belongs to another user" in err, err
         assert MARKER.strip() not in err
     by_job = kept.cli("show", JOB_ID, account=user)
-    assert by_job.returncode == 2 and not by_job.stdout
+    assert by_job.returncode == 125 and not by_job.stdout
     assert not dest.exists()
     # Nor can the files be read behind the tool's back.
     for path in (kept.snapshot, kept.snapshot.parent / "record.json"):
@@ -496,7 +501,7 @@ def test_another_user_cannot_list_show_boot_or_export_it(kept: Kept) -> None:
             check=False,
         )
         assert cat.returncode != 0 and not cat.stdout
-    assert not [n for n in our_domain_names() if ".debug-" in n]
+    assert not [n for n in domains_under(kept.settings.state_dir) if ".debug-" in n]
 
 
 # --- prune ---------------------------------------------------------------------------------------
@@ -573,7 +578,17 @@ def test_prune_by_age_keeps_recent_ones_and_running_vms(prune_settings: Settings
     assert f"kept {busy.name}: its VM still runs" in out
     assert old.is_dir() and recent.is_dir() and busy.is_dir()
 
-    done = prune_cli(prune_settings, "--json")
+    unconfirmed = prune_cli(prune_settings)  # a script without --yes: nothing goes
+    assert unconfirmed.returncode == 125, lines(unconfirmed)
+    assert b"confirm with --yes" in unconfirmed.stderr
+    assert f"will remove {old.name}".encode() in unconfirmed.stdout
+    assert old.is_dir()
+    for bare in (["--max-age", "7"], ["--max-bytes", "20"]):
+        refused = prune_cli(prune_settings, *bare, "--yes")
+        assert refused.returncode == 125 and b"has no unit" in refused.stderr, lines(refused)
+    assert old.is_dir()
+
+    done = prune_cli(prune_settings, "--json", "--yes")
     assert done.returncode == 0, lines(done)
     report = json.loads(done.stdout)
     assert [r["name"] for r in report["removed"]] == [old.name]
@@ -582,7 +597,7 @@ def test_prune_by_age_keeps_recent_ones_and_running_vms(prune_settings: Settings
     assert not old.exists() and recent.is_dir() and busy.is_dir()
 
     # The flag overrides the setting: two days removes nothing more (busy still runs).
-    again = prune_cli(prune_settings, "--max-age", "12h", "--json")
+    again = prune_cli(prune_settings, "--max-age", "12h", "--json", "--yes")
     assert [r["name"] for r in json.loads(again.stdout)["removed"]] == [recent.name]
     assert busy.is_dir()
 
@@ -597,7 +612,9 @@ def test_prune_by_total_bytes_removes_oldest_first(prune_settings: Settings) -> 
     sizes = {e.name: e.total_bytes for e in store.entries()}
     budget = sizes[b.name] + sizes[c.name] + 4096
 
-    proc = prune_cli(prune_settings, "--max-bytes", f"{budget}B", "--max-age", "none", "--json")
+    proc = prune_cli(
+        prune_settings, "--max-bytes", f"{budget}B", "--max-age", "none", "--json", "--yes"
+    )
     assert proc.returncode == 0, lines(proc)
     report = json.loads(proc.stdout)
     assert [r["name"] for r in report["removed"]] == [a.name]
@@ -625,7 +642,7 @@ def test_a_users_prune_empties_their_entry_and_roots_prune_removes_it_later() ->
             os.chown(p, user.uid, user.gid)
         mine.chmod(0o700)
         proc = subprocess.run(
-            [*as_user(user), *CLI, "snapshots", "prune", "--json"],
+            [*as_user(user), *CLI, "snapshots", "prune", "--json", "--yes"],
             capture_output=True,
             env={"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "GLITE_VM_STATE_DIR": str(state)},
             cwd="/",
