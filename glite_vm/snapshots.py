@@ -53,6 +53,7 @@ from glite_vm.images.sources import NAME_RE
 from glite_vm.request import VMRequest
 from glite_vm.vm.domain_xml import DOMAIN_PREFIX, with_serial_console
 from glite_vm.vm.lifecycle import Vm, VmHost, boot_log_tail, destroy_domain
+from glite_vm.vm.qemu_user import qemu_ids
 
 log = logging.getLogger(__name__)
 
@@ -916,31 +917,11 @@ def _copy_fd(fd: int, dest: Path) -> None:
 
 def _hand_to_qemu(host: VmHost, path: Path) -> None:
     """Let QEMU's own user read the copy (libvirt does not relabel backing images of ours)."""
-    ids = _qemu_ids(host) if os.geteuid() == 0 else None
+    ids = qemu_ids(host.conn, host.hypervisor.kind) if os.geteuid() == 0 else None
     if ids is None:
         return  # qemu:///session: QEMU runs as the caller, who owns the copy
     os.chown(path, ids[0], ids[1], follow_symlinks=False)
     path.chmod(0o400)
-
-
-def _qemu_ids(host: VmHost) -> tuple[int, int] | None:
-    """uid and gid of QEMU processes on this connection, from libvirt's DAC base label."""
-    try:
-        caps = ET.fromstring(host.conn.getCapabilities())  # noqa: S314 - libvirt's output
-    except (libvirt.libvirtError, ET.ParseError):
-        return None
-    for model in caps.iterfind("host/secmodel"):
-        if model.findtext("model") != "dac":
-            continue
-        for label in model.iterfind("baselabel"):
-            if label.get("type") != host.hypervisor.kind:
-                continue
-            uid, _, gid = (label.text or "").partition(":")
-            try:
-                return int(uid.lstrip("+")), int(gid.lstrip("+"))
-            except ValueError:
-                return None
-    return None
 
 
 def _lease_cached(

@@ -42,6 +42,7 @@ from glite_vm.vm.domain_xml import (
     domain_name,
 )
 from glite_vm.vm.hypervisor import HypervisorInfo
+from glite_vm.vm.qemu_user import let_qemu_read
 
 log = logging.getLogger(__name__)
 
@@ -237,6 +238,7 @@ class VmHost:
             if image.initrd is not None:
                 initrd = vm_dir / "initrd.img"
                 shutil.copyfile(image.initrd, initrd)
+            let_qemu_read(self.conn, self.hypervisor.kind, [image.path, *dict(base_chain)])
             metadata = JobMetadata(
                 job_id=request.job_id,
                 owner=request.owner,
