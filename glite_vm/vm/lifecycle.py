@@ -238,7 +238,9 @@ class VmHost:
             if image.initrd is not None:
                 initrd = vm_dir / "initrd.img"
                 shutil.copyfile(image.initrd, initrd)
-            let_qemu_read(self.conn, self.hypervisor.kind, [image.path, *dict(base_chain)])
+            bases = [image.path, *dict(base_chain)]
+            cache_blobs = self.settings.effective_cache_dir / "blobs"
+            let_qemu_read(self.conn, self.hypervisor.kind, bases, cache_blobs=cache_blobs)
             metadata = JobMetadata(
                 job_id=request.job_id,
                 owner=request.owner,

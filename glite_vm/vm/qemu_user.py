@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import stat
 import xml.etree.ElementTree as ET
 from collections.abc import Iterable
@@ -19,6 +20,8 @@ from pathlib import Path
 import libvirt
 
 log = logging.getLogger(__name__)
+_DIGEST = re.compile(r"[0-9a-f]{64}")
+_FLAGS = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
 
 
 def qemu_ids(conn: libvirt.virConnect, kind: str) -> tuple[int, int] | None:
@@ -42,32 +45,46 @@ def qemu_ids(conn: libvirt.virConnect, kind: str) -> tuple[int, int] | None:
     return None
 
 
-def let_qemu_read(conn: libvirt.virConnect, kind: str, paths: Iterable[Path]) -> None:
-    """Give QEMU's group the root-owned, group-readable, not world-readable files among
-    ``paths`` (cached custom images), so QEMU can open them read-only and nobody else can.
+def let_qemu_read(
+    conn: libvirt.virConnect, kind: str, paths: Iterable[Path], *, cache_blobs: Path
+) -> None:
+    """Give QEMU's group the cached custom images among ``paths``: files directly in the image
+    cache's ``cache_blobs`` directory, named by their digest, root-owned, group-readable and
+    not world-readable. Any other path is left alone: a snapshot's record names its base, and
+    whoever owns the record must not get a host file handed to QEMU that way.
 
-    Only as root (else QEMU runs as the caller, who owns the cache). Files of other owners,
-    links and world-readable files are left as they are.
+    Only as root (else QEMU runs as the caller, who owns the cache).
     """
     if os.geteuid() != 0:
         return
-    ids = None
-    for path in paths:
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC)
-        except OSError as exc:
-            log.debug("not handing %s to QEMU: %s", path, exc)
-            continue
-        try:
-            st = os.fstat(fd)
-            private = st.st_mode & 0o044 == 0o040  # group may read, others may not
-            if not (stat.S_ISREG(st.st_mode) and st.st_uid == 0 and private):
+    wanted = [p.name for p in paths if p.parent == cache_blobs and _DIGEST.fullmatch(p.name)]
+    if not wanted:
+        return
+    try:
+        blobs = os.open(cache_blobs, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except OSError as exc:
+        log.debug("not handing cached images to QEMU: %s", exc)
+        return
+    try:
+        ids = None
+        for name in wanted:
+            try:
+                fd = os.open(name, _FLAGS, dir_fd=blobs)
+            except OSError as exc:
+                log.debug("not handing %s to QEMU: %s", name, exc)
                 continue
-            ids = ids or qemu_ids(conn, kind)
-            if ids is None:
-                log.warning("QEMU's group is unknown; it may not be able to read %s", path)
-                return
-            if st.st_gid != ids[1]:
-                os.fchown(fd, -1, ids[1])
-        finally:
-            os.close(fd)
+            try:
+                st = os.fstat(fd)
+                private = st.st_mode & 0o044 == 0o040  # its group may read it, others not
+                if not (stat.S_ISREG(st.st_mode) and st.st_uid == 0 and private):
+                    continue
+                ids = ids or qemu_ids(conn, kind)
+                if ids is None:
+                    log.warning("QEMU's group is unknown; it may not be able to read %s", name)
+                    return
+                if st.st_gid != ids[1]:
+                    os.fchown(fd, -1, ids[1])
+            finally:
+                os.close(fd)
+    finally:
+        os.close(blobs)
