@@ -23,6 +23,7 @@ from glite_vm.session import open_host
 from glite_vm.snapshots import (
     ConsoleBridge,
     SnapshotBoot,
+    SnapshotEntry,
     SnapshotStore,
     boot_log_text,
     boot_snapshot,
@@ -125,9 +126,9 @@ def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
             e.job_id,
             e.image,
             _age(e.age()),
-            format_size(e.snapshot_bytes) if e.kept else "-",
+            _size(e),
             e.exit_status,
-            "snapshot" if e.kept else "boot log only",
+            e.kept_text,
         )
         for e in entries
     ]
@@ -141,6 +142,15 @@ def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
         ]
         print("  ".join(cells).rstrip())
     return 0
+
+
+def _size(e: SnapshotEntry) -> str:
+    """The kept disk's size; for an incomplete entry the whole directory's ('+': at least)."""
+    if e.kept:
+        return format_size(e.snapshot_bytes)
+    if not e.complete:
+        return format_size(e.total_bytes) + ("" if e.size_complete else "+")
+    return "-"
 
 
 def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
@@ -171,6 +181,8 @@ def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
         ("record", str(entry.record_path)),
         ("total", format_size(entry.total_bytes)),
     ]
+    if not entry.complete:
+        rows.insert(1, ("state", f"incomplete: {entry.detail}"))
     for label, value in rows:
         print(f"{label + ':':<11}{value}")
     print("job-ad attributes:")
@@ -409,13 +421,13 @@ def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
     return 1 if report.failures else 0
 
 
-def _running(settings: Settings, dry_run: bool) -> set[str]:
+def _running(settings: Settings, dry_run: bool) -> set[str] | None:
     """Domains libvirt knows, asked by root (a VM directory is never pruned while its VM
     exists); throw-away VMs of `snapshots boot` whose process was killed are removed on the
-    way. Users cannot ask the system's libvirt; for them, as when libvirt does not answer, the
-    VM directories' overlay files tell which VMs still run."""
+    way. Users cannot ask the system's libvirt; for them, as when libvirt does not answer
+    (None), the VM directories' overlay files tell which VMs still run."""
     if os.geteuid() != 0:
-        return set()
+        return None
     try:
         host = open_host(settings)
     except GliteVmError as exc:
@@ -423,7 +435,7 @@ def _running(settings: Settings, dry_run: bool) -> set[str]:
             f"glite-vm snapshots prune: {exc}; relying on the VM directories' overlay files",
             file=sys.stderr,
         )
-        return set()
+        return None
     try:
         for name in reap_abandoned_boots(host, dry_run=dry_run):
             verb = "would destroy" if dry_run else "destroyed"

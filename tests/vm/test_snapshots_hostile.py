@@ -434,8 +434,9 @@ def test_records_no_printer_should_print_are_listed_safely(store: Store) -> None
     )
     store.as_alice(
         "import os, sys\n"
-        "weird, text, nested, huge = sys.argv[1:5]\n"
+        "weird, text, nested, huge, escape = sys.argv[1:6]\n"
         "open(os.path.join(weird, 'record.json'), 'w').write(text)\n"
+        "open(os.path.join(weird, 'boot.log'), 'w').write('booted ' + escape + '\\n')\n"
         "open(os.path.join(nested, 'record.json'), 'w').write('[' * 100000)\n"
         "os.truncate(os.path.join(huge, 'record.json'), 2 << 30)\n"
         "open(os.path.join(os.fsencode(weird), b'\\xff\\xfe-not-utf8'), 'w').close()\n",
@@ -443,6 +444,7 @@ def test_records_no_printer_should_print_are_listed_safely(store: Store) -> None
         weird_record,
         str(nested),
         str(huge),
+        escape,
     )
     entries = listed(store)
     assert set(entries) == {bobs.name, weird.name, nested.name, huge.name}
