@@ -52,7 +52,10 @@ if op == "prune":
     }))
 elif op == "boot-files":
     (entry,) = [e for e in store.entries(all_users=True) if e.name == sys.argv[3]]
-    print(json.dumps(str(snapshots.resolve_boot_files(store.settings, entry))))
+    try:
+        print(json.dumps(str(snapshots.resolve_boot_files(store.settings, entry))))
+    except snapshots.SnapshotUnusableError as exc:
+        print(json.dumps(f"unusable: {exc}"))
 """
 WATCHER = r"""
 import os, sys, time
@@ -456,3 +459,26 @@ def test_records_no_printer_should_print_are_listed_safely(store: Store) -> None
         proc = store.cli(*args)
         assert proc.returncode == 0, (args, proc.stderr.decode(errors="replace")[-2000:])
         assert b"\x1b" not in proc.stdout, args  # no terminal escapes reach root's terminal
+
+
+def test_roots_boot_of_a_users_snapshot_takes_no_kernel_path_from_the_record(
+    store: Store,
+) -> None:
+    """A VM's start copies its kernel and initrd as root (readable by QEMU): for someone else's
+    snapshot the record's paths are not used, only the catalogue's."""
+    alices = store.entry(store.alice, "kernel.0", age_days=1)
+    canary, _ = root_canary(store, "root-only-kernel")
+    store.as_alice(
+        "import json, os, sys\nd, canary = sys.argv[1:3]\n"
+        "path = os.path.join(d, 'record.json')\n"
+        "record = json.load(open(path))\n"
+        "record.update(kernel=canary, initrd=canary, cmdline='console=ttyS0')\n"
+        "os.unlink(path)\njson.dump(record, open(path, 'w'))\n"
+        "xml = os.path.join(d, 'domain.xml')\nos.unlink(xml)\n"
+        "open(xml, 'w').write('<domain><os><kernel>/k</kernel></os></domain>')\n",
+        str(alices),
+        str(canary),
+    )
+    answer = store.library("boot-files", alices.name)
+    assert str(canary) not in answer, answer
+    assert answer.startswith("unusable:") and "boots a kernel of its own" in answer, answer
