@@ -482,3 +482,28 @@ def test_roots_boot_of_a_users_snapshot_takes_no_kernel_path_from_the_record(
     answer = store.library("boot-files", alices.name)
     assert str(canary) not in answer, answer
     assert answer.startswith("unusable:") and "boots a kernel of its own" in answer, answer
+
+
+def test_qemus_group_is_given_cached_custom_images_only(store: Store) -> None:
+    """A snapshot's record names its base, and root's boot of it starts a VM on that base:
+    only a private file of the image cache gets QEMU's group, never another root file."""
+    import libvirt  # noqa: PLC0415
+
+    from glite_vm.vm.qemu_user import let_qemu_read, qemu_ids  # noqa: PLC0415
+
+    blobs = store.base.parent
+    cached = blobs / ("c" * 64)
+    cached.write_bytes(b"custom image")
+    cached.chmod(0o440)
+    elsewhere, _ = root_canary(store, "root-and-group-only")  # like /etc/shadow: 0640
+    elsewhere.chmod(0o640)
+    conn = libvirt.open("qemu:///system")
+    try:
+        ids = qemu_ids(conn, "qemu")
+        assert ids is not None
+        let_qemu_read(conn, "qemu", [elsewhere, cached, store.base], cache_blobs=blobs)
+    finally:
+        conn.close()
+    assert cached.stat().st_gid == ids[1]
+    assert elsewhere.stat().st_gid == 0  # untouched
+    assert store.base.stat().st_gid == 0  # world-readable already: untouched
