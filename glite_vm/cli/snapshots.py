@@ -181,8 +181,10 @@ def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
         ("record", str(entry.record_path)),
         ("total", format_size(entry.total_bytes)),
     ]
-    if not entry.complete:
+    if not entry.complete:  # no record: what a teardown would have written is unknown
+        rows = [r for r in rows if r[0] not in ("base", "exit", "finished", "disk", "record")]
         rows.insert(1, ("state", f"incomplete: {entry.detail}"))
+        rows.insert(-1, ("changed", f"{finished} ({_age(entry.age())} ago)"))
     for label, value in rows:
         print(f"{label + ':':<11}{value}")
     print("job-ad attributes:")
