@@ -1,9 +1,10 @@
 """Kept snapshots: find, show, boot, export and prune what a job's teardown left behind.
 
-The entries themselves (every VM directory, finished or not), finding one and pruning them live
-in :mod:`glite_vm.snapshot_store` and are re-exported here. An entry belongs to the owner of its
-directory; a caller sees and touches only their own entries, root sees everyone's. Nothing here
-changes an entry except :meth:`SnapshotStore.prune`, which removes whole entries.
+The entries themselves (every VM directory, finished or not: :mod:`glite_vm.snapshot_entry`),
+finding and pruning them (:mod:`glite_vm.snapshot_store`) are re-exported here. An entry belongs
+to the owner of its directory; a caller sees and touches only their own entries, root sees
+everyone's. Nothing here changes an entry except :meth:`SnapshotStore.prune`, which removes
+whole entries.
 
 * :func:`boot_snapshot` starts a throw-away VM on a private copy of the snapshot (QEMU never
   opens the kept file, so it stays byte-identical) over the same base image, optionally with an
@@ -46,20 +47,22 @@ from glite_vm.images.catalogue import load_catalogue
 from glite_vm.images.leases import LeaseRecord
 from glite_vm.images.sources import NAME_RE
 from glite_vm.request import VMRequest
-from glite_vm.snapshot_store import (
+from glite_vm.snapshot_entry import (
     DOMAIN_XML_FILE,
-    EMPTY_DIR_GRACE,
     MAX_DOMAIN_XML_BYTES,
     SNAPSHOT_FILE,
-    PruneDecision,
-    PruneReport,
     SnapshotEntry,
-    SnapshotNotFoundError,
-    SnapshotStore,
     boot_log_text,
     open_entry_file,
     read_entry_file,
     read_record,
+)
+from glite_vm.snapshot_store import (
+    EMPTY_DIR_GRACE,
+    PruneDecision,
+    PruneReport,
+    SnapshotNotFoundError,
+    SnapshotStore,
 )
 from glite_vm.vm.domain_xml import DOMAIN_PREFIX, with_serial_console
 from glite_vm.vm.lifecycle import Vm, VmHost, destroy_domain
