@@ -1,17 +1,18 @@
 """Kept snapshots: find, show, boot, export and prune what a job's teardown left behind.
 
-Every VM directory ``<snapshot_dir>/<domain>/`` that holds a ``record.json`` is an *entry*: the
-job's boot log and record, and ``snapshot.qcow2`` when the policy kept the disk. An entry belongs
-to the owner of its directory (teardown gives it to the job's owner, mode 0700/0600); a caller
-sees and touches only their own entries, root sees everyone's. Nothing here changes an entry
-except :meth:`SnapshotStore.prune`, which removes whole entries.
+The entries themselves (every VM directory, finished or not: :mod:`glite_vm.snapshot_entry`),
+finding and pruning them (:mod:`glite_vm.snapshot_store`) are re-exported here. An entry belongs
+to the owner of its directory; a caller sees and touches only their own entries, root sees
+everyone's. Nothing here changes an entry except :meth:`SnapshotStore.prune`, which removes
+whole entries.
 
 * :func:`boot_snapshot` starts a throw-away VM on a private copy of the snapshot (QEMU never
   opens the kept file, so it stays byte-identical) over the same base image, optionally with an
   interactive serial console (:class:`ConsoleBridge`).
-* :func:`export_snapshot` flattens snapshot + base into one self-contained qcow2.
-* :meth:`SnapshotStore.prune` applies a :class:`~glite_vm.config.Retention` (age, total bytes),
-  never touching a VM that still runs.
+* :func:`export_snapshot` flattens snapshot + base into one self-contained qcow2, written in a
+  private directory of the exporter's and moved into place by directory descriptors, so a
+  destination directory its owner rearranges meanwhile never makes the exporter (root) write
+  through a link.
 """
 
 from __future__ import annotations
@@ -31,58 +32,55 @@ import subprocess
 import threading
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Collection, Iterator, Mapping
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import libvirt
 
-from glite_vm.config import Retention, Settings
-from glite_vm.errors import (
-    AccessDeniedError,
-    GliteVmError,
-    HypervisorError,
-    RequestError,
-    UserError,
-)
+from glite_vm import _dirfd
+from glite_vm.config import Settings
+from glite_vm.errors import GliteVmError, HypervisorError, RequestError, UserError
 from glite_vm.images import leases as lease_files
 from glite_vm.images.cache import ImageCache
 from glite_vm.images.catalogue import load_catalogue
 from glite_vm.images.leases import LeaseRecord
 from glite_vm.images.sources import NAME_RE
 from glite_vm.request import VMRequest
+from glite_vm.snapshot_entry import (
+    DOMAIN_XML_FILE,
+    MAX_DOMAIN_XML_BYTES,
+    SNAPSHOT_FILE,
+    SnapshotEntry,
+    boot_log_text,
+    open_entry_file,
+    read_entry_file,
+    read_record,
+)
+from glite_vm.snapshot_store import (
+    EMPTY_DIR_GRACE,
+    PruneDecision,
+    PruneReport,
+    SnapshotNotFoundError,
+    SnapshotStore,
+)
 from glite_vm.vm.domain_xml import DOMAIN_PREFIX, with_serial_console
-from glite_vm.vm.lifecycle import Vm, VmHost, boot_log_tail, destroy_domain
+from glite_vm.vm.lifecycle import Vm, VmHost, destroy_domain
+from glite_vm.vm.qemu_user import qemu_ids
 
 log = logging.getLogger(__name__)
 
-SNAPSHOT_FILE = "snapshot.qcow2"
-RECORD_FILE = "record.json"
-BOOT_LOG_FILE = "boot.log"
-DOMAIN_XML_FILE = "domain.xml"
-OVERLAY_FILE = "overlay.qcow2"  # present while the entry's VM runs
 BOOTS_DIR = "snapshot-boots"  # throw-away VMs of `snapshots boot`, beside the snapshot dir
 ESCAPE = b"\x1d"  # Ctrl-]
 QEMU_IMG_TIMEOUT = 3600.0  # a flattening export of a big disk takes a while
 _COPY_CHUNK = 1 << 20
-EMPTY_DIR_GRACE = 3600.0  # seconds before prune removes an empty VM directory
 _QCOW_MAGIC = b"QFI\xfb"
 _QCOW2_INCOMPAT_CORRUPT = 1 << 1
 _QCOW2_INCOMPAT_DATA_FILE = 1 << 2
-_AD_TIMINGS = ("fetch", "boot", "ready", "payload", "teardown")
+_EXPORT_NAME = "export.qcow2"  # the image's name inside the exporter's private directory
 
 
 # --- errors ---------------------------------------------------------------------------------
-
-
-class SnapshotNotFoundError(UserError, LookupError):
-    """No entry of the caller matches the identifier."""
-
-    def __init__(self, ident: str, detail: str = "") -> None:
-        super().__init__(
-            f"no snapshot matches {ident!r}{detail}; `glite-vm snapshots list` shows yours"
-        )
-        self.ident = ident
 
 
 class SnapshotUnusableError(UserError):
@@ -100,411 +98,6 @@ class ExportExistsError(UserError, FileExistsError):
     def __init__(self, path: Path) -> None:
         super().__init__(f"{path} exists; choose another name or overwrite it with --force")
         self.path = path
-
-
-# --- entries --------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class SnapshotEntry:
-    """One finished VM directory: its record, and the kept disk when there is one."""
-
-    name: str  # the domain name, also the directory's name
-    directory: Path
-    owner_uid: int  # the directory's owner: the only non-root user who may use the entry
-    owner: str  # the job's owner as the record names it
-    job_id: str
-    image: str
-    image_sha256: str
-    base_image: Path | None
-    base_format: str
-    hypervisor: str
-    root: bool
-    failed: bool
-    exit_code: int | None
-    signal: int | None
-    finished: float  # when teardown ended (epoch seconds)
-    timings: Mapping[str, float | None]
-    snapshot: Path | None  # snapshot.qcow2 when kept (and still there)
-    snapshot_bytes: int  # disk space of snapshot.qcow2 (0 when not kept)
-    total_bytes: int  # disk space of the whole directory
-
-    @property
-    def boot_log(self) -> Path:
-        return self.directory / BOOT_LOG_FILE
-
-    @property
-    def record_path(self) -> Path:
-        return self.directory / RECORD_FILE
-
-    @property
-    def kept(self) -> bool:
-        return self.snapshot is not None
-
-    def age(self, now: float | None = None) -> float:
-        return max(0.0, (time.time() if now is None else now) - self.finished)
-
-    @property
-    def exit_status(self) -> str:
-        """``"0"``, ``"3"``, ``"signal 9"``, or ``"none"`` when the payload never ended."""
-        if self.signal is not None:
-            return f"signal {self.signal}"
-        if self.exit_code is not None:
-            return str(self.exit_code)
-        return "none"
-
-    def ad_attributes(self) -> dict[str, object]:
-        """The job-ad attributes this VM's job got (see DESIGN.md, "Contracts")."""
-        ad: dict[str, object] = {
-            "GliteVmDomain": self.name,
-            "GliteVmHypervisor": self.hypervisor,
-            "GliteVmImageDigest": self.image_sha256,
-            "GliteVmBootLogPath": str(self.boot_log),
-            "GliteVmRecordPath": str(self.record_path),
-        }
-        if self.snapshot is not None:
-            ad["GliteVmSnapshotPath"] = str(self.snapshot)
-        for phase in _AD_TIMINGS:
-            value = self.timings.get(phase)
-            if value is not None:
-                ad[f"GliteVmTime{phase.capitalize()}"] = round(value, 3)
-        return ad
-
-    def as_dict(self, now: float | None = None) -> dict[str, object]:
-        return {
-            "name": self.name,
-            "directory": str(self.directory),
-            "owner": self.owner,
-            "owner_uid": self.owner_uid,
-            "job_id": self.job_id,
-            "image": self.image,
-            "image_sha256": self.image_sha256,
-            "base_image": str(self.base_image) if self.base_image else None,
-            "base_format": self.base_format,
-            "hypervisor": self.hypervisor,
-            "root": self.root,
-            "failed": self.failed,
-            "exit_code": self.exit_code,
-            "signal": self.signal,
-            "exit_status": self.exit_status,
-            "finished": self.finished,
-            "age_seconds": round(self.age(now), 1),
-            "kept": "snapshot" if self.kept else "boot log only",
-            "snapshot_path": str(self.snapshot) if self.snapshot else None,
-            "boot_log_path": str(self.boot_log),
-            "record_path": str(self.record_path),
-            "snapshot_bytes": self.snapshot_bytes,
-            "total_bytes": self.total_bytes,
-            "timings": dict(self.timings),
-        }
-
-
-@dataclasses.dataclass(frozen=True)
-class PruneDecision:
-    entry: SnapshotEntry
-    reason: str  # "older than 7d", "over the 50GiB budget"
-
-
-@dataclasses.dataclass(frozen=True)
-class PruneReport:
-    retention: Retention
-    dry_run: bool
-    removed: tuple[PruneDecision, ...]  # (would be) removed, oldest first
-    kept: tuple[SnapshotEntry, ...]
-    in_use: tuple[str, ...]  # directories of VMs that still run: never touched
-    freed_bytes: int
-    failures: tuple[str, ...]  # entries that could not be (fully) removed, with the reason
-    empty_dirs_removed: tuple[str, ...] = ()  # directories users had emptied (root's prune)
-
-
-class SnapshotStore:
-    """The entries under ``settings.effective_snapshot_dir`` as ``caller_uid`` may see them."""
-
-    def __init__(self, settings: Settings, *, caller_uid: int | None = None) -> None:
-        self.settings = settings
-        self.root = settings.effective_snapshot_dir
-        self.caller_uid = os.geteuid() if caller_uid is None else caller_uid
-
-    @property
-    def privileged(self) -> bool:
-        return self.caller_uid == 0
-
-    def _dirs(self) -> Iterator[tuple[Path, os.stat_result]]:
-        """Every VM directory (never a symlink), with its lstat."""
-        try:
-            names = sorted(os.listdir(self.root))
-        except FileNotFoundError:
-            return
-        except PermissionError as exc:
-            raise AccessDeniedError(
-                f"cannot list the snapshot directory {self.root}: {exc.strerror}; "
-                "it must be listable (0755) for users to find their snapshots"
-            ) from None
-        for name in names:
-            if not name.startswith(DOMAIN_PREFIX):
-                continue
-            path = self.root / name
-            try:
-                st = os.lstat(path)
-            except FileNotFoundError:
-                continue
-            if stat.S_ISDIR(st.st_mode):
-                yield path, st
-
-    def _may_use(self, st: os.stat_result) -> bool:
-        return self.privileged or st.st_uid == self.caller_uid
-
-    def entries(self, *, all_users: bool = False) -> list[SnapshotEntry]:
-        """Finished entries, oldest first: the caller's own, or everyone's (root only)."""
-        if all_users and not self.privileged:
-            raise AccessDeniedError("only root may list every user's snapshots (--all)")
-        out = []
-        for path, st in self._dirs():
-            if st.st_uid != self.caller_uid and not all_users:
-                continue
-            entry = self._read(path, st)
-            if entry is not None:
-                out.append(entry)
-        return sorted(out, key=lambda e: (e.finished, e.name))
-
-    def _read(self, path: Path, st: os.stat_result) -> SnapshotEntry | None:
-        try:
-            data = _read_record(path / RECORD_FILE)
-        except FileNotFoundError:
-            return None  # still running, or torn down by a crash before the record
-        except (OSError, ValueError) as exc:
-            log.warning("skipping %s: unreadable %s: %s", path, RECORD_FILE, exc)
-            return None
-        return _entry_from_record(path, st, data)
-
-    def find(self, ident: str) -> SnapshotEntry:
-        """The one entry ``ident`` names: domain name, job id (``1234.0``, or ``1234`` when
-        the cluster has one such entry), or a unique prefix of a domain name.
-
-        Root may name anyone's entry. Another user's entry is an AccessDeniedError (the names of
-        VM directories are visible to everyone; their contents are not).
-        """
-        ident = ident.strip()
-        if not ident:
-            raise RequestError("ID", "is empty; give a domain name, a prefix of one or a job id")
-        mine = self.entries(all_users=self.privileged)
-        exact = [e for e in mine if e.name == ident]
-        if exact:
-            return exact[0]
-        by_job = [e for e in mine if e.job_id == ident]
-        if not by_job:  # "1234" for the job 1234.0 (HTCondor's cluster.proc)
-            by_job = [e for e in mine if e.job_id.startswith(ident + ".")]
-        if len(by_job) == 1:
-            return by_job[0]
-        if len(by_job) > 1:
-            raise RequestError("ID", _ambiguous(ident, [e.name for e in by_job], "job id"))
-        by_prefix = [e for e in mine if e.name.startswith(ident)]
-        if len(by_prefix) == 1:
-            return by_prefix[0]
-        if len(by_prefix) > 1:
-            raise RequestError("ID", _ambiguous(ident, [e.name for e in by_prefix], "prefix"))
-        others = [
-            path.name
-            for path, st in self._dirs()
-            if not self._may_use(st) and (path.name == ident or path.name.startswith(ident))
-        ]
-        if others:
-            raise AccessDeniedError(
-                f"permission denied: snapshot {others[0]} belongs to another user; "
-                "only its owner (or root) may list, show, boot or export it"
-            )
-        raise SnapshotNotFoundError(ident)
-
-    # -- prune ---------------------------------------------------------------------------------
-
-    def prune(
-        self,
-        retention: Retention | None = None,
-        *,
-        dry_run: bool = False,
-        all_users: bool = False,
-        running: Collection[str] = (),
-        now: float | None = None,
-    ) -> PruneReport:
-        """Remove entries older than ``retention.max_age``, then the oldest ones until the rest
-        fit in ``retention.max_bytes``. ``running``: names of domains that exist (libvirt);
-        an entry whose VM still runs, or whose directory still holds a live overlay, is never
-        touched. Root with ``all_users`` prunes everyone's entries against one budget."""
-        policy = self.settings.snapshot_retention if retention is None else retention
-        now = time.time() if now is None else now
-        in_use: list[str] = []
-        candidates: list[SnapshotEntry] = []
-        for entry in self.entries(all_users=all_users):
-            if entry.name in running or (entry.directory / OVERLAY_FILE).exists():
-                in_use.append(entry.name)
-            else:
-                candidates.append(entry)
-        removed: list[PruneDecision] = []
-        kept: list[SnapshotEntry] = []
-        for entry in candidates:
-            if policy.max_age is not None and entry.age(now) > policy.max_age:
-                removed.append(PruneDecision(entry, f"older than {_retention_age(policy)}"))
-            else:
-                kept.append(entry)
-        if policy.max_bytes is not None:
-            total = sum(e.total_bytes for e in kept)
-            budget = str(Retention(None, policy.max_bytes))
-            while kept and total > policy.max_bytes:
-                oldest = kept.pop(0)
-                total -= oldest.total_bytes
-                removed.append(PruneDecision(oldest, f"over the {budget} budget"))
-        failures: list[str] = []
-        freed = 0
-        emptied = [] if dry_run else self._remove_empty_dirs(all_users, now)
-        for decision in removed:
-            if dry_run:
-                freed += decision.entry.total_bytes
-                continue
-            problem = _remove_entry(decision.entry)
-            if problem:
-                failures.append(f"{decision.entry.name}: {problem}")
-            else:
-                freed += decision.entry.total_bytes
-        return PruneReport(
-            retention=policy,
-            dry_run=dry_run,
-            removed=tuple(removed),
-            kept=tuple(kept),
-            in_use=tuple(in_use),
-            freed_bytes=freed,
-            failures=tuple(failures),
-            empty_dirs_removed=tuple(emptied),
-        )
-
-    def _remove_empty_dirs(self, all_users: bool, now: float) -> list[str]:
-        """VM directories emptied by their owner's prune (a user may empty but not remove
-        their directory in root's snapshot dir). Only old ones: a VM directory is empty for a
-        moment while its VM is being created."""
-        out = []
-        for path, st in self._dirs():
-            if st.st_uid != self.caller_uid and not all_users:
-                continue
-            if now - st.st_mtime < EMPTY_DIR_GRACE:
-                continue
-            try:
-                path.rmdir()  # only succeeds when empty
-            except OSError:
-                continue
-            out.append(path.name)
-        return out
-
-
-def _ambiguous(ident: str, names: list[str], what: str) -> str:
-    return f"{ident!r} matches {len(names)} snapshots as a {what}: {', '.join(names)}"
-
-
-def _retention_age(policy: Retention) -> str:
-    return str(Retention(policy.max_age, None))
-
-
-def _read_record(path: Path) -> dict[str, Any]:
-    # O_NOFOLLOW: the directory is its owner's, and root reads it for them.
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    with os.fdopen(fd, "rb") as f:
-        raw = f.read(1 << 20)
-    data = json.loads(raw)
-    if not isinstance(data, dict):
-        raise ValueError("not a JSON object")
-    return data
-
-
-def _entry_from_record(path: Path, st: os.stat_result, data: Mapping[str, Any]) -> SnapshotEntry:
-    def text(key: str, default: str = "") -> str:
-        value = data.get(key)
-        return value if isinstance(value, str) else default
-
-    def number(key: str) -> int | None:
-        value = data.get(key)
-        return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-    snapshot = path / SNAPSHOT_FILE
-    try:
-        snap_st: os.stat_result | None = os.lstat(snapshot)
-    except OSError:
-        snap_st = None
-    kept = snap_st is not None and stat.S_ISREG(snap_st.st_mode)
-    raw_timings = data.get("timings")
-    timings: dict[str, float | None] = {}
-    if isinstance(raw_timings, dict):
-        for key, value in raw_timings.items():
-            if isinstance(value, int | float) and not isinstance(value, bool):
-                timings[str(key)] = float(value)
-            elif value is None:
-                timings[str(key)] = None
-    finished = data.get("finished")
-    if not isinstance(finished, int | float) or isinstance(finished, bool):
-        finished = os.lstat(path / RECORD_FILE).st_mtime
-    base = text("base_image")
-    return SnapshotEntry(
-        name=path.name,
-        directory=path,
-        owner_uid=st.st_uid,
-        owner=text("owner", "?"),
-        job_id=text("job_id", "?"),
-        image=text("image", "?"),
-        image_sha256=text("image_sha256"),
-        base_image=Path(base) if base else None,
-        base_format=text("base_format", "qcow2"),
-        hypervisor=text("hypervisor", "?"),
-        root=data.get("root") is True,
-        failed=data.get("failed") is True,
-        exit_code=number("exit_code"),
-        signal=number("signal"),
-        finished=float(finished),
-        timings=timings,
-        snapshot=snapshot if kept else None,
-        snapshot_bytes=_allocated(snap_st) if kept and snap_st else 0,
-        total_bytes=_du(path),
-    )
-
-
-def _allocated(st: os.stat_result) -> int:
-    return st.st_blocks * 512
-
-
-def _du(path: Path) -> int:
-    """Disk space of a VM directory (its files are flat; sub-directories are counted too)."""
-    total = 0
-    try:
-        with os.scandir(path) as it:
-            for item in it:
-                try:
-                    st = item.stat(follow_symlinks=False)
-                except OSError:
-                    continue
-                total += _allocated(st)
-                if stat.S_ISDIR(st.st_mode):
-                    total += _du(Path(item.path))
-    except OSError:
-        pass
-    return total
-
-
-def _remove_entry(entry: SnapshotEntry) -> str:
-    """Delete an entry's directory; an error text, or "" when it is gone."""
-    problems: list[str] = []
-
-    def note(_func: object, path: str, exc_info: tuple[type, BaseException, object]) -> None:
-        problems.append(f"{path}: {exc_info[1]}")
-
-    # rmtree never follows symlinks inside the directory.
-    shutil.rmtree(entry.directory, onerror=note)
-    if entry.directory.exists() and any(entry.directory.iterdir()):
-        return "; ".join(problems) or "not removed"
-    # A user may not remove their (emptied) directory from root's snapshot dir: harmless.
-    return ""
-
-
-def boot_log_text(entry: SnapshotEntry, lines: int) -> str:
-    """The last ``lines`` lines of the entry's boot log ('' when there is none)."""
-    if os.path.islink(entry.boot_log):
-        return ""
-    return boot_log_tail(entry.boot_log, lines)
 
 
 # --- what a snapshot boots with -------------------------------------------------------------
@@ -527,12 +120,15 @@ def resolve_boot_files(settings: Settings, entry: SnapshotEntry) -> BootFiles:
 
     From the record when it names them, else from the catalogue entry with the same digest
     (files in the image cache); the entry's ``domain.xml`` tells whether the original was a
-    direct-kernel boot at all, its command line and its size.
+    direct-kernel boot at all, its command line and its size. The record is its owner's to
+    change: for anyone else (root debugging a user's job) its kernel and initrd paths are not
+    used (the VM's start copies them), only the catalogue's files.
     """
     original = _original_domain(entry)
-    record = _read_record_quietly(entry)
-    kernel = _path_or_none(record.get("kernel"))
-    initrd = _path_or_none(record.get("initrd"))
+    record = read_record(entry)
+    own = entry.owner_uid == os.geteuid()
+    kernel = _path_or_none(record.get("kernel")) if own else None
+    initrd = _path_or_none(record.get("initrd")) if own else None
     cmdline = record.get("cmdline") if isinstance(record.get("cmdline"), str) else None
     cmdline = cmdline or original.cmdline
     guest_user = record.get("guest_user") if isinstance(record.get("guest_user"), str) else None
@@ -573,12 +169,10 @@ class _OriginalDomain:
 
 
 def _original_domain(entry: SnapshotEntry) -> _OriginalDomain:
-    path = entry.directory / DOMAIN_XML_FILE
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-        with os.fdopen(fd, "rb") as f:
-            root = ET.fromstring(f.read(1 << 20))  # noqa: S314 - our own domain XML
-    except (OSError, ET.ParseError):
+        raw = read_entry_file(entry, DOMAIN_XML_FILE, MAX_DOMAIN_XML_BYTES)
+        root = ET.fromstring(raw)  # noqa: S314 - bounded; expat refuses entity expansion bombs
+    except (OSError, ET.ParseError, ValueError, RecursionError):
         return _OriginalDomain()
     memory = root.find("memory")
     mib: int | None = None
@@ -593,13 +187,6 @@ def _original_domain(entry: SnapshotEntry) -> _OriginalDomain:
         cpus=int(vcpu) if vcpu.isdigit() else None,
         memory_mib=mib,
     )
-
-
-def _read_record_quietly(entry: SnapshotEntry) -> dict[str, Any]:
-    try:
-        return _read_record(entry.record_path)
-    except (OSError, ValueError):
-        return {}
 
 
 def _path_or_none(value: object) -> Path | None:
@@ -632,6 +219,12 @@ def _kernel_from_catalogue(
 
 def _require_disk(entry: SnapshotEntry) -> tuple[Path, Path]:
     """The kept snapshot and its base, or a clear reason why there are none."""
+    if not entry.complete:
+        raise SnapshotUnusableError(
+            entry.name,
+            f"its VM did not finish with a teardown ({entry.detail}); there is no snapshot "
+            f"to use, only the files in {entry.directory}",
+        )
     if entry.snapshot is None:
         raise SnapshotUnusableError(
             entry.name,
@@ -652,16 +245,14 @@ def _require_disk(entry: SnapshotEntry) -> tuple[Path, Path]:
 
 
 def _open_snapshot(entry: SnapshotEntry, path: Path) -> int:
-    """An fd of the kept snapshot, refusing symlinks and anything but a plain qcow2 without an
-    external data file (which would make QEMU open another host file)."""
+    """An fd of the kept snapshot, refusing symlinks, FIFOs and anything but a plain qcow2
+    without an external data file (which would make QEMU open another host file)."""
     try:
-        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        fd = open_entry_file(entry, path.name)
     except OSError as exc:
-        raise SnapshotUnusableError(entry.name, f"cannot open {path}: {exc.strerror}") from None
+        why = exc.strerror or str(exc)
+        raise SnapshotUnusableError(entry.name, f"cannot open {path}: {why}") from None
     try:
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            raise SnapshotUnusableError(entry.name, f"{path} is not a regular file")
         header = os.pread(fd, 104, 0)
         if len(header) < 72 or header[:4] != _QCOW_MAGIC:
             raise SnapshotUnusableError(entry.name, f"{path} is not a qcow2 image")
@@ -677,18 +268,18 @@ def _open_snapshot(entry: SnapshotEntry, path: Path) -> int:
     return fd
 
 
-def _chain_json(snapshot: str, base: Path, base_format: str) -> str:
+def _chain_json(snapshot: str, base: str, base_format: str) -> str:
     """A qemu ``json:`` filename pinning the chain: the snapshot's header does not choose its
     backing file or probe formats."""
     doc = {
         "driver": "qcow2",
         "file": {"driver": "file", "filename": snapshot},
-        "backing": {"driver": base_format, "file": {"driver": "file", "filename": str(base)}},
+        "backing": {"driver": base_format, "file": {"driver": "file", "filename": base}},
     }
     return "json:" + json.dumps(doc)
 
 
-def _qemu_img(argv: list[str], what: str, *, fd: int | None = None) -> str:
+def _qemu_img(argv: list[str], what: str, *, fds: tuple[int, ...] = ()) -> str:
     try:
         proc = subprocess.run(
             ["qemu-img", *argv],
@@ -696,7 +287,7 @@ def _qemu_img(argv: list[str], what: str, *, fd: int | None = None) -> str:
             text=True,
             timeout=QEMU_IMG_TIMEOUT,
             check=False,
-            pass_fds=(fd,) if fd is not None else (),
+            pass_fds=fds,
         )
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise HypervisorError(f"{what}: {exc}") from exc
@@ -705,9 +296,11 @@ def _qemu_img(argv: list[str], what: str, *, fd: int | None = None) -> str:
     return proc.stdout
 
 
-def qemu_img_info(path: Path) -> dict[str, Any]:
-    """``qemu-img info`` of a qcow2 file we made (format pinned, backing not opened)."""
-    out = _qemu_img(["info", "-U", "--output=json", "-f", "qcow2", str(path)], f"inspecting {path}")
+def qemu_img_info(path: Path, *, fds: tuple[int, ...] = ()) -> dict[str, Any]:
+    """``qemu-img info`` of a qcow2 file we made (format pinned, backing not opened); ``fds``:
+    descriptors the path goes through (``/proc/self/fd/N/...``)."""
+    argv = ["info", "-U", "--output=json", "-f", "qcow2", str(path)]
+    out = _qemu_img(argv, f"inspecting {path}", fds=fds)
     data: dict[str, Any] = json.loads(out)
     return data
 
@@ -728,47 +321,141 @@ def export_snapshot(
 ) -> ExportResult:
     """Write snapshot + base as one self-contained qcow2 (no backing file) at ``dest``.
 
-    The image is written beside ``dest`` under a temporary name, checked with ``qemu-img
-    check``, and only then moved into place (mode 0600: it holds the job's data), so ``dest``
-    never holds half an image. Refuses to replace ``dest`` unless ``force``.
+    The directory of ``dest`` may be someone else's, who can swap any name in it at any moment,
+    so nothing is ever written through a name there: the image is made in a private directory
+    (0700, the exporter's) created beside ``dest`` and addressed only through its descriptor
+    (``/proc/self/fd/N`` for qemu-img), checked with ``qemu-img check``, and only then moved
+    into place from that descriptor to the directory's (mode 0600: it holds the job's data).
+    On the way to the directory, root follows only root's own links. ``dest`` never holds half
+    an image; it is not replaced unless ``force``.
     """
     t0 = time.monotonic()
     snapshot, base = _require_disk(entry)
     dest = Path(os.path.abspath(dest))
-    if dest.is_dir():
+    if dest.name in ("", ".", ".."):
         raise RequestError("FILE", f"{dest} is a directory; name the image file to write")
-    if not force and os.path.lexists(dest):
-        raise ExportExistsError(dest)
-    if not dest.parent.is_dir():
-        raise RequestError("FILE", f"the directory {dest.parent} does not exist")
-    fd = _open_snapshot(entry, snapshot)
-    tmp = dest.parent / f".{dest.name}.{secrets.token_hex(4)}.part"
+    parent_fd = _open_export_dir(dest.parent)
+    fds: list[int] = [parent_fd]
+    work: str | None = None
+    work_fd: int | None = None
     try:
-        os.close(os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600))
+        there = _dirfd.lstat_at(parent_fd, dest.name)
+        if there is not None and stat.S_ISDIR(there.st_mode):
+            raise RequestError("FILE", f"{dest} is a directory; name the image file to write")
+        if there is not None and not force:
+            raise ExportExistsError(dest)
+        snap_fd = _open_snapshot(entry, snapshot)
+        fds.append(snap_fd)
+        base_fd = _open_base(entry, base)
+        fds.append(base_fd)
+        work = f".glite-vm-export-{secrets.token_hex(6)}"
+        os.mkdir(work, 0o700, dir_fd=parent_fd)
+        work_fd = _private_dir(parent_fd, work)
+        fds.append(work_fd)
+        image = f"/proc/self/fd/{work_fd}/{_EXPORT_NAME}"
         argv = ["convert", "-O", "qcow2", *(["-c"] if compress else [])]
-        argv += [_chain_json(f"/dev/fd/{fd}", base, entry.base_format), str(tmp)]
-        _qemu_img(argv, f"exporting {entry.name}", fd=fd)
-        _qemu_img(["check", "-q", "-f", "qcow2", str(tmp)], f"checking the export of {entry.name}")
-        info = qemu_img_info(tmp)
+        argv += [_chain_json(f"/dev/fd/{snap_fd}", f"/dev/fd/{base_fd}", entry.base_format)]
+        _qemu_img([*argv, image], f"exporting {entry.name}", fds=(snap_fd, base_fd, work_fd))
+        os.chmod(_EXPORT_NAME, 0o600, dir_fd=work_fd)
+        check = ["check", "-q", "-f", "qcow2", image]
+        _qemu_img(check, f"checking the export of {entry.name}", fds=(work_fd,))
+        info = qemu_img_info(Path(image), fds=(work_fd,))
         if info.get("backing-filename") or info.get("full-backing-filename"):
             raise HypervisorError(f"the export of {entry.name} still has a backing file")
+        size = os.stat(_EXPORT_NAME, dir_fd=work_fd, follow_symlinks=False).st_size
         if force:
-            os.replace(tmp, dest)
+            os.rename(_EXPORT_NAME, dest.name, src_dir_fd=work_fd, dst_dir_fd=parent_fd)
         else:
-            try:
-                os.link(tmp, dest)  # fails rather than replace a file that appeared meanwhile
+            try:  # fails rather than replace a file that appeared meanwhile
+                os.link(
+                    _EXPORT_NAME,
+                    dest.name,
+                    src_dir_fd=work_fd,
+                    dst_dir_fd=parent_fd,
+                    follow_symlinks=False,
+                )
             except FileExistsError:
                 raise ExportExistsError(dest) from None
-            tmp.unlink()
     finally:
-        os.close(fd)
-        tmp.unlink(missing_ok=True)
+        if work is not None and work_fd is not None:
+            _remove_private_dir(parent_fd, work, work_fd)
+        elif work is not None:
+            with contextlib.suppress(OSError):
+                os.rmdir(work, dir_fd=parent_fd)  # made, but not ours to open: empty anyway
+        for fd in fds:
+            os.close(fd)
     return ExportResult(
         path=dest,
         virtual_size=int(info.get("virtual-size", 0)),
-        file_bytes=dest.stat().st_size,
+        file_bytes=size,
         seconds=time.monotonic() - t0,
     )
+
+
+def _open_export_dir(directory: Path) -> int:
+    """A descriptor of the directory the export goes to. As root, only root's own links are
+    followed on the way (a user's link could lead root's write anywhere)."""
+    try:
+        if os.geteuid() == 0:
+            return _dirfd.open_dir_path(directory, trusted_uids=frozenset({0}))
+        return os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise RequestError("FILE", f"the directory {directory} does not exist") from None
+    except NotADirectoryError:
+        raise RequestError("FILE", f"{directory} is not a directory") from None
+    except OSError as exc:
+        raise RequestError(
+            "FILE",
+            f"cannot export into {directory}: {exc.strerror or exc}; "
+            "choose a directory reached without other users' symbolic links",
+        ) from None
+
+
+def _private_dir(parent_fd: int, name: str) -> int:
+    """The directory ``name`` just made in ``parent_fd``, opened, and proven to be the one made
+    (the exporter's, 0700, empty): someone who swapped the name meanwhile gets an error."""
+    try:
+        fd = _dirfd.open_dir(name, dir_fd=parent_fd)
+    except OSError as exc:
+        raise HypervisorError(
+            f"the export's work directory {name} was replaced meanwhile ({exc.strerror})"
+        ) from None
+    st = os.fstat(fd)
+    if st.st_uid != os.geteuid() or stat.S_IMODE(st.st_mode) != 0o700 or os.listdir(fd):
+        os.close(fd)
+        raise HypervisorError(f"the export's work directory {name} was replaced meanwhile")
+    return fd
+
+
+def _remove_private_dir(parent_fd: int, name: str, fd: int) -> None:
+    """Remove what the export left in its private directory, and the directory when the name
+    in ``parent_fd`` still is that directory."""
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(_EXPORT_NAME, dir_fd=fd)
+    mine = os.fstat(fd)
+    there = _dirfd.lstat_at(parent_fd, name)
+    if there is not None and (there.st_dev, there.st_ino) == (mine.st_dev, mine.st_ino):
+        with contextlib.suppress(OSError):
+            os.rmdir(name, dir_fd=parent_fd)
+
+
+def _open_base(entry: SnapshotEntry, base: Path) -> int:
+    """The base image for an export: a regular file (a FIFO swapped in cannot stall it)."""
+    try:
+        fd = os.open(base, os.O_RDONLY | os.O_NONBLOCK | os.O_NOCTTY | os.O_CLOEXEC)
+    except PermissionError:
+        raise SnapshotUnusableError(
+            entry.name,
+            f"you may not read its base image {base}: a custom image is cached readable only "
+            "by root and QEMU; ask the host's admin to export it",
+        ) from None
+    except OSError as exc:
+        raise SnapshotUnusableError(entry.name, f"cannot open {base}: {exc.strerror}") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise SnapshotUnusableError(entry.name, f"its base image {base} is not a regular file")
+    os.set_blocking(fd, True)
+    return fd
 
 
 # --- boot -----------------------------------------------------------------------------------
@@ -916,31 +603,11 @@ def _copy_fd(fd: int, dest: Path) -> None:
 
 def _hand_to_qemu(host: VmHost, path: Path) -> None:
     """Let QEMU's own user read the copy (libvirt does not relabel backing images of ours)."""
-    ids = _qemu_ids(host) if os.geteuid() == 0 else None
+    ids = qemu_ids(host.conn, host.hypervisor.kind) if os.geteuid() == 0 else None
     if ids is None:
         return  # qemu:///session: QEMU runs as the caller, who owns the copy
     os.chown(path, ids[0], ids[1], follow_symlinks=False)
     path.chmod(0o400)
-
-
-def _qemu_ids(host: VmHost) -> tuple[int, int] | None:
-    """uid and gid of QEMU processes on this connection, from libvirt's DAC base label."""
-    try:
-        caps = ET.fromstring(host.conn.getCapabilities())  # noqa: S314 - libvirt's output
-    except (libvirt.libvirtError, ET.ParseError):
-        return None
-    for model in caps.iterfind("host/secmodel"):
-        if model.findtext("model") != "dac":
-            continue
-        for label in model.iterfind("baselabel"):
-            if label.get("type") != host.hypervisor.kind:
-                continue
-            uid, _, gid = (label.text or "").partition(":")
-            try:
-                return int(uid.lstrip("+")), int(gid.lstrip("+"))
-            except ValueError:
-                return None
-    return None
 
 
 def _lease_cached(

@@ -32,6 +32,7 @@ from glite_vm.snapshots import (
     ConsoleBridge,
     PruneReport,
     SnapshotBoot,
+    SnapshotEntry,
     SnapshotStore,
     boot_log_text,
     boot_snapshot,
@@ -148,15 +149,24 @@ def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
             e.job_id,
             e.image,
             _age(e.age()),
-            format_size(e.snapshot_bytes) if e.kept else "-",
+            _size(e),
             e.exit_status,
-            "snapshot" if e.kept else "boot log only",
+            e.kept_text,
         )
         for e in entries
     ]
     header = ("NAME", "OWNER", "JOB", "IMAGE", "AGE", "SIZE", "EXIT", "KEPT")
     print_table(header, rows, right=frozenset({4, 5}))  # age and size line up on the right
     return 0
+
+
+def _size(e: SnapshotEntry) -> str:
+    """The kept disk's size; for an incomplete entry the whole directory's ('+': at least)."""
+    if e.kept:
+        return format_size(e.snapshot_bytes)
+    if not e.complete:
+        return format_size(e.total_bytes) + ("" if e.size_complete else "+")
+    return "-"
 
 
 def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
@@ -187,6 +197,10 @@ def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
         ("record", str(entry.record_path)),
         ("total", format_size(entry.total_bytes)),
     ]
+    if not entry.complete:  # no record: what a teardown would have written is unknown
+        rows = [r for r in rows if r[0] not in ("base", "exit", "finished", "disk", "record")]
+        rows.insert(1, ("state", f"incomplete: {entry.detail}"))
+        rows.insert(-1, ("changed", f"{finished} ({_age(entry.age())} ago)"))
     for label, value in rows:
         print(f"{label + ':':<11}{value}")
     print("job-ad attributes:")
@@ -449,13 +463,13 @@ def _prune_report(args: argparse.Namespace, report: PruneReport, *, intro: bool 
     return EXIT_PROBLEMS if report.failures else 0
 
 
-def _running(settings: Settings, dry_run: bool) -> set[str]:
+def _running(settings: Settings, dry_run: bool) -> set[str] | None:
     """Domains libvirt knows, asked by root (a VM directory is never pruned while its VM
     exists); throw-away VMs of `snapshots boot` whose process was killed are removed on the
-    way. Users cannot ask the system's libvirt; for them, as when libvirt does not answer, the
-    VM directories' overlay files tell which VMs still run."""
+    way. Users cannot ask the system's libvirt; for them, as when libvirt does not answer
+    (None), the VM directories' overlay files tell which VMs still run."""
     if os.geteuid() != 0:
-        return set()
+        return None
     try:
         host = open_host(settings)
     except GliteVmError as exc:
@@ -463,7 +477,7 @@ def _running(settings: Settings, dry_run: bool) -> set[str]:
             f"glite-vm snapshots prune: {exc}; relying on the VM directories' overlay files",
             file=sys.stderr,
         )
-        return set()
+        return None
     try:
         for name in reap_abandoned_boots(host, dry_run=dry_run):
             verb = "would destroy" if dry_run else "destroyed"

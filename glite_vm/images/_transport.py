@@ -3,6 +3,11 @@
 The one seam where bytes come from the outside world. Answers are normalised into
 :class:`Stream`: whether the server honoured a Range request, the resource's full size when
 known, and its validators (ETag, Last-Modified) for resuming and revalidating.
+
+A ``file://`` URL a job named is opened under a :class:`FileAccess`: with the job owner's rights
+(:mod:`glite_vm.images._open_as`), and refused unless the file *actually opened* lies under an
+allowed prefix, judged by the real path of the open descriptor. A check of the path before the
+open would let a link swapped in between lead anywhere, as a followed redirect would for http.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ import requests
 import urllib3
 
 from glite_vm.errors import DownloadError
+from glite_vm.images._open_as import Reader, open_as
+from glite_vm.images.sources import file_within
 
 CHUNK = 1024 * 1024
 _UNREACHABLE = frozenset({errno.ENETUNREACH, errno.EHOSTUNREACH, errno.EHOSTDOWN})
@@ -33,6 +40,21 @@ _CONTENT_RANGE = re.compile(r"^bytes (\d+)-(\d+)/(\d+|\*)$")
 
 class NotFound(Exception):
     """The server or file system says the resource does not exist (404/410, ENOENT)."""
+
+
+class Refused(Exception):
+    """The file may not be used: its owner-to-be could not read it, or it lies elsewhere than
+    the allowed sources. The text says which."""
+
+
+@dataclasses.dataclass(frozen=True)
+class FileAccess:
+    """How a ``file://`` URL is opened: ``reader``'s rights (None: this process's), and
+    ``within`` the ``file://`` prefixes the opened file's real path must lie under (None:
+    anywhere, for the catalogue's files and the person at the keyboard)."""
+
+    within: tuple[str, ...] | None = None
+    reader: Reader | None = None
 
 
 class Redirected(Exception):
@@ -182,12 +204,14 @@ def open_url(
     conditional: Validators | None = None,
     timeout: float,
     follow_redirects: bool = True,
+    file_access: FileAccess = FileAccess(),
 ) -> Stream:
     """Open ``url`` from ``offset``. Raise :class:`NotFound`, :class:`Redirected` (only when
-    ``follow_redirects`` is false) or DownloadError."""
+    ``follow_redirects`` is false), :class:`Refused` (a file ``file_access`` does not allow)
+    or DownloadError."""
     scheme = urlsplit(url).scheme.lower()
     if scheme == "file":
-        return _open_file(url, offset=offset, conditional=conditional)
+        return _open_file(url, offset=offset, conditional=conditional, access=file_access)
     if scheme not in ("http", "https"):
         raise DownloadError(f"cannot fetch {url}: unsupported scheme")
     headers = {"Accept-Encoding": "identity"}
@@ -248,14 +272,11 @@ def file_validators(st: os.stat_result) -> Validators:
     return Validators(etag=f'"{st.st_dev}-{st.st_ino}-{st.st_size}-{st.st_mtime_ns}"')
 
 
-def _open_file(url: str, *, offset: int, conditional: Validators | None) -> Stream:
+def _open_file(
+    url: str, *, offset: int, conditional: Validators | None, access: FileAccess
+) -> Stream:
     path = Path(unquote(urlsplit(url).path))
-    try:
-        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
-    except FileNotFoundError as exc:
-        raise NotFound(f"no such file {path}") from exc
-    except OSError as exc:
-        raise DownloadError(f"cannot read {path}: {exc.strerror}") from exc
+    fd = _open_checked(path, access)
     handle = os.fdopen(fd, "rb", buffering=0)
     try:
         st = os.fstat(fd)
@@ -276,3 +297,34 @@ def _open_file(url: str, *, offset: int, conditional: Validators | None) -> Stre
         with contextlib.suppress(OSError):
             handle.close()
         raise
+
+
+def _open_checked(path: Path, access: FileAccess) -> int:
+    """``path`` opened under ``access``; the descriptor."""
+    reader = access.reader
+    try:
+        fd = open_as(reader, str(path))
+    except FileNotFoundError as exc:
+        raise NotFound(f"no such file {path}") from exc
+    except OSError as exc:
+        if reader is not None and exc.errno in (errno.EACCES, errno.EPERM):
+            raise Refused(
+                f"uid {reader.uid}, the job's owner, may not read {path} "
+                f"({exc.strerror}); make it readable by the job's owner"
+            ) from None
+        if exc.errno in (errno.ELOOP, errno.ENOTDIR):
+            raise Refused(f"cannot open {path}: {exc.strerror}") from None
+        raise DownloadError(f"cannot read {path}: {exc.strerror}") from exc
+    if access.within is None:
+        return fd
+    try:
+        real = os.readlink(f"/proc/self/fd/{fd}")
+    except OSError as exc:
+        os.close(fd)
+        raise DownloadError(f"cannot tell where {path} leads: {exc.strerror}") from exc
+    if not file_within(real, access.within):
+        os.close(fd)
+        raise Refused(
+            f"{path} leads to {real}, outside the allowed sources (GLITE_VM_CUSTOM_IMAGE_SOURCES)"
+        )
+    return fd

@@ -15,10 +15,12 @@ import requests
 from glite_vm.config import Settings
 from glite_vm.errors import ChecksumMismatchError, RequestError, UnknownImageError
 from glite_vm.images import leases as lease_files
+from glite_vm.images._open_as import Reader
+from glite_vm.images._transport import FileAccess
 from glite_vm.images.cache import Acquired, ImageCache, Source
 from glite_vm.images.catalogue import CatalogueEntry, FileRef, load_catalogue
 from glite_vm.images.leases import LeaseRecord
-from glite_vm.images.sources import check_sha256, classify_ref
+from glite_vm.images.sources import check_sha256, classify_ref, file_prefixes
 
 log = logging.getLogger(__name__)
 
@@ -110,6 +112,7 @@ def acquire_image(
     allow_local: bool = False,
     owner_pid: int | None = None,
     session: requests.Session | None = None,
+    reader: Reader | None = None,
 ) -> ImageLease:
     """Resolve ``ref`` to a verified, leased image in the local cache, fetching it if needed.
 
@@ -118,7 +121,9 @@ def acquire_image(
     job's ad) an absolute path, a ``file://`` URL or any http(s) URL. ``sha256`` pins the
     content (for a catalogue name it must equal the catalogue's digest). ``progress(done,
     total)`` is called while bytes arrive. ``owner_pid`` is the process whose life bounds the
-    lease (default: this one).
+    lease (default: this one). ``reader``: whose rights open a ``file://`` image (the service's
+    caller: uid, gid, groups; default this process's): a job gets no file its owner could not
+    read, and only a file that, opened, really lies under an allowed ``file://`` prefix.
 
     Raises hold-class errors (RequestError, UnknownImageError, ChecksumMismatchError,
     ImageRefusedError, ImageNotFoundError) when the request must change, requeue-class errors
@@ -146,6 +151,10 @@ def acquire_image(
                 sha256=digest,
                 custom=True,
                 follow_redirects=allow_local,
+                file_access=FileAccess(
+                    within=None if allow_local else file_prefixes(settings.custom_image_sources),
+                    reader=reader,
+                ),
             )
             sources = [custom]
         cache = ImageCache(settings, session=session)

@@ -2,7 +2,8 @@
 
 Layout under ``GLITE_VM_CACHE_DIR``::
 
-    blobs/<sha256>          verified files, read-only; the only paths handed out
+    blobs/<sha256>          verified files, read-only (0444; a custom image's 0440: its bytes
+                            are its owner's business); the only paths handed out
     blobs/<sha256>.json     what we know about a blob (size, format, virtual size, sources);
                             its mtime is the blob's last use (for LRU)
     partial/<key>.part      a download in progress or interrupted (never handed out)
@@ -20,7 +21,10 @@ Invariants. A blob appears only by ``rename`` of a complete, fsynced, hashed (an
 images inspected) part, after its metadata, so a reader never sees a partial or unverified file.
 A lease is written and a blob removed only under that blob's lock, so eviction can never remove
 a file between a reader's check and its lease. Eviction takes other files' locks without
-waiting, so it cannot deadlock with downloads; it skips files with live leases.
+waiting, so it cannot deadlock with downloads; it skips files with live leases. A file someone
+named as a custom image is readable by no other local user (owner and group only; the VM layer
+gives the group to QEMU's user, :mod:`glite_vm.vm.qemu_user`) until a catalogue entry with the
+same digest makes it public.
 """
 
 from __future__ import annotations
@@ -59,8 +63,10 @@ from glite_vm.images._fsutil import (
 )
 from glite_vm.images._transport import (
     CHUNK,
+    FileAccess,
     NotFound,
     Redirected,
+    Refused,
     Stream,
     Validators,
     open_url,
@@ -74,6 +80,8 @@ log = logging.getLogger(__name__)
 Progress = Callable[[int, int | None], None]
 _BLOB_RE = re.compile(r"^[0-9a-f]{64}$")
 _BUDGET = "budget"
+PUBLIC_MODE = 0o444  # a catalogue's file: everyone may read what the repository publishes
+PRIVATE_MODE = 0o440  # a custom image: its bytes are none of the other local users' business
 
 
 @dataclasses.dataclass(frozen=True)
@@ -89,6 +97,8 @@ class Source:
     custom: bool = False  # the user named it (404 is their error, not the repository's)
     follow_redirects: bool = True  # False for a job's URL: a redirect could leave the allowed
     # sources, so it is refused rather than followed
+    # a job's file:// URL: opened with its owner's rights, and only where the sources allow
+    file_access: FileAccess = dataclasses.field(default_factory=FileAccess)
 
     @property
     def key(self) -> str:
@@ -363,11 +373,14 @@ class ImageCache:
                 conditional=validators,
                 timeout=self.settings.download_timeout,
                 follow_redirects=source.follow_redirects,
+                file_access=source.file_access,
             )
         except NotFound as exc:
             raise ImageNotFoundError(source.label, str(exc)) from None
         except Redirected as exc:
             raise _redirect_refused(source, exc) from None
+        except Refused as exc:
+            raise ImageRefusedError(source.label, str(exc)) from None
         except DownloadError as exc:
             log.warning("%s: %s; using the cached copy", source.label, exc)
             return None
@@ -418,6 +431,7 @@ class ImageCache:
             max_bytes=self.settings.max_image_file_bytes,
             timeout=self.settings.download_timeout,
             follow_redirects=source.follow_redirects,
+            file_access=source.file_access,
         )
         try:
             if source.size is not None:
@@ -435,6 +449,9 @@ class ImageCache:
         except Redirected as exc:
             discard_part(part)
             raise _redirect_refused(source, exc) from None
+        except Refused as exc:
+            discard_part(part)
+            raise ImageRefusedError(source.label, str(exc)) from None
         finally:
             unlink_quietly(self._reservation_path(key))
 
@@ -486,7 +503,7 @@ class ImageCache:
         }
         try:
             atomic_write_json(self._meta_path(sha), meta)
-            os.chmod(part, 0o444)
+            os.chmod(part, PRIVATE_MODE if source.custom else PUBLIC_MODE)
             os.rename(part, self.blob_path(sha))
             fsync_dir(self.blobs)
         except OSError as exc:
@@ -516,6 +533,8 @@ class ImageCache:
                 atomic_write_json(meta_path, meta, durable=False)
         with contextlib.suppress(OSError):
             os.utime(meta_path)  # last use, for LRU
+            if not source.custom and not os.stat(entry.path).st_mode & 0o004:
+                os.chmod(entry.path, PUBLIC_MODE)  # a catalogue publishes these bytes anyway
         return record
 
     # --- budget and eviction -----------------------------------------------------------------

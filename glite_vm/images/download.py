@@ -29,7 +29,7 @@ from glite_vm.images._fsutil import (
     read_json_object,
     unlink_quietly,
 )
-from glite_vm.images._transport import CHUNK, Stream, Validators, open_url
+from glite_vm.images._transport import CHUNK, FileAccess, Stream, Validators, open_url
 
 log = logging.getLogger(__name__)
 
@@ -106,6 +106,7 @@ class Fetch:
     max_bytes: int
     timeout: float
     follow_redirects: bool = True
+    file_access: FileAccess = dataclasses.field(default_factory=FileAccess)
 
 
 def download(
@@ -171,9 +172,7 @@ def _open(session: requests.Session, fetch: Fetch, *, resume: bool) -> Stream:
     if validator is None and fetch.expected_sha256 is None:
         offset = 0  # nothing could tell a changed resource from the old one
     if offset == 0:
-        return open_url(
-            session, url, timeout=fetch.timeout, follow_redirects=fetch.follow_redirects
-        )
+        return _open_whole(session, fetch)
     assert state is not None
     log.info("resuming %s at byte %d", url, offset)
     stream = open_url(
@@ -183,6 +182,7 @@ def _open(session: requests.Session, fetch: Fetch, *, resume: bool) -> Stream:
         if_range=validator,
         timeout=fetch.timeout,
         follow_redirects=fetch.follow_redirects,
+        file_access=fetch.file_access,
     )
     if stream.status == 206:
         same_total = stream.total is not None and stream.total == state.total
@@ -195,7 +195,17 @@ def _open(session: requests.Session, fetch: Fetch, *, resume: bool) -> Stream:
         log.info("%s: the server sent the whole file; starting over", url)
         return stream
     stream.close()
-    return open_url(session, url, timeout=fetch.timeout, follow_redirects=fetch.follow_redirects)
+    return _open_whole(session, fetch)
+
+
+def _open_whole(session: requests.Session, fetch: Fetch) -> Stream:
+    return open_url(
+        session,
+        fetch.url,
+        timeout=fetch.timeout,
+        follow_redirects=fetch.follow_redirects,
+        file_access=fetch.file_access,
+    )
 
 
 def _receive(

@@ -1,4 +1,4 @@
-"""What an image reference names, and whether the caller may name it. Pure: no I/O.
+"""What an image reference names, and whether the caller may name it. No I/O but realpath.
 
 A reference is one of
 
@@ -7,9 +7,11 @@ A reference is one of
   ``GLITE_VM_CUSTOM_IMAGE_SOURCES``; the comparison is on parsed, normalised components, so
   ``https://repo.example@evil.example/``, ``../`` segments and look-alike hosts do not pass;
 * a **file URL** or an **absolute local path**: a host path. A job's ad may name one only when an
-  admin listed a ``file://`` prefix that contains it (symbolic links resolved first); the
-  interactive caller (``allow_local=True``: ``glite-vm run`` / ``images pull`` in-process) may
-  name any file it can read.
+  admin listed a ``file://`` prefix that contains it (symbolic links resolved first), and the
+  file is then opened with the job owner's rights and used only if the file actually opened
+  lies under such a prefix (:func:`file_within` on the open descriptor's real path, in
+  :mod:`glite_vm.images._transport`); the interactive caller (``allow_local=True``:
+  ``glite-vm run`` / ``images pull`` in-process) may name any file it can read.
 
 Every custom image, whatever its origin, is copied into the cache and inspected there before use.
 """
@@ -169,6 +171,21 @@ def source_allowed(url: str, prefixes: tuple[str, ...]) -> bool:
         if _port(pre.port, scheme) != _port(parts.port, scheme):
             continue
         if _under(posixpath.normpath(unquote(parts.path) or "/"), unquote(pre.path), pre.path):
+            return True
+    return False
+
+
+def file_prefixes(prefixes: tuple[str, ...]) -> tuple[str, ...]:
+    """The ``file://`` ones among the allowed prefixes."""
+    return tuple(p.strip() for p in prefixes if urlsplit(p.strip()).scheme.lower() == "file")
+
+
+def file_within(real_path: str, prefixes: tuple[str, ...]) -> bool:
+    """Whether ``real_path`` (a path without links, e.g. of an open descriptor) lies under one
+    of the ``file://`` prefixes, themselves taken with their links resolved."""
+    for prefix in file_prefixes(prefixes):
+        pre = urlsplit(prefix)
+        if _under(os.path.normpath(real_path), _real_file_path(pre.path), pre.path):
             return True
     return False
 

@@ -184,6 +184,7 @@ class LocalService:
             sha256=request.image_sha256,
             job_id=lease_job_id,
             allow_local=False,
+            reader=self.identity,
         )
         try:
             if cancel is not None and cancel.is_set():

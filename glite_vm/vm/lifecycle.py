@@ -48,6 +48,7 @@ from glite_vm.vm.domain_xml import (
     domain_name,
 )
 from glite_vm.vm.hypervisor import HypervisorInfo
+from glite_vm.vm.qemu_user import let_qemu_read
 
 log = logging.getLogger(__name__)
 
@@ -250,6 +251,9 @@ class VmHost:
                 kernel = copy_private(image.kernel, vm_dir / "vmlinuz")
             if image.initrd is not None:
                 initrd = copy_private(image.initrd, vm_dir / "initrd.img")
+            bases = [image.path, *dict(base_chain)]
+            cache_blobs = self.settings.effective_cache_dir / "blobs"
+            let_qemu_read(self.conn, self.hypervisor.kind, bases, cache_blobs=cache_blobs)
             metadata = JobMetadata(
                 job_id=request.job_id,
                 owner=request.owner,

@@ -2,14 +2,19 @@
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from pathlib import Path
 
 import pytest
+import requests
 
 from glite_vm.errors import Disposition, ImageRefusedError, RequestError
 from glite_vm.images import classify_ref
+from glite_vm.images._open_as import open_as
+from glite_vm.images._transport import FileAccess, NotFound, Refused, open_url
 from glite_vm.images.sources import check_sha256
+from tests.support import scratch_root
 
 SOURCES = ("https://repo.example.org/images/", "http://mirror.example.org:8080/vm")
 
@@ -115,3 +120,81 @@ def test_sha256_is_normalised_and_checked() -> None:
     assert check_sha256(None) is None
     with pytest.raises(RequestError):
         check_sha256("abc")
+
+
+# --- opening a job's file: the check is made on what was opened ------------------------------
+
+
+def _open(url: str, access: FileAccess) -> bytes:
+    with (
+        requests.Session() as session,
+        open_url(session, url, timeout=5.0, file_access=access) as stream,
+    ):
+        return b"".join(stream.chunks())
+
+
+def test_the_opened_files_real_path_must_lie_under_a_file_prefix(tmp_path: Path) -> None:
+    """A link in the allowed directory that leads outside it is refused when opened, whatever
+    the path looked like when it was checked (here: not checked at all)."""
+    allowed = tmp_path / "allowed"
+    allowed.mkdir()
+    (allowed / "inside.img").write_bytes(b"inside")
+    (tmp_path / "outside.img").write_bytes(b"outside")
+    os.symlink("../outside.img", allowed / "leads-out.img")
+    os.symlink("inside.img", allowed / "stays-in.img")
+    access = FileAccess(within=(allowed.as_uri() + "/",))
+    assert _open((allowed / "inside.img").as_uri(), access) == b"inside"
+    assert _open((allowed / "stays-in.img").as_uri(), access) == b"inside"
+    with pytest.raises(Refused, match="outside the allowed sources"):
+        _open((allowed / "leads-out.img").as_uri(), access)
+    # The catalogue's files and the person at the keyboard are not confined.
+    assert _open((allowed / "leads-out.img").as_uri(), FileAccess()) == b"outside"
+
+
+@dataclasses.dataclass(frozen=True)
+class _User:
+    uid: int
+    gid: int
+    groups: tuple[int, ...]
+
+
+@pytest.fixture
+def someone() -> _User:
+    if os.geteuid() != 0:
+        pytest.skip("needs root: the file is opened as another user")
+    from tests.service.svc_support import ensure_account  # noqa: PLC0415
+
+    account = ensure_account("gvm-alice")
+    return _User(account.uid, account.gid, ())
+
+
+def test_a_file_is_opened_with_the_readers_rights(someone: _User) -> None:
+    with scratch_root("gvm-open-as-", "GLITE_VM_TEST_KEEP") as tmp_path:
+        _check_open_as(tmp_path, someone)
+
+
+def _check_open_as(tmp_path: Path, someone: _User) -> None:
+    readable = tmp_path / "theirs.img"
+    readable.write_bytes(b"theirs")
+    os.chown(readable, someone.uid, someone.gid)
+    readable.chmod(0o600)
+    secret = tmp_path / "roots.img"
+    secret.write_bytes(b"root only")
+    secret.chmod(0o600)
+    access = FileAccess(within=(tmp_path.as_uri() + "/",), reader=someone)
+    assert _open(readable.as_uri(), access) == b"theirs"
+    with pytest.raises(Refused, match=f"uid {someone.uid}, the job's owner, may not read"):
+        _open(secret.as_uri(), access)
+    # A FIFO does not stall the open (non-blocking); it is not a file.
+    os.mkfifo(tmp_path / "fifo.img", 0o666)
+    with pytest.raises(NotFound, match="not a regular file"):
+        _open((tmp_path / "fifo.img").as_uri(), access)
+    # The descriptor that comes back is the file the reader opened, nothing else.
+    fd = open_as(someone, str(readable))
+    try:
+        assert os.fstat(fd).st_ino == readable.stat().st_ino
+        assert os.readlink(f"/proc/self/fd/{fd}") == str(readable)
+    finally:
+        os.close(fd)
+    with pytest.raises(PermissionError):
+        open_as(someone, str(secret))

@@ -184,8 +184,7 @@ def kept(
     )
     assert sha256_of(snapshot) == digest  # every boot and export left it as it was
     shutil.rmtree(homes, ignore_errors=True)
-    # only this run's: other runs on this libvirtd boot snapshots of the same job id
-    leftovers = [n for n in domains_under(settings.state_dir) if ".debug-" in n]
+    leftovers = [n for n in domains_under(root) if ".debug-" in n]
     assert not leftovers, f"snapshot VMs left behind: {leftovers}"
 
 
@@ -278,12 +277,13 @@ def reap(pid: int, fd: int, buf: bytearray, grace: float = 60.0) -> int:
         read_until(fd, b"\0never\0", buf, 0.2)
 
 
+def debug_domains(kept: Kept) -> list[str]:
+    """The throw-away VMs of this module's snapshot (other runs on this libvirtd have theirs)."""
+    return [n for n in domains_under(kept.settings.state_dir) if ".debug-" in n]
+
+
 def debug_domain(kept: Kept) -> str:
-    names = [
-        n
-        for n in domains_under(kept.settings.state_dir)
-        if n.startswith(f"glite-vm-root-{JOB_ID}.debug-")
-    ]
+    names = [n for n in debug_domains(kept) if n.startswith(f"glite-vm-root-{JOB_ID}.debug-")]
     assert len(names) == 1, names
     return names[0]
 
@@ -334,7 +334,7 @@ def test_boot_attaches_an_interactive_console_and_leaves_the_snapshot_unchanged(
     assert os.waitstatus_to_exitcode(wait_status) == 0, text[-3000:]
     assert "console closed (Ctrl-] typed)" in text
     assert "stopped and removed" in text
-    assert not [n for n in domains_under(kept.settings.state_dir) if ".debug-" in n]
+    assert not debug_domains(kept)
     assert not any(boots_root(kept.settings).iterdir())  # workspace gone
     assert sha256_of(kept.snapshot) == kept.digest
 
@@ -345,7 +345,7 @@ def test_boot_with_a_command_runs_it_through_the_agent(kept: Kept) -> None:
     assert proc.stdout.decode() == MARKER
     assert b"stopped and removed" in proc.stderr
     assert sha256_of(kept.snapshot) == kept.digest
-    assert not [n for n in domains_under(kept.settings.state_dir) if ".debug-" in n]
+    assert not debug_domains(kept)
 
 
 def test_a_killed_boot_is_cleaned_up_by_prune(kept: Kept) -> None:
@@ -361,8 +361,13 @@ def test_a_killed_boot_is_cleaned_up_by_prune(kept: Kept) -> None:
         )
         assert proc.stderr is not None
         err = bytearray()
-        assert read_until(proc.stderr.fileno(), b"running sleep 600", err, 180), bytes(err)
-        name = debug_domain(kept)
+        try:
+            assert read_until(proc.stderr.fileno(), b"running sleep 600", err, 180), bytes(err)
+            name = debug_domain(kept)
+        except BaseException:
+            proc.terminate()  # it tears its VM down; the test fails anyway
+            proc.wait(timeout=120)
+            raise
         proc.send_signal(sig)
         assert proc.wait(timeout=120) == (143 if sig == signal.SIGTERM else -signal.SIGKILL)
         err += proc.stderr.read()
@@ -501,7 +506,7 @@ def test_another_user_cannot_list_show_boot_or_export_it(kept: Kept) -> None:
             check=False,
         )
         assert cat.returncode != 0 and not cat.stdout
-    assert not [n for n in domains_under(kept.settings.state_dir) if ".debug-" in n]
+    assert not debug_domains(kept)
 
 
 # --- prune ---------------------------------------------------------------------------------------
