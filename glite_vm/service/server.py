@@ -189,6 +189,8 @@ class ServiceServer:
         while not stop.wait(interval):
             try:
                 self.registry.reap_once()
+            except GliteVmError as exc:  # libvirtd away for a moment: the next pass retries
+                log.warning("reaper pass failed: %s", exc)
             except Exception:
                 log.exception("reaper pass failed")
 
