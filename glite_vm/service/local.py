@@ -43,6 +43,7 @@ from glite_vm.images import ImageLease, acquire_image
 from glite_vm.images.leases import process_start_time
 from glite_vm.request import VMRequest
 from glite_vm.service import events, protocol, sandbox
+from glite_vm.service.ad_reader import ad_from_wire, read_job_ad
 from glite_vm.service.api import (
     ExecOutcome,
     OutputSink,
@@ -111,6 +112,25 @@ class LocalService:
     def is_root(self) -> bool:
         return self.caller_uid == 0
 
+    @property
+    def trusted(self) -> bool:
+        """May this caller state its slot, and have its ads parsed in this process?"""
+        return not self.over_socket or self.is_root
+
+    def ads_from_wire(
+        self, job_ad: object, machine_ad: object
+    ) -> tuple[Mapping[str, object], Mapping[str, object] | None]:
+        """The job and machine ads of a ``prepare`` as they came over the wire. A caller this
+        service does not trust gets its job ad read by a process of bounded means with its
+        own rights (:mod:`glite_vm.service.ad_reader`: the ClassAd library has no bounds), and
+        its machine ad ignored unread (:meth:`_slot` never uses it)."""
+        if not self.trusted:
+            return read_job_ad(job_ad, self.identity), None
+        job = ad_from_wire(job_ad, "job_ad")
+        if job is None:
+            raise RequestError("job_ad", "is missing")
+        return job, ad_from_wire(machine_ad, "machine_ad")
+
     # -- prepare -----------------------------------------------------------------------------
 
     def prepare(
@@ -147,7 +167,7 @@ class LocalService:
         """The slot the VM is for, the starter whose life bounds it, and whether it is for a
         HTCondor job (see the module docstring)."""
         layout = SlotLayout.from_settings(self.settings)
-        trusted = not self.over_socket or self.is_root
+        trusted = self.trusted
         if trusted and machine_ad is not None:
             return slot_facts_from_machine_ad(machine_ad), starter_pid, starter_pid is not None
         if trusted and self.claim is None:

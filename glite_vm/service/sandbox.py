@@ -99,34 +99,52 @@ def _open_xfer(xfer: Path, flags: int) -> int:
         raise HostError(f"cannot open the VM's transfer disk {xfer}: {exc.strerror}") from exc
 
 
-def _run_child(identity: Identity, request: dict[str, Any], fd: int) -> dict[str, Any]:
-    if os.geteuid() != 0:
-        raise HostError(
-            f"this glite-vm service runs as uid {os.geteuid()} and cannot act as uid {identity.uid}"
-        )
+def start_child(
+    identity: Identity, module: str, *, pass_fds: tuple[int, ...] = ()
+) -> subprocess.Popen[bytes]:
+    """``python -I -m MODULE`` with ``identity``'s rights (its uid, gid and groups; this
+    process's own when it is this process's user), a fixed environment, ``/`` as its working
+    directory, pipes for stdin, stdout and stderr, and no descriptor but ``pass_fds``."""
+    switch: dict[str, Any] = {}
+    if not identity.is_this_process:
+        if os.geteuid() != 0:
+            raise HostError(
+                f"this glite-vm service runs as uid {os.geteuid()} and cannot act as uid "
+                f"{identity.uid}"
+            )
+        switch = {
+            "user": identity.uid,
+            "group": identity.gid,
+            "extra_groups": list(identity.groups),
+        }
     try:
-        proc = subprocess.run(
-            [sys.executable, "-I", "-m", "glite_vm.service._sandbox_io"],
-            input=json.dumps(request).encode(),
-            capture_output=True,
-            pass_fds=(fd,),
-            user=identity.uid,
-            group=identity.gid,
-            extra_groups=list(identity.groups),
+        return subprocess.Popen(
+            [sys.executable, "-I", "-m", module],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            pass_fds=pass_fds,
             umask=0o022,
             cwd="/",
             env={"PATH": _CHILD_PATH, "LC_ALL": "C.UTF-8"},
-            timeout=COPY_TIMEOUT,
-            check=False,
+            **switch,
         )
-    except subprocess.TimeoutExpired as exc:
-        raise HostError(f"copying the job's files took longer than {COPY_TIMEOUT:g} s") from exc
     except OSError as exc:
-        raise HostError(f"cannot start the copy as uid {identity.uid}: {exc}") from exc
-    if proc.stderr:
-        log.debug("copy as uid %d: %s", identity.uid, proc.stderr.decode(errors="replace"))
+        raise HostError(f"cannot start {module} as uid {identity.uid}: {exc}") from exc
+
+
+def _run_child(identity: Identity, request: dict[str, Any], fd: int) -> dict[str, Any]:
+    proc = start_child(identity, "glite_vm.service._sandbox_io", pass_fds=(fd,))
     try:
-        answer = json.loads(proc.stdout)
+        stdout, stderr = proc.communicate(json.dumps(request).encode(), timeout=COPY_TIMEOUT)
+    except subprocess.TimeoutExpired as exc:
+        proc.kill()
+        proc.communicate()
+        raise HostError(f"copying the job's files took longer than {COPY_TIMEOUT:g} s") from exc
+    if stderr:
+        log.debug("copy as uid %d: %s", identity.uid, stderr.decode(errors="replace"))
+    try:
+        answer = json.loads(stdout)
         ok = answer["ok"]
     except (ValueError, KeyError, TypeError):
         raise HostError(
