@@ -166,7 +166,8 @@ def extract_stream(
     names: list[str] = []
     budget = _Budget(limit)
     try:
-        with tarfile.open(fileobj=raw, mode="r:") as tar:
+        # A stream ("r|"): read once, front to back, so ``raw`` may be a pipe.
+        with tarfile.open(fileobj=raw, mode="r|", bufsize=1 << 20) as tar:
             for member in tar:
                 if member.name in (".", "./"):
                     continue
@@ -178,7 +179,7 @@ def extract_stream(
                     continue
                 if member.isreg():
                     names.append(os.path.normpath(member.name))
-    except tarfile.ReadError as exc:
+    except (tarfile.ReadError, tarfile.StreamError) as exc:
         raise AgentError(f"the guest's output stream is not a tar archive: {exc}") from exc
     return names
 
