@@ -32,6 +32,7 @@ from tests.service.svc_support import (
     prepare,
     running_service,
     stdout_of,
+    wait_for,
 )
 from tests.support import dash_initrd, guest_catalogue
 
@@ -258,6 +259,103 @@ def test_no_caller_gets_a_descriptor_it_could_not_open_itself(site: Site, alice:
     report = json.loads(out.strip().splitlines()[-1])
     assert report["seen"] >= 1, "the attack never saw the copy process; it proves nothing"
     assert report["stolen"] == [], report
+
+
+# Run as the attacker while her files are copied in: take the pipes of the service's copy
+# process (as THIEF does), write up to 512 MiB into each one she may write (its answer to the
+# service among them), print what she wrote, and keep every pipe open until told to stop or
+# HOLD seconds have passed: the service must neither read what she wrote nor wait for her.
+FLOODER = textwrap.dedent(
+    """
+    import ctypes, fcntl, json, os, select, stat, sys, time
+    stop, hold = sys.argv[1], float(sys.argv[2])
+    libc = ctypes.CDLL(None, use_errno=True)
+    me, seen, kept, written = os.getuid(), set(), [], {}
+    print("watching", flush=True)
+    limit = time.monotonic() + 240
+    while not written and time.monotonic() < limit and not os.path.exists(stop):
+        for pid in os.listdir("/proc"):
+            if not pid.isdigit() or pid in seen or int(pid) == os.getpid():
+                continue
+            try:
+                if os.stat("/proc/" + pid).st_uid != me:
+                    continue
+                with open("/proc/%s/cmdline" % pid, "rb") as f:
+                    if b"glite_vm.service._sandbox_io" not in f.read().split(b"\\0"):
+                        continue
+                pidfd = os.pidfd_open(int(pid))
+                fds = [int(n) for n in os.listdir("/proc/%s/fd" % pid)]
+            except OSError:
+                continue
+            seen.add(pid)
+            for n in fds:
+                fd = libc.syscall(438, pidfd, n, 0)  # pidfd_getfd
+                if fd < 0:
+                    continue
+                kept.append(fd)
+                access = fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE
+                if stat.S_ISFIFO(os.fstat(fd).st_mode) and access != os.O_RDONLY:
+                    written[n] = 0
+                    os.set_blocking(fd, False)
+                    chunk, end = b"x" * (1 << 20), time.monotonic() + 30
+                    while written[n] < (1 << 29) and time.monotonic() < end:
+                        try:
+                            written[n] += os.write(fd, chunk)
+                        except BlockingIOError:
+                            select.select([], [fd], [], 0.5)
+                        except OSError:
+                            break
+            break
+    print(json.dumps({"written": written}), flush=True)
+    end = time.monotonic() + hold
+    while time.monotonic() < end and not os.path.exists(stop):
+        time.sleep(0.1)
+    """
+)
+
+
+def open_descriptors(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+def test_a_caller_holding_the_copys_pipes_costs_the_service_nothing(
+    site: Site, alice: Account, bob: Account
+) -> None:
+    """Alice takes the pipes of her copy process and writes 512 MiB into each (its answer
+    to the service too), then keeps them open. Her push may fail, but it ends while she still
+    holds them, the service reads none of it, keeps no descriptor of hers, and serves bob."""
+    scratch = make_scratch(site.root, alice, "flooder")
+    (scratch / "input.bin").write_bytes(os.urandom(64 * MIB))
+    os.chown(scratch / "input.bin", alice.uid, alice.gid)
+    vm = prepare(site.svc, alice, scratch)["vm"]
+    stop = site.root / "stop-flooder"
+    flooder = subprocess.Popen(
+        [*as_user(alice), sys.executable, "-c", FLOODER, str(stop), "150"],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd="/",
+    )
+    try:
+        assert flooder.stdout is not None
+        assert flooder.stdout.readline().strip() == "watching"
+        descriptors = open_descriptors(site.svc.pid)
+        before = peak_memory(site.svc.pid)
+        call(site.svc, alice, "push", vm=vm, src_dir=str(scratch))
+        assert flooder.poll() is None, "the push only ended once the attacker let go"
+        report = json.loads(flooder.stdout.readline())
+        assert report["written"], "the attack never reached the copy process; it proves nothing"
+        grown = peak_memory(site.svc.pid) - before
+        assert grown < 256 * MIB, f"the service read {grown // MIB} MiB of the attacker's"
+        wait_for(
+            "the service to close the finished copy's pipes",
+            lambda: open_descriptors(site.svc.pid) <= descriptors,
+            30,
+        )
+        assert ok(call(site.svc, bob, "ping"))["caller_uid"] == bob.uid
+    finally:
+        stop.touch()
+        flooder.wait(timeout=60)
+        ok(call(site.svc, alice, "teardown", vm=vm, failed=False))
 
 
 # -- tar headers of a gigabyte in the guest's output ---------------------------------------------
