@@ -21,7 +21,6 @@ import json
 import logging
 import resource
 import signal
-import subprocess
 import sys
 import threading
 from collections.abc import Iterator, Mapping
@@ -30,7 +29,7 @@ from typing import IO, Any
 from glite_vm.condor.jobad import ExpressionText, FailedRead, OtherValue, request_values
 from glite_vm.errors import GliteVmError, HostError, RequestError, ServiceUnavailableError
 from glite_vm.service import protocol
-from glite_vm.service.sandbox import Identity, start_child
+from glite_vm.service.children import Identity, collect, start_child
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +41,8 @@ WALL_TIMEOUT = 60.0  # seconds one reader may take on a busy host
 #: Readers one local user may have at once (a job prepares once; the service takes up to
 #: max_calls_per_user calls of one user at a time, and their readers' limits add up).
 READERS_PER_USER = 2
+#: Bytes of a reader's answer: at most the request (4 MiB of job ad) in JSON.
+ANSWER_LIMIT = 16 << 20
 
 _readers_lock = threading.Lock()
 _readers: dict[int, threading.BoundedSemaphore] = {}
@@ -117,21 +118,21 @@ def read_job_ad(data: object, identity: Identity) -> dict[str, object]:
         raise protocol.ProtocolError("job_ad must be an object")
     with _reader_of(identity.uid):
         proc = start_child(identity, __name__)
-        try:
-            out, err = proc.communicate(json.dumps({"ad": data}).encode(), timeout=WALL_TIMEOUT)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.communicate()
-            raise HostError(
-                f"reading the job ad took longer than {WALL_TIMEOUT:g} s; the host is too busy"
-            ) from None
-    if err:
-        log.debug("job ad reader for uid %d: %s", identity.uid, err.decode(errors="replace"))
+        request = json.dumps({"ad": data}).encode()
+        done = collect(proc, request, timeout=WALL_TIMEOUT, limit=ANSWER_LIMIT)
+    if done.timed_out:
+        raise HostError(
+            f"reading the job ad took longer than {WALL_TIMEOUT:g} s; the host is too busy"
+        )
+    if done.stderr:
+        log.debug(
+            "job ad reader for uid %d: %s", identity.uid, done.stderr.decode(errors="replace")
+        )
     try:
-        answer = json.loads(out)
+        answer = json.loads(done.stdout)
         ok = answer["ok"]
     except (ValueError, KeyError, TypeError):
-        how = _how_it_ended(proc.returncode)
+        how = "answered too much" if done.overran else _how_it_ended(done.returncode)
         raise RequestError("job_ad", f"{_TOO_MUCH} (its reader {how})") from None
     if ok is True and isinstance(answer.get("values"), dict):
         return values_from_wire(answer["values"])

@@ -53,9 +53,9 @@ from glite_vm.service.api import (
     TeardownOutcome,
     VmSummary,
 )
+from glite_vm.service.children import Identity
 from glite_vm.service.claims import Claim, process_uids
 from glite_vm.service.registry import Admission, FinishedVm, VmRecord, VmRegistry
-from glite_vm.service.sandbox import Identity
 from glite_vm.slots import SlotFacts, SlotLayout
 from glite_vm.vm.lifecycle import Vm, VmHost, qemu_pid
 

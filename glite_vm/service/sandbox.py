@@ -16,13 +16,10 @@ transfer disk.
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
-import pwd
-import subprocess
-import sys
+import select
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -30,6 +27,7 @@ from typing import Any
 
 from glite_vm.errors import GliteVmError, HostError
 from glite_vm.service import _sandbox_io
+from glite_vm.service.children import Identity, collect, start_child
 from glite_vm.service.protocol import error_from_wire
 
 log = logging.getLogger(__name__)
@@ -37,33 +35,10 @@ log = logging.getLogger(__name__)
 #: Bound on one copy in either direction (a 30 GB sandbox at ~40 MB/s takes ~13 min).
 COPY_TIMEOUT = 4 * 3600.0
 PUMP_GRACE = 30.0  # seconds the pump may take to finish once the copy process is done
-_CHILD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
-
-@dataclasses.dataclass(frozen=True)
-class Identity:
-    """Whose rights file I/O uses: a uid, its primary gid and its supplementary groups."""
-
-    uid: int
-    gid: int
-    groups: tuple[int, ...]
-
-    @classmethod
-    def current(cls) -> Identity:
-        return cls(os.geteuid(), os.getegid(), tuple(os.getgroups()))
-
-    @classmethod
-    def of_user(cls, uid: int) -> Identity:
-        """The account's gid and groups from the user database (when peer groups are unknown)."""
-        try:
-            entry = pwd.getpwuid(uid)
-        except KeyError:
-            return cls(uid, uid, ())
-        return cls(uid, entry.pw_gid, tuple(os.getgrouplist(entry.pw_name, entry.pw_gid)))
-
-    @property
-    def is_this_process(self) -> bool:
-        return self.uid == os.geteuid()
+#: Bytes of the copy's answer (the output files' names, bounded by transfer.MAX_OUTPUT_NAMES,
+#: and at most transfer.MAX_REFUSED_SHOWN refused ones).
+ANSWER_LIMIT = 16 << 20
+PIPE_LEFTOVER = 4 << 20  # bytes the pack pump takes once the child is done (a pipe holds less)
 
 
 def pack_as(identity: Identity, xfer: Path, src: Path) -> int:
@@ -99,7 +74,7 @@ def unpack_as(
             "limit": limit,
         }
         read_end, write_end = os.pipe2(os.O_CLOEXEC)
-        pump = _Pump(_disk_to_pipe, fd, write_end, limit, own=write_end)
+        pump = _Pump(_disk_to_pipe, pipe=write_end, disk=fd, limit=limit)
         result = _run_child(identity, {**request, "fd": read_end}, read_end, pump)
         return [str(n) for n in result["files"]], [str(r) for r in result["refused"]]
     finally:
@@ -108,7 +83,7 @@ def unpack_as(
 
 def _pack_through_pipe(identity: Identity, fd: int, src: Path, limit: int) -> int:
     read_end, write_end = os.pipe2(os.O_CLOEXEC)
-    pump = _Pump(_pipe_to_disk, read_end, fd, limit, own=read_end)
+    pump = _Pump(_pipe_to_disk, pipe=read_end, disk=fd, limit=limit)
     request = {"op": "pack", "src": str(src), "limit": limit, "fd": write_end}
     result = _run_child(identity, request, write_end, pump)
     if pump.overflow:  # the child's own bound should have said so first; the service's holds
@@ -122,58 +97,86 @@ def _pack_through_pipe(identity: Identity, fd: int, src: Path, limit: int) -> in
 
 
 class _Pump(threading.Thread):
-    """Moves bytes between the child's pipe and the transfer disk while the child runs. The
-    pump owns this process's end of the pipe (``own``) and closes it when it stops, so that the
-    child sees the end of its input, or EPIPE on its output, instead of waiting."""
+    """Moves bytes between the child's pipe and the transfer disk while the child runs.
 
-    def __init__(
-        self,
-        move: Callable[[_Pump, int, int, int], None],
-        source: int,
-        sink: int,
-        limit: int,
-        *,
-        own: int,
-    ) -> None:
+    The pump owns this process's end of the pipe (made non-blocking) and its own duplicate of
+    the disk's descriptor, and closes both when it stops: when the stream ends, at ``limit``,
+    or once ``stop`` is set (the child is done) and the pipe holds nothing more of it. So the
+    child sees the end of its input or EPIPE instead of waiting, someone else holding the
+    pipe open keeps nothing of the service's, and the disk's descriptor cannot be closed
+    under the pump."""
+
+    def __init__(self, move: Callable[[_Pump], None], *, pipe: int, disk: int, limit: int) -> None:
         super().__init__(daemon=True)
         self._move = move
-        self.source = source
-        self.sink = sink
+        self.pipe = pipe
         self.limit = limit
-        self.own = own
         self.moved = 0
         self.overflow = False
+        self.stop = threading.Event()
+        os.set_blocking(pipe, False)
+        self.disk = os.dup(disk)
 
     def run(self) -> None:
         try:
-            self._move(self, self.source, self.sink, self.limit)
+            self._move(self)
         except OSError as exc:  # the child went away (EPIPE) or the disk failed
             log.debug("copy pump stopped: %s", exc)
         finally:
-            os.close(self.own)
+            self.close()
+
+    def close(self) -> None:
+        for fd in (self.pipe, self.disk):
+            os.close(fd)
+
+    def ready(self, event: int) -> bool:
+        """Wait until the pipe is ready for ``event``; False once ``stop`` is set and it is
+        not."""
+        poller = select.poll()
+        poller.register(self.pipe, event)
+        while not poller.poll(200):
+            if self.stop.is_set():
+                return False
+        return True
 
 
-def _pipe_to_disk(pump: _Pump, pipe: int, disk: int, limit: int) -> None:
-    """What the child packs, onto the start of the disk; at most ``limit`` bytes, after which
-    the pipe is closed on the child (it gets EPIPE)."""
+def _pipe_to_disk(pump: _Pump) -> None:
+    """What the child packs, onto the start of the disk; at most ``limit`` bytes. Once the
+    child is done, at most :data:`PIPE_LEFTOVER` more bytes are taken (what it left in the
+    pipe; whoever else writes there is not waited for)."""
+    after_stop = 0
     while True:
-        data = os.read(pipe, 1 << 20)
+        try:
+            data = os.read(pump.pipe, 1 << 20)
+        except BlockingIOError:
+            if pump.ready(select.POLLIN):
+                continue
+            return
         if not data:
             return
-        if pump.moved + len(data) > limit:
+        if pump.stop.is_set():
+            after_stop += len(data)
+            if after_stop > PIPE_LEFTOVER:
+                return
+        if pump.moved + len(data) > pump.limit:
             pump.overflow = True
             return
         view = memoryview(data)
         while view:
-            n = os.pwrite(disk, view, pump.moved)
+            n = os.pwrite(pump.disk, view, pump.moved)
             pump.moved += n
             view = view[n:]
 
 
-def _disk_to_pipe(pump: _Pump, disk: int, pipe: int, limit: int) -> None:
+def _disk_to_pipe(pump: _Pump) -> None:
     """The disk's bytes into the pipe, until the disk ends or the child stops reading."""
-    while pump.moved < limit:
-        n = os.sendfile(pipe, disk, pump.moved, min(1 << 20, limit - pump.moved))
+    while pump.moved < pump.limit and not pump.stop.is_set():
+        try:
+            n = os.sendfile(pump.pipe, pump.disk, pump.moved, min(1 << 20, pump.limit - pump.moved))
+        except BlockingIOError:
+            if pump.ready(select.POLLOUT):
+                continue
+            return
         if n == 0:
             return
         pump.moved += n
@@ -186,40 +189,6 @@ def _open_xfer(xfer: Path, flags: int) -> int:
         raise HostError(f"cannot open the VM's transfer disk {xfer}: {exc.strerror}") from exc
 
 
-def start_child(
-    identity: Identity, module: str, *, pass_fds: tuple[int, ...] = ()
-) -> subprocess.Popen[bytes]:
-    """``python -I -m MODULE`` with ``identity``'s rights (its uid, gid and groups; this
-    process's own when it is this process's user), a fixed environment, ``/`` as its working
-    directory, pipes for stdin, stdout and stderr, and no descriptor but ``pass_fds``."""
-    switch: dict[str, Any] = {}
-    if not identity.is_this_process:
-        if os.geteuid() != 0:
-            raise HostError(
-                f"this glite-vm service runs as uid {os.geteuid()} and cannot act as uid "
-                f"{identity.uid}"
-            )
-        switch = {
-            "user": identity.uid,
-            "group": identity.gid,
-            "extra_groups": list(identity.groups),
-        }
-    try:
-        return subprocess.Popen(
-            [sys.executable, "-I", "-m", module],
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            pass_fds=pass_fds,
-            umask=0o022,
-            cwd="/",
-            env={"PATH": _CHILD_PATH, "LC_ALL": "C.UTF-8"},
-            **switch,
-        )
-    except OSError as exc:
-        raise HostError(f"cannot start {module} as uid {identity.uid}: {exc}") from exc
-
-
 def _run_child(
     identity: Identity, request: dict[str, Any], child_fd: int, pump: _Pump
 ) -> dict[str, Any]:
@@ -228,28 +197,26 @@ def _run_child(
     try:
         proc = start_child(identity, "glite_vm.service._sandbox_io", pass_fds=(child_fd,))
     except BaseException:
-        os.close(pump.own)  # the pump never runs
+        pump.close()  # it never runs
         raise
     finally:
         os.close(child_fd)  # else the pump would never see the end of the stream, nor EPIPE
     pump.start()
     try:
-        stdout, stderr = proc.communicate(json.dumps(request).encode(), timeout=COPY_TIMEOUT)
-    except subprocess.TimeoutExpired as exc:
-        proc.kill()
-        proc.communicate()
-        raise HostError(f"copying the job's files took longer than {COPY_TIMEOUT:g} s") from exc
+        done = collect(proc, json.dumps(request).encode(), timeout=COPY_TIMEOUT, limit=ANSWER_LIMIT)
     finally:
+        pump.stop.set()
         pump.join(timeout=PUMP_GRACE)
-    if stderr:
-        log.debug("copy as uid %d: %s", identity.uid, stderr.decode(errors="replace"))
+    if done.stderr:
+        log.debug("copy as uid %d: %s", identity.uid, done.stderr.decode(errors="replace"))
+    if done.timed_out:
+        raise HostError(f"copying the job's files took longer than {COPY_TIMEOUT:g} s")
     try:
-        answer = json.loads(stdout)
+        answer = json.loads(done.stdout)
         ok = answer["ok"]
     except (ValueError, KeyError, TypeError):
-        raise HostError(
-            f"copying the job's files as uid {identity.uid} failed (status {proc.returncode})"
-        ) from None
+        why = "its answer was too long" if done.overran else f"status {done.returncode}"
+        raise HostError(f"copying the job's files as uid {identity.uid} failed ({why})") from None
     if ok is True and isinstance(answer.get("result"), dict):
         result: dict[str, Any] = answer["result"]
         return result
