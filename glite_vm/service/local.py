@@ -41,6 +41,7 @@ from glite_vm.config import Settings
 from glite_vm.errors import AccessDeniedError, HostError, RequestError
 from glite_vm.images import ImageLease, acquire_image
 from glite_vm.images.leases import process_start_time
+from glite_vm.images.sources import classify_ref
 from glite_vm.request import VMRequest
 from glite_vm.service import events, protocol, sandbox
 from glite_vm.service.ad_reader import ad_from_wire, read_job_ad
@@ -347,6 +348,12 @@ class LocalService:
             job_id=request.job_id,
             requested=request.hostname,
         )
+        if not request.root and _custom_image(request, s):
+            # Whoever made a custom image is root in its guest, whatever the job may be: the
+            # host key goes only where root is the site's (its catalogue's images) or the job's
+            # by the site's policy (a root job on a root-enabled slot).
+            log.info("%s: a custom image of a job that is not root gets no host key", vm.name)
+            setup = setup.without_secrets()
         apply_guest_setup(vm, setup)
         return setup.hostname
 
@@ -488,6 +495,12 @@ def account_name(uid: int) -> str:
         return pwd.getpwuid(uid).pw_name
     except KeyError:
         return f"uid{uid}"
+
+
+def _custom_image(request: VMRequest, settings: Settings) -> bool:
+    """Is the job's image a custom one (a URL), rather than one of the site's catalogue?"""
+    ref = classify_ref(request.image, sources=settings.custom_image_sources, allow_local=False)
+    return ref.kind == "url"
 
 
 def _check_starter(pid: int | None) -> int | None:
