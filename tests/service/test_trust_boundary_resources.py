@@ -358,6 +358,60 @@ def test_a_caller_holding_the_copys_pipes_costs_the_service_nothing(
         ok(call(site.svc, alice, "teardown", vm=vm, failed=False))
 
 
+# Run as the attacker: from THREADS threads, connect to the service as fast as the kernel lets
+# her (without ever sending a request, closing what she holds past 64 per thread), for SECONDS:
+# the socket's queue of connections not yet accepted stays as full as she can keep it.
+JAMMER = textwrap.dedent(
+    """
+    import socket, sys, threading, time
+    path, threads, seconds = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+    end = time.monotonic() + seconds
+    def jam():
+        held = []
+        while time.monotonic() < end:
+            s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+            s.setblocking(False)
+            try:
+                s.connect(path)
+                held.append(s)
+            except OSError:
+                s.close()
+            if len(held) > 64:
+                held.pop(0).close()
+        for s in held:
+            s.close()
+    workers = [threading.Thread(target=jam) for _ in range(threads)]
+    for w in workers:
+        w.start()
+    print("jamming", flush=True)
+    for w in workers:
+        w.join()
+    """
+)
+
+
+def test_a_jammed_connection_queue_does_not_turn_another_user_away(
+    site: Site, alice: Account, bob: Account
+) -> None:
+    """Bob keeps the service's queue of not yet accepted connections full, from 8 threads.
+    Alice's calls must still get through (a call turned away is a job sent back to the queue)."""
+    jammer = subprocess.Popen(
+        [*as_user(bob), sys.executable, "-c", JAMMER, str(site.svc.socket_path), "8", "90"],
+        stdout=subprocess.PIPE,
+        text=True,
+        cwd="/",
+    )
+    try:
+        assert jammer.stdout is not None
+        assert jammer.stdout.readline().strip() == "jamming"
+        answers = [call(site.svc, alice, "ping") for _ in range(20)]
+    finally:
+        jammer.kill()
+        jammer.wait(timeout=30)
+    turned_away = [a for a in answers if not a["ok"]]
+    assert turned_away == [], f"{len(turned_away)} of 20 calls turned away: {turned_away[0]}"
+
+
 # -- tar headers of a gigabyte in the guest's output ---------------------------------------------
 
 
