@@ -20,6 +20,7 @@ HTCondor facts this module relies on (measured on 25.0.13, see docs/condor.md):
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import re
 from collections.abc import Mapping
@@ -94,8 +95,60 @@ AdValue = str | bool | int | float | Path
 # --- reading ads ---------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class ExpressionText:
+    """An attribute that is an expression, as text, in the values :func:`request_values` read
+    from a job ad (it evaluates only :data:`EVALUATED_ATTRIBUTES`). Not a string value."""
+
+    text: str
+
+    def __str__(self) -> str:
+        return self.text
+
+
+@dataclasses.dataclass(frozen=True)
+class FailedRead:
+    """An attribute :func:`request_values` could not read or evaluate; ``problem`` says why."""
+
+    problem: str
+
+
+@dataclasses.dataclass(frozen=True)
+class OtherValue:
+    """A value :func:`request_values` read that is neither a scalar nor an expression (a list,
+    a nested ad), as the messages of :func:`request_from_job_ad` show it."""
+
+    shown: str
+
+    def __repr__(self) -> str:
+        return self.shown
+
+
+#: Every attribute :func:`request_from_job_ad` reads, and those of them it evaluates.
+REQUEST_ATTRIBUTES: Final = (
+    "ClusterId",
+    "ProcId",
+    "Owner",
+    "User",
+    "GliteVmImage",
+    "GliteVmImageSha256",
+    "GliteVmRoot",
+    "RequestCpus",
+    "RequestMemory",
+    "RequestDisk",
+    "GliteVmKeepSnapshot",
+    "GliteVmHostname",
+)
+EVALUATED_ATTRIBUTES: Final = ("RequestCpus", "RequestMemory", "RequestDisk")
+_EXPRESSION_TEXT = 200  # characters of an expression request_values keeps (messages show 60)
+
+
+def _is_expression(value: object) -> bool:
+    return isinstance(value, classad2.ExprTree | ExpressionText)
+
+
 def _shown(value: object, limit: int = 60) -> str:
-    text = repr(value) if not isinstance(value, classad2.ExprTree) else str(value)
+    text = str(value) if _is_expression(value) else repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -123,6 +176,8 @@ class _Ad:
             value = self._lowered.get(name.lower(), _MISSING)
         if value is None or value is classad2.Value.Undefined:
             return _MISSING
+        if isinstance(value, FailedRead):
+            raise RequestError(name, value.problem)
         if value is classad2.Value.Error:
             raise RequestError(
                 name, "is the ClassAd value error; fix or remove it in the submit file"
@@ -163,7 +218,7 @@ def _literal_string(ad: _Ad, name: str) -> str | None:
         return None
     if isinstance(value, str):
         return value
-    if isinstance(value, classad2.ExprTree):
+    if _is_expression(value):
         raise RequestError(name, f"must be a quoted string, not the expression {_shown(value)}")
     raise RequestError(name, f"must be a quoted string, got {_shown(value)}")
 
@@ -174,7 +229,7 @@ def _literal_bool(ad: _Ad, name: str) -> bool | None:
         return None
     if isinstance(value, bool):
         return value
-    if isinstance(value, classad2.ExprTree):
+    if _is_expression(value):
         raise RequestError(
             name, f"must be the literal True or False, not the expression {_shown(value)}"
         )
@@ -339,6 +394,31 @@ def request_from_job_ad(
         hostname=hostname,
         network=_literal_string(ad, "GliteVmNetwork"),
     )
+
+
+def request_values(job_ad: Mapping[str, object]) -> dict[str, object]:
+    """What :func:`request_from_job_ad` reads of ``job_ad``, as plain values: scalars as they
+    are, :data:`EVALUATED_ATTRIBUTES` evaluated, other expressions as :class:`ExpressionText`,
+    other values as :class:`OtherValue`, and what cannot be read as :class:`FailedRead`.
+    ``request_from_job_ad`` gives the same answer for the result as for ``job_ad``: the service
+    reads a caller's job ad this way in a process of bounded means (the ClassAd library's
+    evaluation has none), and builds the request from the values."""
+    ad = _Ad(job_ad)
+    values: dict[str, object] = {}
+    for name in REQUEST_ATTRIBUTES:
+        try:
+            value = ad.evaluate(name) if name in EVALUATED_ATTRIBUTES else ad.raw(name)
+        except RequestError as exc:
+            values[name] = FailedRead(exc.problem)
+            continue
+        if value is _MISSING:
+            continue
+        if _is_expression(value):
+            value = ExpressionText(str(value)[:_EXPRESSION_TEXT])
+        elif not isinstance(value, str | bool | int | float):
+            value = OtherValue(_shown(value, _EXPRESSION_TEXT))
+        values[name] = value
+    return values
 
 
 def _owner(ad: _Ad) -> str:

@@ -137,6 +137,11 @@ class GuestSetup:
                 return guest_file
         raise KeyError(path)
 
+    def without_secrets(self) -> GuestSetup:
+        """This plan without its secret files (the host key): for a guest whose root is not
+        to be trusted with them. The certificate, the CA and the hostname stay."""
+        return dataclasses.replace(self, files=tuple(f for f in self.files if not f.secret))
+
     def with_existing_hosts(self, existing: bytes) -> GuestSetup:
         """This plan with ``/etc/hosts`` merged into the guest's own ``existing`` file rather
         than replacing it (for a VM layer that reads the file first)."""

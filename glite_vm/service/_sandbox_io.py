@@ -1,16 +1,18 @@
-"""Sandbox I/O with the job owner's rights: pack a directory into, or unpack one from, an open
-transfer disk.
+"""Sandbox I/O with the job owner's rights: pack a directory into a tar stream, or unpack one.
 
-The service (root) opens the VM's transfer disk and hands the open descriptor to this module
-run as a child process under the caller's uid, gid and groups
+The service (root) runs this module as a child process under the caller's uid, gid and groups
 (``python -I -m glite_vm.service._sandbox_io``, request as JSON on stdin, result as JSON on
-stdout). Every file of the sandbox is then opened with the caller's rights: a symlink travels
-as a link and is never followed, and a hard link or a ``..`` path to a file the caller cannot
-read fails with the kernel's "permission denied" instead of leaking the file into the guest.
-Output lands in the destination with the caller as the owner of every file.
+stdout) and hands it one end of a pipe: the child writes the tar stream of the input files
+into it, or reads the guest's output stream from it, and the service moves the bytes between
+the pipe and the VM's transfer disk (:mod:`glite_vm.service.sandbox`). Every file of the
+sandbox is opened with the caller's rights: a symlink travels as a link and is never followed,
+and a hard link or a ``..`` path to a file the caller cannot read fails with the kernel's
+"permission denied" instead of leaking the file into the guest. Output lands in the
+destination with the caller as the owner of every file.
 
-The same functions run in-process when the caller is the service's own user. Standard library
-and :mod:`glite_vm.vm.transfer` only (no libvirt): the child starts quickly.
+The same functions run in-process on the transfer disk itself when the caller is the service's
+own user. Standard library and :mod:`glite_vm.vm.transfer` only (no libvirt): the child starts
+quickly.
 """
 
 from __future__ import annotations
@@ -30,8 +32,17 @@ from glite_vm.errors import AccessDeniedError, GliteVmError, HostError, RequestE
 from glite_vm.vm import transfer
 
 
+def too_big(limit: int) -> RequestError:
+    return RequestError(
+        "sandbox",
+        f"the input files need more than the VM's transfer disk holds ({limit} bytes); "
+        "ask for a larger RequestDisk",
+    )
+
+
 class _Bounded:
-    """A write-only file object over a descriptor that refuses to grow past ``limit`` bytes."""
+    """A write-only file object over a descriptor (a pipe, or a file at offset 0) that refuses
+    to take more than ``limit`` bytes."""
 
     def __init__(self, fd: int, limit: int) -> None:
         self._fd = fd
@@ -40,14 +51,10 @@ class _Bounded:
 
     def write(self, data: bytes) -> int:
         if self._pos + len(data) > self._limit:
-            raise RequestError(
-                "sandbox",
-                f"the input files need more than the VM's transfer disk holds "
-                f"({self._limit} bytes); ask for a larger RequestDisk",
-            )
+            raise too_big(self._limit)
         view = memoryview(data)
         while view:
-            n = os.pwrite(self._fd, view, self._pos)
+            n = os.write(self._fd, view)
             self._pos += n
             view = view[n:]
         return len(data)
@@ -59,9 +66,10 @@ class _Bounded:
         return None
 
 
-def pack_into(xfer_fd: int, src: Path) -> int:
-    """Write ``src``'s tree as a tar stream at the start of the open transfer disk; bytes
-    written. Symlinks are stored as links, special files skipped, unreadable files refused."""
+def pack_into(out_fd: int, src: Path, limit: int) -> int:
+    """Write ``src``'s tree as a tar stream of at most ``limit`` bytes into ``out_fd`` (a pipe,
+    or the transfer disk opened at its start); bytes written. Symlinks are stored as links,
+    special files skipped, unreadable files refused."""
     if not src.is_absolute():
         raise RequestError("src_dir", f"{src} is not an absolute path")
     try:
@@ -70,8 +78,7 @@ def pack_into(xfer_fd: int, src: Path) -> int:
         raise AccessDeniedError(f"cannot read the input directory {src}: {exc.strerror}") from None
     if not stat.S_ISDIR(st.st_mode):
         raise RequestError("src_dir", f"{src} is not a directory (symlinks are not followed)")
-    limit = os.fstat(xfer_fd).st_size
-    out = _Bounded(xfer_fd, limit)
+    out = _Bounded(out_fd, limit)
     with tarfile.open(fileobj=cast(IO[bytes], out), mode="w", format=tarfile.PAX_FORMAT) as tar:
         for path in _walk(src):
             rel = path.relative_to(src).as_posix()
@@ -93,9 +100,7 @@ def pack_into(xfer_fd: int, src: Path) -> int:
                     tar.addfile(info, f)
             elif info.isdir() or info.issym():
                 tar.addfile(info)
-    written = out.tell()
-    os.fsync(xfer_fd)
-    return written
+    return out.tell()
 
 
 def _walk(src: Path) -> list[Path]:
@@ -121,10 +126,12 @@ def _unreadable(rel: str, exc: OSError) -> AccessDeniedError:
 
 
 def unpack_from(
-    xfer_fd: int, dest: Path, unchanged_from: Path | None, refused: list[str]
+    in_fd: int, dest: Path, unchanged_from: Path | None, refused: list[str], limit: int
 ) -> list[str]:
-    """Extract the guest's tar stream from the open transfer disk into ``dest`` (created if
-    missing); names of the new and changed files. Refused members are listed in ``refused``."""
+    """Extract the guest's tar stream from ``in_fd`` (a pipe, or the transfer disk) into
+    ``dest`` (created if missing); names of the new and changed files. ``limit`` bounds the
+    output (the transfer disk's size: the job's disk request). Refused members are listed in
+    ``refused``."""
     if not dest.is_absolute():
         raise RequestError("dest_dir", f"{dest} is not an absolute path")
     try:
@@ -140,8 +147,7 @@ def unpack_from(
     except OSError as exc:
         raise AccessDeniedError(f"cannot write into {dest}: {exc.strerror}") from None
     try:
-        with os.fdopen(os.dup(xfer_fd), "rb") as raw:
-            limit = os.fstat(raw.fileno()).st_size  # the transfer disk: the job's disk request
+        with os.fdopen(os.dup(in_fd), "rb") as raw:
             names = transfer.extract_stream(raw, staging, refused, limit=limit)
         return transfer.copy_changed(staging, names, dest, unchanged_from)
     finally:
@@ -152,13 +158,17 @@ def unpack_from(
 
 
 def _serve_one(request: dict[str, Any]) -> dict[str, Any]:
-    fd = int(request["fd"])
+    fd, limit = int(request["fd"]), int(request["limit"])
     if request["op"] == "pack":
-        return {"bytes": pack_into(fd, Path(request["src"]))}
+        try:
+            return {"bytes": pack_into(fd, Path(request["src"]), limit)}
+        finally:
+            os.close(fd)  # the end of the stream for the service
     if request["op"] == "unpack":
         refused: list[str] = []
         before = request.get("unchanged_from")
-        files = unpack_from(fd, Path(request["dest"]), Path(before) if before else None, refused)
+        dest, previous = Path(request["dest"]), Path(before) if before else None
+        files = unpack_from(fd, dest, previous, refused, limit)
         return {"files": files, "refused": refused}
     raise ValueError(f"unknown operation {request['op']!r}")
 

@@ -18,6 +18,7 @@ import base64
 import binascii
 import os
 import socket
+import struct
 import time
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -201,9 +202,20 @@ class ServiceClient:
 
     def _connect(self) -> socket.socket:
         sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
-        sock.settimeout(self.connect_timeout)
+        # A blocking connect, bounded by SO_SNDTIMEO: when the service's queue of connections
+        # not yet accepted is full (another local user may keep it so), the kernel queues this
+        # caller until the service accepts one, instead of failing at once with EAGAIN as a
+        # socket with a Python timeout (non-blocking underneath) would.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(self.connect_timeout))
         try:
             sock.connect(self.socket_path)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, _timeval(0))
+            sock.settimeout(self.connect_timeout)
+        except BlockingIOError as exc:  # EAGAIN: still full when SO_SNDTIMEO ran out
+            sock.close()
+            raise self._unavailable(
+                f"its queue of connections stayed full for {self.connect_timeout:g} s"
+            ) from exc
         except (FileNotFoundError, ConnectionRefusedError) as exc:
             sock.close()
             raise self._unavailable(f"it is not running ({exc.strerror})") from exc
@@ -219,6 +231,11 @@ class ServiceClient:
 
     def _unavailable(self, detail: str) -> ServiceUnavailableError:
         return ServiceUnavailableError(f"glite-vm service at {self.socket_path}: {detail}")
+
+
+def _timeval(seconds: float) -> bytes:
+    whole = int(seconds)
+    return struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
 
 
 class _Lines:

@@ -41,8 +41,10 @@ from glite_vm.config import Settings
 from glite_vm.errors import AccessDeniedError, HostError, RequestError
 from glite_vm.images import ImageLease, acquire_image
 from glite_vm.images.leases import process_start_time
+from glite_vm.images.sources import classify_ref
 from glite_vm.request import VMRequest
 from glite_vm.service import events, protocol, sandbox
+from glite_vm.service.ad_reader import ad_from_wire, read_job_ad
 from glite_vm.service.api import (
     ExecOutcome,
     OutputSink,
@@ -52,9 +54,9 @@ from glite_vm.service.api import (
     TeardownOutcome,
     VmSummary,
 )
+from glite_vm.service.children import Identity
 from glite_vm.service.claims import Claim, process_uids
 from glite_vm.service.registry import Admission, FinishedVm, VmRecord, VmRegistry
-from glite_vm.service.sandbox import Identity
 from glite_vm.slots import SlotFacts, SlotLayout
 from glite_vm.vm.lifecycle import Vm, VmHost, qemu_pid
 
@@ -111,6 +113,25 @@ class LocalService:
     def is_root(self) -> bool:
         return self.caller_uid == 0
 
+    @property
+    def trusted(self) -> bool:
+        """May this caller state its slot, and have its ads parsed in this process?"""
+        return not self.over_socket or self.is_root
+
+    def ads_from_wire(
+        self, job_ad: object, machine_ad: object
+    ) -> tuple[Mapping[str, object], Mapping[str, object] | None]:
+        """The job and machine ads of a ``prepare`` as they came over the wire. A caller this
+        service does not trust gets its job ad read by a process of bounded means with its
+        own rights (:mod:`glite_vm.service.ad_reader`: the ClassAd library has no bounds), and
+        its machine ad ignored unread (:meth:`_slot` never uses it)."""
+        if not self.trusted:
+            return read_job_ad(job_ad, self.identity), None
+        job = ad_from_wire(job_ad, "job_ad")
+        if job is None:
+            raise RequestError("job_ad", "is missing")
+        return job, ad_from_wire(machine_ad, "machine_ad")
+
     # -- prepare -----------------------------------------------------------------------------
 
     def prepare(
@@ -147,7 +168,7 @@ class LocalService:
         """The slot the VM is for, the starter whose life bounds it, and whether it is for a
         HTCondor job (see the module docstring)."""
         layout = SlotLayout.from_settings(self.settings)
-        trusted = not self.over_socket or self.is_root
+        trusted = self.trusted
         if trusted and machine_ad is not None:
             return slot_facts_from_machine_ad(machine_ad), starter_pid, starter_pid is not None
         if trusted and self.claim is None:
@@ -329,6 +350,12 @@ class LocalService:
             job_id=request.job_id,
             requested=request.hostname,
         )
+        if not request.root and _custom_image(request, s):
+            # Whoever made a custom image is root in its guest, whatever the job may be: the
+            # host key goes only where root is the site's (its catalogue's images) or the job's
+            # by the site's policy (a root job on a root-enabled slot).
+            log.info("%s: a custom image of a job that is not root gets no host key", vm.name)
+            setup = setup.without_secrets()
         apply_guest_setup(vm, setup)
         return setup.hostname
 
@@ -470,6 +497,12 @@ def account_name(uid: int) -> str:
         return pwd.getpwuid(uid).pw_name
     except KeyError:
         return f"uid{uid}"
+
+
+def _custom_image(request: VMRequest, settings: Settings) -> bool:
+    """Is the job's image a custom one (a URL), rather than one of the site's catalogue?"""
+    ref = classify_ref(request.image, sources=settings.custom_image_sources, allow_local=False)
+    return ref.kind == "url"
 
 
 def _check_starter(pid: int | None) -> int | None:

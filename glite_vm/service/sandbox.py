@@ -2,70 +2,56 @@
 
 The service runs as root; a job's input directory is the owner's. Reading it as root would let
 a hard link (or a ``..`` path) to a root-only file carry that file into the guest, and writing
-output as root would let a symlink in the destination redirect it. So the service opens the
-VM's transfer disk itself and runs the copy in a child process under the caller's uid, gid and
-supplementary groups, which receives only that one open descriptor
-(:mod:`glite_vm.service._sandbox_io`). When the caller is the service's own user (a single
-user's in-process service, or root) the same code runs in-process.
+output as root would let a symlink in the destination redirect it. So the copy runs in a child
+process under the caller's uid, gid and supplementary groups
+(:mod:`glite_vm.service._sandbox_io`), which writes the tar stream into a pipe or reads it
+from one; the service itself moves the bytes between that pipe and the VM's transfer disk,
+never past the disk's size. The child holds no descriptor of the transfer disk: it runs as the
+caller, who may take any descriptor of it (``pidfd_getfd`` needs only ptrace rights over one's
+own processes), and a writable descriptor of that root-owned file would let the caller grow it
+without end, on no quota of hers, even after the VM is gone. When the caller is the service's
+own user (a single user's in-process service, or root) the same code runs in-process on the
+transfer disk.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import logging
 import os
-import pwd
-import subprocess
-import sys
+import select
+import threading
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 from glite_vm.errors import GliteVmError, HostError
 from glite_vm.service import _sandbox_io
+from glite_vm.service.children import Identity, collect, start_child
 from glite_vm.service.protocol import error_from_wire
 
 log = logging.getLogger(__name__)
 
 #: Bound on one copy in either direction (a 30 GB sandbox at ~40 MB/s takes ~13 min).
 COPY_TIMEOUT = 4 * 3600.0
-_CHILD_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
-
-
-@dataclasses.dataclass(frozen=True)
-class Identity:
-    """Whose rights file I/O uses: a uid, its primary gid and its supplementary groups."""
-
-    uid: int
-    gid: int
-    groups: tuple[int, ...]
-
-    @classmethod
-    def current(cls) -> Identity:
-        return cls(os.geteuid(), os.getegid(), tuple(os.getgroups()))
-
-    @classmethod
-    def of_user(cls, uid: int) -> Identity:
-        """The account's gid and groups from the user database (when peer groups are unknown)."""
-        try:
-            entry = pwd.getpwuid(uid)
-        except KeyError:
-            return cls(uid, uid, ())
-        return cls(uid, entry.pw_gid, tuple(os.getgrouplist(entry.pw_name, entry.pw_gid)))
-
-    @property
-    def is_this_process(self) -> bool:
-        return self.uid == os.geteuid()
+PUMP_GRACE = 30.0  # seconds the pump may take to finish once the copy process is done
+#: Bytes of the copy's answer (the output files' names, bounded by transfer.MAX_OUTPUT_NAMES,
+#: and at most transfer.MAX_REFUSED_SHOWN refused ones).
+ANSWER_LIMIT = 16 << 20
+PIPE_LEFTOVER = 4 << 20  # bytes the pack pump takes once the child is done (a pipe holds less)
 
 
 def pack_as(identity: Identity, xfer: Path, src: Path) -> int:
     """Pack ``src`` onto the transfer disk ``xfer`` reading as ``identity``; bytes written."""
     fd = _open_xfer(xfer, os.O_RDWR)
     try:
+        limit = os.fstat(fd).st_size
         if identity.is_this_process:
-            return _sandbox_io.pack_into(fd, src)
-        result = _run_child(identity, {"op": "pack", "src": str(src), "fd": fd}, fd)
-        return int(result["bytes"])
+            written = _sandbox_io.pack_into(fd, src, limit)
+        else:
+            written = _pack_through_pipe(identity, fd, src, limit)
+        os.fsync(fd)
+        return written
     finally:
         os.close(fd)
 
@@ -77,19 +63,123 @@ def unpack_as(
     written and the members refused."""
     fd = _open_xfer(xfer, os.O_RDONLY)
     try:
+        limit = os.fstat(fd).st_size
         if identity.is_this_process:
             refused: list[str] = []
-            return _sandbox_io.unpack_from(fd, dest, unchanged_from, refused), refused
+            return _sandbox_io.unpack_from(fd, dest, unchanged_from, refused, limit), refused
         request = {
             "op": "unpack",
             "dest": str(dest),
             "unchanged_from": str(unchanged_from) if unchanged_from else None,
-            "fd": fd,
+            "limit": limit,
         }
-        result = _run_child(identity, request, fd)
+        read_end, write_end = os.pipe2(os.O_CLOEXEC)
+        pump = _Pump(_disk_to_pipe, pipe=write_end, disk=fd, limit=limit)
+        result = _run_child(identity, {**request, "fd": read_end}, read_end, pump)
         return [str(n) for n in result["files"]], [str(r) for r in result["refused"]]
     finally:
         os.close(fd)
+
+
+def _pack_through_pipe(identity: Identity, fd: int, src: Path, limit: int) -> int:
+    read_end, write_end = os.pipe2(os.O_CLOEXEC)
+    pump = _Pump(_pipe_to_disk, pipe=read_end, disk=fd, limit=limit)
+    request = {"op": "pack", "src": str(src), "limit": limit, "fd": write_end}
+    result = _run_child(identity, request, write_end, pump)
+    if pump.overflow:  # the child's own bound should have said so first; the service's holds
+        raise _sandbox_io.too_big(limit)
+    if int(result["bytes"]) != pump.moved:
+        raise HostError(
+            f"the copy as uid {identity.uid} reported {result['bytes']} bytes, "
+            f"but {pump.moved} arrived"
+        )
+    return pump.moved
+
+
+class _Pump(threading.Thread):
+    """Moves bytes between the child's pipe and the transfer disk while the child runs.
+
+    The pump owns this process's end of the pipe (made non-blocking) and its own duplicate of
+    the disk's descriptor, and closes both when it stops: when the stream ends, at ``limit``,
+    or once ``stop`` is set (the child is done) and the pipe holds nothing more of it. So the
+    child sees the end of its input or EPIPE instead of waiting, someone else holding the
+    pipe open keeps nothing of the service's, and the disk's descriptor cannot be closed
+    under the pump."""
+
+    def __init__(self, move: Callable[[_Pump], None], *, pipe: int, disk: int, limit: int) -> None:
+        super().__init__(daemon=True)
+        self._move = move
+        self.pipe = pipe
+        self.limit = limit
+        self.moved = 0
+        self.overflow = False
+        self.stop = threading.Event()
+        os.set_blocking(pipe, False)
+        self.disk = os.dup(disk)
+
+    def run(self) -> None:
+        try:
+            self._move(self)
+        except OSError as exc:  # the child went away (EPIPE) or the disk failed
+            log.debug("copy pump stopped: %s", exc)
+        finally:
+            self.close()
+
+    def close(self) -> None:
+        for fd in (self.pipe, self.disk):
+            os.close(fd)
+
+    def ready(self, event: int) -> bool:
+        """Wait until the pipe is ready for ``event``; False once ``stop`` is set and it is
+        not."""
+        poller = select.poll()
+        poller.register(self.pipe, event)
+        while not poller.poll(200):
+            if self.stop.is_set():
+                return False
+        return True
+
+
+def _pipe_to_disk(pump: _Pump) -> None:
+    """What the child packs, onto the start of the disk; at most ``limit`` bytes. Once the
+    child is done, at most :data:`PIPE_LEFTOVER` more bytes are taken (what it left in the
+    pipe; whoever else writes there is not waited for)."""
+    after_stop = 0
+    while True:
+        try:
+            data = os.read(pump.pipe, 1 << 20)
+        except BlockingIOError:
+            if pump.ready(select.POLLIN):
+                continue
+            return
+        if not data:
+            return
+        if pump.stop.is_set():
+            after_stop += len(data)
+            if after_stop > PIPE_LEFTOVER:
+                return
+        if pump.moved + len(data) > pump.limit:
+            pump.overflow = True
+            return
+        view = memoryview(data)
+        while view:
+            n = os.pwrite(pump.disk, view, pump.moved)
+            pump.moved += n
+            view = view[n:]
+
+
+def _disk_to_pipe(pump: _Pump) -> None:
+    """The disk's bytes into the pipe, until the disk ends or the child stops reading."""
+    while pump.moved < pump.limit and not pump.stop.is_set():
+        try:
+            n = os.sendfile(pump.pipe, pump.disk, pump.moved, min(1 << 20, pump.limit - pump.moved))
+        except BlockingIOError:
+            if pump.ready(select.POLLOUT):
+                continue
+            return
+        if n == 0:
+            return
+        pump.moved += n
 
 
 def _open_xfer(xfer: Path, flags: int) -> int:
@@ -99,39 +189,34 @@ def _open_xfer(xfer: Path, flags: int) -> int:
         raise HostError(f"cannot open the VM's transfer disk {xfer}: {exc.strerror}") from exc
 
 
-def _run_child(identity: Identity, request: dict[str, Any], fd: int) -> dict[str, Any]:
-    if os.geteuid() != 0:
-        raise HostError(
-            f"this glite-vm service runs as uid {os.geteuid()} and cannot act as uid {identity.uid}"
-        )
+def _run_child(
+    identity: Identity, request: dict[str, Any], child_fd: int, pump: _Pump
+) -> dict[str, Any]:
+    """Run the copy as ``identity`` with ``child_fd`` (its end of the pipe, closed here once
+    the child has its copy), ``pump`` moving the bytes meanwhile; the child's result."""
     try:
-        proc = subprocess.run(
-            [sys.executable, "-I", "-m", "glite_vm.service._sandbox_io"],
-            input=json.dumps(request).encode(),
-            capture_output=True,
-            pass_fds=(fd,),
-            user=identity.uid,
-            group=identity.gid,
-            extra_groups=list(identity.groups),
-            umask=0o022,
-            cwd="/",
-            env={"PATH": _CHILD_PATH, "LC_ALL": "C.UTF-8"},
-            timeout=COPY_TIMEOUT,
-            check=False,
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise HostError(f"copying the job's files took longer than {COPY_TIMEOUT:g} s") from exc
-    except OSError as exc:
-        raise HostError(f"cannot start the copy as uid {identity.uid}: {exc}") from exc
-    if proc.stderr:
-        log.debug("copy as uid %d: %s", identity.uid, proc.stderr.decode(errors="replace"))
+        proc = start_child(identity, "glite_vm.service._sandbox_io", pass_fds=(child_fd,))
+    except BaseException:
+        pump.close()  # it never runs
+        raise
+    finally:
+        os.close(child_fd)  # else the pump would never see the end of the stream, nor EPIPE
+    pump.start()
     try:
-        answer = json.loads(proc.stdout)
+        done = collect(proc, json.dumps(request).encode(), timeout=COPY_TIMEOUT, limit=ANSWER_LIMIT)
+    finally:
+        pump.stop.set()
+        pump.join(timeout=PUMP_GRACE)
+    if done.stderr:
+        log.debug("copy as uid %d: %s", identity.uid, done.stderr.decode(errors="replace"))
+    if done.timed_out:
+        raise HostError(f"copying the job's files took longer than {COPY_TIMEOUT:g} s")
+    try:
+        answer = json.loads(done.stdout)
         ok = answer["ok"]
     except (ValueError, KeyError, TypeError):
-        raise HostError(
-            f"copying the job's files as uid {identity.uid} failed (status {proc.returncode})"
-        ) from None
+        why = "its answer was too long" if done.overran else f"status {done.returncode}"
+        raise HostError(f"copying the job's files as uid {identity.uid} failed ({why})") from None
     if ok is True and isinstance(answer.get("result"), dict):
         result: dict[str, Any] = answer["result"]
         return result

@@ -30,7 +30,7 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from glite_vm.config import Settings
-from glite_vm.errors import GliteVmError, HostError, RequestError, ServiceUnavailableError
+from glite_vm.errors import GliteVmError, HostError, ServiceUnavailableError
 from glite_vm.service import events, protocol
 from glite_vm.service.claims import Claim, find_claim, process_uids
 from glite_vm.service.local import LocalService, account_name
@@ -421,9 +421,9 @@ def _dispatch(service: LocalService, op: str, args: dict[str, Any], call: _Call)
     if op == "ping":
         return protocol.result_to_wire(service.ping())
     if op == "prepare":
-        machine_ad = ad_from_wire(args.get("machine_ad"), "machine_ad")
-        job_ad = ad_from_wire(_arg(args, "job_ad", dict), "job_ad")
-        assert job_ad is not None
+        job_ad, machine_ad = service.ads_from_wire(
+            _arg(args, "job_ad", dict), args.get("machine_ad")
+        )
         prepared = service.prepare(
             job_ad,
             machine_ad=machine_ad,
@@ -474,53 +474,6 @@ def _optional(args: Mapping[str, Any], name: str, kind: type[T]) -> T | None:
     return None if args.get(name) is None else _arg(args, name, kind)
 
 
-def ad_from_wire(data: object, what: str) -> Mapping[str, object] | None:
-    """A ClassAd from what :func:`glite_vm.service.protocol.ad_to_wire` sent."""
-    if data is None:
-        return None
-    if not isinstance(data, dict):
-        raise protocol.ProtocolError(f"{what} must be an object")
-    import classad2  # noqa: PLC0415 - the service's side only
-
-    if "classad" in data:
-        text = data["classad"]
-        if not isinstance(text, str):
-            raise protocol.ProtocolError(f"{what}: 'classad' must be a string")
-        try:
-            ad: Mapping[str, object] = classad2.parseOne(text, classad2.ParserType.New)
-        except Exception as exc:  # the C extension raises various types
-            raise RequestError(what, f"is not a valid ClassAd: {exc}") from None
-        return ad
-    mapping = data.get("mapping")
-    if not isinstance(mapping, dict):
-        raise protocol.ProtocolError(f"{what} must hold 'classad' or 'mapping'")
-    try:
-        return _classad_from_mapping(classad2, mapping)
-    except Exception as exc:
-        raise RequestError(what, f"cannot be turned into a ClassAd: {exc}") from None
-
-
-def _classad_from_mapping(classad2: Any, mapping: Mapping[str, Any]) -> Mapping[str, object]:
-    ad = classad2.ClassAd()
-    for key, value in mapping.items():
-        if value is not None:
-            ad[str(key)] = _classad_value(classad2, value)
-    result: Mapping[str, object] = ad
-    return result
-
-
-def _classad_value(classad2: Any, value: Any) -> Any:
-    if isinstance(value, dict):
-        if isinstance(value.get("expr"), str):
-            return classad2.ExprTree(value["expr"])
-        if isinstance(value.get("ad"), dict):
-            return _classad_from_mapping(classad2, value["ad"])
-        raise ValueError("an object value must be {'expr': ...} or {'ad': ...}")
-    if isinstance(value, list):
-        return [_classad_value(classad2, v) for v in value]
-    return value
-
-
 def _claim_of(peer: Peer) -> Claim | None:
     """The HTCondor claim ``peer`` acts for; ``None`` when none, or when its pid no longer
     belongs to it (it exited, and the number may have been given to someone else)."""
@@ -549,4 +502,4 @@ def _answers(path: Path) -> bool:
     return True
 
 
-__all__ = ["Peer", "ServiceServer", "ad_from_wire", "peer_of"]
+__all__ = ["Peer", "ServiceServer", "peer_of"]

@@ -23,6 +23,7 @@ unpacks with the ``data`` filter, so neither direction can reach outside the job
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import stat
@@ -32,9 +33,15 @@ from pathlib import Path
 from typing import IO, BinaryIO
 
 from glite_vm.errors import AgentError, RequestError
+from glite_vm.vm import bounded_tar
 
 #: Members of one output stream at most (each becomes a file or directory on the host).
 MAX_OUTPUT_MEMBERS = 1_000_000
+#: Bytes of the output files' names together (JSON-quoted, as the pull's answer carries them;
+#: a protocol line holds at most 16 MiB).
+MAX_OUTPUT_NAMES = 12 << 20
+#: Refused members named in the answer; the rest are counted.
+MAX_REFUSED_SHOWN = 100
 _ZERO_CHUNK = bytes(1 << 20)
 
 # Shell fragment (POSIX sh, run as root in the guest) that sets $dev to the transfer disk.
@@ -155,42 +162,65 @@ def extract_stream(
 
     Every byte that comes back from a guest is bounded: the files' sizes together (as the
     archive states them, holes included) may not pass ``limit`` (the job's disk request), nor
-    the members :data:`MAX_OUTPUT_MEMBERS`: either ends the copy with a hold-class
-    :class:`~glite_vm.errors.RequestError` before anything past the bound is written. Files
-    are written sparse (runs of zeros become holes), so a sparse member of a few hundred bytes
-    in the archive takes no more room on the host than in the guest.
+    the members :data:`MAX_OUTPUT_MEMBERS`, nor the files' names together
+    :data:`MAX_OUTPUT_NAMES` (they travel back in one protocol line), nor any tar header the
+    bounds of :mod:`glite_vm.vm.bounded_tar`: each ends the copy with a hold-class
+    :class:`~glite_vm.errors.RequestError` before anything past the bound is written or held
+    in memory. Files are written sparse (runs of zeros become holes), so a sparse member of a
+    few hundred bytes in the archive takes no more room on the host than in the guest.
+    ``raw`` is read once, front to back (a pipe will do).
 
     Members the ``data`` filter refuses (absolute or escaping links, devices) are skipped and
-    their names appended to ``refused``: a job that leaves such a link behind still succeeds.
+    their names appended to ``refused`` (the first :data:`MAX_REFUSED_SHOWN`, then a count): a
+    job that leaves such a link behind still succeeds.
     """
     names: list[str] = []
     budget = _Budget(limit)
+    problems: list[str] = []
+    skipped = 0
     try:
-        with tarfile.open(fileobj=raw, mode="r:") as tar:
-            for member in tar:
-                if member.name in (".", "./"):
-                    continue
-                budget.take(member)
-                problem = _extract_member(tar, member, dest)
-                if problem is not None:
-                    if refused is not None:
-                        refused.append(f"{member.name}: {problem}")
-                    continue
-                if member.isreg():
-                    names.append(os.path.normpath(member.name))
-    except tarfile.ReadError as exc:
+        for tar, member in bounded_tar.members(raw):
+            if member.name in (".", "./"):
+                continue
+            budget.take(member)
+            problem = _extract_member(tar, member, dest)
+            if problem is not None:
+                if len(problems) < MAX_REFUSED_SHOWN:
+                    problems.append(f"{member.name[:200]}: {problem}")
+                else:
+                    skipped += 1
+                continue
+            if member.isreg():
+                name = os.path.normpath(member.name)
+                budget.name(name)
+                names.append(name)
+    except (tarfile.ReadError, tarfile.StreamError) as exc:
         raise AgentError(f"the guest's output stream is not a tar archive: {exc}") from exc
+    if refused is not None:
+        refused.extend(problems)
+        if skipped:
+            refused.append(f"... and {skipped} more")
     return names
 
 
 class _Budget:
-    """What the output of one job may still take: bytes (as the archive states them) and
-    members."""
+    """What the output of one job may still take: bytes (as the archive states them), members
+    and names."""
 
     def __init__(self, limit: int) -> None:
         self.limit = limit
         self.used = 0
         self.members = 0
+        self.names = 0
+
+    def name(self, name: str) -> None:
+        self.names += len(json.dumps(name))  # as the service's answer carries it
+        if self.names > MAX_OUTPUT_NAMES:
+            raise RequestError(
+                "output",
+                f"the names of the job's output files add up to more than {MAX_OUTPUT_NAMES} "
+                "bytes; pack them into an archive in the guest",
+            )
 
     def take(self, member: tarfile.TarInfo) -> None:
         self.members += 1

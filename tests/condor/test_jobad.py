@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import json
 import math
 from pathlib import Path
 
@@ -23,6 +24,7 @@ from glite_vm.condor.jobad import (
     host_failure_count,
     host_failure_history,
     request_from_job_ad,
+    request_values,
     slot_facts_from_machine_ad,
     status_code,
 )
@@ -38,6 +40,7 @@ from glite_vm.errors import (
     ServiceUnavailableError,
 )
 from glite_vm.request import KeepSnapshot, VMRequest
+from glite_vm.service.ad_reader import values_from_wire, values_to_wire
 from glite_vm.slots import SlotFacts
 
 SETTINGS = Settings(max_cpus=8, max_memory_mib=16384, max_disk_bytes=100 * GIB)
@@ -373,6 +376,46 @@ def test_any_classad_gives_a_request_or_a_hold(values: dict[str, object], slot: 
         if text is not None:
             ad[name] = classad2.ExprTree(text)
     _check_outcome(ad, slot, SETTINGS)
+
+
+def _outcome(ad: object, slot: SlotFacts) -> object:
+    try:
+        return request_from_job_ad(ad, slot, SETTINGS)  # type: ignore[arg-type]
+    except GliteVmError as exc:
+        return (type(exc), str(exc))
+
+
+def _read_values(ad: object) -> dict[str, object]:
+    """What the service's bounded job-ad reader hands back, through its JSON."""
+    wire = json.loads(json.dumps(values_to_wire(request_values(ad))))  # type: ignore[arg-type]
+    return values_from_wire(wire)
+
+
+@settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
+@given(
+    values=st.fixed_dictionaries({}, optional=dict.fromkeys(_FIELDS, _PLAIN)),
+    slot=st.sampled_from([SLOT, ROOT_SLOT, NO_FACTS]),
+)
+def test_reading_the_values_first_changes_no_answer(
+    values: dict[str, object], slot: SlotFacts
+) -> None:
+    """The service reads a caller's job ad in a separate process (request_values) and builds
+    the request from the plain values: the same request, or the same error and message."""
+    ad = classad2.ClassAd()
+    for name, value in job(**values).items():
+        text = _classad_text(value)
+        if text is not None:
+            ad[name] = classad2.ExprTree(text)
+    assert _outcome(_read_values(ad), slot) == _outcome(ad, slot)
+    assert _outcome(_read_values(values), slot) == _outcome(values, slot)
+
+
+def test_the_starters_ad_reads_the_same_through_the_values() -> None:
+    ad = classad2.parseOne(STARTER_AD.format(sha="0" * 64), classad2.ParserType.Old)
+    values = _read_values(ad)
+    assert values["RequestDisk"] == 45 and values["RequestMemory"] == 1
+    assert "Cmd" not in values and "DiskUsage" not in values
+    assert _outcome(values, SLOT) == _outcome(ad, SLOT)
 
 
 # --- slot facts ------------------------------------------------------------------------------

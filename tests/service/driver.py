@@ -13,8 +13,10 @@ import base64
 import dataclasses
 import json
 import os
+import socket
 import sys
 import time
+from pathlib import Path
 from typing import Any
 
 from glite_vm.errors import GliteVmError
@@ -30,6 +32,8 @@ def main(request: dict[str, Any]) -> dict[str, Any]:
         except OSError as exc:
             return {"ok": False, "type": "OSError", "errno": exc.errno, "message": str(exc)}
         return {"ok": True, "result": base64.b64encode(data).decode()}
+    if op == "raw":
+        return raw(request["socket"], Path(request["line_file"]).read_bytes())
     client = ServiceClient(
         request.get("socket") or None,
         connect_timeout=float(request.get("connect_timeout", 5.0)),
@@ -44,6 +48,38 @@ def main(request: dict[str, Any]) -> dict[str, Any]:
             "disposition": exc.disposition.value,
             "message": str(exc),
         }
+
+
+def raw(path: str, line: bytes) -> dict[str, Any]:
+    """Send one request line as it is (no client-side checks: what a hostile caller sends) and
+    return the service's final answer, or how the connection ended without one."""
+    with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+        s.settimeout(120)
+        s.connect(path)
+        s.sendall(line)
+        buffer = b""
+        while True:
+            try:
+                chunk = s.recv(1 << 16)
+            except OSError as exc:
+                return {"ok": False, "type": "closed", "message": str(exc)}
+            if not chunk:
+                return {"ok": False, "type": "closed", "message": "no answer"}
+            buffer += chunk
+            while b"\n" in buffer:
+                answer, buffer = buffer.split(b"\n", 1)
+                message = json.loads(answer)
+                if "ok" not in message:
+                    continue  # a heartbeat
+                if message["ok"]:
+                    return {"ok": True, "result": message["result"]}
+                error = message["error"]
+                return {
+                    "ok": False,
+                    "type": error["type"],
+                    "disposition": error["disposition"],
+                    "message": error["message"],
+                }
 
 
 def call(client: ServiceClient, op: str, r: dict[str, Any]) -> Any:

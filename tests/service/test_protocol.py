@@ -27,8 +27,8 @@ from glite_vm.errors import (
 )
 from glite_vm.identity import IdentityConfigError
 from glite_vm.service import protocol
+from glite_vm.service.ad_reader import ad_from_wire
 from glite_vm.service.api import ExecOutcome, TeardownOutcome
-from glite_vm.service.server import ad_from_wire
 from glite_vm.slots import SlotFacts
 
 ERROR_CLASSES = [

@@ -283,6 +283,18 @@ def test_with_existing_hosts_replaces_only_etc_hosts(credentials: HostCredential
     ]
 
 
+def test_without_secrets_keeps_all_but_the_key(credentials: HostCredentials) -> None:
+    setup = plan_guest_setup(HOST, credentials)
+    bare = setup.without_secrets()
+    assert [f.path for f in setup.files if f.secret] == ["/etc/grid-security/hostkey.pem"]
+    assert bare.files == tuple(f for f in setup.files if not f.secret)
+    assert (bare.hostname, bare.directories, bare.commands) == (
+        setup.hostname,
+        setup.directories,
+        setup.commands,
+    )
+
+
 @given(existing=st.binary(max_size=400) | st.text(max_size=400).map(str.encode))
 def test_merged_hosts_name_this_host_exactly_once(existing: bytes) -> None:
     lines = merge_etc_hosts(existing, HOST).decode("utf-8", "surrogateescape").splitlines()
