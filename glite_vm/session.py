@@ -1,8 +1,10 @@
 """One job in one VM, start to finish, on this host: the path `glite-vm run` and the API share.
 
-``run_job`` resolves the image through the cache, boots a VM, copies the input directory in,
-runs the command with its output streamed, copies new and changed files out, and tears the VM
-down whatever happens (an exception, Ctrl-C, a cancel event), keeping the snapshot by policy.
+``run_job`` resolves the image through the cache, boots a VM (again, up to
+``GLITE_VM_BOOT_ATTEMPTS`` times, when a boot fails in a way that need not recur), copies the
+input directory in, runs the command with its output streamed, copies new and changed files
+out, and tears the VM down whatever happens (an exception, Ctrl-C, a cancel event), keeping the
+snapshot by policy. A boot that fails leaves its boot log and no disk.
 """
 
 from __future__ import annotations
@@ -20,8 +22,10 @@ import libvirt
 from glite_vm.config import Settings
 from glite_vm.errors import HypervisorError
 from glite_vm.request import KeepSnapshot, VMRequest
+from glite_vm.vm import libvirt_events
+from glite_vm.vm.boot_attempts import boot_with_retries
 from glite_vm.vm.hypervisor import HypervisorInfo, detect_cached
-from glite_vm.vm.lifecycle import OutputSink, Timings, VmHost
+from glite_vm.vm.lifecycle import OutputSink, Timings, Vm, VmHost
 
 Progress = Callable[[int, int | None], None]
 
@@ -62,6 +66,7 @@ class JobResult:
     cache_hit: bool
     outputs: list[str]
     timings: Timings
+    boot_attempts: int = 1  # boots it took (transient failures are retried, docs/vm.md)
 
 
 def hypervisor_for(settings: Settings) -> HypervisorInfo:
@@ -73,6 +78,8 @@ def open_host(settings: Settings, hypervisor: HypervisorInfo | None = None) -> V
     hv = hypervisor or hypervisor_for(settings)
     # libvirt's default error handler prints every error to stderr; ours are raised instead.
     libvirt.registerErrorHandler(_ignore_libvirt_error, None)
+    # Before connecting: only connections opened after it carry domain events.
+    libvirt_events.start()
     try:
         conn = libvirt.open(settings.effective_libvirt_uri)
     except libvirt.libvirtError as exc:
@@ -122,10 +129,22 @@ def run_job(
         allow_local=allow_local,
     ) as lease:
         image = lease.image
-        vm = host.start(request, image, fetch_seconds=image.fetch_seconds)
+
+        def boot(_attempt: int, seconds_left: float) -> Vm:
+            vm = host.start(request, image, fetch_seconds=image.fetch_seconds)
+            try:
+                vm.wait_ready(seconds_left, cancel=cancel)
+            except BaseException:
+                # A guest that never became ready leaves its boot log, not its disk.
+                vm.teardown(failed=True, keep_override=False)
+                raise
+            return vm
+
+        vm, attempts = boot_with_retries(
+            boot, attempts=settings.boot_attempts, budget=settings.boot_timeout
+        )
         outputs: list[str] = []
         with vm:
-            vm.wait_ready()
             if spec.input_dir is not None:
                 vm.push(spec.input_dir)
             result = vm.run(
@@ -154,4 +173,5 @@ def run_job(
             cache_hit=image.cache_hit,
             outputs=outputs,
             timings=vm.timings,
+            boot_attempts=attempts,
         )

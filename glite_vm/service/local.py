@@ -6,7 +6,9 @@ against ``qemu:///session``. It implements :class:`~glite_vm.service.api.VmServi
 
 * ``prepare``: job ad -> :func:`~glite_vm.condor.jobad.request_from_job_ad` -> image from the
   cache (``allow_local=False``: a job's ad may not name host paths) -> overlay, domain, boot ->
-  agent ready -> guest identity when configured. The VM belongs to the caller (uid in the
+  agent ready -> guest identity when configured. A boot that failed in a way that need not
+  recur is tried again from the lease on (``GLITE_VM_BOOT_ATTEMPTS``; the ad's
+  ``GliteVmBootAttempts`` says how many it took). The VM belongs to the caller (uid in the
   domain metadata); the ad's ``Owner`` is replaced by the caller's account name, so a job ad
   cannot claim someone else's name (``GLITE_VM_ROOT_USERS`` names local accounts). The cache
   lease is held until teardown. On any failure nothing is left: no domain, no overlay, no lease.
@@ -30,7 +32,7 @@ from pathlib import Path
 from glite_vm import __version__
 from glite_vm.condor.jobad import SlotFacts, request_from_job_ad
 from glite_vm.config import Settings
-from glite_vm.errors import AccessDeniedError, HostError, RequestError
+from glite_vm.errors import AccessDeniedError, HostError, RequestError, TransientBootError
 from glite_vm.images import ImageLease, acquire_image
 from glite_vm.images.leases import process_start_time
 from glite_vm.request import VMRequest
@@ -46,6 +48,7 @@ from glite_vm.service.api import (
 )
 from glite_vm.service.registry import FinishedVm, VmRecord, VmRegistry
 from glite_vm.service.sandbox import Identity
+from glite_vm.vm.boot_attempts import boot_with_retries
 from glite_vm.vm.lifecycle import Vm, VmHost, qemu_pid
 
 log = logging.getLogger(__name__)
@@ -114,6 +117,79 @@ class LocalService:
         request = request_from_job_ad(self._as_caller(job_ad), slot, self.settings)
         # After the request: a bad job ad is held for what it is even while libvirtd is down.
         self.registry.ensure_connection()
+
+        def boot(attempt: int, seconds_left: float) -> VmRecord:
+            return self._boot(
+                request,
+                owner_uid=owner_uid,
+                scratch=scratch,
+                starter_pid=starter_pid,
+                starter_start=starter_start,
+                cancel=cancel,
+                timeout=seconds_left,
+                attempt=attempt,
+            )
+
+        record, attempts = boot_with_retries(
+            boot, attempts=self.settings.boot_attempts, budget=self.settings.boot_timeout
+        )
+        vm = record.vm
+        assert record.lease is not None  # every boot attempt leases its image
+        image = record.lease.image
+        try:
+            hostname = self._apply_identity(vm, request, machine_ad)
+        except BaseException as exc:
+            self._abandon(record, exc, cancel)
+            raise
+        attributes: dict[str, object] = {
+            "GliteVmDomain": vm.name,
+            "GliteVmHypervisor": self.host.hypervisor.kind,
+            "GliteVmImageDigest": image.sha256,
+            "GliteVmCacheHit": image.cache_hit,
+            "GliteVmGuestUser": vm.guest_user,
+            "GliteVmBootLogPath": str(vm.boot_log),
+            "GliteVmRecordPath": str(vm.record),
+            "GliteVmNetwork": self.settings.network,
+            "GliteVmTimeFetch": _seconds(vm.timings.fetch),
+            "GliteVmTimeBoot": _seconds(vm.timings.boot),
+            "GliteVmTimeReady": _seconds(vm.timings.ready),
+            "GliteVmBootAttempts": attempts,
+        }
+        if hostname is not None:
+            # Not GliteVmHostname: that is the job's own request, and a requeued job carrying
+            # our answer there would look as if it had asked for a name.
+            attributes["GliteVmGuestHostname"] = hostname
+        record.ad_attributes = attributes
+        self.registry.persist(record)
+        log.info(
+            "prepared %s for job %s of uid %d (%s) in %.1f s",
+            vm.name,
+            request.job_id,
+            owner_uid,
+            image.name,
+            (vm.timings.fetch or 0) + (vm.timings.boot or 0) + (vm.timings.ready or 0),
+        )
+        return PrepareResult(
+            vm=vm.name,
+            ad_attributes=dict(attributes),
+            guest_user=vm.guest_user,
+            boot_log_path=str(vm.boot_log),
+        )
+
+    def _boot(
+        self,
+        request: VMRequest,
+        *,
+        owner_uid: int,
+        scratch: Path,
+        starter_pid: int | None,
+        starter_start: int | None,
+        cancel: threading.Event | None,
+        timeout: float,
+        attempt: int,
+    ) -> VmRecord:
+        """One boot attempt: lease the image, start the VM, wait for its agent. On failure it
+        leaves nothing behind: no domain, no overlay, no lease (the boot log stays)."""
         lease_job_id = f"{request.job_id}/{secrets.token_hex(4)}"
         lease = acquire_image(
             self.settings,
@@ -151,54 +227,29 @@ class LocalService:
             self.registry.add(record)  # from here on a restarted service adopts it
             _give_boot_log(vm, owner_uid)
             _bind_lease_to_qemu(lease, vm.name)
-            vm.wait_ready(cancel=cancel)
-            hostname = self._apply_identity(vm, request, machine_ad)
+            vm.wait_ready(timeout, cancel=cancel)
         except BaseException as exc:
-            log.warning("preparing %s for uid %d failed: %s", vm.name, owner_uid, exc)
-            self.registry.teardown(
-                record,
-                failed=True,
-                keep_override=False,
-                reason=(
-                    "the caller of prepare hung up before the VM was ready"
-                    if cancel is not None and cancel.is_set()
-                    else f"preparing it failed: {exc}"
-                ),
-                event=events.ABANDONED,
-            )
+            self._abandon(record, exc, cancel, attempt)
             raise
-        attributes: dict[str, object] = {
-            "GliteVmDomain": vm.name,
-            "GliteVmHypervisor": self.host.hypervisor.kind,
-            "GliteVmImageDigest": image.sha256,
-            "GliteVmCacheHit": image.cache_hit,
-            "GliteVmGuestUser": vm.guest_user,
-            "GliteVmBootLogPath": str(vm.boot_log),
-            "GliteVmRecordPath": str(vm.record),
-            "GliteVmNetwork": self.settings.network,
-            "GliteVmTimeFetch": _seconds(vm.timings.fetch),
-            "GliteVmTimeBoot": _seconds(vm.timings.boot),
-            "GliteVmTimeReady": _seconds(vm.timings.ready),
-        }
-        if hostname is not None:
-            # Not GliteVmHostname: that is the job's own request, and a requeued job carrying
-            # our answer there would look as if it had asked for a name.
-            attributes["GliteVmGuestHostname"] = hostname
-        record.ad_attributes = attributes
-        self.registry.persist(record)
-        log.info(
-            "prepared %s for job %s of uid %d (%s) in %.1f s",
-            vm.name,
-            request.job_id,
-            owner_uid,
-            image.name,
-            (vm.timings.fetch or 0) + (vm.timings.boot or 0) + (vm.timings.ready or 0),
-        )
-        return PrepareResult(
-            vm=vm.name,
-            ad_attributes=dict(attributes),
-            guest_user=vm.guest_user,
-            boot_log_path=str(vm.boot_log),
+        return record
+
+    def _abandon(
+        self,
+        record: VmRecord,
+        exc: BaseException,
+        cancel: threading.Event | None,
+        attempt: int | None = None,
+    ) -> None:
+        """Tear down a VM whose prepare failed (or whose caller went), saying why."""
+        log.warning("preparing %s for uid %d failed: %s", record.name, record.owner_uid, exc)
+        if cancel is not None and cancel.is_set():
+            reason = "the caller of prepare hung up before the VM was ready"
+        elif attempt is not None and isinstance(exc, TransientBootError):
+            reason = f"boot attempt {attempt} failed: {exc.what}"
+        else:
+            reason = f"preparing it failed: {exc}"
+        self.registry.teardown(
+            record, failed=True, keep_override=False, reason=reason, event=events.ABANDONED
         )
 
     def _check_scratch_dir(self, scratch_dir: str) -> tuple[Path, int]:
