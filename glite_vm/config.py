@@ -201,7 +201,7 @@ class Settings:
     # boots of one job on this host when a boot fails in a way that may not recur (docs/vm.md)
     boot_attempts: int = 3
     # seconds a guest that reached its login prompt or boot target may take to start its agent
-    agent_timeout: float = 30.0
+    agent_timeout: float = 25.0
     teardown_timeout: float = 30.0
     snapshot_dir: Path | None = None  # default: state_dir/snapshots
     # kept snapshots: age and/or total bytes, e.g. "7d", "7d,50GB", "none" (docs/snapshots.md)
