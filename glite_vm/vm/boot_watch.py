@@ -48,6 +48,7 @@ from glite_vm.vm.agent import GuestAgent
 from glite_vm.vm.domain_xml import AGENT_CHANNEL
 
 POLL_SECONDS = 0.1  # between looks at the boot log, the domain and the agent
+AGENT_POLL_SECONDS = 0.02  # between pings once libvirt says the agent's channel opened
 READ_CHUNK = 1 << 20  # bytes of boot log read per poll at most (a chatty guest cannot stall us)
 CONTEXT_LINES = 8  # lines before the decisive one that a message quotes
 MAX_LINE = 240  # characters of one quoted line
@@ -391,7 +392,8 @@ def watch_boot(
                         raise no_agent_error(scanner, now - booted_at, boot_log)
                 if now >= deadline:
                     raise _timeout_error(name, timeout, domain, scanner, boot_log)
-                events.wait(min(POLL_SECONDS, max(deadline - now, 0.0)))
+                pause = AGENT_POLL_SECONDS if events.agent_connected else POLL_SECONDS
+                events.wait(min(pause, max(deadline - now, 0.0)))
         finally:
             tail.close()
 

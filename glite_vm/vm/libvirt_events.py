@@ -154,6 +154,13 @@ class DomainEvents:
     ) -> None:
         self._unsubscribe()
 
+    @property
+    def agent_connected(self) -> bool:
+        """Did the last agent-lifecycle event say the guest opened the agent's channel?"""
+        states = [e.event for e in self.received if e.kind == "agent"]
+        connected = getattr(libvirt, "VIR_CONNECT_DOMAIN_EVENT_AGENT_LIFECYCLE_STATE_CONNECTED", 1)
+        return bool(states) and states[-1] == connected
+
     def wait(self, seconds: float) -> bool:
         """Sleep up to ``seconds``; True if an event arrived (since the last wait)."""
         woken = self._wake.wait(seconds)

@@ -12,7 +12,12 @@ test guests of tests/guest/build.sh, broken the ways the VM tests break them):
   3 % of a core (a CFS quota) during boot: the kernel's timer check failed;
 * ``seabios-no-bootable-device.log``: the direct guest's data disk booted as a disk;
 * ``syslinux-kernel-missing.log``: the disk guest with ``/vmlinuz`` deleted from its boot
-  partition (the loader's output interleaved with its own echo, escapes and all).
+  partition (the loader's output interleaved with its own echo, escapes and all);
+* ``systemd-noagent-login-prompt.log`` and ``systemd-noagent-multi-user.log``: Debian 12's
+  systemd 252 as init (in an initramfs on the test kernel), qemu-guest-agent masked, with an
+  agetty on the serial console — once the getty owns the console, systemd prints no more
+  status lines, so the login prompt is all there is — and without one (then systemd shows its
+  targets, coloured and ellipsised, after waiting 90 s for a ttyS0 device no udev announces).
 """
 
 from __future__ import annotations
@@ -106,6 +111,8 @@ def test_each_broken_boot_is_found_with_the_lines_that_show_it(
         ("direct-login-prompt.log", "glite-guest login:"),
         ("direct-noagent-login-prompt.log", "glite-guest login:"),
         ("disk-boot-ok.log", None),  # no getty: nothing says "booted", and nothing failed
+        ("systemd-noagent-login-prompt.log", "glite-guest login:"),
+        ("systemd-noagent-multi-user.log", "[  OK  ] Reached target getty.target - Login Prompts."),
     ],
 )
 def test_good_boots_show_no_failure_and_a_login_prompt_counts_as_booted(
