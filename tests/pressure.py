@@ -3,7 +3,7 @@
 * :class:`Meddler` watches libvirt for new glite-vm domains whose VM directory lies under a
   root (one test's own) and does something to the first ``count`` of them once they boot:
   ``"kill"`` SIGKILLs their QEMU (a QEMU crash, as libvirt sees it) and ``"starve"`` holds their
-  vCPU to 3 % of a core (a CFS quota through ``virsh schedinfo``) until the kernel is past its
+  vCPU to 3 % of a core (a CFS quota: libvirt's ``vcpu_quota``) until the kernel is past its
   timer setup. Starved like that, a guest kernel without ``no_timer_check`` fails its timer check
   (``IO-APIC + timer doesn't work!``) the way it does on a host crowded with TCG guests.
 * :class:`BusyGuests` boots guests whose only work is to burn their CPU: two of them load both
@@ -15,7 +15,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -32,13 +31,20 @@ from glite_vm.vm.lifecycle import Vm, qemu_pid
 from tests.support import LocalImage
 
 STARVED_QUOTA_US = 3000  # of every 100 ms: measured to fail the timer check every time
+PID_DIR = Path("/run/libvirt/qemu")
 #: Console lines after which the timer check is over (or the kernel panicked in it).
 PAST_TIMER_CHECK = ("Freeing initrd memory", "Kernel panic", "Run /")
 
 
 class Meddler:
     """Do ``action`` to the first ``count`` domains that appear under ``root`` (and whose
-    name contains ``match``) while the ``with`` block runs; :attr:`done` names them."""
+    name contains ``match``) while the ``with`` block runs; :attr:`done` names them.
+
+    New domains are spotted by their QEMU pid files (a directory listing every 10 ms, no
+    libvirt call for domains already judged) and dealt with as soon as libvirt has resumed
+    them (a quota set while libvirt still starts a domain is reset by it), so a guest is
+    starved while its firmware runs, before its kernel's timer check.
+    """
 
     def __init__(self, root: Path, action: str, count: int = 1, match: str = "") -> None:
         if action not in ("kill", "starve"):
@@ -50,7 +56,7 @@ class Meddler:
         self.done: list[str] = []
         self.errors: list[str] = []
         self._conn = libvirt.open("qemu:///system")
-        self._seen = set(_domains_under(self._conn, root))
+        self._known = set(_running_names())
         self._starved: dict[str, Path] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="meddler", daemon=True)
@@ -77,7 +83,7 @@ class Meddler:
                 self._pass()
             except Exception as exc:  # a test helper: report, keep watching
                 self.errors.append(repr(exc))
-            time.sleep(0.05)
+            time.sleep(0.01)
 
     def _pass(self) -> None:
         for name, log in list(self._starved.items()):
@@ -86,43 +92,64 @@ class Meddler:
                 self._release(name)
         if len(self.done) >= self.count:
             return
-        for name, vm_dir in _domains_under(self._conn, self.root).items():
-            if name in self._seen or self.match not in name or len(self.done) >= self.count:
+        for name in _running_names():
+            if name in self._known or self.match not in name or len(self.done) >= self.count:
                 continue
+            vm_dir = self._vm_dir(name)
             pid = qemu_pid(name)
-            log = vm_dir / "boot.log"
-            if pid is None or not log.exists():
-                continue  # not running yet: look again next pass
-            self._seen.add(name)
+            if vm_dir is None or pid is None:
+                self._known.add(name)  # not ours, or gone already
+                continue
+            if not self._running(name):
+                continue  # libvirt is still starting it (and would reset a quota set now)
+            self._known.add(name)
             if self.action == "kill":
+                log = vm_dir / "boot.log"
                 while not _read(log) and qemu_pid(name) is not None:
                     time.sleep(0.01)  # the firmware runs: the guest is booting
                 os.kill(pid, signal.SIGKILL)
             else:
-                _schedinfo(name, STARVED_QUOTA_US)
-                self._starved[name] = log
+                self._quota(name, STARVED_QUOTA_US)
+                self._starved[name] = vm_dir / "boot.log"
             self.done.append(name)
 
-    def _release(self, name: str) -> None:
-        self._starved.pop(name, None)
-        _schedinfo(name, -1)
-
-
-def _domains_under(conn: libvirt.virConnect, root: Path) -> dict[str, Path]:
-    """glite-vm domains whose VM directory lies under ``root``, with that directory."""
-    found = {}
-    for dom in conn.listAllDomains(0):
+    def _vm_dir(self, name: str) -> Path | None:
+        """The VM directory of domain ``name`` if it lies under :attr:`root`."""
         try:
-            if not dom.name().startswith(DOMAIN_PREFIX):
-                continue
+            dom = self._conn.lookupByName(name)
             meta = JobMetadata.from_xml(
                 dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, METADATA_NS)
             )
         except (libvirt.libvirtError, KeyError, ValueError):
-            continue  # gone meanwhile, or not one of ours
-        if Path(meta.vm_dir).is_relative_to(root):
-            found[dom.name()] = Path(meta.vm_dir)
-    return found
+            return None
+        vm_dir = Path(meta.vm_dir)
+        return vm_dir if vm_dir.is_relative_to(self.root) else None
+
+    def _running(self, name: str) -> bool:
+        try:
+            state, _reason = self._conn.lookupByName(name).state()
+        except libvirt.libvirtError:
+            return False
+        return bool(state == libvirt.VIR_DOMAIN_RUNNING)
+
+    def _quota(self, name: str, quota_us: int) -> None:
+        with contextlib.suppress(libvirt.libvirtError):
+            self._conn.lookupByName(name).setSchedulerParametersFlags(
+                {"vcpu_period": 100000, "vcpu_quota": quota_us}, libvirt.VIR_DOMAIN_AFFECT_LIVE
+            )
+
+    def _release(self, name: str) -> None:
+        self._starved.pop(name, None)
+        self._quota(name, -1)
+
+
+def _running_names() -> list[str]:
+    """glite-vm domains whose QEMU runs (libvirt's pid files under qemu:///system)."""
+    try:
+        files = os.listdir(PID_DIR)
+    except OSError:
+        return []
+    return [f[:-4] for f in files if f.endswith(".pid") and f.startswith(DOMAIN_PREFIX)]
 
 
 def _read(path: Path) -> str:
@@ -130,24 +157,6 @@ def _read(path: Path) -> str:
         return path.read_text(errors="replace")
     except OSError:
         return ""
-
-
-def _schedinfo(name: str, quota_us: int) -> None:
-    subprocess.run(
-        [
-            "virsh",
-            "-c",
-            "qemu:///system",
-            "schedinfo",
-            name,
-            "--live",
-            "vcpu_period=100000",
-            f"vcpu_quota={quota_us}",
-        ],
-        capture_output=True,
-        timeout=30,
-        check=False,
-    )
 
 
 class BusyGuests:

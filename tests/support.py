@@ -178,6 +178,8 @@ BROKEN_GUESTS: dict[str, GuestVariant] = {
     "test-roetc": GuestVariant(extra="glite_ro_etc", guest_user="builder"),
     # an account the disk guest lacks: made with its useradd
     "test-builder": GuestVariant(base="disk", guest_user="builder"),
+    # an entry that would run ordinary jobs as root
+    "test-rootuser": GuestVariant(guest_user="root"),
     # without no_timer_check: a starved vCPU fails the kernel's timer check (tests/load.py)
     "test-timercheck": GuestVariant(cmdline="console=ttyS0"),
 }

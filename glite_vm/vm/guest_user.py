@@ -23,10 +23,11 @@ from __future__ import annotations
 
 import re
 
-from glite_vm.errors import GuestUserError
+from glite_vm.errors import AgentError, GuestUserError
 from glite_vm.vm.agent import GuestAgent
 
 PREFERRED_UID = 1000
+PASSWD_LIMIT = 1 << 20  # bytes of the guest's /etc/passwd read at most
 GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #: POSIX-portable account names, as useradd and busybox accept them (no leading "-").
 _NAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
@@ -96,11 +97,21 @@ def valid_user_name(name: str) -> bool:
 
 
 def ensure_guest_user(agent: GuestAgent, user: str, timeout: float = 120.0) -> int:
-    """Make sure ``user`` exists in the guest and is not root; its uid."""
+    """Make sure ``user`` exists in the guest and is not root; its uid.
+
+    The common case, an account in the guest's ``/etc/passwd``, costs one bounded file read
+    through the agent (~30 ms under TCG, a third of running the script); anything else (an
+    account from NSS, none at all) runs :data:`GUEST_ENSURE_USER`.
+    """
     if not valid_user_name(user):
         raise GuestUserError(
             user, "it is not a valid account name (lower-case letters, digits, '_' and '-')"
         )
+    uid = _uid_in_passwd(agent, user)
+    if uid == 0:
+        raise GuestUserError(user, f"the account {user} has uid 0 (root)")
+    if uid is not None:
+        return uid
     status = agent.run(
         ["/bin/sh", "-c", GUEST_ENSURE_USER, "glite-vm", user, str(PREFERRED_UID)],
         timeout=timeout,
@@ -115,3 +126,17 @@ def ensure_guest_user(agent: GuestAgent, user: str, timeout: float = 120.0) -> i
     lines = [line for line in detail.splitlines() if line.strip()][-3:]
     why = " | ".join(lines) or f"exit status {status.exitcode}"
     raise GuestUserError(user, why)
+
+
+def _uid_in_passwd(agent: GuestAgent, user: str) -> int | None:
+    """``user``'s uid from the guest's ``/etc/passwd``, or ``None`` when it is not there (or
+    the file cannot be read: the script decides then)."""
+    try:
+        text = agent.read_file("/etc/passwd", limit=PASSWD_LIMIT)
+    except AgentError:
+        return None
+    for line in text.decode(errors="replace").splitlines():
+        fields = line.split(":")
+        if len(fields) >= 3 and fields[0] == user:
+            return int(fields[2]) if fields[2].isdigit() else None
+    return None

@@ -367,7 +367,7 @@ class Vm:
             agent_timeout=settings.agent_timeout,
             cancel=cancel,
         )
-        if self.guest_user != "root":
+        if not self.request.root:  # an ordinary job's account: made if missing, never root
             ensure_guest_user(self.agent, self.guest_user)
         self.timings.ready = time.monotonic() - start
         return self.timings.ready

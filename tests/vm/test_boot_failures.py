@@ -145,6 +145,14 @@ def test_an_image_whose_etc_cannot_take_the_account_is_held(
     assert "guest_user in its catalogue entry" in message
 
 
+def test_an_entry_that_would_run_ordinary_jobs_as_root_is_held(
+    run_root: Path, catalogue: Path
+) -> None:
+    message = held(glite_vm_run(run_root, catalogue, "test-rootuser", "id", "-u"))
+    assert message.startswith("the image's account 'root' for the job cannot be set up: ")
+    assert "has uid 0 (root)" in message
+
+
 def test_a_truncated_image_is_refused_before_any_vm_starts(
     run_root: Path, catalogue: Path, guest_dir: Path
 ) -> None:
@@ -204,13 +212,21 @@ def test_boots_are_retried_a_bounded_number_of_times_then_the_host_is_blamed(
 
 
 def test_the_timer_check_panic_is_booted_again(run_root: Path, catalogue: Path) -> None:
-    with Meddler(run_root, "starve", count=1) as starver:
-        run = glite_vm_run(run_root, catalogue, "test-timercheck", "echo", "ran")
-    assert len(starver.done) == 1
-    assert run.returncode == 0, run.stderr
-    assert run.result["boot_attempts"] == 2
-    first_log = run_root / "snapshots" / starver.done[0] / "boot.log"
-    assert "Kernel panic - not syncing: IO-APIC + timer doesn't work!" in first_log.read_text()
+    """A starved vCPU fails the timer check nearly always, not always (a loaded host shifts
+    when the quota bites): up to three runs, each starving only its first boot, until one
+    panics; that run must have booted again and succeeded."""
+    for _ in range(3):
+        with Meddler(run_root, "starve", count=1) as starver:
+            run = glite_vm_run(run_root, catalogue, "test-timercheck", "echo", "ran")
+        assert len(starver.done) == 1 and starver.errors == []
+        assert run.returncode == 0, run.stderr
+        first_log = (run_root / "snapshots" / starver.done[0] / "boot.log").read_text()
+        if "Kernel panic - not syncing: IO-APIC + timer doesn't work!" in first_log:
+            assert run.result["boot_attempts"] == 2
+            assert run.result["domain"] != starver.done[0]
+            return
+        assert run.result["boot_attempts"] == 1  # it passed its check: nothing to retry
+    pytest.fail("three starved boots all passed their timer check")
 
 
 def test_no_timer_check_avoids_the_panic_on_a_starved_vcpu(run_root: Path, catalogue: Path) -> None:
