@@ -246,8 +246,8 @@ class LocalService:
             reason = "the caller of prepare hung up before the VM was ready"
         elif attempt is not None and isinstance(exc, TransientBootError):
             reason = f"boot attempt {attempt} failed: {exc.what}"
-        else:
-            reason = f"preparing it failed: {exc}"
+        else:  # the first line: quoted boot-log lines stay in the boot log
+            reason = f"preparing it failed: {str(exc).splitlines()[0] if str(exc) else exc!r}"
         self.registry.teardown(
             record, failed=True, keep_override=False, reason=reason, event=events.ABANDONED
         )
