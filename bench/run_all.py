@@ -6,8 +6,8 @@ and prints a short table of the figures that have targets. Figures of benchmarks
 time stay in bench/results.json from earlier runs (with when they were measured); a benchmark
 that fails is recorded as null. The concurrent benchmark also draws docs/img/timeline.png.
 
-Usage: python bench/run_all.py [NAME ...]   (names: boot overlay transfer cache concurrent
-hooks condor; default all)
+Usage: python bench/run_all.py [NAME ...]   (names: boot boot_failures overlay transfer cache
+concurrent hooks condor; default all)
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typing import Any
 BENCH = Path(__file__).resolve().parent
 RESULTS = BENCH / "results.json"
 TIMELINE = BENCH.parent / "docs" / "img" / "timeline.png"
-ALL = ("boot", "overlay", "transfer", "cache", "concurrent", "hooks", "condor")
+ALL = ("boot", "boot_failures", "overlay", "transfer", "cache", "concurrent", "hooks", "condor")
 EXTRA_ARGS = {"concurrent": ["--png", str(TIMELINE)]}
 
 Figures = dict[str, Any]
@@ -50,6 +50,33 @@ ROWS: list[Row] = [
         "boot",
         "teardown, median",
         lambda f: (f"{f['teardown_s']} s", "<= 1 s", f["teardown_s"] <= 1.0),
+    ),
+    (
+        "boot_failures",
+        "kernel panic reported / good boot",
+        lambda f: (
+            f"{f['panic_ratio']} ({f['panic_s']} s vs {f['good_boot_s']} s)",
+            "<= 1.5",
+            f["panic_ratio"] <= 1.5 and not f["wrong_outcomes"],
+        ),
+    ),
+    (
+        "boot_failures",
+        "nothing to boot reported / good boot",
+        lambda f: (
+            f"{f['no_boot_device_ratio']} ({f['no_boot_device_s']} s)",
+            "<= 1.5",
+            f["no_boot_device_ratio"] <= 1.5 and not f["wrong_outcomes"],
+        ),
+    ),
+    (
+        "boot_failures",
+        "no agent reported, after good boot",
+        lambda f: (
+            f"+{f['no_agent_over_good_s']} s ({f['no_agent_s']} s)",
+            "<= +30 s",
+            f["no_agent_over_good_s"] <= 30 and not f["wrong_outcomes"],
+        ),
     ),
     (
         "overlay",

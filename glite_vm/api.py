@@ -677,6 +677,7 @@ class LocalResult:
     image_digest: str
     cache_hit: bool
     timings: dict[str, float]
+    boot_attempts: int = 1  # boots the VM took (a transient failure is booted again)
 
     @property
     def succeeded(self) -> bool:
@@ -1086,6 +1087,7 @@ def run_local(
         image_digest=done.image_digest,
         cache_hit=done.cache_hit,
         timings={k: v for k, v in done.timings.as_dict().items() if v is not None},
+        boot_attempts=done.boot_attempts,
     )
 
 

@@ -322,7 +322,11 @@ class Settings:
     max_memory_mib: int = _memory(256 * 1024)
     max_disk_bytes: int = _size(2 * TIB)
     # life cycle
-    boot_timeout: float = _seconds(300.0)
+    boot_timeout: float = _seconds(300.0)  # for all boot attempts of one job together
+    # boots of one job on this host when a boot fails in a way that may not recur (docs/vm.md)
+    boot_attempts: int = _count(3, 1)
+    # a guest that reached its login prompt or boot target may take this long to start its agent
+    agent_timeout: float = _seconds(25.0)
     teardown_timeout: float = _seconds(30.0)
     snapshot_dir: Path | None = None  # default: state_dir/snapshots
     # kept snapshots: age and/or total bytes, e.g. "7d", "7d,50GB", "none" (docs/snapshots.md)

@@ -2,8 +2,9 @@
 
 Every error the library raises on purpose is a :class:`GliteVmError`. Each one knows whether the
 job should be **held** (the user must change something: unknown image, bad checksum, refused
-image, root not permitted, impossible sizes) or **requeued** (this host failed: libvirt down,
-disk full, download failure, boot timeout), and its ``str()`` is the message the user reads.
+image, an image that cannot boot, root not permitted, impossible sizes) or **requeued** (this
+host failed: libvirt down, disk full, download failure, boot timeout), and its ``str()`` is the
+message the user reads.
 Errors also subclass the closest built-in exception so callers can catch them naturally
 (``except ValueError`` still catches a bad request).
 """
@@ -122,6 +123,49 @@ class CatalogueInputError(UserError, ValueError):
     """The directory or sidecar files given to ``catalogue build`` cannot make a catalogue."""
 
 
+def _with_boot_log(text: str, boot_log: Path | None, heading: str, lines: str) -> str:
+    if boot_log is not None:
+        text += f"; boot log: {boot_log}"
+    if lines:
+        text += f"\n--- {heading} ---\n" + lines
+    return text
+
+
+class ImageBootError(UserError):
+    """The image cannot boot into a guest that can run a job: its kernel panicked, there is
+    nothing to boot, it powered itself off, or it booted without starting its guest agent.
+
+    ``problem`` says what happened, ``fix`` what to change in the image, ``evidence`` quotes
+    the lines of the boot log that show it.
+    """
+
+    def __init__(
+        self, problem: str, fix: str, boot_log: Path | None = None, evidence: str = ""
+    ) -> None:
+        super().__init__(
+            _with_boot_log(
+                f"the image cannot boot: {problem}; {fix}", boot_log, "from the boot log", evidence
+            )
+        )
+        self.problem = problem
+        self.fix = fix
+        self.boot_log = boot_log
+        self.evidence = evidence
+
+
+class GuestUserError(UserError):
+    """The guest's account for the job is missing and cannot be made, or is root's."""
+
+    def __init__(self, user: str, detail: str) -> None:
+        super().__init__(
+            f"the image's account {user!r} for the job cannot be set up: {detail}; add the "
+            "account to the image (an ordinary user, not uid 0), or name one it has "
+            "(guest_user in its catalogue entry, or GLITE_VM_GUEST_USER)"
+        )
+        self.user = user
+        self.detail = detail
+
+
 # --- host errors: requeue the job -----------------------------------------------------------
 
 
@@ -155,14 +199,16 @@ class BootError(HostError):
     """The guest died or its agent never answered; the message quotes the boot log."""
 
     def __init__(self, message: str, boot_log: Path | None = None, tail: str = "") -> None:
-        text = message
-        if boot_log is not None:
-            text += f"; boot log: {boot_log}"
-        if tail:
-            text += "\n--- last lines of the boot log ---\n" + tail
-        super().__init__(text)
+        super().__init__(_with_boot_log(message, boot_log, "last lines of the boot log", tail))
+        self.what = message
         self.boot_log = boot_log
         self.tail = tail
+
+
+class TransientBootError(BootError):
+    """A boot failed in a way that need not happen again (QEMU crashed; the guest kernel's
+    timer check failed under CPU contention): retried on the same host a bounded number of
+    times (``GLITE_VM_BOOT_ATTEMPTS``), then the job is requeued."""
 
 
 class AgentError(HostError):

@@ -2,11 +2,12 @@
 
 ``run_job`` checks everything it can before a VM exists (the request, the time limit, the
 input directory, that the output directory can be written), resolves the image through the
-cache, boots a VM, copies the input directory in, runs the command with its output streamed,
-copies new and changed files out, and tears the VM down whatever happens (an exception, Ctrl-C,
-a cancel event), keeping the snapshot by policy. A :class:`RunReport` passed in is filled as
-the run goes, so a caller can still name the VM, its boot log, the payload's status and the
-snapshot when a later step fails.
+cache, boots a VM (again, up to ``GLITE_VM_BOOT_ATTEMPTS`` times, when a boot fails in a way
+that need not recur; a boot that fails leaves its boot log and no disk), copies the input
+directory in, runs the command with its output streamed, copies new and changed files out, and
+tears the VM down whatever happens (an exception, Ctrl-C, a cancel event), keeping the snapshot
+by policy. A :class:`RunReport` passed in is filled as the run goes, so a caller can still name
+the VM, its boot log, the payload's status and the snapshot when a later step fails.
 """
 
 from __future__ import annotations
@@ -25,6 +26,8 @@ import libvirt
 from glite_vm.config import Settings, parse_timeout
 from glite_vm.errors import HypervisorError, RequestError
 from glite_vm.request import KeepSnapshot, VMRequest
+from glite_vm.vm import libvirt_events
+from glite_vm.vm.boot_attempts import boot_with_retries
 from glite_vm.vm.hypervisor import HYPERVISOR_CACHE, HypervisorInfo, detect_cached
 from glite_vm.vm.lifecycle import ExecResult, OutputSink, TeardownResult, Timings, Vm, VmHost
 
@@ -78,6 +81,7 @@ class JobResult:
     cache_hit: bool
     outputs: list[str]
     timings: Timings
+    boot_attempts: int = 1  # boots it took (transient failures are retried, docs/vm.md)
 
 
 def hypervisor_for(settings: Settings, *, reprobe: bool = False) -> HypervisorInfo:
@@ -92,6 +96,8 @@ def open_host(settings: Settings, hypervisor: HypervisorInfo | None = None) -> V
     hv = hypervisor or hypervisor_for(settings)
     # libvirt's default error handler prints every error to stderr; ours are raised instead.
     libvirt.registerErrorHandler(_ignore_libvirt_error, None)
+    # Before connecting: only connections opened after it carry domain events.
+    libvirt_events.start()
     try:
         conn = libvirt.open(settings.effective_libvirt_uri)
     except libvirt.libvirtError as exc:
@@ -155,12 +161,24 @@ def run_job(
         allow_local=allow_local,
     ) as lease:
         image = lease.image
-        vm = host.start(request, image, fetch_seconds=image.fetch_seconds)
-        report.domain, report.boot_log_path = vm.name, vm.boot_log
+
+        def boot(_attempt: int, seconds_left: float) -> Vm:
+            vm = host.start(request, image, fetch_seconds=image.fetch_seconds)
+            report.domain, report.boot_log_path = vm.name, vm.boot_log
+            try:
+                vm.wait_ready(seconds_left, cancel=cancel)
+            except BaseException:
+                # A guest that never became ready leaves its boot log, not its disk.
+                vm.teardown(failed=True, keep_override=False)
+                raise
+            return vm
+
+        vm, attempts = boot_with_retries(
+            boot, attempts=settings.boot_attempts, budget=settings.boot_timeout
+        )
         outputs: list[str] = []
         try:
             with vm:
-                vm.wait_ready()
                 if spec.input_dir is not None:
                     vm.push(spec.input_dir)
                 result = vm.run(
@@ -191,6 +209,7 @@ def run_job(
             cache_hit=image.cache_hit,
             outputs=outputs,
             timings=vm.timings,
+            boot_attempts=attempts,
         )
 
 

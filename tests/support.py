@@ -149,48 +149,96 @@ def direct_image_in(guest_dir: Path, manifest: dict[str, Any], name: str) -> Loc
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class GuestVariant:
+    """A catalogue entry made from the test guests (tests/guest/build.sh).
+
+    ``base``: ``direct`` (kernel, initrd and data disk; ``extra`` words are added to its kernel
+    command line, or ``cmdline`` replaces it), ``disk`` (the disk that boots by itself) or
+    ``bare-disk`` (the direct guest's data disk alone: a disk without a boot loader).
+    ``guest_user`` replaces the account the entry names (default: the guests' own);
+    ``initrd`` gives a direct guest an initramfs of its own (e.g. :func:`dash_initrd`).
+    """
+
+    base: str = "direct"
+    extra: str = ""
+    cmdline: str | None = None
+    guest_user: str | None = None
+    initrd: Path | None = None  # an initramfs of its own (see dash_initrd) for a direct guest
+
+
+#: Test images nobody tuned for glite-vm, each broken one way (docs/vm.md, tests/guest/README.md).
+BROKEN_GUESTS: dict[str, GuestVariant] = {
+    # the kernel panics at once: its init exits
+    "test-panic": GuestVariant(extra="rdinit=/bin/false"),
+    # the firmware finds nothing to boot
+    "test-nobootloader": GuestVariant(base="bare-disk"),
+    # reaches a login prompt, never starts its agent
+    "test-agentless": GuestVariant(extra="glite_noagent glite_getty"),
+    # no account for the job (created at boot), and one whose /etc cannot take an account
+    "test-nouser": GuestVariant(extra="glite_nouser"),
+    "test-roetc": GuestVariant(extra="glite_ro_etc", guest_user="builder"),
+    # an account the disk guest lacks: made with its useradd
+    "test-builder": GuestVariant(base="disk", guest_user="builder"),
+    # an entry that would run ordinary jobs as root
+    "test-rootuser": GuestVariant(guest_user="root"),
+    # without no_timer_check: a starved vCPU fails the kernel's timer check (tests/load.py)
+    "test-timercheck": GuestVariant(cmdline="console=ttyS0"),
+}
+
+
 def guest_catalogue(
     guests_src: Path,
     repo: Path,
     *,
     direct: Mapping[str, str] | None = None,
     disk: str | None = None,
-    initrds: Mapping[str, Path] | None = None,
+    variants: Mapping[str, GuestVariant] | None = None,
 ) -> Path:
     """A ``file://`` repository in ``repo`` (created) listing the test guests the way a central
     repository publishes images; the catalogue's path.
 
     ``direct`` names the direct-kernel guest's entries, each with words to add to its kernel
-    command line (e.g. the flag that keeps its agent from starting); ``initrds`` gives some of
-    them an initramfs of their own (see :func:`dash_initrd`); ``disk`` names the disk-boot
-    guest's entry.
+    command line (e.g. the flag that keeps its agent from starting); ``disk`` names the
+    disk-boot guest's entry; ``variants`` adds entries of any :class:`GuestVariant`.
     """
     from glite_vm.images import build_catalogue, write_catalogue  # noqa: PLC0415
     from glite_vm.images.inspect import Limits  # noqa: PLC0415
 
     manifest = json.loads((guests_src / "guests.json").read_text())
     repo.mkdir(mode=0o755, exist_ok=True)
-    user = manifest["user"]
-    files: dict[str, dict[str, str]] = {}
-    if direct:
-        d = manifest["direct"]
-        for name in (d["kernel"], d["initrd"]):
-            shutil.copyfile(guests_src / name, repo / name)
-        for name, extra in direct.items():
-            cmdline = f"{d['cmdline']} {extra}".strip()
-            initrd = d["initrd"]
-            if initrds and name in initrds:
-                initrd = f"{name}-initrd.img"
-                shutil.copyfile(initrds[name], repo / initrd)
-            boot = {"boot": "kernel", "kernel": d["kernel"], "initrd": initrd}
-            files[f"{name}.qcow2"] = {"name": name, **boot, "cmdline": cmdline}
-            shutil.copyfile(guests_src / d["disk"], repo / f"{name}.qcow2")
+    everything = {name: GuestVariant(extra=extra) for name, extra in (direct or {}).items()}
     if disk:
-        files[f"{disk}.qcow2"] = {"name": disk, "os": "test guest"}
-        shutil.copyfile(guests_src / manifest["disk"]["disk"], repo / f"{disk}.qcow2")
+        everything[disk] = GuestVariant(base="disk")
+    everything.update(variants or {})
+    d = manifest["direct"]
+    files: dict[str, dict[str, str]] = {}
+    for name, variant in everything.items():
+        sidecar = {"name": name, "guest_user": variant.guest_user or manifest["user"]}
+        if variant.base == "direct":
+            for file in (d["kernel"], d["initrd"]):
+                if not (repo / file).exists():
+                    shutil.copyfile(guests_src / file, repo / file)
+            cmdline = variant.cmdline or f"{d['cmdline']} {variant.extra}".strip()
+            initrd = d["initrd"]
+            if variant.initrd is not None:
+                initrd = f"{name}-initrd.img"
+                shutil.copyfile(variant.initrd, repo / initrd)
+            sidecar.update(boot="kernel", kernel=d["kernel"], initrd=initrd, cmdline=cmdline)
+            source = d["disk"]
+        elif variant.base == "disk":
+            sidecar["os"] = "test guest"
+            source = manifest["disk"]["disk"]
+        elif variant.base == "bare-disk":
+            sidecar["os"] = "test guest without a boot loader"
+            source = d["disk"]
+        else:
+            raise ValueError(f"unknown test guest base {variant.base!r}")
+        shutil.copyfile(guests_src / source, repo / f"{name}.qcow2")
+        files[f"{name}.qcow2"] = sidecar
     for image, sidecar in files.items():
         (repo / image).chmod(0o644)
-        (repo / f"{image}.json").write_text(json.dumps({**sidecar, "guest_user": user}))
+        (repo / f"{image}.json").write_text(json.dumps(sidecar))
     doc = build_catalogue(repo, limits=Limits(max_virtual_bytes=64 << 30, max_file_bytes=1 << 30))
     return write_catalogue(doc, repo / "catalogue.json")
 
@@ -244,6 +292,14 @@ def dash_initrd(initrd: Path, dest: Path) -> Path:
         return dest
     finally:
         shutil.rmtree(work, ignore_errors=True)
+
+
+def truncated_copy(image: Path, dest: Path, keep: float = 0.5) -> Path:
+    """``dest``: the first ``keep`` of ``image``'s bytes, as a download cut short leaves it."""
+    data = image.read_bytes()
+    dest.write_bytes(data[: int(len(data) * keep)])
+    dest.chmod(0o644)
+    return dest
 
 
 def disk_guest_catalogue(guests_src: Path, repo: Path, name: str) -> Path:

@@ -281,6 +281,8 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
         "glite-vm: timings: "
         + ", ".join(f"{k} {v:.2f}s" for k, v in t.as_dict().items() if v is not None),
     ]
+    if result.boot_attempts > 1:
+        lines.append(f"glite-vm: booted at attempt {result.boot_attempts} (docs/vm.md)")
     if result.outputs:
         lines.append(f"glite-vm: {len(result.outputs)} file(s) copied to {args.output}")
     print("\n".join(lines), file=sys.stderr)
@@ -301,6 +303,7 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
                     "outputs": result.outputs,
                     "timings": t.as_dict(),
                     "error": None,
+                    "boot_attempts": result.boot_attempts,
                 }
             ),
             file=sys.stderr,

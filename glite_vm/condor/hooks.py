@@ -58,7 +58,7 @@ from glite_vm.condor.jobad import (
     status_code,
 )
 from glite_vm.config import Settings
-from glite_vm.errors import BootError, GliteVmError, HostError, RequestError
+from glite_vm.errors import GliteVmError, HostError, RequestError
 from glite_vm.service.api import PrepareResult, TeardownOutcome, VmService
 
 T = TypeVar("T")
@@ -398,8 +398,9 @@ def _prepare_failed(
     previous = host_failure_count(job_ad) if job_ad is not None else 0
     earlier = host_failure_history(job_ad) if job_ad is not None else ""
     attributes: dict[str, AdValue] = {}
-    if isinstance(error, BootError) and error.boot_log is not None:
-        attributes["GliteVmBootLogPath"] = error.boot_log
+    boot_log = getattr(error, "boot_log", None)  # BootError, ImageBootError
+    if isinstance(error, GliteVmError) and isinstance(boot_log, str | Path):
+        attributes["GliteVmBootLogPath"] = boot_log
     if status_code(error) >= 300:
         reason = f"{socket.gethostname()}: {_message(error)}"
         attributes[HOST_FAILURES_ATTR] = append_host_failure(earlier, reason)

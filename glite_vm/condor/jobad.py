@@ -38,13 +38,16 @@ from glite_vm.errors import (
     ChecksumMismatchError,
     DownloadError,
     GliteVmError,
+    GuestUserError,
     HostError,
     HypervisorError,
+    ImageBootError,
     ImageRefusedError,
     LockTimeoutError,
     RequestError,
     RootNotPermittedError,
     ServiceUnavailableError,
+    TransientBootError,
     UnknownImageError,
     UserError,
 )
@@ -64,6 +67,8 @@ HOLD_CODES: Final[Mapping[type[GliteVmError], int]] = {
     ImageRefusedError: 13,
     RootNotPermittedError: 14,
     AccessDeniedError: 15,
+    ImageBootError: 16,
+    GuestUserError: 17,
 }
 #: Held because the job failed on too many hosts in a row (each failure alone would requeue).
 HOST_FAILURES_HOLD_CODE: Final = 20
@@ -77,6 +82,7 @@ REQUEUE_CODES: Final[Mapping[type[GliteVmError], int]] = {
     BootError: 305,
     AgentError: 306,
     ServiceUnavailableError: 307,
+    TransientBootError: 308,
 }
 #: An exception glite-vm did not raise on purpose: the host is at fault until shown otherwise.
 UNEXPECTED_ERROR_CODE: Final = 399

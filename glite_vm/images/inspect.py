@@ -4,9 +4,11 @@ Two layers. First the file's header is read here, in Python, so that images whic
 even a read-only ``qemu-img info`` open other host files are refused without running it: a
 qcow2 with a backing file or an external data file, VMDK descriptors (their extents are host
 paths), and every other format we do not boot. Then ``qemu-img info -U --output=json -f FORMAT``
-confirms the header with QEMU's own parser. The format is *pinned* (qcow2 when the file carries
-the qcow2 magic, raw otherwise) and passed with ``-f``: QEMU never probes, so a raw image whose
-guest-writable first sector looks like a qcow2 header can never be reinterpreted later.
+confirms the header with QEMU's own parser, and for qcow2 a read-only ``qemu-img check`` refuses
+damaged images (truncated downloads, corrupt tables) before any VM boots them. The format is
+*pinned* (qcow2 when the file carries the qcow2 magic, raw otherwise) and passed with ``-f``:
+QEMU never probes, so a raw image whose guest-writable first sector looks like a qcow2 header
+can never be reinterpreted later.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ import os
 import shutil
 import struct
 import subprocess
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -25,6 +28,9 @@ from glite_vm.errors import HypervisorError, ImageRefusedError
 
 SUPPORTED_FORMATS = ("qcow2", "raw")
 QEMU_IMG_TIMEOUT = 60.0
+# qemu-img check reads every table of the image: bounded by the image's (bounded) file size.
+QEMU_IMG_CHECK_TIMEOUT = 300.0
+_CHECK_MESSAGE_BYTES = 4096
 _QCOW_MAGIC = b"QFI\xfb"
 _QCOW2_INCOMPAT_CORRUPT = 1 << 1
 _QCOW2_INCOMPAT_DATA_FILE = 1 << 2
@@ -99,6 +105,8 @@ def inspect_image(
             f"virtual size {format_size(virtual_size)} exceeds the limit "
             f"{format_size(limits.max_virtual_bytes)} (GLITE_VM_MAX_IMAGE_VIRTUAL_BYTES)",
         )
+    if fmt == "qcow2":
+        qemu_img_check(path, source=source)
     return ImageInfo(format=fmt, virtual_size=virtual_size, file_size=file_size, qemu_img=info)
 
 
@@ -185,6 +193,59 @@ def qemu_img_info(path: Path, fmt: str, *, source: str | None = None) -> dict[st
     if not isinstance(info, dict):
         raise HypervisorError("qemu-img info printed something that is not a JSON object")
     return info
+
+
+def qemu_img_check(path: Path, *, source: str | None = None) -> None:
+    """``qemu-img check`` of a qcow2 image whose header passed the checks above: refuse a
+    damaged one (truncated, corrupt tables) with ImageRefusedError before anything boots it.
+
+    Read-only (no ``-r``), format pinned, ``-U`` like ``info``. Leaked clusters (exit status 3)
+    are harmless and accepted. Only the first lines of QEMU's complaints are kept: a truncated
+    image yields one line per missing cluster.
+    """
+    exe = shutil.which("qemu-img")
+    if exe is None:
+        raise HypervisorError("qemu-img is not installed; it is needed to inspect images")
+    argv = [exe, "check", "-U", "--output=json", "-f", "qcow2", str(path.absolute())]
+    with tempfile.TemporaryFile() as errors:
+        try:
+            done = subprocess.run(
+                argv,
+                stdout=subprocess.PIPE,
+                stderr=errors,
+                timeout=QEMU_IMG_CHECK_TIMEOUT,
+                check=False,
+                stdin=subprocess.DEVNULL,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise HypervisorError(
+                f"qemu-img check did not finish in {QEMU_IMG_CHECK_TIMEOUT:.0f}s"
+            ) from exc
+        except OSError as exc:
+            raise HypervisorError(f"cannot run qemu-img: {exc}") from exc
+        errors.seek(0)
+        complaints = errors.read(_CHECK_MESSAGE_BYTES).decode(errors="replace").splitlines()
+    if done.returncode in (0, 3):
+        return
+    try:
+        report = json.loads(done.stdout)
+    except ValueError:
+        report = {}
+    counts = report if isinstance(report, dict) else {}
+    found = [
+        f"{counts[key]} {what}"
+        for key, what in (("corruptions", "corruptions"), ("check-errors", "read errors"))
+        if isinstance(counts.get(key), int) and counts[key] > 0
+    ]
+    first = next((c.strip() for c in complaints if c.strip()), "")
+    detail = ", ".join(found) or f"exit status {done.returncode}"
+    if first:
+        detail += f" (first: {first[:200]})"
+    raise ImageRefusedError(
+        source or str(path),
+        f"it is damaged (truncated or corrupt): qemu-img check found {detail}; "
+        "upload it again or repair it (qemu-img check -r all, on a copy)",
+    )
 
 
 def qemu_img_version() -> str:

@@ -38,7 +38,7 @@ from pathlib import Path
 from glite_vm import __version__
 from glite_vm.condor.jobad import request_from_job_ad, slot_facts_from_machine_ad
 from glite_vm.config import Settings
-from glite_vm.errors import AccessDeniedError, HostError, RequestError
+from glite_vm.errors import AccessDeniedError, HostError, RequestError, TransientBootError
 from glite_vm.images import ImageLease, acquire_image
 from glite_vm.images.leases import process_start_time
 from glite_vm.images.sources import classify_ref
@@ -58,6 +58,7 @@ from glite_vm.service.children import Identity
 from glite_vm.service.claims import Claim, process_uids
 from glite_vm.service.registry import Admission, FinishedVm, VmRecord, VmRegistry
 from glite_vm.slots import SlotFacts, SlotLayout
+from glite_vm.vm.boot_attempts import boot_with_retries
 from glite_vm.vm.lifecycle import Vm, VmHost, qemu_pid
 
 log = logging.getLogger(__name__)
@@ -197,7 +198,70 @@ class LocalService:
         admission: Admission,
         cancel: threading.Event | None,
     ) -> PrepareResult:
-        scratch, owner_uid, starter_pid = place.scratch, place.owner_uid, place.starter_pid
+        def boot(attempt: int, seconds_left: float) -> VmRecord:
+            return self._boot(
+                request, place, admission, cancel=cancel, timeout=seconds_left, attempt=attempt
+            )
+
+        record, attempts = boot_with_retries(
+            boot, attempts=self.settings.boot_attempts, budget=self.settings.boot_timeout
+        )
+        vm = record.vm
+        assert record.lease is not None  # every boot attempt leases its image
+        image = record.lease.image
+        try:
+            hostname = self._apply_identity(vm, request, place.slot_name)
+        except BaseException as exc:
+            self._abandon(record, exc, cancel)
+            raise
+        attributes: dict[str, object] = {
+            "GliteVmDomain": vm.name,
+            "GliteVmHypervisor": self.host.hypervisor.kind,
+            "GliteVmImageDigest": image.sha256,
+            "GliteVmCacheHit": image.cache_hit,
+            "GliteVmGuestUser": vm.guest_user,
+            "GliteVmBootLogPath": str(vm.boot_log),
+            "GliteVmRecordPath": str(vm.record),
+            # Not GliteVmNetwork: that is the job's request (as with the hostname below).
+            "GliteVmGuestNetwork": request.network,
+            "GliteVmTimeFetch": _seconds(vm.timings.fetch),
+            "GliteVmTimeBoot": _seconds(vm.timings.boot),
+            "GliteVmTimeReady": _seconds(vm.timings.ready),
+            "GliteVmBootAttempts": attempts,
+        }
+        if hostname is not None:
+            # Not GliteVmHostname: that is the job's own request, and a requeued job carrying
+            # our answer there would look as if it had asked for a name.
+            attributes["GliteVmGuestHostname"] = hostname
+        record.ad_attributes = attributes
+        self.registry.persist(record)
+        log.info(
+            "prepared %s for job %s of uid %d (%s) in %.1f s",
+            vm.name,
+            request.job_id,
+            place.owner_uid,
+            image.name,
+            (vm.timings.fetch or 0) + (vm.timings.boot or 0) + (vm.timings.ready or 0),
+        )
+        return PrepareResult(
+            vm=vm.name,
+            ad_attributes=dict(attributes),
+            guest_user=vm.guest_user,
+            boot_log_path=str(vm.boot_log),
+        )
+
+    def _boot(
+        self,
+        request: VMRequest,
+        place: _Place,
+        admission: Admission,
+        *,
+        cancel: threading.Event | None,
+        timeout: float,
+        attempt: int,
+    ) -> VmRecord:
+        """One boot attempt: lease the image, start the VM, wait for its agent. On failure it
+        leaves nothing behind: no domain, no overlay, no lease (the boot log stays)."""
         lease_job_id = f"{request.job_id}/{secrets.token_hex(4)}"
         lease = acquire_image(
             self.settings,
@@ -214,9 +278,9 @@ class LocalService:
             vm = self.host.start(
                 request,
                 image,
-                owner_uid=owner_uid,
-                starter_pid=starter_pid,
-                scratch_dir=scratch,
+                owner_uid=place.owner_uid,
+                starter_pid=place.starter_pid,
+                scratch_dir=place.scratch,
                 fetch_seconds=image.fetch_seconds,
             )
         except BaseException:
@@ -224,9 +288,9 @@ class LocalService:
             raise
         record = VmRecord(
             vm,
-            owner_uid=owner_uid,
-            scratch_dir=str(scratch),
-            starter_pid=starter_pid,
+            owner_uid=place.owner_uid,
+            scratch_dir=str(place.scratch),
+            starter_pid=place.starter_pid,
             starter_start=place.starter_start,
             lease_job_id=lease_job_id,
             created=time.time(),
@@ -235,57 +299,31 @@ class LocalService:
         )
         try:
             self.registry.add(record, admission)  # from here on a restarted service adopts it
-            _give_boot_log(vm, owner_uid)
+            _give_boot_log(vm, place.owner_uid)
             _bind_lease_to_qemu(lease, vm.name)
-            vm.wait_ready(cancel=cancel)
-            hostname = self._apply_identity(vm, request, place.slot_name)
+            vm.wait_ready(timeout, cancel=cancel)
         except BaseException as exc:
-            log.warning("preparing %s for uid %d failed: %s", vm.name, owner_uid, exc)
-            self.registry.teardown(
-                record,
-                failed=True,
-                keep_override=False,
-                reason=(
-                    "the caller of prepare hung up before the VM was ready"
-                    if cancel is not None and cancel.is_set()
-                    else f"preparing it failed: {exc}"
-                ),
-                event=events.ABANDONED,
-            )
+            self._abandon(record, exc, cancel, attempt)
             raise
-        attributes: dict[str, object] = {
-            "GliteVmDomain": vm.name,
-            "GliteVmHypervisor": self.host.hypervisor.kind,
-            "GliteVmImageDigest": image.sha256,
-            "GliteVmCacheHit": image.cache_hit,
-            "GliteVmGuestUser": vm.guest_user,
-            "GliteVmBootLogPath": str(vm.boot_log),
-            "GliteVmRecordPath": str(vm.record),
-            # Not GliteVmNetwork: that is the job's request (as with the hostname below).
-            "GliteVmGuestNetwork": request.network,
-            "GliteVmTimeFetch": _seconds(vm.timings.fetch),
-            "GliteVmTimeBoot": _seconds(vm.timings.boot),
-            "GliteVmTimeReady": _seconds(vm.timings.ready),
-        }
-        if hostname is not None:
-            # Not GliteVmHostname: that is the job's own request, and a requeued job carrying
-            # our answer there would look as if it had asked for a name.
-            attributes["GliteVmGuestHostname"] = hostname
-        record.ad_attributes = attributes
-        self.registry.persist(record)
-        log.info(
-            "prepared %s for job %s of uid %d (%s) in %.1f s",
-            vm.name,
-            request.job_id,
-            owner_uid,
-            image.name,
-            (vm.timings.fetch or 0) + (vm.timings.boot or 0) + (vm.timings.ready or 0),
-        )
-        return PrepareResult(
-            vm=vm.name,
-            ad_attributes=dict(attributes),
-            guest_user=vm.guest_user,
-            boot_log_path=str(vm.boot_log),
+        return record
+
+    def _abandon(
+        self,
+        record: VmRecord,
+        exc: BaseException,
+        cancel: threading.Event | None,
+        attempt: int | None = None,
+    ) -> None:
+        """Tear down a VM whose prepare failed (or whose caller went), saying why."""
+        log.warning("preparing %s for uid %d failed: %s", record.name, record.owner_uid, exc)
+        if cancel is not None and cancel.is_set():
+            reason = "the caller of prepare hung up before the VM was ready"
+        elif attempt is not None and isinstance(exc, TransientBootError):
+            reason = f"boot attempt {attempt} failed: {exc.what}"
+        else:  # the first line: quoted boot-log lines stay in the boot log
+            reason = f"preparing it failed: {str(exc).splitlines()[0] if str(exc) else exc!r}"
+        self.registry.teardown(
+            record, failed=True, keep_override=False, reason=reason, event=events.ABANDONED
         )
 
     def _check_scratch_dir(self, scratch_dir: str) -> tuple[Path, int]:

@@ -30,7 +30,6 @@ import libvirt
 from glite_vm.config import Settings
 from glite_vm.errors import (
     AgentError,
-    BootError,
     HypervisorError,
     PayloadTimeoutError,
     RequestError,
@@ -38,6 +37,7 @@ from glite_vm.errors import (
 from glite_vm.request import VMRequest
 from glite_vm.vm import transfer
 from glite_vm.vm.agent import GUEST_PATH, GuestAgent
+from glite_vm.vm.boot_watch import watch_boot
 from glite_vm.vm.domain_xml import (
     DOMAIN_PREFIX,
     METADATA_NS,
@@ -47,6 +47,7 @@ from glite_vm.vm.domain_xml import (
     build_domain_xml,
     domain_name,
 )
+from glite_vm.vm.guest_user import ensure_guest_user
 from glite_vm.vm.hypervisor import HypervisorInfo
 from glite_vm.vm.qemu_user import let_qemu_read
 
@@ -367,38 +368,26 @@ class Vm:
     def wait_ready(
         self, timeout: float | None = None, *, cancel: threading.Event | None = None
     ) -> float:
-        """Wait until the guest agent answers; seconds from domain start. Raises BootError,
-        or AgentError once ``cancel`` is set (whoever wanted the VM is gone)."""
-        bound = self.host.settings.boot_timeout if timeout is None else timeout
+        """Wait until the guest agent answers and the job's guest account exists; seconds from
+        domain start. Fails fast with the cause (:mod:`glite_vm.vm.boot_watch`): ImageBootError
+        or GuestUserError when the image is at fault, TransientBootError, BootError, or
+        AgentError once ``cancel`` is set (whoever wanted the VM is gone)."""
+        if self.domain is None:
+            raise AgentError(f"{self.name} has no domain")
+        settings = self.host.settings
         start = time.monotonic()
-        deadline = start + bound
-        agent = self.agent
-        while True:
-            if not self._domain_active():
-                raise BootError(
-                    f"the VM {self.name} stopped before its guest agent answered",
-                    self.boot_log,
-                    boot_log_tail(self.boot_log),
-                )
-            if agent.ping(timeout=1):
-                break
-            if cancel is not None and cancel.is_set():
-                raise AgentError(f"stopped waiting for {self.name} to boot: cancelled")
-            if time.monotonic() >= deadline:
-                raise BootError(
-                    f"the guest agent of {self.name} did not answer within {bound:g} s",
-                    self.boot_log,
-                    boot_log_tail(self.boot_log),
-                )
-            time.sleep(0.02)
+        watch_boot(
+            self.domain,
+            self.boot_log,
+            name=self.name,
+            timeout=settings.boot_timeout if timeout is None else timeout,
+            agent_timeout=settings.agent_timeout,
+            cancel=cancel,
+        )
+        if not self.request.root:  # an ordinary job's account: made if missing, never root
+            ensure_guest_user(self.agent, self.guest_user)
         self.timings.ready = time.monotonic() - start
         return self.timings.ready
-
-    def _domain_active(self) -> bool:
-        try:
-            return self.domain is not None and bool(self.domain.isActive())
-        except libvirt.libvirtError:
-            return False
 
     # -- running things ----------------------------------------------------------------------
 

@@ -34,10 +34,13 @@ from glite_vm.errors import (
     ChecksumMismatchError,
     Disposition,
     GliteVmError,
+    GuestUserError,
+    ImageBootError,
     ImageRefusedError,
     RequestError,
     RootNotPermittedError,
     ServiceUnavailableError,
+    TransientBootError,
 )
 from glite_vm.request import KeepSnapshot, VMRequest
 from glite_vm.service.ad_reader import values_from_wire, values_to_wire
@@ -479,6 +482,19 @@ def test_status_codes_stay_in_their_ranges() -> None:
     for err in (RequestError("f", "p"), RootNotPermittedError("no"), ImageRefusedError("s", "r")):
         assert 1 <= status_code(err) <= 299
     assert status_code(BootError("b")) >= 300
+
+
+def test_an_image_that_cannot_boot_is_held_and_a_transient_boot_failure_requeued() -> None:
+    image = ImageBootError("its kernel panicked (x)", "fix the kernel", Path("/v/boot.log"))
+    code, message = status(hook_status_lines(image, 0, 3))
+    assert code == 16
+    assert message.startswith("the image cannot boot: its kernel panicked (x); fix the kernel")
+    code, message = status(hook_status_lines(GuestUserError("builder", "read-only /etc"), 0, 3))
+    assert code == 17
+    assert "'builder'" in message and "read-only /etc" in message
+    code, message = status(hook_status_lines(TransientBootError("QEMU stopped"), 0, 3))
+    assert code == 308
+    assert message.startswith("host failure 1 of at most 3, the job goes back to the queue: ")
 
 
 def test_host_failures_are_counted_from_num_vacates_by_reason() -> None:

@@ -11,7 +11,10 @@
 #       partition (kernel + small initramfs), ext4 root file system on partition 2.
 #
 # Both start qemu-guest-agent on the virtio-serial port org.qemu.guest_agent.0 unless the
-# kernel command line contains "glite_noagent".  OUTDIR/guests.json describes the outputs.
+# kernel command line contains "glite_noagent"; more glite_* words make the direct guest
+# broken in other ways (tests/guest/README.md).  Both boot with "no_timer_check" (under CPU
+# contention a TCG guest's kernel can fail its timer check and panic).  The disk guest has
+# useradd/groupadd (Debian's passwd package).  OUTDIR/guests.json describes the outputs.
 #
 # Cached and idempotent: OUTDIR/.build-stamp holds the sha256 of this script; when it matches
 # and all outputs exist the script exits at once.  Downloaded .debs are kept in OUTDIR/debs.
@@ -42,8 +45,8 @@ GUEST_USER=glite
 GUEST_UID=1000
 AGENT_PORT_NAME=org.qemu.guest_agent.0
 NOAGENT_FLAG=glite_noagent
-DIRECT_CMDLINE="console=ttyS0"
-DISK_CMDLINE="console=ttyS0 root=LABEL=glite-root"
+DIRECT_CMDLINE="console=ttyS0 no_timer_check"
+DISK_CMDLINE="console=ttyS0 root=LABEL=glite-root no_timer_check"
 MODULES="virtio_pci virtio_console virtio_blk virtio_net ext4"
 DATA_DISK_SIZE=1G
 BOOT_DISK_SIZE_MIB=1024
@@ -138,19 +141,23 @@ log "kernel package $KPKG"
 KDEB=$(fetch_deb "$KPKG")
 BBDEB=$(fetch_deb busybox-static)
 QGADEB=$(fetch_deb qemu-guest-agent)
+PASSWDDEB=$(fetch_deb passwd)
 
 X=$WORK/x
-mkdir -p "$X/kernel" "$X/busybox" "$X/qga"
+mkdir -p "$X/kernel" "$X/busybox" "$X/qga" "$X/passwd"
 dpkg-deb --fsys-tarfile "$KDEB" | tar -x -C "$X/kernel" ./boot ./lib/modules
 dpkg-deb -x "$BBDEB" "$X/busybox"
 dpkg-deb -x "$QGADEB" "$X/qga"
+dpkg-deb -x "$PASSWDDEB" "$X/passwd"
 
 VMLINUZ=$X/kernel/boot/vmlinuz-$KVER
 KMODDIR=$X/kernel/lib/modules/$KVER
 BB=$X/busybox/bin/busybox
 QGA=$X/qga/usr/sbin/qemu-ga
 UDHCPC_SCRIPT=$X/busybox/usr/share/doc/busybox-static/examples/udhcp/simple.script
-for f in "$VMLINUZ" "$BB" "$QGA" "$UDHCPC_SCRIPT"; do
+USERADD=$X/passwd/usr/sbin/useradd
+GROUPADD=$X/passwd/usr/sbin/groupadd
+for f in "$VMLINUZ" "$BB" "$QGA" "$UDHCPC_SCRIPT" "$USERADD" "$GROUPADD"; do
     [ -f "$f" ] || die "expected file missing after extracting the packages: ${f#"$X"/}"
 done
 [ -d "$KMODDIR" ] || die "no modules directory lib/modules/$KVER in $KPKG"
@@ -203,18 +210,28 @@ install_modules() {
     printf '%s\n' "${MOD_ORDER[@]}" > "$root/etc/glite-guest/modules"
 }
 
-# ---- qemu-ga shared libraries (from the host, same Debian release) ----------------------
-QGA_LIBS=()
-notfound=()
-while read -r line; do
-    case $line in
-        *"=> not found"*) notfound+=("${line%% *}") ;;
-        *"=> /"*) l=${line#*=> }; QGA_LIBS+=("${l%% (*}") ;;
-        /*) QGA_LIBS+=("${line%% (*}") ;;
-    esac
-done < <(ldd "$QGA")
-[ ${#notfound[@]} -eq 0 ] || die "qemu-ga needs libraries missing on this host: ${notfound[*]} (install qemu-system-x86 / the packages qemu-guest-agent depends on)"
-[ ${#QGA_LIBS[@]} -gt 0 ] || die "ldd found no libraries for qemu-ga"
+# ---- shared libraries of qemu-ga and the account tools (from the host, same Debian release)
+# host_libs BINARY...: sets HOST_LIBS to the libraries the binaries need (dies if one is missing)
+host_libs() {
+    local line l bin
+    HOST_LIBS=()
+    local notfound=()
+    for bin in "$@"; do
+        while read -r line; do
+            case $line in
+                *"=> not found"*) notfound+=("${line%% *}") ;;
+                *"=> /"*) l=${line#*=> }; HOST_LIBS+=("${l%% (*}") ;;
+                /*) HOST_LIBS+=("${line%% (*}") ;;
+            esac
+        done < <(ldd "$bin")
+    done
+    [ ${#notfound[@]} -eq 0 ] || die "${*##*/} need libraries missing on this host: ${notfound[*]} (install qemu-system-x86 and passwd / the packages they depend on)"
+    [ ${#HOST_LIBS[@]} -gt 0 ] || die "ldd found no libraries for ${*##*/}"
+}
+host_libs "$QGA"
+QGA_LIBS=("${HOST_LIBS[@]}")
+host_libs "$USERADD" "$GROUPADD"
+ACCOUNT_LIBS=("${HOST_LIBS[@]}")
 
 # ---- guest scripts ----------------------------------------------------------------------
 write_common_sh() {
@@ -256,10 +273,24 @@ has_flag() { grep -qw -- "$1" /proc/cmdline; }
 start_services() {
     hostname -F /etc/hostname
     ifconfig lo 127.0.0.1 up 2>/dev/null || true
+    # Broken on purpose, for the tests of images nobody tuned for glite-vm:
+    if has_flag glite_nouser; then  # an image without the job's account
+        for f in /etc/passwd /etc/group /etc/shadow; do
+            grep -v '^glite:' "$f" > "$f.new" && cat "$f.new" > "$f" && rm -f "$f.new"
+        done
+        say "glite_nouser on the kernel command line: removed the account glite"
+    fi
+    if has_flag glite_ro_etc; then  # an image whose /etc cannot be written
+        mount --bind /etc /etc && mount -o remount,ro,bind /etc
+        say "glite_ro_etc on the kernel command line: /etc is read-only"
+    fi
     if has_flag glite_noagent; then
         say "glite_noagent on the kernel command line: NOT starting the agent"
     else
         /usr/sbin/glite-agent </dev/null >/dev/console 2>&1 &
+    fi
+    if has_flag glite_getty; then  # a login prompt on the serial console, as images show
+        (while :; do getty -L 115200 ttyS0 vt100; sleep 1; done) </dev/null >/dev/null 2>&1 &
     fi
 }
 
@@ -394,15 +425,34 @@ EOF
     write_shutdown "$r/sbin/shutdown"
 }
 
-# add_agent ROOT: qemu-ga, its libraries and the restart loop
-add_agent() {
+# copy_libs ROOT LIB...: host libraries into the guest at the same paths
+copy_libs() {
     local r=$1 l
-    install -m 755 "$QGA" "$r/usr/sbin/qemu-ga"
-    for l in "${QGA_LIBS[@]}"; do
+    shift
+    for l in "$@"; do
         mkdir -p "$r$(dirname "$l")"
         cp -L "$l" "$r$l"
     done
+}
+
+# add_agent ROOT: qemu-ga, its libraries and the restart loop
+add_agent() {
+    local r=$1
+    install -m 755 "$QGA" "$r/usr/sbin/qemu-ga"
+    copy_libs "$r" "${QGA_LIBS[@]}"
     write_agent_loop "$r/usr/sbin/glite-agent"
+}
+
+# add_account_tools ROOT: useradd and groupadd (Debian's passwd package) with their libraries
+add_account_tools() {
+    local r=$1
+    install -m 755 "$USERADD" "$r/usr/sbin/useradd"
+    install -m 755 "$GROUPADD" "$r/usr/sbin/groupadd"
+    mkdir -p "$r/etc/default"
+    install -m 644 "$X/passwd/etc/default/useradd" "$r/etc/default/useradd"
+    printf 'UID_MIN 1000\nUID_MAX 60000\nGID_MIN 1000\nGID_MAX 60000\nCREATE_HOME yes\n' > "$r/etc/login.defs"
+    mkdir -p "$r/etc/skel"
+    copy_libs "$r" "${ACCOUNT_LIBS[@]}"
 }
 
 # self_test ROOT: run the guest's own binaries in a chroot (no mounts needed)
@@ -525,6 +575,7 @@ make_cpio "$I" "$WORK/disk-initrd.img"
 R2=$WORK/disk-root
 make_base "$R2"
 add_agent "$R2"
+add_account_tools "$R2"
 rm -f "$R2/sbin/init"
 cat > "$R2/sbin/init" <<'EOF'
 #!/bin/sh
@@ -539,6 +590,7 @@ pid1_loop
 EOF
 chmod 755 "$R2/sbin/init"
 self_test "$R2"
+out=$(chroot "$R2" /usr/sbin/useradd --help 2>&1) || die "useradd does not run in the disk guest: $out"
 
 SECT=512
 TOTAL_SECTORS=$((BOOT_DISK_SIZE_MIB * 2048))

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import hashlib
+import struct
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -132,6 +134,54 @@ def test_encrypted_and_malformed_qcow2_are_refused(tmp_path: Path) -> None:
         inspect_image(broken, source="broken", limits=LIMITS)
 
 
+def filled_image(tmp_path: Path) -> Path:
+    """A qcow2 with 8 MiB of data in it (so that cutting it loses clusters)."""
+    raw = tmp_path / "data.raw"
+    raw.write_bytes(random_bytes(8 * MIB, 7))
+    path = tmp_path / "filled.qcow2"
+    qemu_img("convert", "-q", "-f", "raw", "-O", "qcow2", str(raw), str(path))
+    return path
+
+
+def leaky_image(tmp_path: Path) -> Path:
+    """A qcow2 with one leaked cluster (counted, used by nothing): wasteful, harmless."""
+    path = tmp_path / "leaky.qcow2"
+    qemu_img("create", "-q", "-f", "qcow2", str(path), "1M")
+    data = bytearray(path.read_bytes())
+    cluster = 1 << struct.unpack_from(">I", data, 20)[0]
+    (refcount_table,) = struct.unpack_from(">Q", data, 48)
+    (refcount_block,) = struct.unpack_from(">Q", data, refcount_table)
+    end = -(-len(data) // cluster)
+    data = bytearray(data.ljust((end + 1) * cluster, b"\0"))
+    struct.pack_into(">H", data, refcount_block + 2 * end, 1)  # 16-bit refcounts (v3 default)
+    path.write_bytes(bytes(data))
+    return path
+
+
+def test_a_truncated_qcow2_is_refused_as_damaged(tmp_path: Path) -> None:
+    whole = filled_image(tmp_path)
+    assert inspect_image(whole, source="whole", limits=LIMITS).format == "qcow2"
+    cut = tmp_path / "cut.qcow2"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    with pytest.raises(ImageRefusedError) as info:
+        inspect_image(cut, source="cut.qcow2", limits=LIMITS)
+    assert info.value.disposition is Disposition.HOLD
+    message = str(info.value)
+    assert message.startswith("image cut.qcow2 refused: it is damaged (truncated or corrupt): ")
+    assert "qemu-img check found" in message and "corruptions (first: ERROR" in message
+    assert "upload it again" in message
+    assert len(message) < 600  # one complaint quoted, not one per lost cluster
+
+
+def test_a_qcow2_with_leaked_clusters_is_accepted(tmp_path: Path) -> None:
+    leaky = leaky_image(tmp_path)
+    check = subprocess.run(
+        ["qemu-img", "check", "-f", "qcow2", str(leaky)], capture_output=True, check=False
+    )
+    assert check.returncode == 3, check.stdout  # qemu-img's "leaks, no corruption"
+    assert inspect_image(leaky, source="leaky", limits=LIMITS).virtual_size == MIB
+
+
 def test_declared_format_must_match_the_file(tmp_path: Path) -> None:
     q = tmp_path / "ok.qcow2"
     qemu_img("create", "-q", "-f", "qcow2", str(q), "1M")
@@ -149,7 +199,7 @@ def test_file_size_cap(tmp_path: Path) -> None:
 # --- the same checks on the acquire path -------------------------------------------------------
 
 
-@pytest.mark.parametrize("kind", ["backing", "data_file", "huge"])
+@pytest.mark.parametrize("kind", ["backing", "data_file", "huge", "truncated"])
 def test_hostile_custom_images_from_a_job_are_refused_and_not_cached(
     kind: str,
     tmp_path: Path,
@@ -163,8 +213,12 @@ def test_hostile_custom_images_from_a_job_are_refused_and_not_cached(
         image = backing_file_image(tmp_path)
     elif kind == "data_file":
         image, digest = data_file_image(tmp_path, canary)
-    else:
+    elif kind == "huge":
         image = huge_image(tmp_path)
+    else:
+        image = tmp_path / "truncated.qcow2"
+        data = filled_image(tmp_path).read_bytes()
+        image.write_bytes(data[: len(data) // 2])
     server.put(f"custom/{kind}.qcow2", image.read_bytes())
     with pytest.raises(ImageRefusedError) as info:
         acquire_image(settings, server.url(f"custom/{kind}.qcow2"), job_id="1.0")

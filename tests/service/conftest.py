@@ -27,7 +27,7 @@ from tests.service.svc_support import (
     ensure_account,
     our_domains,
 )
-from tests.support import guest_catalogue
+from tests.support import BROKEN_GUESTS, guest_catalogue
 from tests.support import service_env as support_service_env
 
 REAP_INTERVAL = 2.0
@@ -57,10 +57,19 @@ def svc_root() -> Iterator[Path]:
 
 @pytest.fixture(scope="session")
 def catalogue(svc_root: Path, guest_dir: Path, guests: dict[str, Any]) -> Path:
-    """``test-direct`` (the direct-kernel guest) and ``test-noagent`` (the same guest told not
-    to start its agent), published the way a central repository publishes images."""
-    variants = {"test-direct": "", "test-noagent": guests["noagent_flag"]}
-    return guest_catalogue(guest_dir, svc_root / "repo", direct=variants)
+    """``test-direct`` (the direct-kernel guest), ``test-noagent`` (the same guest told not
+    to start its agent) and the broken guests of tests/support.py, published the way a central
+    repository publishes images."""
+    direct = {"test-direct": "", "test-noagent": guests["noagent_flag"]}
+    return guest_catalogue(guest_dir, svc_root / "repo", direct=direct, variants=BROKEN_GUESTS)
+
+
+@pytest.fixture(scope="session")
+def custom_images(svc_root: Path) -> Path:
+    """Where the ``service`` fixture takes custom images from (``file://`` URLs under it)."""
+    path = svc_root / "custom"
+    path.mkdir(mode=0o755, exist_ok=True)
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -135,7 +144,8 @@ def service(
     svc_root: Path, catalogue: Path, hypervisor_probe: Path, alice: Account, bob: Account
 ) -> Iterator[ServiceProcess]:
     state = new_state_dir(svc_root / "state", hypervisor_probe)
-    env = service_env(svc_root, catalogue)
+    sources = {"GLITE_VM_CUSTOM_IMAGE_SOURCES": (svc_root / "custom").as_uri() + "/"}
+    env = service_env(svc_root, catalogue, sources)
     svc = ServiceProcess(Path(env["GLITE_VM_SOCKET_PATH"]), env, svc_root / "service.log")
     svc.start()
     try:

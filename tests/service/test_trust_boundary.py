@@ -42,7 +42,7 @@ from tests.service.svc_support import (
     stdout_of,
     wait_for,
 )
-from tests.support import dash_initrd, guest_catalogue
+from tests.support import GuestVariant, dash_initrd, guest_catalogue
 
 pytestmark = pytest.mark.vm
 
@@ -91,9 +91,9 @@ def boundary(
     catalogue = guest_catalogue(
         guest_dir,
         root / "repo",
-        direct={"test-direct": "", "test-dash": ""},
+        direct={"test-direct": ""},
         disk="test-disk",
-        initrds={"test-dash": dash},
+        variants={"test-dash": GuestVariant(initrd=dash)},
     )
     ca = init_ca(root / "ca", name="glite-vm boundary test CA")
     shim = root / "shim"

@@ -34,7 +34,7 @@ from tests.service.svc_support import (
     stdout_of,
     wait_for,
 )
-from tests.support import dash_initrd, guest_catalogue
+from tests.support import GuestVariant, dash_initrd, guest_catalogue
 
 pytestmark = pytest.mark.vm
 
@@ -72,8 +72,8 @@ def site(
     catalogue = guest_catalogue(
         guest_dir,
         root / "repo",
-        direct={"test-direct": "", "test-dash": ""},
-        initrds={"test-dash": dash},
+        direct={"test-direct": ""},
+        variants={"test-dash": GuestVariant(initrd=dash)},
     )
     env = service_env(root, catalogue, SLOT_ENV)
     svc = ServiceProcess(Path(env["GLITE_VM_SOCKET_PATH"]), env, root / "service.log")
