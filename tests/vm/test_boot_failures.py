@@ -71,7 +71,7 @@ def glite_vm_run(root: Path, catalogue: Path, image: str, *argv: str, **env: str
         "GLITE_VM_CONFIG": "/nonexistent",
         "GLITE_VM_CATALOGUE": str(catalogue),
         "GLITE_VM_BOOT_TIMEOUT": str(BOOT_TIMEOUT),
-        "GLITE_VM_DEFAULT_MEMORY_MIB": "512",
+        "GLITE_VM_DEFAULT_MEMORY_MIB": "512MiB",
         "GLITE_VM_DEFAULT_DISK_BYTES": "2GiB",
         **{f"GLITE_VM_{k.upper()}": v for k, v in env.items()},
     }

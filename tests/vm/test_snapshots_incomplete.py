@@ -37,7 +37,7 @@ def glite_vm_env(state: Path) -> dict[str, str]:
         "LC_ALL": "C.UTF-8",
         "GLITE_VM_STATE_DIR": str(state),
         "GLITE_VM_CONFIG": "/nonexistent",
-        "GLITE_VM_DEFAULT_MEMORY_MIB": "512",
+        "GLITE_VM_DEFAULT_MEMORY_MIB": "512MiB",
         "GLITE_VM_DEFAULT_DISK_BYTES": "2GiB",
         "GLITE_VM_BOOT_TIMEOUT": "240",
     }
