@@ -36,7 +36,7 @@ sys.path.insert(0, str(REPO))
 import requests  # noqa: E402
 
 from glite_vm.config import MIB, Settings  # noqa: E402
-from glite_vm.images import acquire_image  # noqa: E402
+from glite_vm.images.acquire import acquire_image  # noqa: E402
 from glite_vm.images.download import Fetch, download  # noqa: E402
 
 IMAGE = "bench.img"

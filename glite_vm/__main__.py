@@ -2,6 +2,6 @@
 
 import sys
 
-from glite_vm.cli import main
+from glite_vm.cli.main import main
 
 sys.exit(main())

@@ -286,7 +286,7 @@ class VmJob:
         object.__setattr__(self, "env", dict(self.env))
 
     def _normalise_vm(self) -> None:
-        from glite_vm.identity import validate_hostname  # noqa: PLC0415 - keeps import light
+        from glite_vm.identity.hostname import validate_hostname  # noqa: PLC0415 - keeps import light
 
         if not isinstance(self.root, bool):
             raise RequestError("root", f"must be True or False, got {self.root!r}")

@@ -129,7 +129,7 @@ def run_job(
     ``output_dir`` (or the job-ad attribute of a bad VM field) before anything boots;
     :class:`~glite_vm.errors.PayloadTimeoutError` when the payload outlives ``spec.timeout``.
     """
-    from glite_vm.images import acquire_image  # noqa: PLC0415 - keeps this module light
+    from glite_vm.images.acquire import acquire_image  # noqa: PLC0415 - keeps this module light
 
     settings = host.settings
     report = report if report is not None else RunReport()

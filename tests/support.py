@@ -202,7 +202,7 @@ def guest_catalogue(
     command line (e.g. the flag that keeps its agent from starting); ``disk`` names the
     disk-boot guest's entry; ``variants`` adds entries of any :class:`GuestVariant`.
     """
-    from glite_vm.images import build_catalogue, write_catalogue  # noqa: PLC0415
+    from glite_vm.images.build import build_catalogue, write_catalogue  # noqa: PLC0415
     from glite_vm.images.inspect import Limits  # noqa: PLC0415
 
     manifest = json.loads((guests_src / "guests.json").read_text())

@@ -11,7 +11,7 @@ from pathlib import Path
 
 from glite_vm.config import Settings
 from glite_vm.errors import UserError
-from glite_vm.identity import (
+from glite_vm.identity.certs import (
     HOST_CERT_FILE,
     HOST_KEY_FILE,
     KEY_TYPES,
@@ -20,8 +20,8 @@ from glite_vm.identity import (
     init_ca,
     issue_to_directory,
     not_valid_after,
-    subject_hash,
 )
+from glite_vm.identity.x509name import subject_hash
 
 DEFAULT_DAYS = 365
 

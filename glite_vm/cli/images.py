@@ -22,17 +22,11 @@ from glite_vm.cli.common import (
 from glite_vm.cli.progress import ProgressBar
 from glite_vm.config import Settings, format_size, parse_size
 from glite_vm.errors import GliteVmError
-from glite_vm.images import (
-    ImageCache,
-    Limits,
-    acquire_image,
-    build_catalogue,
-    load_catalogue,
-    write_catalogue,
-)
-from glite_vm.images.build import CATALOGUE_NAME
-from glite_vm.images.cache import PrunePlan
-from glite_vm.images.catalogue import format_age
+from glite_vm.images.acquire import acquire_image
+from glite_vm.images.build import CATALOGUE_NAME, build_catalogue, write_catalogue
+from glite_vm.images.cache import ImageCache, PrunePlan
+from glite_vm.images.catalogue import format_age, load_catalogue
+from glite_vm.images.inspect import Limits
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from types import FrameType
 
-from glite_vm.cli import dispatch
+from glite_vm.cli.main import dispatch
 from glite_vm.config import Settings, parse_duration
 from glite_vm.errors import AccessDeniedError
 from glite_vm.service.events import EVENTS, event_log_path, read_events

@@ -51,7 +51,7 @@ from glite_vm.errors import (
     UnknownImageError,
     UserError,
 )
-from glite_vm.identity import resolve_hostname
+from glite_vm.identity.hostname import resolve_hostname
 from glite_vm.images.sources import classify_ref
 from glite_vm.request import KeepSnapshot, VMRequest
 from glite_vm.slots import SlotFacts

@@ -39,7 +39,7 @@ from glite_vm import __version__
 from glite_vm.condor.jobad import request_from_job_ad, slot_facts_from_machine_ad
 from glite_vm.config import Settings
 from glite_vm.errors import AccessDeniedError, HostError, RequestError, TransientBootError
-from glite_vm.images import ImageLease, acquire_image
+from glite_vm.images.acquire import ImageLease, acquire_image
 from glite_vm.images.leases import process_start_time
 from glite_vm.images.sources import classify_ref
 from glite_vm.request import VMRequest
@@ -378,7 +378,7 @@ class LocalService:
         )
         if not wanted:
             return None
-        from glite_vm.identity import prepare_guest_identity  # noqa: PLC0415
+        from glite_vm.identity.guest import prepare_guest_identity  # noqa: PLC0415
         from glite_vm.vm.guest_setup import apply_guest_setup  # noqa: PLC0415
 
         setup = prepare_guest_identity(

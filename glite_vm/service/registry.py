@@ -37,7 +37,7 @@ import libvirt
 
 from glite_vm.config import Settings
 from glite_vm.errors import AccessDeniedError, HypervisorError
-from glite_vm.images import ImageLease, release_job_leases
+from glite_vm.images.acquire import ImageLease, release_job_leases
 from glite_vm.images.cache import ImageCache
 from glite_vm.images.leases import process_alive, read_leases, write_lease
 from glite_vm.request import KeepSnapshot, VMRequest

@@ -1,4 +1,4 @@
-"""Apply a :class:`~glite_vm.identity.GuestSetup` inside a running VM, as root, before the payload.
+"""Apply a :class:`~glite_vm.identity.guest.GuestSetup` inside a running VM, as root, before the payload.
 
 Call it between :meth:`Vm.wait_ready` and :meth:`Vm.run`::
 
@@ -46,7 +46,7 @@ import time
 from collections.abc import Iterable, Sequence
 
 from glite_vm.errors import AgentError
-from glite_vm.identity import HOSTS_PATH, GuestDirectory, GuestFile, GuestSetup
+from glite_vm.identity.guest import HOSTS_PATH, GuestDirectory, GuestFile, GuestSetup
 from glite_vm.vm.agent import ExecStatus, GuestAgent
 from glite_vm.vm.lifecycle import Vm
 

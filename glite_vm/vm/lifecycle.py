@@ -91,7 +91,7 @@ make_workdir "$1" "$2"
 
 
 class BaseImage(Protocol):
-    """What the VM layer needs of a resolved image (``glite_vm.images.ResolvedImage``)."""
+    """What the VM layer needs of a resolved image (``glite_vm.images.acquire.ResolvedImage``)."""
 
     @property
     def name(self) -> str: ...

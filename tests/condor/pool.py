@@ -22,7 +22,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
-from glite_vm.cli import main as glite_vm_cli
+from glite_vm.cli.main import main as glite_vm_cli
 from glite_vm.condor.config import ExecuteHostConfig, render_execute_config
 
 REPO = Path(__file__).resolve().parents[2]

@@ -8,7 +8,7 @@ from pathlib import Path
 import classad2
 import pytest
 
-from glite_vm.cli import main
+from glite_vm.cli.main import main
 from glite_vm.condor.config import (
     CRON_JOBS,
     HOOK_FILES,

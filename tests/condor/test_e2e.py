@@ -25,7 +25,7 @@ import pytest
 from glite_vm.condor.jobad import HOST_FAILURES_ATTR, HOST_FAILURES_HOLD_CODE
 from glite_vm.condor.launcher import LAUNCHER_FAILURE_EXIT
 from glite_vm.config import GIB
-from glite_vm.images import write_catalogue
+from glite_vm.images.build import write_catalogue
 from glite_vm.service.events import event_log_path, read_events
 from glite_vm.slots import SlotLayout
 from tests.condor.pool import JobAd, PersonalPool, glite_vm_execute_host, running_pool, wait_until

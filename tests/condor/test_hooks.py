@@ -744,7 +744,7 @@ def test_the_source_trees_hooks_are_the_installed_ones_with_a_portable_interpret
 
 
 def test_hook_install_writes_runnable_hooks_naming_this_python(tmp_path: Path) -> None:
-    from glite_vm.cli import main as cli  # noqa: PLC0415
+    from glite_vm.cli.main import main as cli  # noqa: PLC0415
 
     target = tmp_path / "hooks"
     assert cli(["hook", "install", str(target), "--python", sys.executable]) == 0

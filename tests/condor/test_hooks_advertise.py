@@ -15,7 +15,9 @@ import pytest
 from glite_vm.condor.advertise import collect, render
 from glite_vm.condor.config import ExecuteHostConfig, render_execute_config
 from glite_vm.config import MIB, Settings
-from glite_vm.images import Limits, acquire_image, build_catalogue, write_catalogue
+from glite_vm.images.acquire import acquire_image
+from glite_vm.images.build import build_catalogue, write_catalogue
+from glite_vm.images.inspect import Limits
 from glite_vm.slots import SlotLayout
 from glite_vm.vm import hypervisor as hv
 

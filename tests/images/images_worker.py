@@ -17,7 +17,7 @@ from pathlib import Path
 
 from glite_vm.config import Settings
 from glite_vm.errors import GliteVmError
-from glite_vm.images import acquire_image
+from glite_vm.images.acquire import acquire_image
 
 
 def main() -> int:

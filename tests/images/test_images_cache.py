@@ -24,7 +24,8 @@ from glite_vm.errors import (
     ImageRefusedError,
     LockTimeoutError,
 )
-from glite_vm.images import ImageCache, ImageLease, acquire_image, release_job_leases
+from glite_vm.images.acquire import ImageLease, acquire_image, release_job_leases
+from glite_vm.images.cache import ImageCache
 from tests.images.images_helpers import (
     Repo,
     random_bytes,

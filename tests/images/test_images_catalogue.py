@@ -19,16 +19,10 @@ from glite_vm.errors import (
     DownloadError,
     UnknownImageError,
 )
-from glite_vm.images import (
-    Limits,
-    acquire_image,
-    build_catalogue,
-    catalogue_url,
-    load_catalogue,
-    parse_catalogue,
-    write_catalogue,
-)
-from glite_vm.images.catalogue import CatalogueStore
+from glite_vm.images.acquire import acquire_image
+from glite_vm.images.build import build_catalogue, write_catalogue
+from glite_vm.images.catalogue import CatalogueStore, catalogue_url, load_catalogue, parse_catalogue
+from glite_vm.images.inspect import Limits
 from tests.images.images_helpers import Repo, qemu_img, random_bytes, sha256_of
 from tests.images.images_http import Fault, LoopbackServer
 

@@ -18,8 +18,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from glite_vm.errors import CatalogueError, Disposition
-from glite_vm.images import parse_catalogue
-from glite_vm.images.catalogue import BOOT_KINDS, CatalogueEntry, FileRef
+from glite_vm.images.catalogue import BOOT_KINDS, CatalogueEntry, FileRef, parse_catalogue
 from glite_vm.images.inspect import SUPPORTED_FORMATS
 from glite_vm.images.sources import NAME_RE, URL_SCHEMES
 

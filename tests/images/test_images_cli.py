@@ -14,7 +14,8 @@ from glite_vm.cli import images as cli
 from glite_vm.cli.progress import ProgressBar
 from glite_vm.config import MIB, Settings
 from glite_vm.errors import RequestError, UserError
-from glite_vm.images import ImageCache, acquire_image
+from glite_vm.images.acquire import acquire_image
+from glite_vm.images.cache import ImageCache
 from tests.images.images_helpers import Repo, qemu_img, random_bytes
 
 

@@ -10,10 +10,9 @@ import pytest
 import requests
 
 from glite_vm.errors import Disposition, ImageRefusedError, RequestError
-from glite_vm.images import classify_ref
 from glite_vm.images._open_as import open_as
 from glite_vm.images._transport import FileAccess, NotFound, Refused, open_url
-from glite_vm.images.sources import check_sha256
+from glite_vm.images.sources import check_sha256, classify_ref
 from tests.support import scratch_root
 
 SOURCES = ("https://repo.example.org/images/", "http://mirror.example.org:8080/vm")

@@ -283,7 +283,7 @@ def events_of(state: Path, vm: str) -> list[Event]:
     return [e for e in read_events(event_log_path(state)) if e.vm == vm]
 
 
-_CLI = "import sys; from glite_vm.cli import main; sys.exit(main())"
+_CLI = "import sys; from glite_vm.cli.main import main; sys.exit(main())"
 
 
 def admin_cli(svc: ServiceProcess, *args: str) -> subprocess.CompletedProcess[str]:
@@ -292,7 +292,7 @@ def admin_cli(svc: ServiceProcess, *args: str) -> subprocess.CompletedProcess[st
         [
             sys.executable,
             "-c",
-            "import sys; from glite_vm.cli import main; sys.exit(main())",
+            "import sys; from glite_vm.cli.main import main; sys.exit(main())",
             *args,
         ],
         capture_output=True,

@@ -25,7 +25,7 @@ from glite_vm.errors import (
     UnknownImageError,
     UserError,
 )
-from glite_vm.identity import IdentityConfigError
+from glite_vm.identity.errors import IdentityConfigError
 from glite_vm.service import protocol
 from glite_vm.service.ad_reader import ad_from_wire
 from glite_vm.service.api import ExecOutcome, TeardownOutcome

@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-from glite_vm.cli import build_parser
+from glite_vm.cli.main import build_parser
 from glite_vm.config import GIB, MIB, Settings, parse_duration, parse_memory_mib, parse_size
 from glite_vm.errors import RequestError
 

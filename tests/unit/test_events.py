@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from glite_vm.cli import main as glite_vm
+from glite_vm.cli.main import main as glite_vm
 from glite_vm.service.events import (
     ABANDONED,
     REAPED,
@@ -146,7 +146,7 @@ def test_a_non_root_reader_is_told_what_it_cannot_read(state: Path) -> None:
     event_log_path(state).chmod(0o600)
 
     def events_as_nobody(config: str) -> subprocess.CompletedProcess[str]:
-        cli = "import sys; from glite_vm.cli import main; sys.exit(main())"
+        cli = "import sys; from glite_vm.cli.main import main; sys.exit(main())"
         nobody = ["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "--"]
         return subprocess.run(
             [*nobody, sys.executable, "-c", cli, "events"],

@@ -19,11 +19,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from glite_vm.config import Settings
 from glite_vm.errors import Disposition
-from glite_vm.identity import (
+from glite_vm.identity.certs import (
     BACKDATE,
-    HostCertificateError,
     HostCredentials,
-    IdentityConfigError,
     LocalCA,
     certificate_lifetime,
     certificate_source,
@@ -34,6 +32,7 @@ from glite_vm.identity import (
     not_valid_after,
     not_valid_before,
 )
+from glite_vm.identity.errors import HostCertificateError, IdentityConfigError
 
 OPENSSL = shutil.which("openssl") or "openssl-is-required-for-these-tests"
 HOST = "node1-slot1.example.org"

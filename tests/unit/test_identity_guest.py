@@ -17,22 +17,19 @@ from hypothesis import strategies as st
 
 from glite_vm.config import Settings
 from glite_vm.errors import Disposition, RequestError
-from glite_vm.identity import (
+from glite_vm.identity.certs import HostCredentials, LocalCA, init_ca, issue_to_directory
+from glite_vm.identity.errors import HostCertificateError
+from glite_vm.identity.guest import (
     HOSTCERT_PATH,
     HOSTKEY_PATH,
     TRUST_DIR,
     GuestDirectory,
     GuestFile,
-    HostCertificateError,
-    HostCredentials,
-    LocalCA,
-    Secret,
-    init_ca,
-    issue_to_directory,
     merge_etc_hosts,
     plan_guest_setup,
     prepare_guest_identity,
 )
+from glite_vm.identity.secret import Secret
 
 OPENSSL = shutil.which("openssl") or "openssl-is-required-for-these-tests"
 HOST = "node1-slot1.example.org"

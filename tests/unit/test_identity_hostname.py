@@ -10,12 +10,8 @@ from hypothesis import strategies as st
 
 from glite_vm.config import Settings
 from glite_vm.errors import Disposition, RequestError
-from glite_vm.identity import (
-    IdentityConfigError,
-    hostname_from_pattern,
-    resolve_hostname,
-    validate_hostname,
-)
+from glite_vm.identity.errors import IdentityConfigError
+from glite_vm.identity.hostname import hostname_from_pattern, resolve_hostname, validate_hostname
 
 # An oracle written from RFC 1123 / RFC 1035, independent of the code under test.
 _RFC_LABEL = re.compile(r"[a-z0-9]([a-z0-9-]*[a-z0-9])?")

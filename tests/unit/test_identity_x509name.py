@@ -16,7 +16,7 @@ from cryptography.x509.oid import NameOID
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from glite_vm.identity import subject_hash, subject_hash_old, subject_oneline
+from glite_vm.identity.x509name import subject_hash, subject_hash_old, subject_oneline
 
 OPENSSL = shutil.which("openssl") or "openssl-is-required-for-these-tests"
 _KEY = ec.generate_private_key(ec.SECP256R1())

@@ -28,7 +28,7 @@ from glite_vm.api import (
 )
 from glite_vm.config import Settings
 from glite_vm.errors import PayloadTimeoutError, RequestError, UnknownImageError
-from glite_vm.images import build_catalogue, write_catalogue
+from glite_vm.images.build import build_catalogue, write_catalogue
 from glite_vm.images.inspect import Limits
 from tests.conftest import world_traversable_tmpdir
 from tests.support import our_domain_names, sha256_of

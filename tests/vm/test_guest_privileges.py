@@ -23,11 +23,11 @@ from typing import Any
 import pytest
 
 from glite_vm.errors import AgentError
-from glite_vm.identity import (
+from glite_vm.identity.certs import init_ca
+from glite_vm.identity.guest import (
     GRID_SECURITY_DIR,
     HOSTKEY_PATH,
     GuestSetup,
-    init_ca,
     prepare_guest_identity,
 )
 from glite_vm.request import VMRequest

@@ -22,19 +22,21 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from glite_vm.config import Settings
 from glite_vm.errors import AgentError, Disposition
-from glite_vm.identity import (
-    GRID_SECURITY_DIR,
-    HOSTCERT_PATH,
-    HOSTKEY_PATH,
-    TRUST_DIR,
+from glite_vm.identity.certs import (
     CaFiles,
-    GuestFile,
-    GuestSetup,
-    HostCertificateError,
     init_ca,
     issue_to_directory,
     not_valid_after,
     not_valid_before,
+)
+from glite_vm.identity.errors import HostCertificateError
+from glite_vm.identity.guest import (
+    GRID_SECURITY_DIR,
+    HOSTCERT_PATH,
+    HOSTKEY_PATH,
+    TRUST_DIR,
+    GuestFile,
+    GuestSetup,
     prepare_guest_identity,
 )
 from glite_vm.request import VMRequest

@@ -28,7 +28,8 @@ from typing import Any
 import pytest
 
 from glite_vm.config import GIB, MIB, Retention, Settings
-from glite_vm.images import acquire_image, build_catalogue, write_catalogue
+from glite_vm.images.acquire import acquire_image
+from glite_vm.images.build import build_catalogue, write_catalogue
 from glite_vm.images.inspect import Limits
 from glite_vm.request import VMRequest
 from glite_vm.snapshots import (

@@ -10,7 +10,7 @@ import re
 
 from glite_vm.config import Settings
 from glite_vm.errors import RequestError
-from glite_vm.identity._errors import IdentityConfigError
+from glite_vm.identity.errors import IdentityConfigError
 
 MAX_HOSTNAME = 253  # RFC 1035 name length without the trailing dot
 MAX_LABEL = 63

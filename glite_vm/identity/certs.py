@@ -17,9 +17,9 @@ from cryptography.hazmat.primitives.asymmetric import ec, rsa
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from glite_vm.config import Settings
-from glite_vm.identity._errors import HostCertificateError, IdentityConfigError
-from glite_vm.identity._hostname import validate_hostname
-from glite_vm.identity._secret import Secret
+from glite_vm.identity.errors import HostCertificateError, IdentityConfigError
+from glite_vm.identity.hostname import validate_hostname
+from glite_vm.identity.secret import Secret
 
 _log = logging.getLogger(__name__)
 

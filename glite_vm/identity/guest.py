@@ -19,16 +19,16 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from glite_vm.config import Settings
-from glite_vm.identity._certs import (
+from glite_vm.identity.certs import (
     CertificateSummary,
     HostCredentials,
     host_credentials,
     load_ca_bundle,
     split_pem_certificates,
 )
-from glite_vm.identity._hostname import resolve_hostname, validate_hostname
-from glite_vm.identity._secret import Secret
-from glite_vm.identity._x509name import subject_hash, subject_hash_old, subject_oneline
+from glite_vm.identity.hostname import resolve_hostname, validate_hostname
+from glite_vm.identity.secret import Secret
+from glite_vm.identity.x509name import subject_hash, subject_hash_old, subject_oneline
 
 GRID_SECURITY_DIR = "/etc/grid-security"
 TRUST_DIR = "/etc/grid-security/certificates"
