@@ -178,6 +178,10 @@ class ServiceServer:
         while not stop.wait(interval):
             try:
                 self.registry.reap_once()
+            except GliteVmError as exc:
+                # libvirtd down or restarting (noticed at once: the event loop watches the
+                # connection); the next pass reconnects
+                log.warning("reaper pass failed: %s", exc)
             except Exception:
                 log.exception("reaper pass failed")
 
