@@ -42,7 +42,7 @@ from glite_vm.vm.agent import GuestAgent
 from glite_vm.vm.domain_xml import DomainSpec, JobMetadata, build_domain_xml, with_serial_console
 from glite_vm.vm.lifecycle import VmHost
 from tests.service.svc_support import Account, as_user, ensure_account
-from tests.support import LocalImage, local_image, our_domain_names, sha256_of
+from tests.support import LocalImage, domains_under, local_image, our_domain_names, sha256_of
 
 pytestmark = pytest.mark.vm
 
@@ -184,8 +184,13 @@ def kept(
     )
     assert sha256_of(snapshot) == digest  # every boot and export left it as it was
     shutil.rmtree(homes, ignore_errors=True)
-    leftovers = [n for n in our_domain_names() if ".debug-" in n]
+    leftovers = debug_boots(settings)
     assert not leftovers, f"snapshot VMs left behind: {leftovers}"
+
+
+def debug_boots(settings: Settings) -> list[str]:
+    """This run's snapshot boots (other runs sharing the libvirtd boot the same job id)."""
+    return [n for n in domains_under(settings.state_dir) if ".debug-" in n]
 
 
 def lines(proc: subprocess.CompletedProcess[bytes]) -> str:
@@ -278,7 +283,7 @@ def reap(pid: int, fd: int, buf: bytearray, grace: float = 60.0) -> int:
 
 
 def debug_domain(kept: Kept) -> str:
-    names = [n for n in our_domain_names() if n.startswith(f"glite-vm-root-{JOB_ID}.debug-")]
+    names = [n for n in debug_boots(kept.settings) if n.startswith(f"glite-vm-root-{JOB_ID}.")]
     assert len(names) == 1, names
     return names[0]
 
@@ -329,7 +334,7 @@ def test_boot_attaches_an_interactive_console_and_leaves_the_snapshot_unchanged(
     assert os.waitstatus_to_exitcode(wait_status) == 0, text[-3000:]
     assert "console closed (Ctrl-] typed)" in text
     assert "stopped and removed" in text
-    assert not [n for n in our_domain_names() if ".debug-" in n]
+    assert not debug_boots(kept.settings)
     assert not any(boots_root(kept.settings).iterdir())  # workspace gone
     assert sha256_of(kept.snapshot) == kept.digest
 
@@ -340,7 +345,7 @@ def test_boot_with_a_command_runs_it_through_the_agent(kept: Kept) -> None:
     assert proc.stdout.decode() == MARKER
     assert b"stopped and removed" in proc.stderr
     assert sha256_of(kept.snapshot) == kept.digest
-    assert not [n for n in our_domain_names() if ".debug-" in n]
+    assert not debug_boots(kept.settings)
 
 
 def test_a_killed_boot_is_cleaned_up_by_prune(kept: Kept) -> None:
@@ -496,7 +501,7 @@ def test_another_user_cannot_list_show_boot_or_export_it(kept: Kept) -> None:
             check=False,
         )
         assert cat.returncode != 0 and not cat.stdout
-    assert not [n for n in our_domain_names() if ".debug-" in n]
+    assert not debug_boots(kept.settings)
 
 
 # --- prune ---------------------------------------------------------------------------------------
