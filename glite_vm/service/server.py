@@ -189,7 +189,9 @@ class ServiceServer:
         while not stop.wait(interval):
             try:
                 self.registry.reap_once()
-            except GliteVmError as exc:  # libvirtd away for a moment: the next pass retries
+            except GliteVmError as exc:
+                # libvirtd down or restarting (noticed at once: the event loop watches the
+                # connection); the next pass reconnects
                 log.warning("reaper pass failed: %s", exc)
             except Exception:
                 log.exception("reaper pass failed")

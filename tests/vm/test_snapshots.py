@@ -189,6 +189,11 @@ def kept(
     assert not leftovers, f"snapshot VMs left behind: {leftovers}"
 
 
+def debug_boots(settings: Settings) -> list[str]:
+    """This run's snapshot boots (other runs sharing the libvirtd boot the same job id)."""
+    return [n for n in domains_under(settings.state_dir) if ".debug-" in n]
+
+
 def lines(proc: subprocess.CompletedProcess[bytes]) -> str:
     return proc.stdout.decode() + proc.stderr.decode()
 
@@ -278,13 +283,10 @@ def reap(pid: int, fd: int, buf: bytearray, grace: float = 60.0) -> int:
         read_until(fd, b"\0never\0", buf, 0.2)
 
 
-def debug_domains(kept: Kept) -> list[str]:
-    """The throw-away VMs of this module's snapshot (other runs on this libvirtd have theirs)."""
-    return [n for n in domains_under(kept.settings.state_dir) if ".debug-" in n]
-
-
 def debug_domain(kept: Kept) -> str:
-    names = [n for n in debug_domains(kept) if n.startswith(f"glite-vm-root-{JOB_ID}.debug-")]
+    names = [
+        n for n in debug_boots(kept.settings) if n.startswith(f"glite-vm-root-{JOB_ID}.debug-")
+    ]
     assert len(names) == 1, names
     return names[0]
 
@@ -335,7 +337,7 @@ def test_boot_attaches_an_interactive_console_and_leaves_the_snapshot_unchanged(
     assert os.waitstatus_to_exitcode(wait_status) == 0, text[-3000:]
     assert "console closed (Ctrl-] typed)" in text
     assert "stopped and removed" in text
-    assert not debug_domains(kept)
+    assert not debug_boots(kept.settings)
     assert not any(boots_root(kept.settings).iterdir())  # workspace gone
     assert sha256_of(kept.snapshot) == kept.digest
 
@@ -346,7 +348,7 @@ def test_boot_with_a_command_runs_it_through_the_agent(kept: Kept) -> None:
     assert proc.stdout.decode() == MARKER
     assert b"stopped and removed" in proc.stderr
     assert sha256_of(kept.snapshot) == kept.digest
-    assert not debug_domains(kept)
+    assert not debug_boots(kept.settings)
 
 
 def test_a_killed_boot_is_cleaned_up_by_prune(kept: Kept) -> None:
@@ -507,7 +509,7 @@ def test_another_user_cannot_list_show_boot_or_export_it(kept: Kept) -> None:
             check=False,
         )
         assert cat.returncode != 0 and not cat.stdout
-    assert not debug_domains(kept)
+    assert not debug_boots(kept.settings)
 
 
 # --- prune ---------------------------------------------------------------------------------------
