@@ -1,4 +1,4 @@
-"""Apply a :class:`~glite_vm.identity.guest.GuestSetup` in a running VM, as root, before the payload.
+"""Apply a :class:`~glite_vm.identity.guest.GuestSetup` in a running VM, as root, before the job.
 
 Call it between :meth:`Vm.wait_ready` and :meth:`Vm.run`::
 
