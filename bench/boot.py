@@ -28,7 +28,7 @@ sys.path.insert(0, str(REPO))
 
 from glite_vm.config import Settings  # noqa: E402
 from glite_vm.request import VMRequest  # noqa: E402
-from glite_vm.session import open_host  # noqa: E402
+from glite_vm.vm.connect import open_host  # noqa: E402
 from glite_vm.vm.lifecycle import VmHost, overlay_command  # noqa: E402
 from tests.support import LocalImage, direct_image_in, install_guests  # noqa: E402
 

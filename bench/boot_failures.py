@@ -31,7 +31,7 @@ from glite_vm.config import Settings  # noqa: E402
 from glite_vm.errors import GliteVmError, ImageBootError  # noqa: E402
 from glite_vm.images.acquire import acquire_image  # noqa: E402
 from glite_vm.request import VMRequest  # noqa: E402
-from glite_vm.session import open_host  # noqa: E402
+from glite_vm.vm.connect import open_host  # noqa: E402
 from glite_vm.vm.lifecycle import VmHost  # noqa: E402
 from tests.support import BROKEN_GUESTS, guest_catalogue  # noqa: E402
 

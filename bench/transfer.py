@@ -25,7 +25,7 @@ sys.path.insert(0, str(REPO))
 
 from glite_vm.config import Settings  # noqa: E402
 from glite_vm.request import VMRequest  # noqa: E402
-from glite_vm.session import open_host  # noqa: E402
+from glite_vm.vm.connect import open_host  # noqa: E402
 from tests.support import direct_image_in, install_guests  # noqa: E402
 
 GUESTS = Path(os.environ.get("GLITE_VM_TEST_GUESTS", REPO / "tests" / "guest" / "build"))

@@ -1007,7 +1007,8 @@ def run_local(
     guest identities. Raises the library's errors (hold-class for the job's faults,
     requeue-class for this host's).
     """
-    from glite_vm.session import JobSpec, open_host, run_job  # noqa: PLC0415 - needs libvirt
+    from glite_vm.session import JobSpec, run_job  # noqa: PLC0415 - needs libvirt
+    from glite_vm.vm.connect import open_host  # noqa: PLC0415 - needs libvirt
 
     if not isinstance(job, VmJob):
         raise RequestError("job", f"must be a VmJob, got {type(job).__name__}")
@@ -1058,7 +1059,6 @@ def run_local(
                         stderr=_sink(err),
                         progress=download_progress,
                         cancel=cancel,
-                        allow_local=True,
                     )
                 except RequestError as exc:
                     raise with_field_names(exc, PARAMETER_NAMES) from None
@@ -1231,7 +1231,7 @@ def matrix(
             handles[image] = _submit_one(the_schedd, variant, dirs[image], list(handles.values()))
         return handles
 
-    from glite_vm.session import open_host  # noqa: PLC0415 - needs libvirt
+    from glite_vm.vm.connect import open_host  # noqa: PLC0415 - needs libvirt
 
     the_settings = settings if settings is not None else Settings.load()
     host = open_host(the_settings)

@@ -1,4 +1,16 @@
-"""What a job asks for, validated and bounded. Pure: no I/O, no side effects."""
+"""What a job asks for, and what its VM gets: validated and bounded. Pure: no I/O.
+
+Two steps, each defined once:
+
+* :class:`JobRequest`: what a job asks for (image, root, sizes where it says, ...), validated.
+  The PREPARE_JOB hook makes it from the job ad (:func:`glite_vm.condor.jobad.request_from_job_ad`),
+  ``glite-vm run`` and the API from their arguments; it travels to the service as plain data
+  (:meth:`JobRequest.to_wire`), where :meth:`JobRequest.from_wire` validates it again against the
+  service's own settings. The service never parses a job ad.
+* :func:`vm_request`: the job's request and its slot's facts (:mod:`glite_vm.slots`, which the
+  service learns itself) make the :class:`VMRequest` the VM layer boots: root only on a
+  root-enabled slot, the slot's size when the slot says it exactly.
+"""
 
 from __future__ import annotations
 
@@ -7,8 +19,10 @@ import enum
 import re
 from collections.abc import Mapping
 
-from glite_vm.config import MIB, Settings, check_network_name, format_size, parse_size
-from glite_vm.errors import RequestError
+from glite_vm.config import KIB, MIB, Settings, check_network_name, format_size, parse_size
+from glite_vm.errors import RequestError, RootNotPermittedError
+from glite_vm.identity.hostname import resolve_hostname
+from glite_vm.slots import SlotFacts
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@:-]{0,127}$")
@@ -130,6 +144,180 @@ class VMRequest:
             hostname=hostname,
             network=network,
         )
+
+
+@dataclasses.dataclass(frozen=True)
+class JobRequest:
+    """What a job asks for. Build with :meth:`create` (or :meth:`from_wire`), which validate
+    and bound every field; sizes are ``None`` where the job does not say (its slot, else the
+    settings, decide: :func:`vm_request`)."""
+
+    image: str
+    job_id: str
+    owner: str
+    cpus: int | None = None
+    memory_mib: int | None = None
+    disk_bytes: int | None = None
+    root: bool = False
+    keep_snapshot: KeepSnapshot = KeepSnapshot.ON_FAILURE
+    image_sha256: str | None = None
+    hostname: str | None = None  # resolved and checked against the site's hostname policy
+    network: str | None = None  # None: the host's default network
+
+    @classmethod
+    def create(
+        cls,
+        settings: Settings,
+        *,
+        image: str,
+        job_id: str,
+        owner: str,
+        cpus: int | None = None,
+        memory_mib: int | None = None,
+        disk: int | str | None = None,
+        root: bool = False,
+        keep_snapshot: KeepSnapshot | str = KeepSnapshot.ON_FAILURE,
+        image_sha256: str | None = None,
+        hostname: str | None = None,
+        network: str | None = None,
+    ) -> JobRequest:
+        check_image_ref(image)
+        # A job's sizes are what it asks: its slot's size replaces them, or bounds them, and
+        # the VM's own bounds (64 MiB .. the settings' maximum) come with the VM (vm_request).
+        # HTCondor's default RequestMemory is often 1 MiB, so nothing is refused here but what
+        # no VM could be.
+        for field, value in (("RequestCpus", cpus), ("RequestMemory", memory_mib)):
+            if value is not None and (
+                isinstance(value, bool) or not isinstance(value, int) or value < 1
+            ):
+                raise RequestError(field, f"must be a positive whole number, got {value!r}")
+        disk_bytes = None if disk is None else parse_size(disk, "RequestDisk")
+        if disk_bytes is not None and disk_bytes < 1:
+            raise RequestError("RequestDisk", f"must be positive, got {disk_bytes} bytes")
+        if not isinstance(root, bool):
+            raise RequestError("GliteVmRoot", f"must be True or False, got {root!r}")
+        keep = (
+            keep_snapshot
+            if isinstance(keep_snapshot, KeepSnapshot)
+            else KeepSnapshot.parse(keep_snapshot)
+        )
+        if image_sha256 is not None:
+            if not isinstance(image_sha256, str):
+                raise RequestError("GliteVmImageSha256", "must be 64 hexadecimal digits")
+            image_sha256 = image_sha256.strip().lower()
+            if not _SHA256.match(image_sha256):
+                raise RequestError("GliteVmImageSha256", "must be 64 hexadecimal digits")
+        if not isinstance(job_id, str) or not _JOB_ID.match(job_id):
+            raise RequestError("job id", f"{job_id!r} is not a valid job identifier")
+        if not isinstance(owner, str) or not _OWNER.match(owner):
+            raise RequestError("Owner", f"{owner!r} is not a valid user name")
+        if hostname is not None:
+            if not isinstance(hostname, str):
+                raise RequestError("GliteVmHostname", f"must be a string, got {hostname!r}")
+            hostname = resolve_hostname(
+                settings, host="", slot="", job_id=job_id, requested=hostname
+            )
+        if network is not None:
+            check_network(settings, network)
+        return cls(
+            image=image,
+            job_id=job_id,
+            owner=owner,
+            cpus=cpus,
+            memory_mib=memory_mib,
+            disk_bytes=disk_bytes,
+            root=root,
+            keep_snapshot=keep,
+            image_sha256=image_sha256,
+            hostname=hostname,
+            network=network,
+        )
+
+    def to_wire(self) -> dict[str, object]:
+        """Plain JSON values; :meth:`from_wire` takes them back (and validates them again)."""
+        wire = dataclasses.asdict(self)
+        wire["keep_snapshot"] = self.keep_snapshot.value
+        return wire
+
+    @classmethod
+    def from_wire(cls, data: object, settings: Settings) -> JobRequest:
+        """A request as :meth:`to_wire` gave it, validated against ``settings`` (the receiver's
+        bounds and policy, not the sender's). Unknown or mistyped fields are refused."""
+        if not isinstance(data, dict):
+            raise RequestError("request", "must be an object")
+        fields = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(str(k) for k in data if k not in fields)
+        if unknown:
+            raise RequestError("request", f"unknown fields {', '.join(unknown)}")
+        for name in ("image", "job_id", "owner"):
+            if not isinstance(data.get(name), str):
+                raise RequestError("request", f"{name} must be a string")
+        args = {k: v for k, v in data.items() if k not in ("disk_bytes", "keep_snapshot")}
+        disk = data.get("disk_bytes")
+        if disk is not None and (isinstance(disk, bool) or not isinstance(disk, int)):
+            raise RequestError("RequestDisk", f"must be a whole number of bytes, got {disk!r}")
+        keep = data.get("keep_snapshot", KeepSnapshot.ON_FAILURE.value)
+        if not isinstance(keep, str):
+            raise RequestError("GliteVmKeepSnapshot", f"must be a string, got {keep!r}")
+        return cls.create(settings, **args, disk=disk, keep_snapshot=keep)
+
+
+def vm_request(job: JobRequest, slot: SlotFacts, settings: Settings) -> VMRequest:
+    """The VM ``job`` gets in ``slot``.
+
+    Raises :class:`~glite_vm.errors.RootNotPermittedError` for root on a slot that is not
+    root-enabled or by a user not in ``settings.root_users`` (not for one's own VM,
+    ``slot.own``), and :class:`~glite_vm.errors.RequestError` for a size larger than the slot;
+    both hold the job. Sizes: the slot's when it states them exactly (the job was given exactly
+    that), else the job's (at most the slot's), else the settings' defaults.
+    """
+    if job.root and not slot.root_enabled:
+        which = f"the slot {slot.name}" if slot.name else "this slot"
+        raise RootNotPermittedError(
+            f"GliteVmRoot = True, but {which} is not root-enabled; "
+            "root jobs must match only slots with GliteVmRootEnabled = True"
+        )
+    if job.root and not slot.own and settings.root_users and job.owner not in settings.root_users:
+        raise RootNotPermittedError(
+            f"user {job.owner!r} may not run jobs as root in the guest here "
+            "(not in GLITE_VM_ROOT_USERS); remove GliteVmRoot or ask the site's admins"
+        )
+    cpus = _vm_size("RequestCpus", job.cpus, slot.cpus, "CPUs", slot)
+    memory = _vm_size("RequestMemory", job.memory_mib, slot.memory_mib, "MiB", slot)
+    asked_kib = None if job.disk_bytes is None else -(-job.disk_bytes // KIB)  # as HTCondor's
+    given_kib = _vm_size("RequestDisk", asked_kib, slot.disk_kib, "KiB", slot)
+    disk = job.disk_bytes if given_kib is None or given_kib == asked_kib else given_kib * KIB
+    return VMRequest.create(
+        settings,
+        image=job.image,
+        job_id=job.job_id,
+        owner=job.owner,
+        cpus=cpus,
+        memory_mib=memory,
+        disk=disk,
+        root=job.root,
+        keep_snapshot=job.keep_snapshot,
+        image_sha256=job.image_sha256,
+        hostname=job.hostname,
+        network=job.network,
+    )
+
+
+def _vm_size(
+    field: str, requested: int | None, offered: int | None, unit: str, slot: SlotFacts
+) -> int | None:
+    """The slot's size when known and exact (the job was given exactly that), else the request
+    (bounded by the slot's size when there is one)."""
+    if offered is None:
+        return requested
+    if requested is not None and requested > offered:
+        where = (
+            "this slot offers"
+            if slot.exact
+            else "a VM started outside HTCondor may have at most (one slot)"
+        )
+        raise RequestError(field, f"asks for {requested} {unit} but {where} {offered} {unit}")
+    return offered if slot.exact else requested
 
 
 def check_network(settings: Settings, network: str | None) -> str:

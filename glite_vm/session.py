@@ -1,37 +1,44 @@
-"""One job in one VM, start to finish, on this host: the path `glite-vm run` and the API share.
+"""One job in one VM on this host, start to finish, for the user at the keyboard: what
+`glite-vm run`, the API's ``run_local`` and the benchmarks share.
 
-``run_job`` checks everything it can before a VM exists (the request, the time limit, the
-input directory, that the output directory can be written), resolves the image through the
-cache, boots a VM (again, up to ``GLITE_VM_BOOT_ATTEMPTS`` times, when a boot fails in a way
-that need not recur; a boot that fails leaves its boot log and no disk), copies the input
-directory in, runs the command with its output streamed, copies new and changed files out, and
-tears the VM down whatever happens (an exception, Ctrl-C, a cancel event), keeping the snapshot
-by policy. A :class:`RunReport` passed in is filled as the run goes, so a caller can still name
-the VM, its boot log, the payload's status and the snapshot when a later step fails.
+It drives the host service's own engine (:class:`~glite_vm.service.local.LocalService`), in
+this process and for this user: the same prepare (boot attempts, the job's account, guest
+identity and hostname), sandbox copies, payload and teardown. ``run_job`` checks everything it
+can before a VM exists (the request, the time limit, the input directory, that the output
+directory can be written), then boots the VM, copies the input directory in, runs the command
+with its output streamed, copies new and changed files out, and tears the VM down whatever
+happens (an exception, Ctrl-C, a cancel event), keeping the snapshot by policy. A
+:class:`RunReport` passed in is filled as the run goes, so a caller can still name the VM, its
+boot log, the payload's status and the snapshot when a later step fails.
+
+Each run registers its VM, with this process as its owner, in the state directory as the
+service does: a run killed with SIGKILL leaves its VM only until the next run (which reaps the
+VMs of dead runs first), ``glite-vm reap``, or the service where one runs.
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import getpass
 import os
+import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
-import libvirt
-
 from glite_vm.config import Settings, parse_timeout
-from glite_vm.errors import HypervisorError, RequestError
-from glite_vm.request import KeepSnapshot, VMRequest
-from glite_vm.vm import libvirt_events
-from glite_vm.vm.boot_attempts import boot_with_retries
-from glite_vm.vm.hypervisor import HYPERVISOR_CACHE, HypervisorInfo, detect_cached
-from glite_vm.vm.lifecycle import ExecResult, OutputSink, TeardownResult, Timings, Vm, VmHost
-
-Progress = Callable[[int, int | None], None]
+from glite_vm.errors import RequestError
+from glite_vm.images.download import Progress
+from glite_vm.images.leases import process_alive
+from glite_vm.request import JobRequest, KeepSnapshot
+from glite_vm.service.api import ExecOutcome, TeardownOutcome
+from glite_vm.service.local import LocalService
+from glite_vm.service.registry import VmRecord, VmRegistry
+from glite_vm.slots import SlotFacts
+from glite_vm.vm.lifecycle import OutputSink, Timings, VmHost
 
 
 @dataclasses.dataclass(frozen=True)
@@ -53,6 +60,7 @@ class JobSpec:
     job_id: str | None = None
     owner: str | None = None
     network: str | None = None  # None: the host's default (GLITE_VM_NETWORK)
+    hostname: str | None = None  # for the guest, when the site allows jobs to choose one
 
 
 @dataclasses.dataclass
@@ -61,8 +69,8 @@ class RunReport:
 
     domain: str | None = None
     boot_log_path: Path | None = None
-    payload: ExecResult | None = None  # set once the payload has ended
-    teardown: TeardownResult | None = None  # set once the VM is gone
+    payload: ExecOutcome | None = None  # set once the payload has ended
+    teardown: TeardownOutcome | None = None  # set once the VM is gone
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,34 +92,6 @@ class JobResult:
     boot_attempts: int = 1  # boots it took (transient failures are retried, docs/vm.md)
 
 
-def hypervisor_for(settings: Settings, *, reprobe: bool = False) -> HypervisorInfo:
-    """The accelerator, from the remembered probe when it still holds (else probed, ~10 s)."""
-    return detect_cached(
-        settings.hypervisor, settings.state_dir / HYPERVISOR_CACHE, reprobe=reprobe
-    )
-
-
-def open_host(settings: Settings, hypervisor: HypervisorInfo | None = None) -> VmHost:
-    """Connect to libvirt and pick the accelerator (probe remembered across runs)."""
-    hv = hypervisor or hypervisor_for(settings)
-    # libvirt's default error handler prints every error to stderr; ours are raised instead.
-    libvirt.registerErrorHandler(_ignore_libvirt_error, None)
-    # Before connecting: only connections opened after it carry domain events.
-    libvirt_events.start()
-    try:
-        conn = libvirt.open(settings.effective_libvirt_uri)
-    except libvirt.libvirtError as exc:
-        raise HypervisorError(
-            f"cannot connect to libvirt at {settings.effective_libvirt_uri}: {exc}; "
-            "is libvirtd running?"
-        ) from exc
-    return VmHost(conn, settings, hv)
-
-
-def _ignore_libvirt_error(_ctx: object, _err: object) -> None:
-    return None
-
-
 def run_job(
     host: VmHost,
     spec: JobSpec,
@@ -120,7 +100,6 @@ def run_job(
     stderr: OutputSink | None = None,
     progress: Progress | None = None,
     cancel: threading.Event | None = None,
-    allow_local: bool = True,
     report: RunReport | None = None,
 ) -> JobResult:
     """Run ``spec`` in a fresh VM (see the module docstring).
@@ -129,15 +108,12 @@ def run_job(
     ``output_dir`` (or the job-ad attribute of a bad VM field) before anything boots;
     :class:`~glite_vm.errors.PayloadTimeoutError` when the payload outlives ``spec.timeout``.
     """
-    from glite_vm.images.acquire import acquire_image  # noqa: PLC0415 - keeps this module light
-
     settings = host.settings
     report = report if report is not None else RunReport()
-    job_id = spec.job_id or f"local-{int(time.time())}-{os.getpid()}"
-    request = VMRequest.create(
+    job = JobRequest.create(
         settings,
         image=spec.image,
-        job_id=job_id,
+        job_id=spec.job_id or f"local-{int(time.time())}-{os.getpid()}",
         owner=spec.owner or getpass.getuser(),
         cpus=spec.cpus,
         memory_mib=spec.memory_mib,
@@ -145,6 +121,7 @@ def run_job(
         root=spec.root,
         keep_snapshot=spec.keep_snapshot,
         image_sha256=spec.image_sha256,
+        hostname=spec.hostname,
         network=spec.network,
     )
     timeout = None if spec.timeout is None else parse_timeout(spec.timeout, "timeout")
@@ -152,65 +129,94 @@ def run_job(
         raise RequestError("input_dir", f"{spec.input_dir} is not a directory")
     if spec.output_dir is not None:
         check_output_dir(spec.output_dir)
-    with acquire_image(
-        settings,
-        spec.image,
-        sha256=spec.image_sha256,
-        job_id=job_id,
-        progress=progress,
-        allow_local=allow_local,
-    ) as lease:
-        image = lease.image
+    registry = VmRegistry(settings, host)
+    registry.reap_orphans()  # the VMs of earlier runs that were killed
+    _sweep_run_dirs(settings)
+    service = LocalService.for_this_user(settings, host, registry=registry)
 
-        def boot(_attempt: int, seconds_left: float) -> Vm:
-            vm = host.start(request, image, fetch_seconds=image.fetch_seconds)
-            report.domain, report.boot_log_path = vm.name, vm.boot_log
-            try:
-                vm.wait_ready(seconds_left, cancel=cancel)
-            except BaseException:
-                # A guest that never became ready leaves its boot log, not its disk.
-                vm.teardown(failed=True, keep_override=False)
-                raise
-            return vm
+    def started(name: str, boot_log: Path) -> None:
+        report.domain, report.boot_log_path = name, boot_log
 
-        vm, attempts = boot_with_retries(
-            boot, attempts=settings.boot_attempts, budget=settings.boot_timeout
+    with _run_dir(settings) as scratch:
+        prepared = service.prepare(
+            job,
+            scratch_dir=str(scratch),
+            starter_pid=os.getpid(),  # a run killed with SIGKILL is reaped by the next one
+            slot=SlotFacts.own_vm(),
+            cancel=cancel,
+            progress=progress,
+            started=started,
         )
+        name = prepared.vm
+        record = registry.get(name)
+        assert isinstance(record, VmRecord)  # prepared just now, by this process
+        failed = True
         outputs: list[str] = []
         try:
-            with vm:
-                if spec.input_dir is not None:
-                    vm.push(spec.input_dir)
-                result = vm.run(
-                    spec.argv,
-                    env=spec.env,
-                    stdout=stdout,
-                    stderr=stderr,
-                    timeout=timeout,
-                    cancel=cancel,
-                )
-                report.payload = result
-                if spec.output_dir is not None:
-                    outputs = _pull(vm, spec.output_dir, spec.input_dir)
+            if spec.input_dir is not None:
+                service.push(name, str(spec.input_dir))
+            outcome = service.exec(
+                name,
+                spec.argv,
+                env=spec.env,
+                stdout=stdout,
+                stderr=stderr,
+                cancel=cancel,
+                timeout=timeout,
+            )
+            report.payload = outcome
+            failed = outcome.exit_code != 0
+            if spec.output_dir is not None:
+                outputs = _pull(service, name, spec.output_dir, spec.input_dir)
         finally:
-            report.teardown = vm.torn_down
-        done = vm.torn_down
-        assert done is not None  # the with-block always tears down
-        return JobResult(
-            domain=vm.name,
-            exit_code=result.exit_code,
-            signal=result.signal,
-            shell_status=result.shell_status,
-            snapshot_path=done.snapshot_path,
-            boot_log_path=done.boot_log_path,
-            record_path=done.record_path,
-            hypervisor=host.hypervisor.kind,
-            image_digest=image.sha256,
-            cache_hit=image.cache_hit,
-            outputs=outputs,
-            timings=vm.timings,
-            boot_attempts=attempts,
-        )
+            report.teardown = service.teardown(name, failed=failed)
+    done = report.teardown
+    attributes = prepared.ad_attributes
+    status = 128 + outcome.signal if outcome.signal is not None else outcome.exit_code
+    return JobResult(
+        domain=name,
+        exit_code=outcome.exit_code,
+        signal=outcome.signal,
+        shell_status=255 if status is None else status,
+        snapshot_path=Path(done.snapshot_path) if done.snapshot_path else None,
+        boot_log_path=Path(done.boot_log_path),
+        record_path=Path(done.record_path),
+        hypervisor=host.hypervisor.kind,
+        image_digest=str(attributes["GliteVmImageDigest"]),
+        cache_hit=attributes["GliteVmCacheHit"] is True,
+        outputs=outputs,
+        timings=record.vm.timings,
+        boot_attempts=int(str(attributes.get("GliteVmBootAttempts", 1))),
+    )
+
+
+RUNS_DIR = "runs"  # under the state directory: each run's private scratch directory
+
+
+@contextlib.contextmanager
+def _run_dir(settings: Settings) -> Iterator[Path]:
+    """A private directory for this run (the engine's "scratch directory": its VM is reaped
+    when it goes), named after this process, removed afterwards."""
+    parent = settings.state_dir / RUNS_DIR
+    parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    path = Path(tempfile.mkdtemp(prefix=f"{os.getpid()}-", dir=parent))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _sweep_run_dirs(settings: Settings) -> None:
+    """Run directories of processes that are gone (a run killed with SIGKILL left its own)."""
+    parent = settings.state_dir / RUNS_DIR
+    try:
+        names = os.listdir(parent)
+    except OSError:
+        return
+    for name in names:
+        pid = name.partition("-")[0]
+        if pid.isdigit() and not process_alive(int(pid), None):
+            shutil.rmtree(parent / name, ignore_errors=True)
 
 
 def check_output_dir(path: Path) -> None:
@@ -231,9 +237,15 @@ def check_output_dir(path: Path) -> None:
         ) from None
 
 
-def _pull(vm: Vm, output_dir: Path, unchanged_from: Path | None) -> list[str]:
+def _pull(
+    service: LocalService, name: str, output_dir: Path, unchanged_from: Path | None
+) -> list[str]:
     try:
-        return vm.pull(output_dir, unchanged_from=unchanged_from)
+        return service.pull(
+            name,
+            str(output_dir.absolute()),
+            unchanged_from=str(unchanged_from.absolute()) if unchanged_from else None,
+        )
     except OSError as exc:
         # e.g. the disk under output_dir filled up after the check
         where = exc.filename or output_dir

@@ -29,6 +29,8 @@ class SlotFacts:
 
     ``exact``: the slot's size *is* the VM's size (a HTCondor claim: the job was given exactly
     that); otherwise the sizes only bound the request (a VM started outside HTCondor).
+    ``own``: a VM of the caller's own, in its own process (``glite-vm run``): no site policy
+    applies to it (:meth:`own_vm`).
     """
 
     root_enabled: bool = False
@@ -37,6 +39,51 @@ class SlotFacts:
     disk_kib: int | None = None
     exact: bool = True
     name: str = ""
+    own: bool = False
+
+    @classmethod
+    def from_wire(cls, data: object) -> SlotFacts:
+        """Slot facts a trusted caller (root) sent as plain values (``dataclasses.asdict``);
+        malformed ones are refused with a ``ValueError``."""
+        if not isinstance(data, dict):
+            raise ValueError("a slot must be an object")
+        unknown = sorted(str(k) for k in data if k not in {f.name for f in dataclasses.fields(cls)})
+        if unknown:
+            raise ValueError(f"a slot has no fields {', '.join(unknown)}")
+
+        def flag(key: str, default: bool) -> bool:
+            value = data.get(key, default)
+            if not isinstance(value, bool):
+                raise ValueError(f"the slot's {key} must be true or false, got {value!r}")
+            return value
+
+        def size(key: str) -> int | None:
+            value = data.get(key)
+            if value is None:
+                return None
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+                raise ValueError(f"the slot's {key} must be a positive number, got {value!r}")
+            return value
+
+        name = data.get("name", "")
+        if not isinstance(name, str):
+            raise ValueError(f"the slot's name must be a string, got {name!r}")
+        return cls(
+            root_enabled=flag("root_enabled", False),
+            cpus=size("cpus"),
+            memory_mib=size("memory_mib"),
+            disk_kib=size("disk_kib"),
+            exact=flag("exact", True),
+            name=name,
+            own=flag("own", False),
+        )
+
+    @classmethod
+    def own_vm(cls) -> SlotFacts:
+        """A VM that a user runs for themselves in their own process (``glite-vm run``, the
+        API's ``run_local``): root in it is theirs to ask for, its size is theirs to choose
+        (within the settings' bounds)."""
+        return cls(root_enabled=True, exact=False, name=UNMANAGED_SLOT, own=True)
 
 
 @dataclasses.dataclass(frozen=True)

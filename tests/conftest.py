@@ -14,7 +14,7 @@ from typing import Any
 import pytest
 
 from glite_vm.config import Settings
-from glite_vm.session import open_host
+from glite_vm.vm.connect import open_host
 from glite_vm.vm.lifecycle import VmHost
 from tests.support import LocalImage, direct_image_in, install_guests, local_image
 

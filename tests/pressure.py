@@ -25,7 +25,7 @@ import libvirt
 
 from glite_vm.config import Settings
 from glite_vm.request import VMRequest
-from glite_vm.session import open_host
+from glite_vm.vm.connect import open_host
 from glite_vm.vm.domain_xml import DOMAIN_PREFIX, METADATA_NS, JobMetadata
 from glite_vm.vm.lifecycle import Vm, qemu_pid
 from tests.support import LocalImage

@@ -61,6 +61,15 @@ def local_image(path: Path, **kw: Any) -> LocalImage:
     )
 
 
+def sized(ad: object, slot: object, settings: object) -> Any:
+    """The VM a job ad asks for in ``slot``: the hook's request, sized as the service sizes it
+    (what ``request_from_job_ad`` did in one step before the service stopped reading ads)."""
+    from glite_vm.condor.jobad import request_from_job_ad  # noqa: PLC0415
+    from glite_vm.request import vm_request  # noqa: PLC0415
+
+    return vm_request(request_from_job_ad(ad, settings), slot, settings)  # type: ignore[arg-type]
+
+
 def domain_names(*, inactive: bool = True) -> list[str]:
     """The names of all libvirt domains on ``qemu:///system`` (only running ones without
     ``inactive``)."""

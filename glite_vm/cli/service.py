@@ -90,8 +90,8 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from glite_vm.service.registry import VmRegistry  # noqa: PLC0415 - libvirt: only here
     from glite_vm.service.server import ServiceServer  # noqa: PLC0415
-    from glite_vm.session import hypervisor_for, open_host  # noqa: PLC0415
     from glite_vm.vm import libvirt_events  # noqa: PLC0415
+    from glite_vm.vm.connect import hypervisor_for, open_host  # noqa: PLC0415
     from glite_vm.vm.hypervisor import HYPERVISOR_CACHE  # noqa: PLC0415
 
     if args.condor_config:

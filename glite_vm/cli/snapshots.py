@@ -27,7 +27,6 @@ from glite_vm.config import (
     parse_size,
 )
 from glite_vm.errors import GliteVmError, UserError
-from glite_vm.session import open_host
 from glite_vm.snapshots import (
     ConsoleBridge,
     PruneReport,
@@ -40,6 +39,7 @@ from glite_vm.snapshots import (
     reap_abandoned_boots,
     running_domain_names,
 )
+from glite_vm.vm.connect import open_host
 from glite_vm.vm.lifecycle import quote_command
 
 

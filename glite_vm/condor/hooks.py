@@ -55,6 +55,7 @@ from glite_vm.condor.jobad import (
     hook_status_lines,
     host_failure_count,
     host_failure_history,
+    request_from_job_ad,
     status_code,
 )
 from glite_vm.config import Settings
@@ -341,16 +342,16 @@ def prepare_job(ctx: HookContext, stdin_text: str) -> int:
     job_ad: classad2.ClassAd | None = None
     try:
         job_ad = parse_old_ad(stdin_text, "job ad")
+        # The hook turns the ad into a request (the service never parses an ad); the service
+        # sizes it for the slot it learns from the starter this hook runs under.
+        request = request_from_job_ad(job_ad, ctx.settings)
         scratch = ctx.scratch_dir
         inputs = input_names(scratch)
         launcher = launcher_path(ctx)
-        ad = job_ad
 
         def prepare() -> PrepareResult:
-            # No machine ad: the service learns the slot from the starter this hook runs
-            # under, and takes no caller's word for it (glite_vm.service.claims).
             return ctx.connect(ctx.settings).prepare(
-                ad, machine_ad=None, scratch_dir=str(scratch), starter_pid=ctx.starter_pid
+                request, scratch_dir=str(scratch), starter_pid=ctx.starter_pid
             )
 
         result = call_with_deadline(prepare, prepare_timeout(ctx.settings), "preparing the VM")

@@ -20,7 +20,6 @@ HTCondor facts this module relies on (measured on 25.0.13, see docs/condor.md):
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import re
 from collections.abc import Mapping
@@ -51,10 +50,8 @@ from glite_vm.errors import (
     UnknownImageError,
     UserError,
 )
-from glite_vm.identity.hostname import resolve_hostname
 from glite_vm.images.sources import classify_ref
-from glite_vm.request import KeepSnapshot, VMRequest
-from glite_vm.slots import SlotFacts
+from glite_vm.request import JobRequest, KeepSnapshot
 
 # --- hook status codes (HoldReasonSubCode of held jobs; periodic_release can key on them) ------
 
@@ -101,56 +98,8 @@ AdValue = str | bool | int | float | Path
 # --- reading ads ---------------------------------------------------------------------------
 
 
-@dataclasses.dataclass(frozen=True)
-class ExpressionText:
-    """An attribute that is an expression, as text, in the values :func:`request_values` read
-    from a job ad (it evaluates only :data:`EVALUATED_ATTRIBUTES`). Not a string value."""
-
-    text: str
-
-    def __str__(self) -> str:
-        return self.text
-
-
-@dataclasses.dataclass(frozen=True)
-class FailedRead:
-    """An attribute :func:`request_values` could not read or evaluate; ``problem`` says why."""
-
-    problem: str
-
-
-@dataclasses.dataclass(frozen=True)
-class OtherValue:
-    """A value :func:`request_values` read that is neither a scalar nor an expression (a list,
-    a nested ad), as the messages of :func:`request_from_job_ad` show it."""
-
-    shown: str
-
-    def __repr__(self) -> str:
-        return self.shown
-
-
-#: Every attribute :func:`request_from_job_ad` reads, and those of them it evaluates.
-REQUEST_ATTRIBUTES: Final = (
-    "ClusterId",
-    "ProcId",
-    "Owner",
-    "User",
-    "GliteVmImage",
-    "GliteVmImageSha256",
-    "GliteVmRoot",
-    "RequestCpus",
-    "RequestMemory",
-    "RequestDisk",
-    "GliteVmKeepSnapshot",
-    "GliteVmHostname",
-)
-EVALUATED_ATTRIBUTES: Final = ("RequestCpus", "RequestMemory", "RequestDisk")
-_EXPRESSION_TEXT = 200  # characters of an expression request_values keeps (messages show 60)
-
-
 def _is_expression(value: object) -> bool:
-    return isinstance(value, classad2.ExprTree | ExpressionText)
+    return isinstance(value, classad2.ExprTree)
 
 
 def _shown(value: object, limit: int = 60) -> str:
@@ -182,8 +131,6 @@ class _Ad:
             value = self._lowered.get(name.lower(), _MISSING)
         if value is None or value is classad2.Value.Undefined:
             return _MISSING
-        if isinstance(value, FailedRead):
-            raise RequestError(name, value.problem)
         if value is classad2.Value.Error:
             raise RequestError(
                 name, "is the ClassAd value error; fix or remove it in the submit file"
@@ -277,76 +224,17 @@ def _size(ad: _Ad, name: str, unit: str) -> int | None:
     return number
 
 
-# --- the slot ------------------------------------------------------------------------------
-
-
-def slot_facts_from_machine_ad(machine_ad: Mapping[str, object]) -> SlotFacts:
-    """Read a slot ad (``$_CONDOR_MACHINE_AD``). Unreadable values count as unknown.
-
-    Only for callers that may state their slot (root, or an in-process caller): the service
-    never takes a slot's facts from a caller (:mod:`glite_vm.slots`)."""
-    ad = _Ad(machine_ad)
-
-    def number(*names: str) -> int | None:
-        for name in names:
-            try:
-                value = ad.evaluate(name)
-            except RequestError:
-                continue
-            if isinstance(value, float) and math.isfinite(value):
-                value = math.floor(value)  # a fractional slot share of DISK
-            if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-                return value
-        return None
-
-    try:
-        root = ad.raw("GliteVmRootEnabled") is True
-    except RequestError:
-        root = False
-    try:
-        name = ad.raw("Name")
-    except RequestError:
-        name = None
-    return SlotFacts(
-        root_enabled=root,
-        cpus=number("Cpus", "TotalSlotCpus"),
-        memory_mib=number("Memory", "TotalSlotMemory"),
-        disk_kib=number("TotalSlotDisk", "Disk"),
-        name=name.partition("@")[0] if isinstance(name, str) else "",
-    )
-
-
-def _vm_size(
-    field: str, requested: int | None, offered: int | None, unit: str, slot: SlotFacts
-) -> int | None:
-    """The slot's size when known and exact (the job was given exactly that), else the request
-    (bounded by the slot's size when there is one)."""
-    if offered is None:
-        return requested
-    if requested is not None and requested > offered:
-        where = (
-            "this slot offers"
-            if slot.exact
-            else "a VM started outside HTCondor may have at most (one slot)"
-        )
-        raise RequestError(field, f"asks for {requested} {unit} but {where} {offered} {unit}")
-    return offered if slot.exact else requested
-
-
 # --- job ad -> request ---------------------------------------------------------------------
 
 
-def request_from_job_ad(
-    job_ad: Mapping[str, object], slot: SlotFacts, settings: Settings
-) -> VMRequest:
-    """The VM this job asks for, validated and bounded.
+def request_from_job_ad(job_ad: Mapping[str, object], settings: Settings) -> JobRequest:
+    """What this job asks for, validated and bounded (the hook's side; the service sizes it
+    for its slot: :func:`glite_vm.request.vm_request`).
 
     Raises :class:`~glite_vm.errors.RequestError` for anything malformed (missing image, a
     ``GliteVmRoot`` that is not a literal boolean, impossible sizes, odd names, ...) and
-    :class:`~glite_vm.errors.RootNotPermittedError` for root on a user slot or by a user not in
-    ``settings.root_users``; both hold the job. Sizes: the VM gets the slot's CPUs, memory and
-    disk when the slot states them (a request larger than the slot is an error), else the
-    request, else the settings' defaults. ``RequestDisk`` is in KiB, as everywhere in HTCondor.
+    :class:`~glite_vm.errors.ImageRefusedError` for an image the site does not allow; both hold
+    the job. ``RequestDisk`` is in KiB, as everywhere in HTCondor.
     """
     ad = _Ad(job_ad)
     job_id = f"{_literal_int(ad, 'ClusterId')}.{_literal_int(ad, 'ProcId')}"
@@ -362,69 +250,22 @@ def request_from_job_ad(
             )
         image = settings.default_image
     classify_ref(image, sources=settings.custom_image_sources, allow_local=False)
-
-    root = bool(_literal_bool(ad, "GliteVmRoot"))
-    if root and not slot.root_enabled:
-        which = f"the slot {slot.name}" if slot.name else "this slot"
-        raise RootNotPermittedError(
-            f"GliteVmRoot = True, but {which} is not root-enabled; "
-            "root jobs must match only slots with GliteVmRootEnabled = True"
-        )
-    if root and settings.root_users and owner not in settings.root_users:
-        raise RootNotPermittedError(
-            f"user {owner!r} may not run jobs as root in the guest here "
-            "(not in GLITE_VM_ROOT_USERS); remove GliteVmRoot or ask the site's admins"
-        )
-
-    cpus = _vm_size("RequestCpus", _size(ad, "RequestCpus", "CPUs"), slot.cpus, "CPUs", slot)
-    memory = _vm_size(
-        "RequestMemory", _size(ad, "RequestMemory", "MiB"), slot.memory_mib, "MiB", slot
-    )
-    disk_kib = _vm_size("RequestDisk", _size(ad, "RequestDisk", "KiB"), slot.disk_kib, "KiB", slot)
-
+    disk_kib = _size(ad, "RequestDisk", "KiB")
     keep = _literal_string(ad, "GliteVmKeepSnapshot")
-    hostname = _literal_string(ad, "GliteVmHostname")
-    if hostname is not None:
-        hostname = resolve_hostname(settings, host="", slot="", job_id=job_id, requested=hostname)
-    return VMRequest.create(
+    return JobRequest.create(
         settings,
         image=image,
         job_id=job_id,
         owner=owner,
-        cpus=cpus,
-        memory_mib=memory,
+        cpus=_size(ad, "RequestCpus", "CPUs"),
+        memory_mib=_size(ad, "RequestMemory", "MiB"),
         disk=None if disk_kib is None else disk_kib * 1024,
-        root=root,
+        root=bool(_literal_bool(ad, "GliteVmRoot")),
         keep_snapshot=KeepSnapshot.ON_FAILURE if keep is None else keep,
         image_sha256=_literal_string(ad, "GliteVmImageSha256"),
-        hostname=hostname,
+        hostname=_literal_string(ad, "GliteVmHostname"),
         network=_literal_string(ad, "GliteVmNetwork"),
     )
-
-
-def request_values(job_ad: Mapping[str, object]) -> dict[str, object]:
-    """What :func:`request_from_job_ad` reads of ``job_ad``, as plain values: scalars as they
-    are, :data:`EVALUATED_ATTRIBUTES` evaluated, other expressions as :class:`ExpressionText`,
-    other values as :class:`OtherValue`, and what cannot be read as :class:`FailedRead`.
-    ``request_from_job_ad`` gives the same answer for the result as for ``job_ad``: the service
-    reads a caller's job ad this way in a process of bounded means (the ClassAd library's
-    evaluation has none), and builds the request from the values."""
-    ad = _Ad(job_ad)
-    values: dict[str, object] = {}
-    for name in REQUEST_ATTRIBUTES:
-        try:
-            value = ad.evaluate(name) if name in EVALUATED_ATTRIBUTES else ad.raw(name)
-        except RequestError as exc:
-            values[name] = FailedRead(exc.problem)
-            continue
-        if value is _MISSING:
-            continue
-        if _is_expression(value):
-            value = ExpressionText(str(value)[:_EXPRESSION_TEXT])
-        elif not isinstance(value, str | bool | int | float):
-            value = OtherValue(_shown(value, _EXPRESSION_TEXT))
-        values[name] = value
-    return values
 
 
 def _owner(ad: _Ad) -> str:

@@ -11,7 +11,11 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Callable, Mapping, Sequence
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:
+    from glite_vm.request import JobRequest
+    from glite_vm.slots import SlotFacts
 
 PROTOCOL_VERSION = 1
 
@@ -84,11 +88,11 @@ class VmService(Protocol):
 
     def prepare(
         self,
-        job_ad: Mapping[str, object],
+        job: JobRequest,
         *,
-        machine_ad: Mapping[str, object] | None,
         scratch_dir: str,
         starter_pid: int | None,
+        slot: SlotFacts | None = None,
     ) -> PrepareResult: ...
 
     def push(self, vm: str, src_dir: str) -> int: ...

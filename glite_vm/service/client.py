@@ -16,14 +16,19 @@ from __future__ import annotations
 
 import base64
 import binascii
+import dataclasses
 import os
 import socket
 import struct
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from glite_vm.errors import ServiceUnavailableError
+
+if TYPE_CHECKING:
+    from glite_vm.request import JobRequest
+    from glite_vm.slots import SlotFacts
 from glite_vm.service import protocol
 from glite_vm.service.api import (
     ExecOutcome,
@@ -86,17 +91,19 @@ class ServiceClient:
 
     def prepare(
         self,
-        job_ad: Mapping[str, object],
+        job: JobRequest,
         *,
-        machine_ad: Mapping[str, object] | None,
         scratch_dir: str,
         starter_pid: int | None,
+        slot: SlotFacts | None = None,
     ) -> PrepareResult:
+        """Start ``job``'s VM. ``slot`` counts only when this process is root's: the service
+        learns anyone else's slot from the condor_starter it runs under."""
         args = {
-            "job_ad": protocol.ad_to_wire(job_ad),
-            "machine_ad": protocol.ad_to_wire(machine_ad),
+            "request": job.to_wire(),
             "scratch_dir": os.fspath(scratch_dir),
             "starter_pid": starter_pid,
+            "slot": None if slot is None else dataclasses.asdict(slot),
         }
         return protocol.result_from_wire(PrepareResult, self._call("prepare", args))
 

@@ -4,10 +4,11 @@ This is the engine behind the socket server (one instance per connection, sharin
 :class:`~glite_vm.service.registry.VmRegistry`) and what a single user can call directly
 against ``qemu:///session``. It implements :class:`~glite_vm.service.api.VmService`:
 
-* ``prepare``: job ad -> :func:`~glite_vm.condor.jobad.request_from_job_ad` -> image from the
-  cache (``allow_local=False``: a job's ad may not name host paths) -> overlay, domain, boot ->
-  agent ready -> guest identity when configured. The VM belongs to the caller (uid in the
-  domain metadata); the ad's ``Owner`` is replaced by the caller's account name, so a job ad
+* ``prepare``: a :class:`~glite_vm.request.JobRequest` (the hook made it from the job ad; the
+  service never parses one) plus the slot's facts -> :func:`~glite_vm.request.vm_request` ->
+  image from the cache (over the socket a job may not name host paths) -> overlay, domain,
+  boot -> agent ready -> guest identity when configured. The VM belongs to the caller (uid in
+  the domain metadata); the request's owner is replaced by the caller's account name, so a job
   cannot claim someone else's name (``GLITE_VM_ROOT_USERS`` names local accounts). The cache
   lease is held until teardown. On any failure nothing is left: no domain, no overlay, no lease.
 * the slot: a caller over the socket (not root) never states its slot. Its :class:`Claim`
@@ -16,7 +17,8 @@ against ``qemu:///session``. It implements :class:`~glite_vm.service.api.VmServi
   one VM, which lives as long as that starter. A caller of no claim gets a VM "outside
   HTCondor": never root, at most one slot's size, at most ``max_unmanaged_vms_per_user`` of
   them, each for at most ``unmanaged_vm_lifetime``. Root, and a caller in this process, may
-  still state a slot with a machine ad.
+  still state a slot (:class:`~glite_vm.slots.SlotFacts`; ``glite-vm run`` states its own VM's,
+  :meth:`~glite_vm.slots.SlotFacts.own_vm`).
 * every other call acts only on the caller's own VMs (root: on all), and moves files with the
   caller's rights (:mod:`glite_vm.service.sandbox`).
 """
@@ -32,19 +34,18 @@ import socket
 import stat
 import threading
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 from glite_vm import __version__
-from glite_vm.condor.jobad import request_from_job_ad, slot_facts_from_machine_ad
 from glite_vm.config import Settings
 from glite_vm.errors import AccessDeniedError, HostError, RequestError, TransientBootError
 from glite_vm.images.acquire import ImageLease, acquire_image
+from glite_vm.images.cache import Progress
 from glite_vm.images.leases import process_start_time
 from glite_vm.images.sources import classify_ref
-from glite_vm.request import VMRequest
+from glite_vm.request import JobRequest, VMRequest, vm_request
 from glite_vm.service import events, protocol, sandbox
-from glite_vm.service.ad_reader import ad_from_wire, read_job_ad
 from glite_vm.service.api import (
     ExecOutcome,
     OutputSink,
@@ -98,7 +99,9 @@ class LocalService:
         self.registry = registry if registry is not None else VmRegistry(settings, host)
 
     @classmethod
-    def for_this_user(cls, settings: Settings, host: VmHost) -> LocalService:
+    def for_this_user(
+        cls, settings: Settings, host: VmHost, *, registry: VmRegistry | None = None
+    ) -> LocalService:
         """The service for whoever runs this process (a single user's in-process use)."""
         uid = os.getuid()
         return cls(
@@ -108,6 +111,7 @@ class LocalService:
             caller_name=account_name(uid),
             caller_gid=os.getgid(),
             caller_groups=os.getgroups(),
+            registry=registry,
         )
 
     @property
@@ -116,62 +120,64 @@ class LocalService:
 
     @property
     def trusted(self) -> bool:
-        """May this caller state its slot, and have its ads parsed in this process?"""
+        """May this caller state its slot (root, or a caller in this process)?"""
         return not self.over_socket or self.is_root
-
-    def ads_from_wire(
-        self, job_ad: object, machine_ad: object
-    ) -> tuple[Mapping[str, object], Mapping[str, object] | None]:
-        """The job and machine ads of a ``prepare`` as they came over the wire. A caller this
-        service does not trust gets its job ad read by a process of bounded means with its
-        own rights (:mod:`glite_vm.service.ad_reader`: the ClassAd library has no bounds), and
-        its machine ad ignored unread (:meth:`_slot` never uses it)."""
-        if not self.trusted:
-            return read_job_ad(job_ad, self.identity), None
-        job = ad_from_wire(job_ad, "job_ad")
-        if job is None:
-            raise RequestError("job_ad", "is missing")
-        return job, ad_from_wire(machine_ad, "machine_ad")
 
     # -- prepare -----------------------------------------------------------------------------
 
     def prepare(
         self,
-        job_ad: Mapping[str, object],
+        job: JobRequest,
         *,
-        machine_ad: Mapping[str, object] | None,
         scratch_dir: str,
         starter_pid: int | None,
+        slot: SlotFacts | None = None,
         cancel: threading.Event | None = None,
+        progress: Progress | None = None,
+        started: Callable[[str, Path], None] | None = None,
     ) -> PrepareResult:
         """Fetch the image, start the job's VM and wait for its agent. Setting ``cancel``
-        (the caller hung up) stops the wait and removes the VM again."""
+        (the caller hung up) stops the wait and removes the VM again; ``progress(done, total)``
+        hears of a download's bytes, ``started(name, boot_log)`` of each VM as it starts (a boot
+        attempt that fails leaves its boot log).
+
+        ``job`` has been validated against this service's settings (:meth:`JobRequest.from_wire`
+        on the socket); its owner becomes the caller's account (root's is taken as it is).
+        ``slot`` is heeded only from a trusted caller (:attr:`trusted`); anyone else's slot is
+        the one its claim names (see the module docstring)."""
         scratch, owner_uid = self._check_scratch_dir(scratch_dir)
-        slot, starter_pid, managed = self._slot(machine_ad, starter_pid)
+        if not self.is_root:
+            job = dataclasses.replace(job, owner=self.caller_name)
+        # A job over the socket names no host paths; the user at this process's keyboard may.
+        classify_ref(
+            job.image, sources=self.settings.custom_image_sources, allow_local=not self.over_socket
+        )
+        facts, starter_pid, managed = self._slot(slot, starter_pid)
         starter_start = _check_starter(starter_pid)
-        request = request_from_job_ad(self._as_caller(job_ad), slot, self.settings)
-        # After the request: a bad job ad is held for what it is even while libvirtd is down.
+        request = vm_request(job, facts, self.settings)
+        # After the request: a bad request is held for what it is even while libvirtd is down.
         self.registry.ensure_connection()
         admission = Admission(
             uid=self.caller_uid,
             starter=(starter_pid, starter_start) if managed and starter_pid else None,
-            limit=None if self.is_root else self.settings.max_unmanaged_vms_per_user,
+            limit=None if self.is_root or facts.own else self.settings.max_unmanaged_vms_per_user,
         )
         place = _Place(
-            scratch, owner_uid, slot.name or "slot1", starter_pid, starter_start, managed
+            scratch, owner_uid, facts.name or "slot1", starter_pid, starter_start, managed
         )
+        listeners = _Listeners(cancel, progress, started)
         with self.registry.admit(admission):
-            return self._prepare_admitted(request, place, admission, cancel)
+            return self._prepare_admitted(request, place, admission, listeners)
 
     def _slot(
-        self, machine_ad: Mapping[str, object] | None, starter_pid: int | None
+        self, slot: SlotFacts | None, starter_pid: int | None
     ) -> tuple[SlotFacts, int | None, bool]:
         """The slot the VM is for, the starter whose life bounds it, and whether it is for a
         HTCondor job (see the module docstring)."""
         layout = SlotLayout.from_settings(self.settings)
         trusted = self.trusted
-        if trusted and machine_ad is not None:
-            return slot_facts_from_machine_ad(machine_ad), starter_pid, starter_pid is not None
+        if trusted and slot is not None:
+            return slot, starter_pid, starter_pid is not None
         if trusted and self.claim is None:
             return SlotFacts(), starter_pid, starter_pid is not None
         if self.claim is not None:
@@ -196,11 +202,13 @@ class LocalService:
         request: VMRequest,
         place: _Place,
         admission: Admission,
-        cancel: threading.Event | None,
+        listeners: _Listeners,
     ) -> PrepareResult:
+        cancel = listeners.cancel
+
         def boot(attempt: int, seconds_left: float) -> VmRecord:
             return self._boot(
-                request, place, admission, cancel=cancel, timeout=seconds_left, attempt=attempt
+                request, place, admission, listeners, timeout=seconds_left, attempt=attempt
             )
 
         record, attempts = boot_with_retries(
@@ -255,8 +263,8 @@ class LocalService:
         request: VMRequest,
         place: _Place,
         admission: Admission,
+        listeners: _Listeners,
         *,
-        cancel: threading.Event | None,
         timeout: float,
         attempt: int,
     ) -> VmRecord:
@@ -268,9 +276,11 @@ class LocalService:
             request.image,
             sha256=request.image_sha256,
             job_id=lease_job_id,
-            allow_local=False,
+            allow_local=not self.over_socket,
             reader=self.identity,
+            progress=listeners.progress,
         )
+        cancel = listeners.cancel
         try:
             if cancel is not None and cancel.is_set():
                 raise HostError("the caller hung up while the image was fetched")
@@ -286,6 +296,8 @@ class LocalService:
         except BaseException:
             lease.release()
             raise
+        if listeners.started is not None:
+            listeners.started(vm.name, vm.boot_log)
         record = VmRecord(
             vm,
             owner_uid=place.owner_uid,
@@ -351,23 +363,6 @@ class LocalService:
             )
         # Root acts for the directory's owner, whose VM it then is.
         return path, (st.st_uid if self.is_root else self.caller_uid)
-
-    def _as_caller(self, job_ad: Mapping[str, object]) -> Mapping[str, object]:
-        """A copy of the job ad whose Owner is the caller (root's ads are taken as they are)."""
-        if hasattr(job_ad, "printOld"):
-            import classad2  # noqa: PLC0415 - only for ClassAd objects handed in-process
-
-            copy: Mapping[str, object] = classad2.parseOne(str(job_ad), classad2.ParserType.New)
-            if not self.is_root:
-                for key in [k for k in copy if str(k).lower() in ("owner", "user")]:
-                    del copy[key]  # type: ignore[attr-defined]
-                copy["Owner"] = self.caller_name  # type: ignore[index]
-            return copy
-        plain = {str(k): v for k, v in job_ad.items()}
-        if not self.is_root:
-            plain = {k: v for k, v in plain.items() if k.lower() not in ("owner", "user")}
-            plain["Owner"] = self.caller_name
-        return plain
 
     def _apply_identity(self, vm: Vm, request: VMRequest, slot_name: str) -> str | None:
         s = self.settings
@@ -518,6 +513,16 @@ class LocalService:
 
 
 @dataclasses.dataclass(frozen=True)
+class _Listeners:
+    """Who hears of a prepare as it goes: a cancel event (the caller hung up), a download's
+    progress, each VM as it starts."""
+
+    cancel: threading.Event | None
+    progress: Progress | None
+    started: Callable[[str, Path], None] | None
+
+
+@dataclasses.dataclass(frozen=True)
 class _Place:
     """Where a VM being prepared belongs: its job's scratch directory and owner, the slot it is
     named after, and the starter whose life bounds it (``managed``: a HTCondor job's)."""
@@ -538,8 +543,9 @@ def account_name(uid: int) -> str:
 
 
 def _custom_image(request: VMRequest, settings: Settings) -> bool:
-    """Is the job's image a custom one (a URL), rather than one of the site's catalogue?"""
-    ref = classify_ref(request.image, sources=settings.custom_image_sources, allow_local=False)
+    """Is the job's image a custom one (a URL or a path), rather than one of the site's
+    catalogue? (Only classified here: prepare applied the policy on it already.)"""
+    ref = classify_ref(request.image, sources=settings.custom_image_sources, allow_local=True)
     return ref.kind == "url"
 
 

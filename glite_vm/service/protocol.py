@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 from glite_vm import errors
 from glite_vm.errors import Disposition, GliteVmError, HostError, UserError
 
-VERSION = 1
+VERSION = 2  # 2: prepare takes a validated request, never a job ad
 HEARTBEAT_SECONDS = 5.0
 MAX_LINE = 16 << 20  # bytes in one line the client reads (a 64 KiB output chunk, a result, ...)
 MAX_REQUEST = 4 << 20  # bytes in one request line (a job ad, an argv of at most 1 MiB, ...)
@@ -147,37 +147,6 @@ def _simple(value: object) -> object:
 
 
 # -- job and machine ads ---------------------------------------------------------------------
-
-
-def ad_to_wire(ad: Mapping[str, object] | None) -> dict[str, Any] | None:
-    """A job or machine ad for the wire, without importing the ClassAd bindings.
-
-    A ``classad2.ClassAd`` travels as its new-syntax text (expressions such as
-    ``RequestDisk = DiskUsage`` stay expressions); a plain mapping as JSON values, with
-    expression objects as ``{"expr": text}``.
-    """
-    if ad is None:
-        return None
-    if hasattr(ad, "printOld"):  # a classad2.ClassAd, recognised without importing it
-        return {"classad": str(ad)}
-    values: dict[str, Any] = {}
-    for key, value in ad.items():
-        values[str(key)] = _ad_value(value)
-    return {"mapping": values}
-
-
-def _ad_value(value: object) -> Any:
-    if value is None or isinstance(value, str | bool | int):
-        return value
-    if isinstance(value, float):
-        return value if math.isfinite(value) else {"expr": repr(value)}
-    if isinstance(value, PurePath):
-        return str(value)
-    if isinstance(value, list | tuple):
-        return [_ad_value(v) for v in value]
-    if isinstance(value, Mapping):
-        return {"ad": {str(k): _ad_value(v) for k, v in value.items()}}
-    return {"expr": str(value)}  # a classad2.ExprTree (or anything else that prints as one)
 
 
 # -- results ---------------------------------------------------------------------------------

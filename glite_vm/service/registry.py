@@ -504,8 +504,12 @@ class VmRegistry:
 
     # -- restart -----------------------------------------------------------------------------
 
-    def recover(self) -> None:
-        """Adopt the domains this service made before a restart; finish what it left half done."""
+    def recover(self, *, orphans_only: bool = False) -> None:
+        """Adopt the domains this service made before a restart; finish what it left half done.
+
+        With ``orphans_only`` (one user's own runs, which share a state directory with that
+        user's other runs going on at the same time): only VMs whose owning process is gone
+        are adopted, and only their states settled; a live run's VMs are its own business."""
         states = self._read_states()
         snapshot_dir = self.settings.effective_snapshot_dir.resolve()
         for dom, meta in self.host.our_domains():
@@ -521,6 +525,8 @@ class VmRegistry:
             except (KeyError, TypeError, ValueError, OSError, libvirt.libvirtError) as exc:
                 log.error("cannot adopt %s (%s); it will only be reaped by hand", name, exc)
                 continue
+            if orphans_only and _owner_alive(record.starter_pid, record.starter_start):
+                continue
             self.add(record)
             self._keep_leased(record)
             log.info(
@@ -531,7 +537,16 @@ class VmRegistry:
                 ": state lost, teardown only" if record.state_lost else "",
             )
         for name, state in states.items():
+            if orphans_only and _owner_alive(state.get("starter_pid"), state.get("starter_start")):
+                continue
             self._settle_orphan_state(name, state)
+
+    def reap_orphans(self) -> list[ReapedVm]:
+        """Reap the VMs of this state directory whose owning process is gone (a ``glite-vm
+        run`` killed with SIGKILL): what every local run does first, and ``glite-vm reap`` where
+        no service runs. VMs of runs still going are left alone."""
+        self.recover(orphans_only=True)
+        return self.reap_once()
 
     def _keep_leased(self, record: VmRecord) -> None:
         """An adopted VM's base image keeps a live lease (bound to its QEMU): the service may
@@ -701,6 +716,14 @@ def _finish_handed_over(record: VmRecord) -> TeardownResult:
     except OSError:
         snapshot = None
     return TeardownResult(snapshot, vm.boot_log, vm.record, 0.0)
+
+
+def _owner_alive(pid: object, start: object) -> bool:
+    """Whether the process a VM lives for still runs (a VM for no process counts as orphaned
+    only by the other reaper rules)."""
+    if not isinstance(pid, int) or isinstance(pid, bool):
+        return True
+    return _alive(pid, start if isinstance(start, int) and not isinstance(start, bool) else None)
 
 
 def _alive(pid: int, start: int | None) -> bool:

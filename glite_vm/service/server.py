@@ -31,10 +31,12 @@ from typing import Any, TypeVar
 
 from glite_vm.config import Settings
 from glite_vm.errors import GliteVmError, HostError, ServiceUnavailableError
+from glite_vm.request import JobRequest
 from glite_vm.service import events, protocol
 from glite_vm.service.claims import Claim, find_claim, process_uids
 from glite_vm.service.local import LocalService, account_name
 from glite_vm.service.registry import VmRecord, VmRegistry
+from glite_vm.slots import SlotFacts
 from glite_vm.vm.lifecycle import VmHost
 
 log = logging.getLogger(__name__)
@@ -423,14 +425,12 @@ def _dispatch(service: LocalService, op: str, args: dict[str, Any], call: _Call)
     if op == "ping":
         return protocol.result_to_wire(service.ping())
     if op == "prepare":
-        job_ad, machine_ad = service.ads_from_wire(
-            _arg(args, "job_ad", dict), args.get("machine_ad")
-        )
+        job = JobRequest.from_wire(_arg(args, "request", dict), service.settings)
         prepared = service.prepare(
-            job_ad,
-            machine_ad=machine_ad,
+            job,
             scratch_dir=_arg(args, "scratch_dir", str),
             starter_pid=_optional(args, "starter_pid", int),
+            slot=_slot(args.get("slot")) if service.trusted else None,  # no one else's word
             cancel=call.cancel,
         )
         return protocol.result_to_wire(prepared)
@@ -463,6 +463,15 @@ def _dispatch(service: LocalService, op: str, args: dict[str, Any], call: _Call)
     if op == "reap":
         return {"reaped": [protocol.result_to_wire(r) for r in service.reap()]}
     raise protocol.ProtocolError(f"unknown operation {op!r}")
+
+
+def _slot(data: object) -> SlotFacts | None:
+    if data is None:
+        return None
+    try:
+        return SlotFacts.from_wire(data)
+    except ValueError as exc:
+        raise protocol.ProtocolError(f"argument 'slot': {exc}") from None
 
 
 def _arg(args: Mapping[str, Any], name: str, kind: type[T]) -> T:

@@ -528,6 +528,11 @@ class Vm:
 
     def _teardown_locked(self, failed: bool, keep_override: bool | None) -> TeardownResult:
         t0 = time.monotonic()
+        if self.record.exists():
+            # Another process tore this VM down already (its record is the last thing a
+            # teardown writes): say what it left, and change nothing.
+            kept = self.snapshot if self.snapshot.exists() else None
+            return TeardownResult(kept, self.boot_log, self.record, 0.0)
         dom = self.domain
         if dom is None:
             try:

@@ -45,6 +45,7 @@ from glite_vm.condor.launcher import (
 )
 from glite_vm.config import Settings
 from glite_vm.errors import AgentError, BootError, RequestError, UnknownImageError
+from glite_vm.request import JobRequest
 from glite_vm.service.api import (
     ExecOutcome,
     OutputSink,
@@ -53,6 +54,7 @@ from glite_vm.service.api import (
     VmService,
     VmSummary,
 )
+from glite_vm.slots import SlotFacts
 
 REPO = Path(__file__).resolve().parents[2]
 VM = "glite-vm-alice-12.0-abcd"
@@ -80,23 +82,22 @@ class ScriptedService:
     teardown_blocks: threading.Event | None = None
     calls: list[tuple[str, object]] = dataclasses.field(default_factory=list)  # in order
     pushed: dict[str, bytes] = dataclasses.field(default_factory=dict)
-    prepares: list[tuple[dict[str, object], str, int | None]] = dataclasses.field(
-        default_factory=list
-    )
+    prepares: list[tuple[JobRequest, str, int | None]] = dataclasses.field(default_factory=list)
     execs: list[tuple[str, list[str], dict[str, str]]] = dataclasses.field(default_factory=list)
     pulls: list[tuple[str, str | None]] = dataclasses.field(default_factory=list)
     teardowns: list[tuple[str, bool]] = dataclasses.field(default_factory=list)
 
     def prepare(
         self,
-        job_ad: Mapping[str, object],
+        job: JobRequest,
         *,
-        machine_ad: Mapping[str, object] | None,
         scratch_dir: str,
         starter_pid: int | None,
+        slot: SlotFacts | None = None,
     ) -> PrepareResult:
+        assert slot is None, "the hook states no slot: the service learns it from the starter"
         self.calls.append(("prepare", None))
-        self.prepares.append((dict(job_ad), scratch_dir, starter_pid))
+        self.prepares.append((job, scratch_dir, starter_pid))
         if self.prepare_blocks is not None:
             self.prepare_blocks.wait(30)
         if self.prepare_error is not None:
@@ -273,9 +274,9 @@ def test_prepare_job_makes_the_starter_run_the_launcher_on_the_inputs(scratch: P
     assert ad["GliteVmBootLogPath"] == f"/var/lib/glite-vm/run/{VM}/boot.log"
     assert ad["GliteVmCacheHit"] is True
     assert "NotOurs" not in ad
-    # the service got the job ad, the scratch directory and the starter
-    ((job_ad, scratch_dir, starter),) = service.prepares
-    assert job_ad["GliteVmImage"] == "debian-12"
+    # the service got the job's request (never the ad), the scratch directory and the starter
+    ((request, scratch_dir, starter),) = service.prepares
+    assert (request.image, request.job_id) == ("debian-12", "12.0")
     assert (scratch_dir, starter) == (str(scratch), 4242)
     # the schedd learns the GliteVm* attributes, never the rewritten command
     assert chirp.attributes["GliteVmDomain"] == VM

@@ -30,10 +30,10 @@ from glite_vm.errors import (
     RequestError,
 )
 from glite_vm.service.local import LocalService
-from glite_vm.session import open_host
 from glite_vm.slots import SlotFacts
+from glite_vm.vm.connect import open_host
 from glite_vm.vm.hypervisor import HypervisorInfo, find_emulator
-from tests.support import our_domain_names
+from tests.support import our_domain_names, sized
 
 SOURCES = ("https://repo.example/vm/",)
 SETTINGS = Settings(
@@ -210,7 +210,7 @@ HOSTILE: dict[str, Hostile] = {
 def test_a_hostile_ad_is_held_with_a_message_that_names_the_fix(case: str) -> None:
     row = HOSTILE[case]
     with pytest.raises(GliteVmError) as info:
-        request_from_job_ad(row.ad(), row.slot, SETTINGS)
+        sized(row.ad(), row.slot, SETTINGS)
     err = info.value
     assert type(err) is row.error, f"{type(err).__name__}: {err}"
     assert err.disposition is Disposition.HOLD
@@ -232,7 +232,7 @@ def test_a_hostile_ad_is_held_with_a_message_that_names_the_fix(case: str) -> No
 
 def test_the_same_values_are_accepted_where_they_are_sane() -> None:
     """The table's refusals are about the values, not the attributes: sane ones pass."""
-    ok = request_from_job_ad(
+    ok = sized(
         {
             "ClusterId": 12,
             "ProcId": 0,
@@ -353,8 +353,9 @@ def hostile_for(repo: CountingServer) -> dict[str, Mapping[str, object]]:
 
 @pytest.mark.vm
 def test_hostile_ads_leave_no_trace_on_the_host(tmp_path: Path, repository: CountingServer) -> None:
-    """PREPARE_JOB's path in the service (``LocalService.prepare``) for each hostile ad: held,
-    and no domain, no file in the state or cache directory, no lease, no connection made."""
+    """PREPARE_JOB's path (the hook's ``request_from_job_ad``, then the service's
+    ``LocalService.prepare``) for each hostile ad: held, and no domain, no file in the state or
+    cache directory, no lease, no connection made."""
     state = tmp_path / "state"
     state.mkdir()
     settings = Settings(
@@ -378,7 +379,9 @@ def test_hostile_ads_leave_no_trace_on_the_host(tmp_path: Path, repository: Coun
         for procid, (name, attrs) in enumerate(hostile_for(repository).items()):
             ad = {"ClusterId": cluster, "ProcId": procid, "Owner": "hostile", **attrs}
             with pytest.raises(GliteVmError) as info:
-                service.prepare(ad, machine_ad=None, scratch_dir=str(scratch), starter_pid=None)
+                # the hook's half (the ad to a request), then the service's
+                request = request_from_job_ad(ad, settings)
+                service.prepare(request, scratch_dir=str(scratch), starter_pid=None)
             assert info.value.disposition is Disposition.HOLD, (name, info.value)
             assert tree(state) == before, name
             assert repository.connections == 0, (name, repository.paths)
@@ -392,11 +395,13 @@ def test_hostile_ads_leave_no_trace_on_the_host(tmp_path: Path, repository: Coun
         well_formed = {"ClusterId": cluster, "ProcId": 999, "Owner": "hostile"}
         missing = {**well_formed, "GliteVmImage": repository.url("images/d.qcow2")}
         with pytest.raises(ImageNotFoundError):
-            service.prepare(missing, machine_ad=None, scratch_dir=str(scratch), starter_pid=None)
+            request = request_from_job_ad(missing, settings)
+            service.prepare(request, scratch_dir=str(scratch), starter_pid=None)
         assert "/images/d.qcow2" in repository.paths
         unknown = {**well_formed, "GliteVmImage": "debian-12"}
         with pytest.raises(DownloadError):  # the repository has no catalogue either
-            service.prepare(unknown, machine_ad=None, scratch_dir=str(scratch), starter_pid=None)
+            request = request_from_job_ad(unknown, settings)
+            service.prepare(request, scratch_dir=str(scratch), starter_pid=None)
         assert "/catalogue.json" in repository.paths
         assert not list((state / "cache" / "leases").rglob("*.json"))
         assert [d for d in our_domain_names() if d.startswith(ours)] == []

@@ -24,8 +24,6 @@ from glite_vm.condor.jobad import (
     host_failure_count,
     host_failure_history,
     request_from_job_ad,
-    request_values,
-    slot_facts_from_machine_ad,
     status_code,
 )
 from glite_vm.config import GIB, MIB, Settings
@@ -42,9 +40,9 @@ from glite_vm.errors import (
     ServiceUnavailableError,
     TransientBootError,
 )
-from glite_vm.request import KeepSnapshot, VMRequest
-from glite_vm.service.ad_reader import values_from_wire, values_to_wire
+from glite_vm.request import JobRequest, KeepSnapshot, VMRequest
 from glite_vm.slots import SlotFacts
+from tests.support import sized
 
 SETTINGS = Settings(max_cpus=8, max_memory_mib=16384, max_disk_bytes=100 * GIB)
 SLOT = SlotFacts(root_enabled=False, cpus=1, memory_mib=2048, disk_kib=30 * GIB // 1024)
@@ -88,7 +86,7 @@ def parsed(text: str) -> object:
 
 def hold_error(ad: object, slot: SlotFacts = SLOT, cfg: Settings = SETTINGS) -> GliteVmError:
     with pytest.raises(GliteVmError) as info:
-        request_from_job_ad(ad, slot, cfg)  # type: ignore[arg-type]
+        sized(ad, slot, cfg)
     assert info.value.disposition is Disposition.HOLD, info.value
     return info.value
 
@@ -97,7 +95,7 @@ def hold_error(ad: object, slot: SlotFacts = SLOT, cfg: Settings = SETTINGS) -> 
 
 
 def test_a_starter_ad_becomes_the_slots_vm() -> None:
-    r = request_from_job_ad(parsed(STARTER_AD), SLOT, SETTINGS)  # type: ignore[arg-type]
+    r = sized(parsed(STARTER_AD), SLOT, SETTINGS)
     assert r == VMRequest(
         image="debian-12",
         cpus=1,
@@ -113,12 +111,12 @@ def test_a_starter_ad_becomes_the_slots_vm() -> None:
 
 def test_without_slot_facts_the_request_counts_and_request_disk_is_kib() -> None:
     ad = job(RequestCpus=2, RequestMemory=4096, RequestDisk=2 * 1024 * 1024)
-    r = request_from_job_ad(ad, NO_FACTS, SETTINGS)
+    r = sized(ad, NO_FACTS, SETTINGS)
     assert (r.cpus, r.memory_mib, r.disk_bytes) == (2, 4096, 2 * GIB)
 
 
 def test_without_request_or_slot_the_settings_defaults_apply() -> None:
-    r = request_from_job_ad(job(), NO_FACTS, SETTINGS)
+    r = sized(job(), NO_FACTS, SETTINGS)
     sizes = (r.cpus, r.memory_mib, r.disk_bytes)
     assert sizes == (
         SETTINGS.default_cpus,
@@ -132,7 +130,7 @@ def test_size_expressions_are_evaluated_in_the_ad() -> None:
         'ClusterId = 1\nProcId = 0\nOwner = "bob"\nGliteVmImage = "centos-7"\n'
         "Base = 512\nRequestMemory = Base * 2\nRequestDisk = 1024 * 1024\nRequestCpus = 1 + 1\n"
     )
-    r = request_from_job_ad(ad, NO_FACTS, SETTINGS)  # type: ignore[arg-type]
+    r = sized(ad, NO_FACTS, SETTINGS)
     assert (r.cpus, r.memory_mib, r.disk_bytes) == (2, 1024, GIB)
 
 
@@ -140,14 +138,14 @@ def test_mapping_values_may_be_expressions_and_names_any_case() -> None:
     ad: dict[str, object] = {"clusterid": 4, "PROCID": 0, "owner": "bob", "glitevmimage": "x"}
     ad["RequestMemory"] = classad2.ExprTree("Base * 2")
     ad["Base"] = 300
-    r = request_from_job_ad(ad, NO_FACTS, SETTINGS)
+    r = sized(ad, NO_FACTS, SETTINGS)
     assert (r.job_id, r.owner, r.memory_mib) == ("4.0", "bob", 600)
 
 
 def test_a_job_may_ask_for_a_network_the_site_offers_and_is_held_otherwise() -> None:
-    assert request_from_job_ad(job(), SLOT, SETTINGS).network == "none"  # the host's default
+    assert sized(job(), SLOT, SETTINGS).network == "none"  # the host's default
     offering = dataclasses.replace(SETTINGS, network="none", job_networks=("user", "build"))
-    assert request_from_job_ad(job(GliteVmNetwork="user"), SLOT, offering).network == "user"
+    assert sized(job(GliteVmNetwork="user"), SLOT, offering).network == "user"
     error = hold_error(job(GliteVmNetwork="internet"), SLOT, offering)
     assert isinstance(error, RequestError) and error.field == "GliteVmNetwork"
     assert "'internet' is not offered here" in str(error)
@@ -163,7 +161,7 @@ def test_a_job_may_ask_for_a_network_the_site_offers_and_is_held_otherwise() -> 
 
 
 def test_owner_falls_back_to_user() -> None:
-    r = request_from_job_ad(job(Owner=None, User="carol@example.org"), SLOT, SETTINGS)
+    r = sized(job(Owner=None, User="carol@example.org"), SLOT, SETTINGS)
     assert r.owner == "carol"
 
 
@@ -184,7 +182,7 @@ def test_a_request_larger_than_the_slot_holds(attrs: dict[str, object], field: s
 
 def test_missing_image_uses_the_default_or_holds_with_a_fix() -> None:
     with_default = Settings(default_image="debian-12")
-    assert request_from_job_ad(job(GliteVmImage=None), SLOT, with_default).image == "debian-12"
+    assert sized(job(GliteVmImage=None), SLOT, with_default).image == "debian-12"
     err = hold_error(job(GliteVmImage=None))
     assert isinstance(err, RequestError)
     assert err.field == "GliteVmImage"
@@ -196,7 +194,7 @@ def test_missing_image_uses_the_default_or_holds_with_a_fix() -> None:
 
 
 def test_root_needs_a_root_enabled_slot() -> None:
-    assert request_from_job_ad(job(GliteVmRoot=True), ROOT_SLOT, SETTINGS).root is True
+    assert sized(job(GliteVmRoot=True), ROOT_SLOT, SETTINGS).root is True
     err = hold_error(job(GliteVmRoot=True), SLOT)
     assert isinstance(err, RootNotPermittedError)
     assert "not root-enabled" in str(err)
@@ -205,13 +203,13 @@ def test_root_needs_a_root_enabled_slot() -> None:
 
 def test_root_users_restrict_who_may_ask_for_root() -> None:
     policy = Settings(root_users=("alice", "dave"))
-    assert request_from_job_ad(job(GliteVmRoot=True), ROOT_SLOT, policy).root is True
+    assert sized(job(GliteVmRoot=True), ROOT_SLOT, policy).root is True
     err = hold_error(job(GliteVmRoot=True, Owner="bob"), ROOT_SLOT, policy)
     assert isinstance(err, RootNotPermittedError)
     assert "'bob'" in str(err)
     assert "GLITE_VM_ROOT_USERS" in str(err)
     # GliteVmRoot = False is no request for root, whoever asks
-    assert request_from_job_ad(job(GliteVmRoot=False, Owner="bob"), SLOT, policy).root is False
+    assert sized(job(GliteVmRoot=False, Owner="bob"), SLOT, policy).root is False
 
 
 @pytest.mark.parametrize(
@@ -277,7 +275,7 @@ def test_host_paths_and_unlisted_urls_are_refused(image: str) -> None:
 
 def test_job_chosen_hostname_follows_the_site_policy() -> None:
     allowed = Settings(allow_job_hostname=True)
-    r = request_from_job_ad(job(GliteVmHostname="Build-1.example.org"), SLOT, allowed)
+    r = sized(job(GliteVmHostname="Build-1.example.org"), SLOT, allowed)
     assert r.hostname == "build-1.example.org"
     for cfg, name in ((SETTINGS, "build-1.example.org"), (allowed, "a..b"), (allowed, "ü.de")):
         err = hold_error(job(GliteVmHostname=name), SLOT, cfg)
@@ -328,7 +326,7 @@ _FIELDS = [
 
 def _check_outcome(ad: object, slot: SlotFacts, cfg: Settings) -> None:
     try:
-        r = request_from_job_ad(ad, slot, cfg)  # type: ignore[arg-type]
+        r = sized(ad, slot, cfg)
     except GliteVmError as exc:
         assert exc.disposition is Disposition.HOLD, exc
         assert str(exc)
@@ -383,58 +381,22 @@ def test_any_classad_gives_a_request_or_a_hold(values: dict[str, object], slot: 
 
 def _outcome(ad: object, slot: SlotFacts) -> object:
     try:
-        return request_from_job_ad(ad, slot, SETTINGS)  # type: ignore[arg-type]
+        return sized(ad, slot, SETTINGS)
     except GliteVmError as exc:
         return (type(exc), str(exc))
 
 
-def _read_values(ad: object) -> dict[str, object]:
-    """What the service's bounded job-ad reader hands back, through its JSON."""
-    wire = json.loads(json.dumps(values_to_wire(request_values(ad))))  # type: ignore[arg-type]
-    return values_from_wire(wire)
-
-
 @settings(max_examples=300, suppress_health_check=[HealthCheck.too_slow])
-@given(
-    values=st.fixed_dictionaries({}, optional=dict.fromkeys(_FIELDS, _PLAIN)),
-    slot=st.sampled_from([SLOT, ROOT_SLOT, NO_FACTS]),
-)
-def test_reading_the_values_first_changes_no_answer(
-    values: dict[str, object], slot: SlotFacts
-) -> None:
-    """The service reads a caller's job ad in a separate process (request_values) and builds
-    the request from the plain values: the same request, or the same error and message."""
-    ad = classad2.ClassAd()
-    for name, value in job(**values).items():
-        text = _classad_text(value)
-        if text is not None:
-            ad[name] = classad2.ExprTree(text)
-    assert _outcome(_read_values(ad), slot) == _outcome(ad, slot)
-    assert _outcome(_read_values(values), slot) == _outcome(values, slot)
-
-
-def test_the_starters_ad_reads_the_same_through_the_values() -> None:
-    ad = classad2.parseOne(STARTER_AD.format(sha="0" * 64), classad2.ParserType.Old)
-    values = _read_values(ad)
-    assert values["RequestDisk"] == 45 and values["RequestMemory"] == 1
-    assert "Cmd" not in values and "DiskUsage" not in values
-    assert _outcome(values, SLOT) == _outcome(ad, SLOT)
-
-
-# --- slot facts ------------------------------------------------------------------------------
-
-
-def test_slot_facts_come_from_the_machine_ad() -> None:
-    machine = parsed(
-        "GliteVmRootEnabled = true\nCpus = 1\nMemory = 2048\nTotalSlotDisk = 31457280.0\n"
-        "Disk = 31000000\n"
-    )
-    assert slot_facts_from_machine_ad(machine) == SlotFacts(True, 1, 2048, 31457280)  # type: ignore[arg-type]
-    odd = parsed('GliteVmRootEnabled = "true"\nCpus = "many"\nMemory = -1\nName = "slot2@h"\n')
-    assert slot_facts_from_machine_ad(odd) == SlotFacts(name="slot2")  # type: ignore[arg-type]
-    assert slot_facts_from_machine_ad({"Disk": 1024.7, "GliteVmRootEnabled": 1}) == SlotFacts(
-        disk_kib=1024
-    )
+@given(values=st.fixed_dictionaries({}, optional=dict.fromkeys(_FIELDS, _PLAIN)))
+def test_a_request_travels_to_the_service_unchanged(values: dict[str, object]) -> None:
+    """What the hook makes of an ad is what the service gets back from the wire (the service
+    validates it again, with the same settings here: the same request)."""
+    try:
+        request = request_from_job_ad(job(**values), SETTINGS)
+    except GliteVmError:
+        return
+    wire = json.loads(json.dumps(request.to_wire()))
+    assert JobRequest.from_wire(wire, SETTINGS) == request
 
 
 # --- hook status lines -----------------------------------------------------------------------

@@ -19,8 +19,12 @@ import time
 from pathlib import Path
 from typing import Any
 
+from glite_vm.condor.jobad import request_from_job_ad
+from glite_vm.config import Settings
 from glite_vm.errors import GliteVmError
+from glite_vm.request import JobRequest
 from glite_vm.service.client import ServiceClient
+from glite_vm.slots import SlotFacts
 
 
 def main(request: dict[str, Any]) -> dict[str, Any]:
@@ -82,15 +86,24 @@ def raw(path: str, line: bytes) -> dict[str, Any]:
                 }
 
 
+def request_of(job_ad: dict[str, Any]) -> JobRequest:
+    """What the PREPARE_JOB hook sends for ``job_ad`` (the service never sees the ad)."""
+    return request_from_job_ad(job_ad, Settings.load())
+
+
 def call(client: ServiceClient, op: str, r: dict[str, Any]) -> Any:
     if op == "ping":
         return dataclasses.asdict(client.ping())
     if op == "prepare":
+        if "request" in r:  # as sent, bypassing this side's checks (the service checks again)
+            args = {k: r.get(k) for k in ("request", "scratch_dir", "starter_pid", "slot")}
+            return client._call("prepare", args)
+        slot = SlotFacts.from_wire(r["slot"]) if r.get("slot") is not None else None
         result = client.prepare(
-            r["job_ad"],
-            machine_ad=r.get("machine_ad"),
+            request_of(r["job_ad"]),
             scratch_dir=r["scratch_dir"],
             starter_pid=r.get("starter_pid"),
+            slot=slot,
         )
         return dataclasses.asdict(result)
     if op == "push":
@@ -117,10 +130,7 @@ def call(client: ServiceClient, op: str, r: dict[str, Any]) -> Any:
     if op == "job":  # a whole job, as hooks and launcher make it: prepare, exec, teardown
         t0 = time.monotonic()
         prepared = client.prepare(
-            r["job_ad"],
-            machine_ad=None,
-            scratch_dir=r["scratch_dir"],
-            starter_pid=r.get("starter_pid"),
+            request_of(r["job_ad"]), scratch_dir=r["scratch_dir"], starter_pid=r.get("starter_pid")
         )
         t1 = time.monotonic()
         out: list[bytes] = []

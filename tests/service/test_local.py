@@ -8,10 +8,11 @@ from pathlib import Path
 import classad2
 import pytest
 
+from glite_vm.condor.jobad import request_from_job_ad
 from glite_vm.config import Settings
 from glite_vm.errors import AccessDeniedError
 from glite_vm.service.local import LocalService
-from glite_vm.session import open_host
+from glite_vm.vm.connect import open_host
 from glite_vm.vm.lifecycle import VmHost
 from tests.service.conftest import new_state_dir
 from tests.service.svc_support import our_domains
@@ -51,7 +52,8 @@ def test_in_process_service_runs_a_job_for_its_own_user(
         'DiskUsage = 1048576\nRequestDisk = DiskUsage\nGliteVmKeepSnapshot = "never"\n',
         classad2.ParserType.Old,
     )
-    prepared = service.prepare(ad, machine_ad=None, scratch_dir=str(scratch), starter_pid=None)
+    request = request_from_job_ad(ad, inproc_host.settings)
+    prepared = service.prepare(request, scratch_dir=str(scratch), starter_pid=None)
     try:
         assert prepared.vm in our_domains(("someone",))  # root's own ad is taken as it is
         assert service.push(prepared.vm, str(scratch)) > 0

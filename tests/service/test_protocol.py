@@ -26,8 +26,8 @@ from glite_vm.errors import (
     UserError,
 )
 from glite_vm.identity.errors import IdentityConfigError
+from glite_vm.request import JobRequest, vm_request
 from glite_vm.service import protocol
-from glite_vm.service.ad_reader import ad_from_wire
 from glite_vm.service.api import ExecOutcome, TeardownOutcome
 from glite_vm.slots import SlotFacts
 
@@ -93,8 +93,9 @@ def test_a_bug_in_the_service_is_a_host_error_naming_it() -> None:
 
 
 def test_a_different_protocol_version_is_refused_clearly() -> None:
-    with pytest.raises(protocol.ProtocolError, match="version 2 is not supported"):
-        protocol.decode(json.dumps({"v": 2, "ok": True}).encode())
+    for other in (protocol.VERSION - 1, protocol.VERSION + 1):
+        with pytest.raises(protocol.ProtocolError, match=f"version {other} is not supported"):
+            protocol.decode(json.dumps({"v": other, "ok": True}).encode())
     with pytest.raises(protocol.ProtocolError, match="malformed"):
         protocol.decode(b"{not json")
 
@@ -106,43 +107,29 @@ def test_results_ignore_fields_a_newer_service_adds() -> None:
         protocol.result_from_wire(TeardownOutcome, {"snapshot_path": None})
 
 
-def test_a_classad_job_ad_keeps_its_expressions() -> None:
+def test_a_request_travels_with_its_sizes_and_is_checked_again_on_arrival() -> None:
+    """The hook makes the request of a ClassAd with expressions (RequestDisk = DiskUsage); the
+    service takes it back from JSON against its own settings, and refuses what they refuse."""
     ad = classad2.parseOne(
         'ClusterId = 12\nProcId = 3\nOwner = "alice"\nGliteVmImage = "debian-12"\n'
-        "DiskUsage = 2000000\nRequestDisk = DiskUsage\nRequestMemory = 1024 * 2\n"
-        'Note = "a \\"quoted\\" line"\n',
+        "DiskUsage = 2000000\nRequestDisk = DiskUsage\nRequestMemory = 1024 * 2\n",
         classad2.ParserType.Old,
     )
-    wire = json.loads(json.dumps(protocol.ad_to_wire(ad)))
-    back = ad_from_wire(wire, "job_ad")
-    assert back is not None
-    request = request_from_job_ad(back, SlotFacts(), Settings())
-    assert (request.job_id, request.owner) == ("12.3", "alice")
-    assert request.disk_bytes == 2000000 * 1024
-    assert request.memory_mib == 2048
-    assert back["Note"] == 'a "quoted" line'
-
-
-def test_a_plain_mapping_with_an_expression_travels_too() -> None:
-    mapping = {
-        "ClusterId": 5,
-        "ProcId": 0,
-        "Owner": "bob",
-        "GliteVmImage": "debian-12",
-        "GliteVmRoot": False,
-        "RequestMemory": classad2.ExprTree("512 + 512"),
-        "Path": Path("/x"),
-    }
-    back = ad_from_wire(json.loads(json.dumps(protocol.ad_to_wire(mapping))), "job_ad")
-    assert back is not None
-    request = request_from_job_ad(back, SlotFacts(), Settings())
-    assert request.memory_mib == 1024 and not request.root
-    assert back["Path"] == "/x"
-
-
-def test_a_broken_classad_is_the_users_error() -> None:
-    with pytest.raises(RequestError, match="job_ad"):
-        ad_from_wire({"classad": "[ this is = = not an ad"}, "job_ad")
+    request = request_from_job_ad(ad, Settings())
+    wire = json.loads(json.dumps(request.to_wire()))
+    back = JobRequest.from_wire(wire, Settings())
+    assert back == request
+    assert (back.job_id, back.owner) == ("12.3", "alice")
+    assert (back.disk_bytes, back.memory_mib) == (2000000 * 1024, 2048)
+    # The service's own bounds, not the sender's, when it sizes the VM.
+    small = Settings(max_cpus=8)
+    with pytest.raises(RequestError, match=r"RequestCpus: 64 is outside 1 \.\. 8"):
+        vm_request(JobRequest.from_wire({**wire, "cpus": 64}, small), SlotFacts(), small)
+    for field, bad in (("root", "yes"), ("cpus", "2"), ("disk_bytes", 1.5), ("image", 7)):
+        with pytest.raises(RequestError):
+            JobRequest.from_wire({**wire, field: bad}, Settings())
+    with pytest.raises(RequestError, match="unknown fields job_ad"):
+        JobRequest.from_wire({**wire, "job_ad": {"classad": "[]"}}, Settings())
 
 
 def test_the_client_imports_cheaply() -> None:

@@ -315,12 +315,13 @@ def test_kept_snapshots_and_exports_hold_no_host_key(boundary: Boundary, alice: 
 
 # -- 4. slot facts come from the service, never from the caller --------------------------------
 
+# The slot alice would like to be in, sent as slot facts only root may state.
 FAKE_ROOT_SLOT = {
-    "Name": "slot3@exec.example",
-    "GliteVmRootEnabled": True,
-    "Cpus": 64,
-    "Memory": 262144,
-    "TotalSlotDisk": 1 << 31,
+    "name": "slot3",
+    "root_enabled": True,
+    "cpus": 64,
+    "memory_mib": 262144,
+    "disk_kib": 1 << 31,
 }
 
 
@@ -350,8 +351,9 @@ def refused(answer: dict[str, Any], who: Account, b: Boundary) -> dict[str, Any]
 def test_a_caller_cannot_claim_a_root_slot_a_size_or_a_starter(
     boundary: Boundary, alice: Account
 ) -> None:
-    """Outside any job alice claims a root-enabled slot of 64 CPUs in a machine ad she wrote:
-    no root, no size beyond one slot, and no pinning her VM's life to someone else's process."""
+    """Outside any job alice claims a root-enabled slot of 64 CPUs in slot facts she wrote, or
+    sends a request for 64 CPUs past her client's checks: no root, no size beyond one slot, and
+    no pinning her VM's life to someone else's process."""
     scratch = make_scratch(boundary.root, alice, "claims")
     svc = boundary.svc
     root = refused(
@@ -360,7 +362,7 @@ def test_a_caller_cannot_claim_a_root_slot_a_size_or_a_starter(
             alice,
             "prepare",
             job_ad=job_ad(GliteVmRoot=True),
-            machine_ad=FAKE_ROOT_SLOT,
+            slot=FAKE_ROOT_SLOT,
             scratch_dir=str(scratch),
         ),
         alice,
@@ -373,7 +375,7 @@ def test_a_caller_cannot_claim_a_root_slot_a_size_or_a_starter(
             alice,
             "prepare",
             job_ad=job_ad(RequestMemory=4096),
-            machine_ad=FAKE_ROOT_SLOT,
+            slot=FAKE_ROOT_SLOT,
             scratch_dir=str(scratch),
         ),
         alice,
@@ -387,8 +389,28 @@ def test_a_caller_cannot_claim_a_root_slot_a_size_or_a_starter(
         boundary,
     )
     assert pinned["type"] == "RequestError" and "starter_pid" in pinned["message"], pinned
-    # Her machine ad changes nothing about the VM she may have: one slot's size, her name.
-    vm = prepare(svc, alice, scratch, machine_ad=FAKE_ROOT_SLOT)
+    # A request she wrote herself is checked again by the service, whatever her client did.
+    raw = {
+        "image": "test-direct",
+        "job_id": "9.0",
+        "owner": "root",
+        "cpus": 64,
+        "root": True,
+    }
+    forged = refused(
+        call(svc, alice, "prepare", request=raw, scratch_dir=str(scratch), slot=FAKE_ROOT_SLOT),
+        alice,
+        boundary,
+    )
+    assert forged["disposition"] == "hold", forged
+    unknown = refused(
+        call(svc, alice, "prepare", request={**raw, "cpus": 1, "extra": 1}, scratch_dir="/"),
+        alice,
+        boundary,
+    )
+    assert "unknown fields extra" in unknown["message"], unknown
+    # Her slot facts change nothing about the VM she may have: one slot's size, her name.
+    vm = prepare(svc, alice, scratch, slot=FAKE_ROOT_SLOT)
     try:
         assert vm_memory_mib(vm["vm"]) == 512
         assert not vm["ad_attributes"]["GliteVmGuestHostname"].split(".")[0].endswith("slot3")
@@ -400,7 +422,7 @@ def test_the_starters_slot_decides_root_size_and_name(
     boundary: Boundary, alice: Account, bob: Account
 ) -> None:
     """Calls from inside a job (children of condor_starter) get the slot the starter runs:
-    root only on the root-enabled slot, whatever machine ad the caller sends."""
+    root only on the root-enabled slot, whatever slot facts the caller sends."""
     root_starter = boundary.starter(ROOT_SLOT)
     user_starter = boundary.starter(USER_SLOT)
     own_starter = boundary.starter(ROOT_SLOT, started_by=alice)
@@ -414,13 +436,13 @@ def test_the_starters_slot_decides_root_size_and_name(
             boundary,
         )
         assert fake["type"] == "RootNotPermittedError", fake
-        # HTCondor's starter of a user slot: no root, whatever the machine ad says.
+        # HTCondor's starter of a user slot: no root, whatever slot facts she sends.
         user = refused(
             user_starter.call(
                 alice,
                 "prepare",
                 job_ad=root_ad,
-                machine_ad=FAKE_ROOT_SLOT,
+                slot=FAKE_ROOT_SLOT,
                 scratch_dir=str(scratch),
             ),
             alice,
@@ -434,7 +456,7 @@ def test_the_starters_slot_decides_root_size_and_name(
                 alice,
                 "prepare",
                 job_ad=root_ad,
-                machine_ad={"Name": "slot2@exec.example"},
+                slot={"name": "slot2"},
                 scratch_dir=str(scratch),
             )
         )

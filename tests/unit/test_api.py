@@ -44,12 +44,12 @@ from glite_vm.api import (
     submit,
     wait,
 )
-from glite_vm.condor.jobad import request_from_job_ad
 from glite_vm.condor.launcher import parse_arguments, parse_environment, split_v2_arguments
 from glite_vm.config import GIB, KIB, MIB, Settings
 from glite_vm.errors import Disposition, RequestError
 from glite_vm.request import KeepSnapshot
 from glite_vm.slots import SlotFacts
+from tests.support import sized
 from tests.unit.test_templates import REPO, condor_submit, dry_run
 
 __all__ = ["condor_submit"]  # the fixture, shared with the template tests
@@ -348,7 +348,7 @@ def test_condor_submit_gives_the_launcher_exactly_the_jobs_command(
     ad["Owner"] = "alice"
     slot = SlotFacts(root_enabled=True, cpus=1, memory_mib=512, disk_kib=GIB // KIB)
     settings = Settings(custom_image_sources=("https://images.example.org/vm/",))
-    request = request_from_job_ad(ad, slot, settings)
+    request = sized(ad, slot, settings)
     assert request.image == "https://images.example.org/vm/a$(b).qcow2"
     assert request.root is True
     assert (request.memory_mib, request.disk_bytes) == (512, GIB)

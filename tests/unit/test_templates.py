@@ -18,13 +18,13 @@ import classad2
 import htcondor2
 import pytest
 
-from glite_vm.condor.jobad import request_from_job_ad
 from glite_vm.config import GIB, KIB, Settings
 from glite_vm.errors import RootNotPermittedError
 from glite_vm.images.sources import NAME_RE
 from glite_vm.request import KeepSnapshot, check_image_ref
 from glite_vm.slots import SlotFacts
 from tests.condor.pool import find_tarball, unpack_release
+from tests.support import sized
 
 REPO = Path(__file__).resolve().parents[2]
 TEMPLATES = REPO / "submit_templates"
@@ -249,7 +249,7 @@ def test_condor_submit_makes_job_ads_the_hooks_accept(
         assert isinstance(ad["RequestMemory"], int)
         assert isinstance(ad["RequestDisk"], int)
         ad["Owner"] = "alice"
-        request = request_from_job_ad(ad, SLOT, settings)
+        request = sized(ad, SLOT, settings)
         assert request.image == ad["GliteVmImage"]
         assert request.root is want["root"]
         assert request.keep_snapshot.value == want["GliteVmKeepSnapshot"]
@@ -272,4 +272,4 @@ def test_the_root_template_is_refused_on_a_user_slot(
     assert ad["GliteVmRoot"] is True
     user_slot = SlotFacts(root_enabled=False, cpus=1, memory_mib=2048, disk_kib=SLOT.disk_kib)
     with pytest.raises(RootNotPermittedError):
-        request_from_job_ad(ad, user_slot, Settings())
+        sized(ad, user_slot, Settings())
