@@ -1002,22 +1002,16 @@ def run_local(
     it does not offer) raises :class:`~glite_vm.errors.RequestError` naming the parameter.
 
     Differences from a pool, on purpose: the image may be a local path; a declared output the
-    job did not make is listed in ``missing_outputs`` (HTCondor holds such a job); ``hostname``
-    is refused (:class:`~glite_vm.errors.RequestError`): the in-process engine does not set
-    guest identities. Raises the library's errors (hold-class for the job's faults,
-    requeue-class for this host's).
+    job did not make is listed in ``missing_outputs`` (HTCondor holds such a job); the VM is
+    the caller's own, so its ``hostname`` is set whatever the site's policy on job-chosen names.
+    Raises the library's errors (hold-class for the job's faults, requeue-class for this
+    host's).
     """
     from glite_vm.session import JobSpec, run_job  # noqa: PLC0415 - needs libvirt
     from glite_vm.vm.connect import open_host  # noqa: PLC0415 - needs libvirt
 
     if not isinstance(job, VmJob):
         raise RequestError("job", f"must be a VmJob, got {type(job).__name__}")
-    if job.hostname is not None:
-        raise RequestError(
-            "hostname",
-            "run_local does not set guest host names (only a pool's bootstrapper does); "
-            "drop hostname for a local run",
-        )
     if directory is not None and os.path.isdir(directory) and os.listdir(directory):
         raise RequestError(
             "directory", f"{os.fspath(directory)} is not empty; give a new or empty directory"
@@ -1044,6 +1038,7 @@ def run_local(
             env=dict(job.env),
             timeout=limit,
             network=job.network,
+            hostname=job.hostname,
         )
         the_host = host if host is not None else open_host(the_settings)
         try:

@@ -108,7 +108,8 @@ def run_job(
     ``output_dir`` (or the job-ad attribute of a bad VM field) before anything boots;
     :class:`~glite_vm.errors.PayloadTimeoutError` when the payload outlives ``spec.timeout``.
     """
-    settings = host.settings
+    # The VM is the user's own: the site's policy on job-chosen host names does not apply.
+    settings = dataclasses.replace(host.settings, allow_job_hostname=True, job_hostname_domains=())
     report = report if report is not None else RunReport()
     job = JobRequest.create(
         settings,
@@ -131,7 +132,7 @@ def run_job(
         check_output_dir(spec.output_dir)
     registry = VmRegistry(settings, host)
     registry.reap_orphans()  # the VMs of earlier runs that were killed
-    _sweep_run_dirs(settings)
+    sweep_run_dirs(settings)
     service = LocalService.for_this_user(settings, host, registry=registry)
 
     def started(name: str, boot_log: Path) -> None:
@@ -165,9 +166,9 @@ def run_job(
                 timeout=timeout,
             )
             report.payload = outcome
-            failed = outcome.exit_code != 0
             if spec.output_dir is not None:
                 outputs = _pull(service, name, spec.output_dir, spec.input_dir)
+            failed = outcome.exit_code != 0  # the run failed unless all of it went well
         finally:
             report.teardown = service.teardown(name, failed=failed)
     done = report.teardown
@@ -206,7 +207,7 @@ def _run_dir(settings: Settings) -> Iterator[Path]:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def _sweep_run_dirs(settings: Settings) -> None:
+def sweep_run_dirs(settings: Settings) -> None:
     """Run directories of processes that are gone (a run killed with SIGKILL left its own)."""
     parent = settings.state_dir / RUNS_DIR
     try:

@@ -38,6 +38,7 @@ OPTION_NAMES: Final[Mapping[str, str]] = {
     "GliteVmRoot": "--root",
     "GliteVmKeepSnapshot": "--keep-snapshot",
     "GliteVmNetwork": "--network",
+    "GliteVmHostname": "--hostname",
     "RequestCpus": "--cpus",
     "RequestMemory": "--memory",
     "RequestDisk": "--disk",

@@ -6,6 +6,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -17,6 +18,7 @@ from types import FrameType
 from glite_vm.cli.main import dispatch
 from glite_vm.config import Settings, parse_duration
 from glite_vm.errors import AccessDeniedError
+from glite_vm.service.api import ReapedVm
 from glite_vm.service.events import EVENTS, event_log_path, read_events
 
 log = logging.getLogger("glite_vm.service")
@@ -48,11 +50,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     reap = sub.add_parser(
         "reap",
-        help="ask the service to reap VMs whose job is gone, now",
+        help="reap VMs whose job or run is gone, now (through the service where one runs)",
         description="Ask the running service for one reaper pass (it also reaps on its own "
         "every GLITE_VM_REAP_INTERVAL seconds). Prints nothing on stdout unless --json, so it "
-        "can run as a STARTD_CRON job; what was reaped goes to stderr. Exits 125 when the "
-        "service cannot be reached.",
+        "can run as a STARTD_CRON job; what was reaped goes to stderr. Where no service runs "
+        "(no socket) and the state directory is yours, it reaps the VMs of your own killed "
+        "`glite-vm run`s itself. Exits 125 when a service is there but cannot be reached.",
     )
     reap.add_argument("--socket", type=Path, metavar="PATH", help="the service's socket")
     reap.add_argument("--json", action="store_true", help="print the reaped VMs as JSON")
@@ -147,12 +150,44 @@ def cmd_reap(args: argparse.Namespace, settings: Settings) -> int:
     client = ServiceClient.from_settings(settings)
     if args.socket is not None:
         client.socket_path = str(args.socket)
-    reaped = client.reap()
+    if not os.path.exists(client.socket_path) and _owns(settings.state_dir):
+        reaped = _reap_here(settings)  # no service: this user's own runs (glite-vm run)
+    else:
+        reaped = client.reap()
     for r in reaped:
         print(f"glite-vm reap: {r.vm} (uid {r.owner_uid}): {r.reason}", file=sys.stderr)
     if args.json:
         print(json.dumps([vars(r) for r in reaped], indent=2))
     return 0
+
+
+def _owns(path: Path) -> bool:
+    try:
+        return path.stat().st_uid == os.geteuid()
+    except OSError:
+        return False
+
+
+def _reap_here(settings: Settings) -> list[ReapedVm]:
+    """A reaper pass in this process over the VMs of the caller's own runs (``glite-vm run``)
+    whose process is gone: what ``reap`` does where no service runs."""
+    from glite_vm.service.registry import VmRegistry  # noqa: PLC0415 - libvirt: only here
+    from glite_vm.vm.connect import open_host  # noqa: PLC0415
+
+    print(
+        "glite-vm reap: no service here; reaping the VMs of your own runs that were killed "
+        f"(state in {settings.state_dir})",
+        file=sys.stderr,
+    )
+    from glite_vm.session import sweep_run_dirs  # noqa: PLC0415
+
+    host = open_host(settings)
+    try:
+        reaped = VmRegistry(settings, host).reap_orphans()
+    finally:
+        host.conn.close()
+    sweep_run_dirs(settings)
+    return reaped
 
 
 def cmd_events(args: argparse.Namespace, settings: Settings) -> int:

@@ -86,6 +86,12 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         help="the VM's network: GLITE_VM_NETWORK (the default) or one of GLITE_VM_JOB_NETWORKS",
     )
     run.add_argument(
+        "--hostname",
+        metavar="NAME",
+        help="the guest's host name (the VM is yours: the site's policy on job-chosen names "
+        "does not apply); default: from GLITE_VM_HOSTNAME_PATTERN when guest identity is on",
+    )
+    run.add_argument(
         "--keep-snapshot",
         choices=[k.value for k in KeepSnapshot],
         default=KeepSnapshot.ON_FAILURE.value,
@@ -209,6 +215,7 @@ def _job_spec(args: argparse.Namespace) -> JobSpec:
         env=_parse_env(args.env),
         timeout=None if args.timeout is None else parse_timeout(args.timeout, "--timeout"),
         network=args.network,
+        hostname=args.hostname,
     )
 
 

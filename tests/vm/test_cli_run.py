@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import stat
 import subprocess
 import sys
@@ -13,8 +14,9 @@ from pathlib import Path
 
 import pytest
 
+from glite_vm.service.events import event_log_path, read_events
 from tests.service.svc_support import ensure_account
-from tests.support import our_domain_names
+from tests.support import domains_under, our_domain_names
 
 pytestmark = pytest.mark.vm
 GLITE_VM = [sys.executable, "-m", "glite_vm"]
@@ -358,3 +360,64 @@ def test_a_root_run_keeps_its_files_private(state_dir: Path, guest_dir: Path) ->
             check=False,
         )
         assert nobody.returncode != 0 and b"Permission denied" in nobody.stderr, path
+
+
+def start_and_kill(state_dir: Path, image: str) -> str:
+    """A `glite-vm run` SIGKILLed while its payload runs; the name of the VM it left."""
+    proc = subprocess.Popen(
+        [*GLITE_VM, "run", "--image", image, "--", "sh", "-c", "echo started; sleep 300"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=cli_env(state_dir),
+    )
+    try:
+        assert proc.stdout is not None
+        assert proc.stdout.readline() == b"started\n"
+        before = set(domains_under(state_dir / "cli"))
+    finally:
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+    (left,) = before
+    return left
+
+
+def test_a_killed_run_is_reaped_by_the_next_run_and_by_glite_vm_reap(
+    state_dir: Path, guest_dir: Path
+) -> None:
+    """kill -9 of a running `glite-vm run` leaves its VM; the next run takes it first, and
+    where nothing else runs, `glite-vm reap` does (no service here: its own runs')."""
+    image = str(guest_dir / "disk-boot.qcow2")
+    killed = start_and_kill(state_dir, image)
+    assert killed in our_domain_names(), "the killed run's VM goes on, for now"
+    after = glite_vm(state_dir, "run", "--image", image, "--", "true")
+    assert after.returncode == 0, after.stderr.decode()
+    assert killed not in our_domain_names()
+    events = read_events(event_log_path(state_dir / "cli"))
+    (reaped,) = [e for e in events if e.vm == killed and e.event == "reaped"]
+    assert reaped.reason is not None and "starter process" in reaped.reason
+
+    again = start_and_kill(state_dir, image)
+    assert again in our_domain_names()
+    env = {**cli_env(state_dir), "GLITE_VM_SOCKET_PATH": str(state_dir / "no-service.sock")}
+    reap = subprocess.run(
+        [*GLITE_VM, "reap"], capture_output=True, env=env, timeout=300, check=False
+    )
+    assert (reap.returncode, reap.stdout) == (0, b""), reap.stderr.decode()
+    assert f"{again} (uid 0)" in reap.stderr.decode()
+    assert again not in our_domain_names()
+    assert list((state_dir / "cli" / "runs").iterdir()) == []  # nor their scratch directories
+
+
+def test_ones_own_vm_takes_the_hostname_asked_for(state_dir: Path, guest_dir: Path) -> None:
+    proc = glite_vm(
+        state_dir,
+        "run",
+        "--image",
+        str(guest_dir / "disk-boot.qcow2"),
+        "--hostname",
+        "build01.example.org",
+        "--",
+        "hostname",
+    )
+    assert proc.returncode == 0, proc.stderr.decode()
+    assert proc.stdout.decode().strip() in ("build01", "build01.example.org")
