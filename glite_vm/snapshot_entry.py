@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import json
-import math
 import os
 import pwd
 import stat
@@ -20,22 +18,26 @@ import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator, Mapping
 from pathlib import Path
-from typing import Any
 
 from glite_vm import _dirfd
 from glite_vm.vm.domain_xml import METADATA_NS
+from glite_vm.vm.record import (
+    BOOT_LOG,
+    DOMAIN_XML,
+    MAX_RECORD_BYTES,
+    RECORD,
+    SNAPSHOT,
+    JobRecord,
+    Timings,
+    VmFiles,
+    ad_attributes,
+    text,
+)
 
-SNAPSHOT_FILE = "snapshot.qcow2"
-RECORD_FILE = "record.json"
-BOOT_LOG_FILE = "boot.log"
-DOMAIN_XML_FILE = "domain.xml"
-OVERLAY_FILE = "overlay.qcow2"  # present while the entry's VM runs
-MAX_RECORD_BYTES = 1 << 20
 MAX_DOMAIN_XML_BYTES = 1 << 20
+_PHASES = frozenset(f.name for f in dataclasses.fields(Timings))
 FINISHED = "finished"
 INCOMPLETE = "incomplete"
-_TEXT_LIMIT = 256
-_AD_TIMINGS = ("fetch", "boot", "ready", "payload", "teardown")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -67,11 +69,11 @@ class SnapshotEntry:
 
     @property
     def boot_log(self) -> Path:
-        return self.directory / BOOT_LOG_FILE
+        return VmFiles(self.directory).boot_log
 
     @property
     def record_path(self) -> Path:
-        return self.directory / RECORD_FILE
+        return VmFiles(self.directory).record
 
     @property
     def kept(self) -> bool:
@@ -101,20 +103,18 @@ class SnapshotEntry:
 
     def ad_attributes(self) -> dict[str, object]:
         """The job-ad attributes this VM's job got (see DESIGN.md, "Contracts")."""
-        ad: dict[str, object] = {
-            "GliteVmDomain": self.name,
-            "GliteVmHypervisor": self.hypervisor,
-            "GliteVmImageDigest": self.image_sha256,
-            "GliteVmBootLogPath": str(self.boot_log),
-            "GliteVmRecordPath": str(self.record_path),
-        }
-        if self.snapshot is not None:
-            ad["GliteVmSnapshotPath"] = str(self.snapshot)
-        for phase in _AD_TIMINGS:
-            value = self.timings.get(phase)
-            if value is not None:
-                ad[f"GliteVmTime{phase.capitalize()}"] = round(value, 3)
-        return ad
+        known = {k: v for k, v in self.timings.items() if k in _PHASES}
+        return dict(
+            ad_attributes(
+                domain=self.name,
+                hypervisor=self.hypervisor,
+                image_digest=self.image_sha256,
+                boot_log=self.boot_log,
+                record=self.record_path,
+                snapshot=self.snapshot,
+                timings=known,
+            )
+        )
 
     def as_dict(self, now: float | None = None) -> dict[str, object]:
         return {
@@ -177,19 +177,19 @@ def open_entry_file(entry: SnapshotEntry, name: str) -> int:
         return _dirfd.open_regular(dir_fd, name)[0]
 
 
-def read_record(entry: SnapshotEntry) -> dict[str, Any]:
-    """The entry's record as a JSON object ({} when there is none that can be used)."""
+def read_record(entry: SnapshotEntry) -> JobRecord | None:
+    """The entry's record (``None`` when there is none that can be used)."""
     try:
-        return _parse_record(read_entry_file(entry, RECORD_FILE, MAX_RECORD_BYTES))
+        return JobRecord.from_json(read_entry_file(entry, RECORD, MAX_RECORD_BYTES))
     except (OSError, ValueError):
-        return {}
+        return None
 
 
 def boot_log_text(entry: SnapshotEntry, lines: int) -> str:
     """The last ``lines`` lines of the entry's boot log ('' when there is none)."""
     try:
         with open_entry(entry) as dir_fd:
-            raw = _dirfd.read_tail(dir_fd, BOOT_LOG_FILE, 16384)
+            raw = _dirfd.read_tail(dir_fd, BOOT_LOG, 16384)
     except OSError:
         return ""
     text = raw.decode("utf-8", errors="replace").replace("\r", "")
@@ -204,8 +204,8 @@ def read_entry(path: Path, dir_fd: int) -> SnapshotEntry:
     st = os.fstat(dir_fd)
     usage = _dirfd.disk_usage(dir_fd)
     try:
-        raw, record_st = _dirfd.read_small(dir_fd, RECORD_FILE, MAX_RECORD_BYTES)
-        data = _parse_record(raw)
+        raw, record_st = _dirfd.read_small(dir_fd, RECORD, MAX_RECORD_BYTES)
+        record = JobRecord.from_json(raw)
     except FileNotFoundError:
         why = "no record.json: its VM still runs, or its run ended without a teardown"
         return incomplete_entry(path, st, usage, _job_metadata(dir_fd), why)
@@ -220,58 +220,41 @@ def read_entry(path: Path, dir_fd: int) -> SnapshotEntry:
     except ValueError:
         why = "record.json is not a JSON object"
         return incomplete_entry(path, st, usage, _job_metadata(dir_fd), why)
-    snap = _dirfd.lstat_at(dir_fd, SNAPSHOT_FILE)
-    return _entry_from_record(path, st, usage, data, record_mtime=record_st.st_mtime, snap=snap)
-
-
-def _parse_record(raw: bytes) -> dict[str, Any]:
-    try:
-        data = json.loads(raw)
-    except RecursionError:  # nested deeper than the parser goes
-        raise ValueError("nested too deeply") from None
-    if not isinstance(data, dict):
-        raise ValueError("not a JSON object")
-    return data
+    snap = _dirfd.lstat_at(dir_fd, SNAPSHOT)
+    return _entry_from_record(path, st, usage, record, record_mtime=record_st.st_mtime, snap=snap)
 
 
 def _entry_from_record(
     path: Path,
     st: os.stat_result,
     usage: _dirfd.Usage,
-    data: Mapping[str, Any],
+    record: JobRecord,
     *,
     record_mtime: float,
     snap: os.stat_result | None,
 ) -> SnapshotEntry:
     kept = snap is not None and stat.S_ISREG(snap.st_mode)
-    timings: dict[str, float | None] = {}
-    raw_timings = data.get("timings")
-    if isinstance(raw_timings, dict):
-        for key, value in list(raw_timings.items())[:32]:
-            if value is None or _finite(value) is not None:
-                timings[_text(key)] = _finite(value)
-    finished = _finite(data.get("finished"))
-    if finished is None or not 0 <= finished <= time.time() + 86400:
+    finished = record.finished
+    if not 0 < finished <= time.time() + 86400:
         finished = record_mtime
-    base = _text(data.get("base_image"), "")
     return SnapshotEntry(
         name=path.name,
         directory=path,
         owner_uid=st.st_uid,
-        owner=_text(data.get("owner")),
-        job_id=_text(data.get("job_id")),
-        image=_text(data.get("image")),
-        image_sha256=_text(data.get("image_sha256"), ""),
-        base_image=Path(base) if base.startswith("/") else None,
-        base_format=_text(data.get("base_format"), "qcow2"),
-        hypervisor=_text(data.get("hypervisor")),
-        root=data.get("root") is True,
-        failed=data.get("failed") is True,
-        exit_code=_small_int(data.get("exit_code")),
-        signal=_small_int(data.get("signal")),
+        owner=record.owner,
+        job_id=record.job_id,
+        image=record.image,
+        image_sha256=record.image_sha256,
+        base_image=Path(record.base_image) if record.base_image else None,
+        base_format=record.base_format,
+        hypervisor=record.hypervisor,
+        root=record.root,
+        failed=record.failed,
+        exit_code=record.exit_code,
+        signal=record.signal,
         finished=finished,
-        timings=timings,
-        snapshot=path / SNAPSHOT_FILE if kept else None,
+        timings=dict(record.timings),
+        snapshot=VmFiles(path).snapshot if kept else None,
         snapshot_bytes=snap.st_blocks * 512 if kept and snap is not None else 0,
         total_bytes=usage.bytes,
         size_complete=usage.complete,
@@ -285,10 +268,10 @@ def incomplete_entry(
         name=path.name,
         directory=path,
         owner_uid=st.st_uid,
-        owner=_text(meta.get("owner"), _account(st.st_uid)),
-        job_id=_text(meta.get("job_id")),
-        image=_text(meta.get("image")),
-        image_sha256=_text(meta.get("image_sha256"), ""),
+        owner=text(meta.get("owner"), _account(st.st_uid)),
+        job_id=text(meta.get("job_id")),
+        image=text(meta.get("image")),
+        image_sha256=text(meta.get("image_sha256"), ""),
         base_image=None,
         base_format="qcow2",
         hypervisor="?",
@@ -310,7 +293,7 @@ def incomplete_entry(
 def _job_metadata(dir_fd: int) -> dict[str, str]:
     """What the VM's ``domain.xml`` says about its job ({} when it says nothing usable)."""
     try:
-        raw, _st = _dirfd.read_small(dir_fd, DOMAIN_XML_FILE, MAX_DOMAIN_XML_BYTES)
+        raw, _st = _dirfd.read_small(dir_fd, DOMAIN_XML, MAX_DOMAIN_XML_BYTES)
         root = ET.fromstring(raw)  # noqa: S314 - bounded; expat refuses entity expansion bombs
     except (OSError, ET.ParseError, ValueError, RecursionError):
         return {}
@@ -318,30 +301,6 @@ def _job_metadata(dir_fd: int) -> dict[str, str]:
     if job is None:
         return {}
     return {child.tag.rsplit("}", 1)[-1]: child.text or "" for child in job}
-
-
-def _text(value: object, default: str = "?") -> str:
-    """A string from a user's file, safe to print: no control characters (terminal escapes),
-    no lone surrogates, bounded."""
-    if not isinstance(value, str) or not value:
-        return default
-    return "".join(c if c.isprintable() else "?" for c in value[:_TEXT_LIMIT])
-
-
-def _finite(value: object) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    try:
-        number = float(value)
-    except OverflowError:
-        return None
-    return number if math.isfinite(number) else None
-
-
-def _small_int(value: object) -> int | None:
-    if isinstance(value, bool) or not isinstance(value, int):
-        return None
-    return value if -(2**31) <= value < 2**31 else None
 
 
 def _account(uid: int) -> str:
@@ -352,15 +311,9 @@ def _account(uid: int) -> str:
 
 
 __all__ = [
-    "BOOT_LOG_FILE",
-    "DOMAIN_XML_FILE",
     "FINISHED",
     "INCOMPLETE",
     "MAX_DOMAIN_XML_BYTES",
-    "MAX_RECORD_BYTES",
-    "OVERLAY_FILE",
-    "RECORD_FILE",
-    "SNAPSHOT_FILE",
     "SnapshotEntry",
     "boot_log_text",
     "incomplete_entry",

@@ -30,13 +30,13 @@ from glite_vm import _dirfd
 from glite_vm.config import Retention, Settings
 from glite_vm.errors import AccessDeniedError, RequestError, UserError
 from glite_vm.snapshot_entry import (
-    OVERLAY_FILE,
     SnapshotEntry,
     incomplete_entry,
     open_entry,
     read_entry,
 )
 from glite_vm.vm.domain_xml import DOMAIN_PREFIX
+from glite_vm.vm.record import OVERLAY
 
 log = logging.getLogger(__name__)
 EMPTY_DIR_GRACE = 3600.0  # seconds before prune removes an empty or incomplete VM directory
@@ -254,7 +254,7 @@ class SnapshotStore:
             return True
         try:
             with open_entry(entry) as dir_fd:
-                overlay = _dirfd.lstat_at(dir_fd, OVERLAY_FILE)
+                overlay = _dirfd.lstat_at(dir_fd, OVERLAY)
                 if overlay is None or not stat.S_ISREG(overlay.st_mode):
                     return False
                 # A run killed before its teardown leaves its overlay: with libvirt's word

@@ -48,9 +48,7 @@ from glite_vm.images.leases import LeaseRecord
 from glite_vm.images.sources import NAME_RE
 from glite_vm.request import VMRequest
 from glite_vm.snapshot_entry import (
-    DOMAIN_XML_FILE,
     MAX_DOMAIN_XML_BYTES,
-    SNAPSHOT_FILE,
     SnapshotEntry,
     boot_log_text,
     open_entry_file,
@@ -67,6 +65,7 @@ from glite_vm.snapshot_store import (
 from glite_vm.vm.domain_xml import DOMAIN_PREFIX, with_serial_console
 from glite_vm.vm.lifecycle import Vm, VmHost, destroy_domain
 from glite_vm.vm.qemu_user import qemu_ids
+from glite_vm.vm.record import DOMAIN_XML, SNAPSHOT
 
 log = logging.getLogger(__name__)
 
@@ -126,12 +125,11 @@ def resolve_boot_files(settings: Settings, entry: SnapshotEntry) -> BootFiles:
     """
     original = _original_domain(entry)
     record = read_record(entry)
-    own = entry.owner_uid == os.geteuid()
-    kernel = _path_or_none(record.get("kernel")) if own else None
-    initrd = _path_or_none(record.get("initrd")) if own else None
-    cmdline = record.get("cmdline") if isinstance(record.get("cmdline"), str) else None
-    cmdline = cmdline or original.cmdline
-    guest_user = record.get("guest_user") if isinstance(record.get("guest_user"), str) else None
+    own = entry.owner_uid == os.geteuid() and record is not None
+    kernel = _path_or_none(record.kernel) if own and record is not None else None
+    initrd = _path_or_none(record.initrd) if own and record is not None else None
+    cmdline = (record.cmdline if record is not None else None) or original.cmdline
+    guest_user = record.guest_user if record is not None and record.guest_user != "?" else None
     if kernel is None and original.direct_kernel:
         found = _kernel_from_catalogue(settings, entry)
         if found is None:
@@ -170,7 +168,7 @@ class _OriginalDomain:
 
 def _original_domain(entry: SnapshotEntry) -> _OriginalDomain:
     try:
-        raw = read_entry_file(entry, DOMAIN_XML_FILE, MAX_DOMAIN_XML_BYTES)
+        raw = read_entry_file(entry, DOMAIN_XML, MAX_DOMAIN_XML_BYTES)
         root = ET.fromstring(raw)  # noqa: S314 - bounded; expat refuses entity expansion bombs
     except (OSError, ET.ParseError, ValueError, RecursionError):
         return _OriginalDomain()
@@ -535,7 +533,7 @@ def boot_snapshot(
         workspace_root.mkdir(parents=True, exist_ok=True, mode=0o711)
         workspace = workspace_root / secrets.token_hex(8)
         workspace.mkdir(mode=0o711)  # QEMU's user must traverse it (qemu:///system)
-        copy = workspace / SNAPSHOT_FILE
+        copy = workspace / SNAPSHOT
         _copy_fd(fd, copy)
         info = qemu_img_info(copy)
         _hand_to_qemu(host, copy)

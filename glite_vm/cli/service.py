@@ -54,8 +54,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description="Ask the running service for one reaper pass (it also reaps on its own "
         "every GLITE_VM_REAP_INTERVAL seconds). Prints nothing on stdout unless --json, so it "
         "can run as a STARTD_CRON job; what was reaped goes to stderr. Where no service runs "
-        "(no socket) and the state directory is yours, it reaps the VMs of your own killed "
-        "`glite-vm run`s itself. Exits 125 when a service is there but cannot be reached.",
+        "(no socket at GLITE_VM_SOCKET_PATH, and no --socket given) and the state directory "
+        "is yours, it reaps the VMs of your own killed `glite-vm run`s itself. Exits 125 when "
+        "the service cannot be reached.",
     )
     reap.add_argument("--socket", type=Path, metavar="PATH", help="the service's socket")
     reap.add_argument("--json", action="store_true", help="print the reaped VMs as JSON")
@@ -150,7 +151,7 @@ def cmd_reap(args: argparse.Namespace, settings: Settings) -> int:
     client = ServiceClient.from_settings(settings)
     if args.socket is not None:
         client.socket_path = str(args.socket)
-    if not os.path.exists(client.socket_path) and _owns(settings.state_dir):
+    if args.socket is None and not os.path.exists(client.socket_path) and _owns(settings.state_dir):
         reaped = _reap_here(settings)  # no service: this user's own runs (glite-vm run)
     else:
         reaped = client.reap()

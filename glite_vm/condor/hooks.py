@@ -61,6 +61,7 @@ from glite_vm.condor.jobad import (
 from glite_vm.config import Settings
 from glite_vm.errors import GliteVmError, HostError, RequestError
 from glite_vm.service.api import PrepareResult, TeardownOutcome, VmService
+from glite_vm.vm.record import ad_attributes
 
 T = TypeVar("T")
 
@@ -360,11 +361,11 @@ def prepare_job(ctx: HookContext, stdin_text: str) -> int:
             raise
         return _prepare_failed(ctx, job_ad, exc, time.monotonic() - started)
 
-    attributes = _ad_attributes(result.ad_attributes, ctx.warn)
-    attributes.setdefault("GliteVmDomain", result.vm)
-    if result.boot_log_path:
-        attributes.setdefault("GliteVmBootLogPath", result.boot_log_path)
-    attributes["GliteVmTimePrepare"] = round(time.monotonic() - started, 3)
+    attributes: dict[str, AdValue] = {
+        **ad_attributes(domain=result.vm, boot_log=result.boot_log_path or None),
+        **_ad_attributes(result.ad_attributes, ctx.warn),  # the service's, where it says
+        **ad_attributes(timings={"prepare": time.monotonic() - started}),
+    }
     arguments = launcher_arguments(ctx.settings.socket_path, result.vm, inputs)
     try:
         lines = format_ad_updates(
@@ -401,7 +402,7 @@ def _prepare_failed(
     attributes: dict[str, AdValue] = {}
     boot_log = getattr(error, "boot_log", None)  # BootError, ImageBootError
     if isinstance(error, GliteVmError) and isinstance(boot_log, str | Path):
-        attributes["GliteVmBootLogPath"] = boot_log
+        attributes.update(ad_attributes(boot_log=boot_log))
     if status_code(error) >= 300:
         reason = f"{socket.gethostname()}: {_message(error)}"
         attributes[HOST_FAILURES_ATTR] = append_host_failure(earlier, reason)
@@ -506,11 +507,12 @@ def job_exit(ctx: HookContext, reason: str, stdin_text: str) -> int:
         ctx.warn(f"JOB_EXIT ({reason}): {_message(exc)}")
         return 1
     if reason == "exit":
-        attributes = _ad_attributes(outcome.ad_attributes, ctx.warn)
-        if outcome.snapshot_path:
-            attributes.setdefault("GliteVmSnapshotPath", outcome.snapshot_path)
-        if outcome.record_path:
-            attributes.setdefault("GliteVmRecordPath", outcome.record_path)
+        attributes = {
+            **ad_attributes(
+                snapshot=outcome.snapshot_path or None, record=outcome.record_path or None
+            ),
+            **_ad_attributes(outcome.ad_attributes, ctx.warn),
+        }
         ctx.chirp.set_attributes(attributes)
     return 0
 

@@ -52,6 +52,7 @@ from glite_vm.errors import (
 )
 from glite_vm.images.sources import classify_ref
 from glite_vm.request import JobRequest, KeepSnapshot
+from glite_vm.vm.record import HOST_FAILURES
 
 # --- hook status codes (HoldReasonSubCode of held jobs; periodic_release can key on them) ------
 
@@ -85,7 +86,7 @@ REQUEUE_CODES: Final[Mapping[type[GliteVmError], int]] = {
 UNEXPECTED_ERROR_CODE: Final = 399
 
 #: Job attribute in which the hooks accumulate the reasons of earlier host failures (via chirp).
-HOST_FAILURES_ATTR: Final = "GliteVmHostFailures"
+HOST_FAILURES_ATTR: Final = HOST_FAILURES
 MAX_MESSAGE: Final = 1000
 MAX_HISTORY: Final = 2000
 _ATTR_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")

@@ -58,6 +58,7 @@ from glite_vm.condor.jobad import AdValue
 from glite_vm.config import Settings
 from glite_vm.errors import GliteVmError, HostError, RequestError
 from glite_vm.service.api import ExecOutcome, TeardownOutcome, VmService
+from glite_vm.vm.record import LAUNCHER_ERROR, NAMES, PAYLOAD_SIGNAL, ad_attributes
 
 #: Exit status when glite-vm (not the payload) failed; 125 as env(1) and timeout(1) use it.
 LAUNCHER_FAILURE_EXIT: Final = 125
@@ -384,12 +385,12 @@ def run(ctx: LauncherContext, args: LauncherArgs) -> int:
             service.push(args.vm, str(stage))
         finally:
             unstage_inputs(scratch, stage, moved)
-        timings["GliteVmTimeTransferIn"] = round(time.monotonic() - t0, 3)
+        timings.update(ad_attributes(timings={"transfer_in": time.monotonic() - t0}))
 
         outcome = service.exec(
             args.vm, payload.argv, env=payload.env, stdout=ctx.stdout, stderr=ctx.stderr
         )
-        timings["GliteVmTimePayload"] = round(outcome.seconds, 3)
+        timings.update(ad_attributes(timings={"payload": outcome.seconds}))
 
         t0 = time.monotonic()
         out_stage = Path(tempfile.mkdtemp(prefix=STAGE_OUT + "-", dir=scratch))
@@ -401,9 +402,9 @@ def run(ctx: LauncherContext, args: LauncherArgs) -> int:
         if skipped:
             shown = ", ".join(skipped[:10]) + (", ..." if len(skipped) > 10 else "")
             ctx.say(f"not copied back (names HTCondor uses, or unusable): {shown}")
-        timings["GliteVmTimeTransferOut"] = round(time.monotonic() - t0, 3)
+        timings.update(ad_attributes(timings={"transfer_out": time.monotonic() - t0}))
         if outcome.signal is not None:
-            timings["GliteVmPayloadSignal"] = outcome.signal
+            timings[PAYLOAD_SIGNAL] = outcome.signal
         chirp.set_attributes(timings)
     except Stopped as stop:
         stop_chirp = ctx.chirp or HTChirpSender(ctx.say, timeout=STOP_CHIRP_TIMEOUT)
@@ -412,7 +413,7 @@ def run(ctx: LauncherContext, args: LauncherArgs) -> int:
     except Exception as exc:
         message = str(exc) if isinstance(exc, GliteVmError) else f"{type(exc).__name__}: {exc}"
         ctx.say(f"the job could not run in its VM: {message}")
-        timings["GliteVmLauncherError"] = message
+        timings[LAUNCHER_ERROR] = message
         try:
             chirp.set_attributes(timings)
         except Stopped as stop:
@@ -440,12 +441,13 @@ def _stop_vm(ctx: LauncherContext, vm: str, stop: Stopped, chirp: Chirp) -> None
         ctx.say(f"tearing down {vm} failed (JOB_EXIT will try again): {exc}")
         return
     attributes: dict[str, AdValue] = {
-        k: v
-        for k, v in outcome.ad_attributes.items()
-        if k.startswith("GliteVm") and isinstance(v, str | bool | int | float)
+        **ad_attributes(snapshot=outcome.snapshot_path or None),
+        **{
+            k: v
+            for k, v in outcome.ad_attributes.items()
+            if k in NAMES and isinstance(v, str | bool | int | float)
+        },
     }
-    if outcome.snapshot_path:
-        attributes.setdefault("GliteVmSnapshotPath", outcome.snapshot_path)
     chirp.set_attributes(attributes)
 
 

@@ -61,6 +61,7 @@ from glite_vm.service.registry import Admission, FinishedVm, VmRecord, VmRegistr
 from glite_vm.slots import SlotFacts, SlotLayout
 from glite_vm.vm.boot_attempts import boot_with_retries
 from glite_vm.vm.lifecycle import Vm, VmHost, qemu_pid
+from glite_vm.vm.record import ad_attributes
 
 log = logging.getLogger(__name__)
 
@@ -222,25 +223,25 @@ class LocalService:
         except BaseException as exc:
             self._abandon(record, exc, cancel)
             raise
-        attributes: dict[str, object] = {
-            "GliteVmDomain": vm.name,
-            "GliteVmHypervisor": self.host.hypervisor.kind,
-            "GliteVmImageDigest": image.sha256,
-            "GliteVmCacheHit": image.cache_hit,
-            "GliteVmGuestUser": vm.guest_user,
-            "GliteVmBootLogPath": str(vm.boot_log),
-            "GliteVmRecordPath": str(vm.record),
-            # Not GliteVmNetwork: that is the job's request (as with the hostname below).
-            "GliteVmGuestNetwork": request.network,
-            "GliteVmTimeFetch": _seconds(vm.timings.fetch),
-            "GliteVmTimeBoot": _seconds(vm.timings.boot),
-            "GliteVmTimeReady": _seconds(vm.timings.ready),
-            "GliteVmBootAttempts": attempts,
-        }
-        if hostname is not None:
-            # Not GliteVmHostname: that is the job's own request, and a requeued job carrying
-            # our answer there would look as if it had asked for a name.
-            attributes["GliteVmGuestHostname"] = hostname
+        attributes: dict[str, object] = dict(
+            ad_attributes(
+                domain=vm.name,
+                hypervisor=self.host.hypervisor.kind,
+                image_digest=image.sha256,
+                cache_hit=image.cache_hit,
+                guest_user=vm.guest_user,
+                guest_hostname=hostname,
+                guest_network=request.network,
+                boot_log=vm.boot_log,
+                record=vm.record,
+                boot_attempts=attempts,
+                timings={
+                    "fetch": vm.timings.fetch,
+                    "boot": vm.timings.boot,
+                    "ready": vm.timings.ready,
+                },
+            )
+        )
         record.ad_attributes = attributes
         self.registry.persist(record)
         log.info(
@@ -583,10 +584,6 @@ def _absolute(field: str, path: str) -> Path:
     if not isinstance(path, str) or not os.path.isabs(path) or "\0" in path:
         raise RequestError(field, f"{path!r} is not an absolute path")
     return Path(path)
-
-
-def _seconds(value: float | None) -> float:
-    return round(value, 3) if value is not None else 0.0
 
 
 def _give_boot_log(vm: Vm, owner_uid: int) -> None:

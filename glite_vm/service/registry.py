@@ -47,13 +47,13 @@ from glite_vm.vm.domain_xml import DOMAIN_PREFIX, JobMetadata
 from glite_vm.vm.lifecycle import (
     BaseImage,
     TeardownResult,
-    Timings,
     Vm,
     VmHost,
     destroy_domain,
     lock_vm_dir,
     qemu_pid,
 )
+from glite_vm.vm.record import Timings, VmFiles, ad_attributes
 
 log = logging.getLogger(__name__)
 
@@ -319,15 +319,14 @@ class VmRegistry:
                 record.lease.release()
             if record.lease_job_id is not None:
                 release_job_leases(self.settings, record.lease_job_id)
-            attributes: dict[str, object] = {
-                "GliteVmBootLogPath": str(result.boot_log_path),
-                "GliteVmRecordPath": str(result.record_path),
-                "GliteVmTimeTeardown": round(result.seconds, 3),
-            }
-            if result.snapshot_path is not None:
-                attributes["GliteVmSnapshotPath"] = str(result.snapshot_path)
-            if record.vm.timings.payload is not None:
-                attributes["GliteVmTimePayload"] = round(record.vm.timings.payload, 3)
+            attributes: dict[str, object] = dict(
+                ad_attributes(
+                    boot_log=result.boot_log_path,
+                    record=result.record_path,
+                    snapshot=result.snapshot_path,
+                    timings={"teardown": result.seconds, "payload": record.vm.timings.payload},
+                )
+            )
             outcome = TeardownOutcome(
                 snapshot_path=str(result.snapshot_path) if result.snapshot_path else None,
                 boot_log_path=str(result.boot_log_path),
@@ -457,13 +456,13 @@ class VmRegistry:
                 continue  # a symlink, or handed over to its owner: a finished VM's
             if time.time() - st.st_mtime < SWEEP_MIN_AGE:
                 continue  # perhaps between a start's mkdir and its lock
-            if os.path.lexists(path / "record.json") or self._domain_exists(name):
+            if os.path.lexists(VmFiles(path).record) or self._domain_exists(name):
                 continue
             held = lock_vm_dir(path, blocking=False)
             if held is None:
                 continue  # a start or a teardown is working on it right now
             try:
-                if os.path.lexists(path / "record.json") or self._domain_exists(name):
+                if os.path.lexists(VmFiles(path).record) or self._domain_exists(name):
                     continue
                 shutil.rmtree(path)
             except OSError as exc:

@@ -1,9 +1,8 @@
 """The life of one job's VM: overlay, define, boot, agent ready, run, copy, teardown.
 
 The libvirt connection is injected (never global). Each VM owns a directory
-``<snapshot_dir>/<domain name>/`` holding ``overlay.qcow2`` while it runs, ``boot.log`` from
-the first byte, ``xfer.img`` (the transfer disk, see :mod:`glite_vm.vm.transfer`) and, after
-teardown, ``record.json`` and — when the policy keeps it — ``snapshot.qcow2``.
+``<snapshot_dir>/<domain name>/``, laid out as :mod:`glite_vm.vm.record` says, whose teardown
+ends with the job record (``record.json``).
 """
 
 from __future__ import annotations
@@ -11,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import fcntl
-import json
 import logging
 import os
 import secrets
@@ -41,7 +39,6 @@ from glite_vm.vm.boot_watch import watch_boot
 from glite_vm.vm.domain_xml import (
     DOMAIN_PREFIX,
     METADATA_NS,
-    METADATA_PREFIX,
     DomainSpec,
     JobMetadata,
     build_domain_xml,
@@ -50,6 +47,7 @@ from glite_vm.vm.domain_xml import (
 from glite_vm.vm.guest_user import ensure_guest_user
 from glite_vm.vm.hypervisor import HypervisorInfo
 from glite_vm.vm.qemu_user import let_qemu_read
+from glite_vm.vm.record import JobRecord, Timings, VmFiles
 
 log = logging.getLogger(__name__)
 
@@ -111,21 +109,6 @@ class BaseImage(Protocol):
     def cmdline(self) -> str | None: ...
     @property
     def guest_user(self) -> str | None: ...
-
-
-@dataclasses.dataclass
-class Timings:
-    """Seconds spent in each phase (``None``: the phase did not happen)."""
-
-    fetch: float | None = None
-    overlay: float | None = None
-    boot: float | None = None  # request to domain running (overlay, define, start)
-    ready: float | None = None  # domain running to agent answering
-    payload: float | None = None
-    teardown: float | None = None
-
-    def as_dict(self) -> dict[str, float | None]:
-        return dataclasses.asdict(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,9 +232,9 @@ class VmHost:
             # keep the cached originals root-owned and unwritable by any QEMU.
             kernel = initrd = None
             if image.kernel is not None:
-                kernel = copy_private(image.kernel, vm_dir / "vmlinuz")
+                kernel = copy_private(image.kernel, vm.files.kernel)
             if image.initrd is not None:
-                initrd = copy_private(image.initrd, vm_dir / "initrd.img")
+                initrd = copy_private(image.initrd, vm.files.initrd)
             bases = [image.path, *dict(base_chain)]
             cache_blobs = self.settings.effective_cache_dir / "blobs"
             let_qemu_read(self.conn, self.hypervisor.kind, bases, cache_blobs=cache_blobs)
@@ -287,7 +270,7 @@ class VmHost:
                 base_chain=base_chain,
             )
             xml = build_domain_xml(spec)
-            with os.fdopen(create_private(vm_dir / "domain.xml"), "w") as f:
+            with os.fdopen(create_private(vm.files.domain_xml), "w") as f:
                 f.write(xml)
             try:
                 vm.domain = self.conn.defineXML(xml)
@@ -336,11 +319,12 @@ class Vm:
         self.request = request
         self.image = image
         self.owner_uid = owner_uid
-        self.overlay = vm_dir / "overlay.qcow2"
-        self.boot_log = vm_dir / "boot.log"
-        self.xfer = vm_dir / "xfer.img"
-        self.snapshot = vm_dir / "snapshot.qcow2"
-        self.record = vm_dir / "record.json"
+        self.files = VmFiles(vm_dir)
+        self.overlay = self.files.overlay
+        self.boot_log = self.files.boot_log
+        self.xfer = self.files.xfer
+        self.snapshot = self.files.snapshot
+        self.record = self.files.record
         self.domain: libvirt.virDomain | None = None
         self.timings = Timings()
         self.exec_result: ExecResult | None = None
@@ -542,7 +526,7 @@ class Vm:
         if dom is not None:
             destroy_domain(dom)
         keep = self.request.keep_snapshot.keeps(failed) if keep_override is None else keep_override
-        for scratch in (self.xfer, self.dir / "vmlinuz", self.dir / "initrd.img"):
+        for scratch in (self.xfer, self.files.kernel, self.files.initrd):
             scratch.unlink(missing_ok=True)
         snapshot: Path | None = None
         if keep and self.overlay.exists():
@@ -558,34 +542,30 @@ class Vm:
 
     def _write_record(self, failed: bool, snapshot: Path | None) -> None:
         r = self.exec_result
-        record = {
-            "domain": self.name,
-            "job_id": self.request.job_id,
-            "owner": self.request.owner,
-            "image": self.image.name,
-            "image_sha256": self.image.sha256,
-            "base_image": str(self.image.path),
-            "base_format": self.image.format,
+        image = self.image
+        JobRecord(
+            domain=self.name,
+            job_id=self.request.job_id,
+            owner=self.request.owner,
+            image=image.name,
+            image_sha256=image.sha256,
             # what booting the snapshot again needs (glite-vm snapshots boot)
-            "kernel": str(self.image.kernel) if self.image.kernel else None,
-            "initrd": str(self.image.initrd) if self.image.initrd else None,
-            "cmdline": self.image.cmdline,
-            "guest_user": self.image.guest_user or self.host.settings.guest_user,
-            "hypervisor": self.host.hypervisor.kind,
-            "root": self.request.root,
-            "failed": failed,
-            "exit_code": r.exit_code if r else None,
-            "signal": r.signal if r else None,
-            "snapshot": str(snapshot) if snapshot else None,
-            "boot_log": str(self.boot_log),
-            "timings": self.timings.as_dict(),
-            "finished": time.time(),
-        }
-        tmp = self.record.with_suffix(".tmp")
-        tmp.unlink(missing_ok=True)
-        with os.fdopen(create_private(tmp), "w") as f:
-            f.write(json.dumps(record, indent=2) + "\n")
-        tmp.replace(self.record)
+            base_image=str(image.path),
+            base_format=image.format,
+            kernel=str(image.kernel) if image.kernel else None,
+            initrd=str(image.initrd) if image.initrd else None,
+            cmdline=image.cmdline,
+            guest_user=image.guest_user or self.host.settings.guest_user,
+            hypervisor=self.host.hypervisor.kind,
+            root=self.request.root,
+            failed=failed,
+            exit_code=r.exit_code if r else None,
+            signal=r.signal if r else None,
+            snapshot=str(snapshot) if snapshot else None,
+            boot_log=str(self.boot_log),
+            timings=self.timings.as_dict(),
+            finished=time.time(),
+        ).write(self.record)
 
     def _give_to_owner(self, paths: list[Path]) -> None:
         """Kept files belong to the job's owner alone (when running as root for others); a
@@ -707,11 +687,9 @@ def quote_command(argv: Sequence[str]) -> str:
 
 
 __all__ = [
-    "METADATA_PREFIX",
     "BaseImage",
     "ExecResult",
     "TeardownResult",
-    "Timings",
     "Vm",
     "VmHost",
     "destroy_domain",

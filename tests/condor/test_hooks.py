@@ -314,7 +314,7 @@ def test_host_failures_requeue_then_hold_with_the_earlier_reasons(scratch: Path)
     assert ad["HookStatusMessage"].startswith("host failure 1 of at most 3")
     history = chirp.attributes[HOST_FAILURES_ATTR]
     assert isinstance(history, str) and history.endswith(str(error).splitlines()[0])
-    assert chirp.attributes["GliteVmBootLogPath"] == Path("/var/run/x/boot.log")
+    assert chirp.attributes["GliteVmBootLogPath"] == "/var/run/x/boot.log"
 
     # the third attempt: two earlier StarterErrors, and their reasons in the ad
     third_ad = (
