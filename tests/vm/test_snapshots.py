@@ -52,15 +52,8 @@ INTRUDER = "gvm-snapuser"
 HOME_NAMES = {OWNER: "o", INTRUDER: "u", "root": "r"}
 JOB_ID = "4242.0"
 MARKER = "kept-for-debugging-7f3a\n"
-# The real `glite-vm` entry point; adds this module's commands if the CLI does not list them yet.
-CLI = [
-    sys.executable,
-    "-c",
-    "import sys, glite_vm.cli as c\n"
-    "m = 'glite_vm.cli.snapshots'\n"
-    "if m not in c._COMMAND_MODULES: c._COMMAND_MODULES += (m,)\n"
-    "sys.exit(c.main())",
-]
+# The real `glite-vm` entry point.
+CLI = [sys.executable, "-m", "glite_vm"]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -75,7 +75,7 @@ def state() -> Iterator[Path]:
         yield path
     finally:
         for name in domains_under(path):
-            glite_vm(path, "vms", "destroy", name)
+            glite_vm(path, "vms", "destroy", "--yes", name)
         subprocess.run(["rm", "-rf", "--one-file-system", str(path)], check=False, timeout=120)
 
 
@@ -136,7 +136,7 @@ def test_a_killed_and_destroyed_run_is_listed_and_pruned(
     assert f"kept {name}: its VM still runs".encode() in running.stdout, running.stdout
     assert directory.is_dir()
 
-    destroyed = glite_vm(state, "vms", "destroy", name)
+    destroyed = glite_vm(state, "vms", "destroy", "--yes", name)
     assert destroyed.returncode == 0, destroyed.stderr
     assert name not in our_domain_names()
 
