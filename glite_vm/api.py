@@ -57,6 +57,7 @@ from glite_vm.request import KeepSnapshot, with_field_names
 if TYPE_CHECKING:
     import htcondor2
 
+    from glite_vm.images.download import Progress
     from glite_vm.vm.lifecycle import VmHost
 
 #: Names the API uses in every job directory; a job's inputs and outputs may not take them.
@@ -78,8 +79,6 @@ _LINE_BREAKS = ("\n", "\r", "\0")
 #: A ``$`` that starts a submit-language macro or macro function (measured on condor_submit 25.0).
 _MACRO_DOLLAR = re.compile(r"\$(?=[A-Za-z0-9_]*\()")
 _UNWRITABLE = re.compile(r"\$\$[A-Za-z0-9_]*\(|\$\(dollar\)", re.IGNORECASE)
-
-DownloadProgress = Callable[[int, int | None], None]
 
 #: Job-ad attributes (what the request layer names) -> this API's parameter names.
 PARAMETER_NAMES: Final = {
@@ -984,7 +983,7 @@ def run_local(
     *,
     directory: str | os.PathLike[str] | None = None,
     host: VmHost | None = None,
-    download_progress: DownloadProgress | None = None,
+    download_progress: Progress | None = None,
     cancel: threading.Event | None = None,
     timeout: float | None = None,
 ) -> LocalResult:
@@ -1172,7 +1171,7 @@ def matrix(
     local: Literal[True],
     directory: str | os.PathLike[str] | None = None,
     settings: Settings | None = None,
-    download_progress: DownloadProgress | None = None,
+    download_progress: Progress | None = None,
     cancel: threading.Event | None = None,
 ) -> dict[str, MatrixOutcome]: ...
 
@@ -1185,7 +1184,7 @@ def matrix(
     directory: str | os.PathLike[str] | None = None,
     schedd: Any = None,
     settings: Settings | None = None,
-    download_progress: DownloadProgress | None = None,
+    download_progress: Progress | None = None,
     cancel: threading.Event | None = None,
 ) -> dict[str, JobHandle] | dict[str, MatrixOutcome]:
     """The same job on every image; results kept apart in ``<directory>/<image slug>/``.
