@@ -42,6 +42,7 @@ from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, Literal, Protocol, overload
 
+from glite_vm.condor.jobad import v2_quote
 from glite_vm.config import (
     KIB,
     MIB,
@@ -445,9 +446,11 @@ class VmJob:
             "transfer_executable": "true" if self.transfer_executable else "false",
         }
         if self.arguments:
-            items["arguments"] = _submit_text(v2_list(self.arguments))
+            items["arguments"] = _submit_text(submit_words(self.arguments))
         if self.env:
-            items["environment"] = _submit_text(v2_list(f"{k}={v}" for k, v in self.env.items()))
+            items["environment"] = _submit_text(
+                submit_words(f"{k}={v}" for k, v in self.env.items())
+            )
         items.update(
             {
                 "initialdir": _submit_text(d),
@@ -524,10 +527,11 @@ def _ad_string(value: str) -> str:
     return '"' + _submit_text(value) + '"'
 
 
-def v2_list(words: Iterable[str]) -> str:
-    """HTCondor's quoted argument/environment syntax: ``"'a b' 'it''s' 'say ""hi""'"``."""
-    quoted = ("'" + w.replace("'", "''").replace('"', '""') + "'" for w in words)
-    return '"' + " ".join(quoted) + '"'
+def submit_words(words: Iterable[str]) -> str:
+    """``arguments`` or ``environment`` in a submit file: the job ad's V2 syntax
+    (:func:`~glite_vm.condor.jobad.v2_quote`) in double quotes, a double quote doubled
+    (``"'a b' 'it''s' 'say ""hi""'"``)."""
+    return '"' + v2_quote(words).replace('"', '""') + '"'
 
 
 def write_script(path: Path, text: str) -> None:

@@ -38,7 +38,7 @@ import socket
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from types import FrameType
 from typing import IO, Final, Protocol, TypeVar
@@ -57,6 +57,7 @@ from glite_vm.condor.jobad import (
     host_failure_history,
     request_from_job_ad,
     status_code,
+    v2_quote,
 )
 from glite_vm.config import Settings
 from glite_vm.errors import GliteVmError, HostError, RequestError
@@ -294,11 +295,6 @@ def input_names(scratch: Path) -> list[str]:
                 "carry; rename it",
             )
     return inputs
-
-
-def v2_quote(args: Iterable[str]) -> str:
-    """HTCondor's V2 argument syntax: every argument in single quotes, a quote doubled."""
-    return " ".join("'" + a.replace("'", "''") + "'" for a in args)
 
 
 def launcher_arguments(socket_path: Path, vm: str, inputs: Sequence[str]) -> list[str]:

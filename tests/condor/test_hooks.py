@@ -22,9 +22,7 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import classad2
-import hypothesis.strategies as st
 import pytest
-from hypothesis import given
 
 from glite_vm.condor import hooks, launcher
 from glite_vm.condor.config import (
@@ -584,11 +582,6 @@ def test_v2_arguments_split_as_htcondor_writes_them(text: str, words: list[str])
 def test_an_unbalanced_quote_is_a_request_error() -> None:
     with pytest.raises(RequestError, match="Arguments"):
         split_v2_arguments("a 'b")
-
-
-@given(st.lists(st.text(st.characters(blacklist_characters="\x00"))))
-def test_v2_quoting_round_trips(words: list[str]) -> None:
-    assert split_v2_arguments(hooks.v2_quote(words)) == words
 
 
 def test_environment_items_must_be_name_value() -> None:
