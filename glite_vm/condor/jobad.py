@@ -420,7 +420,7 @@ def v2_quote(words: Iterable[str]) -> str:
     single quotes, a single quote doubled (``'a b' 'it''s'``).
 
     :func:`glite_vm.condor.launcher.split_v2_arguments` reads it back. A submit file wraps it in
-    double quotes and doubles those too (:func:`glite_vm.api.submit_file.submit_words`).
+    double quotes and doubles those too (:func:`glite_vm.api.submit_language.submit_words`).
     """
     return " ".join("'" + w.replace("'", "''") + "'" for w in words)
 

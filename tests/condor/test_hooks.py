@@ -24,6 +24,7 @@ from pathlib import Path
 import classad2
 import pytest
 
+from glite_vm.api.submit_language import submit_words
 from glite_vm.condor import hooks, launcher
 from glite_vm.condor.config import (
     HOOK_ENTRY_POINTS,
@@ -617,13 +618,10 @@ def test_ads_written_by_condor_submit_give_back_the_submitted_command(
         return classad2.parseOne(out.read_text(), classad2.ParserType.Old)
 
     # new syntax: double quotes around it all, single quotes group, doubled quotes escape
-    submitted = " ".join(
-        "'" + a.replace("'", "''").replace('"', '""') + "'" for a in SUBMITTED_ARGS
-    )
     new = dump(
         [
             "executable = /bin/sh",
-            f'arguments = "{submitted}"',
+            f"arguments = {submit_words(SUBMITTED_ARGS)}",
             "environment = \"A=1 B='two  words' C='it''s' D=x=y\"",
         ]
     )

@@ -1,4 +1,5 @@
-"""``glite_vm.api.run_local`` and the local ``matrix`` on real libvirt + QEMU with the test guests.
+"""``glite_vm.api.local.run_local`` and the local ``matrix`` on real libvirt + QEMU with the test
+guests.
 
 What a developer reproducing a failing platform sees: the exit code, stdout and stderr in
 files, the outputs by the same rule as on a pool, and a snapshot and a boot log that exist.
@@ -15,17 +16,11 @@ from typing import Any
 
 import pytest
 
-from glite_vm.api import (
-    SCRIPT_NAME,
-    STDERR_NAME,
-    STDOUT_NAME,
-    LocalResult,
-    Result,
-    VmJob,
-    image_slug,
-    matrix,
-    run_local,
-)
+from glite_vm.api.jobdir import SCRIPT_NAME, STDERR_NAME, STDOUT_NAME, image_slug
+from glite_vm.api.local import run_local
+from glite_vm.api.matrix import matrix
+from glite_vm.api.results import LocalResult, Result
+from glite_vm.api.vmjob import VmJob
 from glite_vm.config import Settings
 from glite_vm.errors import PayloadTimeoutError, RequestError, UnknownImageError
 from glite_vm.images.build import build_catalogue, write_catalogue
