@@ -135,21 +135,23 @@ def test_run_local_as_root_brings_back_new_top_level_files_and_keeps_no_snapshot
     assert result.snapshot_path is None
 
 
-def test_a_declared_output_the_job_did_not_make_is_reported(
+def test_a_declared_output_the_job_did_not_make_is_reported_and_the_vm_has_its_hostname(
     vm_settings: Settings, guest_dir: Path, tmp_path: Path
 ) -> None:
     job = small(
         image=str(guest_dir / "disk-boot.qcow2"),
         executable="/bin/sh",
         transfer_executable=False,
-        arguments=["-c", "echo made > there.txt"],
+        arguments=["-c", "hostname > there.txt"],
         outputs=["there.txt", "missing.txt"],
         keep_snapshot="never",
+        hostname="build01.example.org",  # one's own VM: named whatever the site's policy
     )
     result: Result = run_local(job, vm_settings, directory=tmp_path / "missing")
-    assert result.exit_code == 0
+    assert result.exit_code == 0, result.stderr_path.read_text()
     assert result.outputs == [tmp_path / "missing" / "there.txt"]
     assert result.missing_outputs == ["missing.txt"]
+    assert result.outputs[0].read_text().strip() in ("build01", "build01.example.org")
 
 
 # --- the matrix over both test guests, from a catalogue ----------------------------------------
