@@ -25,7 +25,7 @@ import classad2
 import pytest
 
 from glite_vm.api.submit_language import submit_words
-from glite_vm.condor import hooks, launcher
+from glite_vm.condor import hooks, launcher, under_starter
 from glite_vm.condor.config import (
     HOOK_ENTRY_POINTS,
     PORTABLE_INTERPRETER,
@@ -370,8 +370,8 @@ def test_a_stop_signal_during_prepare_cleans_up_and_requeues(scratch: Path) -> N
         vms=[VmSummary(VM, "alice", 1000, "12.0", "debian-12", 0.1, True)],
     )
     chirp, out = RecordingChirp(), io.StringIO()
-    previous = {sig: signal.getsignal(sig) for sig in hooks.STOP_SIGNALS}
-    hooks.raise_on_stop_signals()
+    previous = {sig: signal.getsignal(sig) for sig in under_starter.STOP_SIGNALS}
+    under_starter.raise_on_stop_signals()
     timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM))
     timer.start()
     try:
@@ -679,7 +679,7 @@ def test_condor_rm_during_the_payload_tears_the_vm_down_at_once(running: Path) -
     code = f"""
 import json, os, signal, sys, time
 from pathlib import Path
-from glite_vm.condor import hooks, launcher
+from glite_vm.condor import launcher, under_starter
 from glite_vm.config import Settings
 from tests.condor.test_hooks import ScriptedService, RecordingChirp, INPUTS, VM
 
@@ -702,7 +702,7 @@ class Chirped(RecordingChirp):
         Path({str(record)!r}).write_text(json.dumps(record))
 
 service = Recorded(exec_action=payload)
-hooks.raise_on_stop_signals()
+under_starter.raise_on_stop_signals()
 ctx = launcher.LauncherContext(
     settings=Settings(teardown_timeout=2.0),
     environ={{"_CONDOR_SCRATCH_DIR": {str(running)!r}}},
