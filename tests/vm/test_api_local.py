@@ -23,10 +23,8 @@ from glite_vm.api.results import LocalResult, Result
 from glite_vm.api.vmjob import VmJob
 from glite_vm.config import Settings
 from glite_vm.errors import PayloadTimeoutError, RequestError, UnknownImageError
-from glite_vm.images.build import build_catalogue, write_catalogue
-from glite_vm.images.inspect import Limits
 from tests.conftest import world_traversable_tmpdir
-from tests.support import our_domain_names, sha256_of
+from tests.support import guest_catalogue, our_domain_names, sha256_of
 
 pytestmark = pytest.mark.vm
 
@@ -158,30 +156,11 @@ def test_a_declared_output_the_job_did_not_make_is_reported_and_the_vm_has_its_h
 
 
 @pytest.fixture(scope="module")
-def catalogue(guest_dir: Path, guests: dict[str, Any]) -> Iterator[Path]:
+def catalogue(guest_dir: Path) -> Iterator[Path]:
     """A file:// repository with both test guests; the direct one boots a kernel and initrd."""
     repo = world_traversable_tmpdir("glite-vm-api-repo-")
     repo.chmod(0o755)
-    direct = guests["direct"]
-    for name in (direct["kernel"], direct["initrd"]):
-        shutil.copyfile(guest_dir / name, repo / name)
-    shutil.copyfile(guest_dir / direct["disk"], repo / "test-direct.qcow2")
-    shutil.copyfile(guest_dir / guests["disk"]["disk"], repo / "test-disk.qcow2")
-    sidecars = {
-        "test-direct.qcow2": {
-            "name": "test-direct",
-            "boot": "kernel",
-            "kernel": direct["kernel"],
-            "initrd": direct["initrd"],
-            "cmdline": direct["cmdline"],
-            "guest_user": guests["user"],
-        },
-        "test-disk.qcow2": {"name": "test-disk", "guest_user": guests["user"]},
-    }
-    for image, sidecar in sidecars.items():
-        (repo / f"{image}.json").write_text(json.dumps(sidecar))
-    doc = build_catalogue(repo, limits=Limits(max_virtual_bytes=64 << 30, max_file_bytes=1 << 30))
-    yield write_catalogue(doc, repo / "catalogue.json")
+    yield guest_catalogue(guest_dir, repo, direct={"test-direct": ""}, disk="test-disk")
     shutil.rmtree(repo, ignore_errors=True)
 
 
