@@ -156,7 +156,7 @@ def run_job(
         outputs: list[str] = []
         try:
             if spec.input_dir is not None:
-                service.push(name, str(spec.input_dir))
+                service.push(name, str(spec.input_dir.absolute()))
             outcome = service.exec(
                 name,
                 spec.argv,

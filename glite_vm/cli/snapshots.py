@@ -27,6 +27,7 @@ from glite_vm.config import (
     parse_size,
 )
 from glite_vm.errors import GliteVmError, UserError
+from glite_vm.images.catalogue import format_age
 from glite_vm.snapshots import (
     ConsoleBridge,
     PruneReport,
@@ -148,7 +149,7 @@ def cmd_list(args: argparse.Namespace, settings: Settings) -> int:
             e.owner,
             e.job_id,
             e.image,
-            _age(e.age()),
+            format_age(e.age()),
             _size(e),
             e.exit_status,
             e.kept_text,
@@ -186,7 +187,7 @@ def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
         ("image", f"{entry.image}  sha256 {entry.image_sha256}"),
         ("base", f"{entry.base_image} ({entry.base_format})"),
         ("exit", f"{entry.exit_status} ({outcome})"),
-        ("finished", f"{finished} ({_age(entry.age())} ago)"),
+        ("finished", f"{finished} ({format_age(entry.age())} ago)"),
         (
             "disk",
             f"{entry.snapshot} ({format_size(entry.snapshot_bytes)})"
@@ -200,7 +201,7 @@ def cmd_show(args: argparse.Namespace, settings: Settings) -> int:
     if not entry.complete:  # no record: what a teardown would have written is unknown
         rows = [r for r in rows if r[0] not in ("base", "exit", "finished", "disk", "record")]
         rows.insert(1, ("state", f"incomplete: {entry.detail}"))
-        rows.insert(-1, ("changed", f"{finished} ({_age(entry.age())} ago)"))
+        rows.insert(-1, ("changed", f"{finished} ({format_age(entry.age())} ago)"))
     for label, value in rows:
         print(f"{label + ':':<11}{value}")
     print("job-ad attributes:")
@@ -218,17 +219,6 @@ def _classad(value: object) -> str:
     if isinstance(value, int | float):
         return repr(value)
     return json.dumps(str(value))
-
-
-def _age(seconds: float) -> str:
-    s = int(seconds)
-    if s < 120:
-        return f"{s}s"
-    if s < 7200:
-        return f"{s // 60}m"
-    if s < 172800:
-        return f"{s // 3600}h"
-    return f"{s // 86400}d"
 
 
 # --- boot ---------------------------------------------------------------------------------------

@@ -30,6 +30,7 @@ from glite_vm.cli.common import (
 from glite_vm.cli.progress import ProgressBar
 from glite_vm.config import Settings, format_size, parse_memory_mib, parse_size, parse_timeout
 from glite_vm.errors import GliteVmError, PayloadTimeoutError, RequestError
+from glite_vm.images.catalogue import format_age
 from glite_vm.request import KeepSnapshot
 from glite_vm.session import JobSpec, RunReport, check_output_dir, run_job
 from glite_vm.vm import hypervisor as hv
@@ -477,7 +478,7 @@ def _print_vms(rows: list[dict[str, object]]) -> None:
                 str(r["state"]),
                 str(r["owner"]),
                 str(r["job"]),
-                _age(r["age_seconds"]),
+                format_age(age) if isinstance(age := r["age_seconds"], int) else "?",
                 str(r["image"]),
             )
             for r in rows
@@ -496,16 +497,6 @@ def cmd_vms_list(args: argparse.Namespace, settings: Settings) -> int:
         return 0
     _print_vms(rows)
     return 0
-
-
-def _age(seconds: object) -> str:
-    if not isinstance(seconds, int):
-        return "?"
-    if seconds < 120:
-        return f"{seconds}s"
-    if seconds < 7200:
-        return f"{seconds // 60}m"
-    return f"{seconds // 3600}h"
 
 
 def cmd_vms_destroy(args: argparse.Namespace, settings: Settings) -> int:

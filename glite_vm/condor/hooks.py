@@ -1,8 +1,8 @@
 """The execute-point hooks: PREPARE_JOB boots the job's VM, JOB_EXIT tears it down.
 
 Both run as the job owner in the scratch directory with the starter's copy of the job ad on
-stdin (docs/condor.md has the measured facts). They talk to the bootstrapper service through
-:func:`connect` only, so that the service's client is wired in one place.
+stdin (docs/condor.md has the measured facts). What they share with the launcher (the service's
+client, chirp, stop signals, bounded calls) is in :mod:`glite_vm.condor.under_starter`.
 
 PREPARE_JOB (no timeout of its own in HTCondor, so it bounds itself with :func:`prepare_timeout`)
 prints ad updates that make the starter run our launcher instead of the job's executable::
@@ -33,15 +33,12 @@ from __future__ import annotations
 
 import dataclasses
 import os
-import signal
 import socket
 import sys
-import threading
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from types import FrameType
-from typing import IO, Final, Protocol, TypeVar
+from typing import IO, Final
 
 import classad2
 
@@ -50,88 +47,42 @@ from glite_vm.condor.jobad import (
     HOST_FAILURES_ATTR,
     AdValue,
     append_host_failure,
-    chirp_literal,
     format_ad_updates,
     hook_status_lines,
     host_failure_count,
     host_failure_history,
     request_from_job_ad,
     status_code,
+    v2_quote,
+)
+from glite_vm.condor.under_starter import (
+    CLEANUP_MARGIN,
+    Chirp,
+    DeadlineExceeded,
+    HTChirpSender,
+    ServiceFactory,
+    Stopped,
+    call_with_deadline,
+    connect,
+    parse_old_ad,
+    raise_on_stop_signals,
 )
 from glite_vm.config import Settings
 from glite_vm.errors import GliteVmError, HostError, RequestError
-from glite_vm.service.api import PrepareResult, TeardownOutcome, VmService
+from glite_vm.service.api import PrepareResult, TeardownOutcome
 from glite_vm.vm.record import ad_attributes
-
-T = TypeVar("T")
 
 #: Files of HTCondor's in the scratch directory when PREPARE_JOB runs (measured on 25.0.13:
 #: exactly these four; ``.update.ad`` is rewritten while the job runs). Never job inputs.
 HTCONDOR_PREPARE_FILES: Final = frozenset({".chirp.config", ".job.ad", ".machine.ad", ".update.ad"})
 #: Margin on top of the service's own bounds (connecting, reading the ad, printing).
 PREPARE_MARGIN: Final = 60.0
-#: Seconds the cleanup after a failed or abandoned PREPARE_JOB may take at most, beyond
-#: ``GLITE_VM_TEARDOWN_TIMEOUT``.
-CLEANUP_MARGIN: Final = 15.0
-#: Seconds one chirp connection may take (HTChirp's socket timeout).
-CHIRP_TIMEOUT: Final = 5.0
-#: Signals with which the starter stops a hook or job (condor_rm, hold, vacate, shutdown).
-STOP_SIGNALS: Final = (signal.SIGTERM, signal.SIGQUIT, signal.SIGINT, signal.SIGHUP)
 #: Attributes PREPARE_JOB writes into the starter's copy only, never into the schedd's ad: a
 #: requeued job must run its own executable again, and its next PREPARE_JOB rewrites these.
 STARTER_ONLY: Final = frozenset({"Cmd", "Arguments", "TransferExecutable"})
 
 
-# --- the seams: the service, chirp, the environment ------------------------------------------
-
-
-def connect(settings: Settings) -> VmService:
-    """The bootstrapper service, as hooks and launcher reach it (its Unix socket)."""
-    from glite_vm.service.client import ServiceClient  # noqa: PLC0415 - keeps hooks light
-
-    return ServiceClient.from_settings(settings)
-
-
-ServiceFactory = Callable[[Settings], VmService]
-
-
-class Chirp(Protocol):
-    """Puts attributes into the schedd's copy of the job ad."""
-
-    def set_attributes(self, attributes: Mapping[str, AdValue]) -> None: ...
-
-
-class HTChirpSender:
-    """:class:`Chirp` through the starter's chirp server (``htcondor2.htchirp``).
-
-    A failure (no ``+WantIOProxy``, server gone, timeout) is reported to ``warn`` and otherwise
-    ignored: the attributes are for the user's information, the job does not depend on them.
-    """
-
-    def __init__(self, warn: Callable[[str], None], timeout: float = CHIRP_TIMEOUT) -> None:
-        self._warn = warn
-        self._timeout = timeout
-
-    def set_attributes(self, attributes: Mapping[str, AdValue]) -> None:
-        if not attributes:
-            return
-        config = os.environ.get("_CONDOR_CHIRP_CONFIG", ".chirp.config")
-        if not os.path.isfile(config):
-            self._warn(
-                "cannot put GliteVm* attributes into the job ad: no chirp server "
-                "(add +WantIOProxy = true to the submit file)"
-            )
-            return
-        try:
-            from htcondor2.htchirp import (  # type: ignore[import-untyped]  # noqa: PLC0415
-                HTChirp,
-            )
-
-            with HTChirp(timeout=self._timeout) as chirp:
-                for name, value in attributes.items():
-                    chirp.set_job_attr(name, chirp_literal(value))
-        except Exception as exc:  # the module raises bare Exceptions and socket errors
-            self._warn(f"chirping {', '.join(attributes)} failed: {exc}")
+# --- the hook's surroundings ----------------------------------------------------------------
 
 
 def _stderr_warning(text: str) -> None:
@@ -160,17 +111,6 @@ class HookContext:
 # --- reading ads -----------------------------------------------------------------------------
 
 
-def parse_old_ad(text: str, what: str) -> classad2.ClassAd:
-    """A job or machine ad in the old syntax HTCondor hands to hooks."""
-    try:
-        ad = classad2.parseOne(text, classad2.ParserType.Old)
-    except Exception as exc:  # the bindings raise ClassAdException / ValueError alike
-        raise HostError(f"cannot parse the {what} HTCondor gave the hook: {exc}") from None
-    if not isinstance(ad, classad2.ClassAd) or len(ad) == 0:
-        raise HostError(f"HTCondor gave the hook an empty {what}")
-    return ad
-
-
 def _string_attr(ad: Mapping[str, object], name: str) -> str | None:
     try:
         value = ad.get(name)
@@ -192,58 +132,7 @@ def job_id_of(ad: Mapping[str, object]) -> str | None:
     return None if cluster is None or proc is None else f"{cluster}.{proc}"
 
 
-# --- bounded calls and stop signals ----------------------------------------------------------
-
-
-class Stopped(BaseException):
-    """The process got a stop signal; ``signum`` says which."""
-
-    def __init__(self, signum: int) -> None:
-        super().__init__(f"stopped by {signal.Signals(signum).name}")
-        self.signum = signum
-
-
-def raise_on_stop_signals() -> None:
-    """Turn the starter's stop signals into :class:`Stopped` in the main thread, once."""
-
-    def handler(signum: int, _frame: FrameType | None) -> None:
-        for sig in STOP_SIGNALS:  # a second signal must not interrupt the cleanup
-            signal.signal(sig, signal.SIG_IGN)
-        raise Stopped(signum)
-
-    for sig in STOP_SIGNALS:
-        signal.signal(sig, handler)
-
-
-class DeadlineExceeded(HostError, TimeoutError):
-    """A call into the service did not return within the hook's own bound."""
-
-
-def call_with_deadline(fn: Callable[[], T], seconds: float, what: str) -> T:
-    """``fn()`` in a daemon thread; :class:`DeadlineExceeded` if it has not returned in time.
-
-    The thread is abandoned on timeout (the process exits soon after): calls into the service
-    block in socket reads that only the process's end interrupts.
-    """
-    outcome: list[tuple[bool, object]] = []
-    done = threading.Event()
-
-    def run() -> None:
-        try:
-            outcome.append((True, fn()))
-        except BaseException as exc:
-            outcome.append((False, exc))
-        finally:
-            done.set()
-
-    threading.Thread(target=run, name=what, daemon=True).start()
-    if not done.wait(max(seconds, 0.0)):
-        raise DeadlineExceeded(f"{what} did not finish within {seconds:.0f} s")
-    ok, value = outcome[0]
-    if ok:
-        return value  # type: ignore[return-value]
-    assert isinstance(value, BaseException)
-    raise value
+# --- bounds and the starter ------------------------------------------------------------------
 
 
 def prepare_timeout(settings: Settings) -> float:
@@ -295,11 +184,6 @@ def input_names(scratch: Path) -> list[str]:
                 "carry; rename it",
             )
     return inputs
-
-
-def v2_quote(args: Iterable[str]) -> str:
-    """HTCondor's V2 argument syntax: every argument in single quotes, a quote doubled."""
-    return " ".join("'" + a.replace("'", "''") + "'" for a in args)
 
 
 def launcher_arguments(socket_path: Path, vm: str, inputs: Sequence[str]) -> list[str]:

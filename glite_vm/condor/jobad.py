@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 from typing import Final
 
@@ -414,6 +414,16 @@ def format_ad_updates(updates: Mapping[str, AdValue]) -> str:
         _check_name(name)
         lines.append(f"{name} = {_literal(value)}\n")
     return "".join(lines)
+
+
+def v2_quote(words: Iterable[str]) -> str:
+    """HTCondor's V2 syntax of the job ad's ``Arguments`` and ``Environment``: every word in
+    single quotes, a single quote doubled (``'a b' 'it''s'``).
+
+    :func:`glite_vm.condor.launcher.split_v2_arguments` reads it back. A submit file wraps it in
+    double quotes and doubles those too (:func:`glite_vm.api.submit_language.submit_words`).
+    """
+    return " ".join("'" + w.replace("'", "''") + "'" for w in words)
 
 
 def chirp_literal(value: AdValue) -> str:

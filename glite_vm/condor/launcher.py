@@ -43,7 +43,8 @@ from typing import Final
 
 import classad2
 
-from glite_vm.condor.hooks import (
+from glite_vm.condor.jobad import AdValue
+from glite_vm.condor.under_starter import (
     CLEANUP_MARGIN,
     Chirp,
     HTChirpSender,
@@ -54,7 +55,6 @@ from glite_vm.condor.hooks import (
     parse_old_ad,
     raise_on_stop_signals,
 )
-from glite_vm.condor.jobad import AdValue
 from glite_vm.config import Settings
 from glite_vm.errors import GliteVmError, HostError, RequestError
 from glite_vm.service.api import ExecOutcome, TeardownOutcome, VmService

@@ -6,7 +6,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from types import TracebackType
 
@@ -19,12 +19,12 @@ from glite_vm.images._open_as import Reader
 from glite_vm.images._transport import FileAccess
 from glite_vm.images.cache import Acquired, ImageCache, Source
 from glite_vm.images.catalogue import CatalogueEntry, FileRef, load_catalogue
+from glite_vm.images.download import Progress
 from glite_vm.images.leases import LeaseRecord
 from glite_vm.images.sources import check_sha256, classify_ref, file_prefixes
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[int, int | None], None]
 MAX_JOB_ID = 256
 
 

@@ -37,7 +37,7 @@ import os
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Literal
 
@@ -71,13 +71,19 @@ from glite_vm.images._transport import (
     Validators,
     open_url,
 )
-from glite_vm.images.download import Downloaded, Fetch, discard_part, download, sidecar_path
+from glite_vm.images.download import (
+    Downloaded,
+    Fetch,
+    Progress,
+    discard_part,
+    download,
+    sidecar_path,
+)
 from glite_vm.images.inspect import Limits, inspect_image
 from glite_vm.images.leases import LeaseRecord
 
 log = logging.getLogger(__name__)
 
-Progress = Callable[[int, int | None], None]
 _BLOB_RE = re.compile(r"^[0-9a-f]{64}$")
 _BUDGET = "budget"
 PUBLIC_MODE = 0o444  # a catalogue's file: everyone may read what the repository publishes

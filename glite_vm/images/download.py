@@ -33,6 +33,7 @@ from glite_vm.images._transport import CHUNK, FileAccess, Stream, Validators, op
 
 log = logging.getLogger(__name__)
 
+#: Called as ``progress(bytes_done, bytes_total_or_None)`` while an image downloads.
 Progress = Callable[[int, int | None], None]
 Reserve = Callable[[int | None], None]
 MAX_ATTEMPTS = 3  # connections that break after making progress are resumed this often

@@ -41,7 +41,7 @@ from glite_vm import __version__
 from glite_vm.config import Settings
 from glite_vm.errors import AccessDeniedError, HostError, RequestError, TransientBootError
 from glite_vm.images.acquire import ImageLease, acquire_image
-from glite_vm.images.cache import Progress
+from glite_vm.images.download import Progress
 from glite_vm.images.leases import process_start_time
 from glite_vm.images.sources import classify_ref
 from glite_vm.request import JobRequest, VMRequest, vm_request

@@ -6,7 +6,7 @@ The API runs where build frameworks run it: in the process of an ordinary user (
 submits a matrix over the two test guests plus a job for an image that does not exist, waits,
 and reports every result as JSON. The test then checks what a user would look at (exit codes,
 streams, outputs kept apart per image, snapshot and boot-log paths that exist, the hold reason)
-and that :func:`glite_vm.api.run_local` of the same job gives the same exit code, stdout and
+and that :func:`glite_vm.api.local.run_local` of the same job gives the same exit code, stdout and
 outputs. The templates from ``submit_templates/`` are submitted with ``condor_submit`` after
 changing only the values their comments mark ``CHANGE`` (image, sizes, URL and digest; the
 example build and test scripts are replaced by stand-ins that the busybox test guests can run).
@@ -26,17 +26,12 @@ from typing import Any
 
 import pytest
 
-from glite_vm.api import (
-    LocalResult,
-    PoolResult,
-    VmJob,
-    WaitProgress,
-    image_slug,
-    matrix,
-    run_local,
-    submit,
-    wait,
-)
+from glite_vm.api.jobdir import image_slug
+from glite_vm.api.local import run_local
+from glite_vm.api.matrix import matrix
+from glite_vm.api.pool import WaitProgress, submit, wait
+from glite_vm.api.results import LocalResult, PoolResult
+from glite_vm.api.vmjob import VmJob
 from glite_vm.config import GIB, Settings
 from glite_vm.slots import SlotLayout
 from tests.condor.pool import JobAd, PersonalPool, glite_vm_execute_host, running_pool

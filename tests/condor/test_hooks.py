@@ -22,11 +22,10 @@ from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import classad2
-import hypothesis.strategies as st
 import pytest
-from hypothesis import given
 
-from glite_vm.condor import hooks, launcher
+from glite_vm.api.submit_language import submit_words
+from glite_vm.condor import hooks, launcher, under_starter
 from glite_vm.condor.config import (
     HOOK_ENTRY_POINTS,
     PORTABLE_INTERPRETER,
@@ -371,8 +370,8 @@ def test_a_stop_signal_during_prepare_cleans_up_and_requeues(scratch: Path) -> N
         vms=[VmSummary(VM, "alice", 1000, "12.0", "debian-12", 0.1, True)],
     )
     chirp, out = RecordingChirp(), io.StringIO()
-    previous = {sig: signal.getsignal(sig) for sig in hooks.STOP_SIGNALS}
-    hooks.raise_on_stop_signals()
+    previous = {sig: signal.getsignal(sig) for sig in under_starter.STOP_SIGNALS}
+    under_starter.raise_on_stop_signals()
     timer = threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGTERM))
     timer.start()
     try:
@@ -586,11 +585,6 @@ def test_an_unbalanced_quote_is_a_request_error() -> None:
         split_v2_arguments("a 'b")
 
 
-@given(st.lists(st.text(st.characters(blacklist_characters="\x00"))))
-def test_v2_quoting_round_trips(words: list[str]) -> None:
-    assert split_v2_arguments(hooks.v2_quote(words)) == words
-
-
 def test_environment_items_must_be_name_value() -> None:
     with pytest.raises(RequestError, match="Environment"):
         parse_environment({"Environment": "A=1 novalue"})
@@ -624,13 +618,10 @@ def test_ads_written_by_condor_submit_give_back_the_submitted_command(
         return classad2.parseOne(out.read_text(), classad2.ParserType.Old)
 
     # new syntax: double quotes around it all, single quotes group, doubled quotes escape
-    submitted = " ".join(
-        "'" + a.replace("'", "''").replace('"', '""') + "'" for a in SUBMITTED_ARGS
-    )
     new = dump(
         [
             "executable = /bin/sh",
-            f'arguments = "{submitted}"',
+            f"arguments = {submit_words(SUBMITTED_ARGS)}",
             "environment = \"A=1 B='two  words' C='it''s' D=x=y\"",
         ]
     )
@@ -688,7 +679,7 @@ def test_condor_rm_during_the_payload_tears_the_vm_down_at_once(running: Path) -
     code = f"""
 import json, os, signal, sys, time
 from pathlib import Path
-from glite_vm.condor import hooks, launcher
+from glite_vm.condor import launcher, under_starter
 from glite_vm.config import Settings
 from tests.condor.test_hooks import ScriptedService, RecordingChirp, INPUTS, VM
 
@@ -711,7 +702,7 @@ class Chirped(RecordingChirp):
         Path({str(record)!r}).write_text(json.dumps(record))
 
 service = Recorded(exec_action=payload)
-hooks.raise_on_stop_signals()
+under_starter.raise_on_stop_signals()
 ctx = launcher.LauncherContext(
     settings=Settings(teardown_timeout=2.0),
     environ={{"_CONDOR_SCRATCH_DIR": {str(running)!r}}},

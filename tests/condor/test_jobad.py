@@ -25,7 +25,9 @@ from glite_vm.condor.jobad import (
     host_failure_history,
     request_from_job_ad,
     status_code,
+    v2_quote,
 )
+from glite_vm.condor.launcher import split_v2_arguments
 from glite_vm.config import GIB, MIB, Settings
 from glite_vm.errors import (
     BootError,
@@ -527,3 +529,8 @@ def test_ad_safe_text_is_one_line_without_control_characters() -> None:
     assert ad_safe_text("x" * 50, 10) == "xxxxxxx..."
     assert chirp_literal(3) == "3"
     assert chirp_literal(Path("/p q")) == '"/p q"'
+
+
+@given(st.lists(st.text(st.characters(blacklist_characters="\x00"))))
+def test_v2_quoting_round_trips_through_the_launchers_reader(words: list[str]) -> None:
+    assert split_v2_arguments(v2_quote(words)) == words

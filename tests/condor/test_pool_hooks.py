@@ -25,6 +25,7 @@ from glite_vm.condor.jobad import (
     format_ad_updates,
     hook_status_lines,
     status_code,
+    v2_quote,
 )
 from glite_vm.errors import ImageRefusedError
 from tests.condor.pool import PersonalPool, wait_until
@@ -42,11 +43,6 @@ JOB_TIMEOUT = 120.0
 FAILURE_TIMEOUT = 200.0  # two PREPARE_JOB failures, each ~20 s to land, plus matchmaking
 
 
-def _v2_arguments(args: list[str]) -> str:
-    """HTCondor's new argument syntax: each argument in single quotes, '' for a quote."""
-    return " ".join("'" + a.replace("'", "''") + "'" for a in args)
-
-
 def _script(path: Path, text: str) -> None:
     path.write_text(text)
     path.chmod(0o755)  # root-owned, not world-writable: the starter refuses anything else
@@ -57,7 +53,7 @@ def install_hooks(hooks: Path, records: Path, libexec: Path) -> None:
     run_updates = format_ad_updates(
         {
             "Cmd": hooks / "launcher",
-            "Arguments": _v2_arguments(LAUNCHER_ARGS),
+            "Arguments": v2_quote(LAUNCHER_ARGS),
             # the executable was transferred under its own name; run ours from where it is
             "TransferExecutable": False,
         }

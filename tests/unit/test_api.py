@@ -23,27 +23,20 @@ from typing import Any
 import classad2
 import pytest
 
-from glite_vm.api import (
-    LOG_NAME,
-    SCRIPT_NAME,
-    STDERR_NAME,
-    STDOUT_NAME,
-    JobHandle,
+from glite_vm.api.jobdir import LOG_NAME, SCRIPT_NAME, STDERR_NAME, STDOUT_NAME, image_slug
+from glite_vm.api.local import run_local
+from glite_vm.api.matrix import matrix
+from glite_vm.api.pool import (
     JobNotFoundError,
-    JobState,
-    Result,
     SchedulerError,
-    VmJob,
     WaitProgress,
     WaitTimeoutError,
-    image_slug,
-    matrix,
     result,
-    result_from_ad,
-    run_local,
     submit,
     wait,
 )
+from glite_vm.api.results import JobHandle, JobState, Result, result_from_ad
+from glite_vm.api.vmjob import VmJob
 from glite_vm.condor.launcher import parse_arguments, parse_environment, split_v2_arguments
 from glite_vm.config import GIB, KIB, MIB, Settings
 from glite_vm.errors import Disposition, RequestError

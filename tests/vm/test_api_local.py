@@ -1,4 +1,5 @@
-"""``glite_vm.api.run_local`` and the local ``matrix`` on real libvirt + QEMU with the test guests.
+"""``glite_vm.api.local.run_local`` and the local ``matrix`` on real libvirt + QEMU with the test
+guests.
 
 What a developer reproducing a failing platform sees: the exit code, stdout and stderr in
 files, the outputs by the same rule as on a pool, and a snapshot and a boot log that exist.
@@ -15,23 +16,15 @@ from typing import Any
 
 import pytest
 
-from glite_vm.api import (
-    SCRIPT_NAME,
-    STDERR_NAME,
-    STDOUT_NAME,
-    LocalResult,
-    Result,
-    VmJob,
-    image_slug,
-    matrix,
-    run_local,
-)
+from glite_vm.api.jobdir import SCRIPT_NAME, STDERR_NAME, STDOUT_NAME, image_slug
+from glite_vm.api.local import run_local
+from glite_vm.api.matrix import matrix
+from glite_vm.api.results import LocalResult, Result
+from glite_vm.api.vmjob import VmJob
 from glite_vm.config import Settings
 from glite_vm.errors import PayloadTimeoutError, RequestError, UnknownImageError
-from glite_vm.images.build import build_catalogue, write_catalogue
-from glite_vm.images.inspect import Limits
 from tests.conftest import world_traversable_tmpdir
-from tests.support import our_domain_names, sha256_of
+from tests.support import guest_catalogue, our_domain_names, sha256_of
 
 pytestmark = pytest.mark.vm
 
@@ -140,51 +133,34 @@ def test_run_local_as_root_brings_back_new_top_level_files_and_keeps_no_snapshot
     assert result.snapshot_path is None
 
 
-def test_a_declared_output_the_job_did_not_make_is_reported(
+def test_a_declared_output_the_job_did_not_make_is_reported_and_the_vm_has_its_hostname(
     vm_settings: Settings, guest_dir: Path, tmp_path: Path
 ) -> None:
     job = small(
         image=str(guest_dir / "disk-boot.qcow2"),
         executable="/bin/sh",
         transfer_executable=False,
-        arguments=["-c", "echo made > there.txt"],
+        arguments=["-c", "hostname > there.txt"],
         outputs=["there.txt", "missing.txt"],
         keep_snapshot="never",
+        hostname="build01.example.org",  # one's own VM: named whatever the site's policy
     )
     result: Result = run_local(job, vm_settings, directory=tmp_path / "missing")
-    assert result.exit_code == 0
+    assert result.exit_code == 0, result.stderr_path.read_text()
     assert result.outputs == [tmp_path / "missing" / "there.txt"]
     assert result.missing_outputs == ["missing.txt"]
+    assert result.outputs[0].read_text().strip() in ("build01", "build01.example.org")
 
 
 # --- the matrix over both test guests, from a catalogue ----------------------------------------
 
 
 @pytest.fixture(scope="module")
-def catalogue(guest_dir: Path, guests: dict[str, Any]) -> Iterator[Path]:
+def catalogue(guest_dir: Path) -> Iterator[Path]:
     """A file:// repository with both test guests; the direct one boots a kernel and initrd."""
     repo = world_traversable_tmpdir("glite-vm-api-repo-")
     repo.chmod(0o755)
-    direct = guests["direct"]
-    for name in (direct["kernel"], direct["initrd"]):
-        shutil.copyfile(guest_dir / name, repo / name)
-    shutil.copyfile(guest_dir / direct["disk"], repo / "test-direct.qcow2")
-    shutil.copyfile(guest_dir / guests["disk"]["disk"], repo / "test-disk.qcow2")
-    sidecars = {
-        "test-direct.qcow2": {
-            "name": "test-direct",
-            "boot": "kernel",
-            "kernel": direct["kernel"],
-            "initrd": direct["initrd"],
-            "cmdline": direct["cmdline"],
-            "guest_user": guests["user"],
-        },
-        "test-disk.qcow2": {"name": "test-disk", "guest_user": guests["user"]},
-    }
-    for image, sidecar in sidecars.items():
-        (repo / f"{image}.json").write_text(json.dumps(sidecar))
-    doc = build_catalogue(repo, limits=Limits(max_virtual_bytes=64 << 30, max_file_bytes=1 << 30))
-    yield write_catalogue(doc, repo / "catalogue.json")
+    yield guest_catalogue(guest_dir, repo, direct={"test-direct": ""}, disk="test-disk")
     shutil.rmtree(repo, ignore_errors=True)
 
 
