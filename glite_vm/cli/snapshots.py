@@ -28,18 +28,11 @@ from glite_vm.config import (
 )
 from glite_vm.errors import GliteVmError, UserError
 from glite_vm.images.catalogue import format_age
-from glite_vm.snapshots import (
-    ConsoleBridge,
-    PruneReport,
-    SnapshotBoot,
-    SnapshotEntry,
-    SnapshotStore,
-    boot_log_text,
-    boot_snapshot,
-    export_snapshot,
-    reap_abandoned_boots,
-    running_domain_names,
-)
+from glite_vm.snapshots.boot import SnapshotBoot, boot_snapshot, reap_abandoned_boots
+from glite_vm.snapshots.console import ConsoleBridge
+from glite_vm.snapshots.entry import SnapshotEntry, boot_log_text
+from glite_vm.snapshots.export import export_snapshot
+from glite_vm.snapshots.store import PruneReport, SnapshotStore, running_domain_names
 from glite_vm.vm.connect import open_host
 from glite_vm.vm.lifecycle import quote_command
 

@@ -249,7 +249,7 @@ def test_snapshot_is_valid_qcow2_that_boots_again(
     assert check.returncode == 0, check.stdout + check.stderr
     digest = sha256_of(snapshot)
     # The kept file is private (0600 in a 0700 directory), as `snapshots boot` finds it: QEMU's
-    # user boots a copy, as there (glite_vm.snapshots).
+    # user boots a copy, as there (glite_vm.snapshots.boot).
     copy = vm_host.settings.state_dir / f"{snapshot.parent.name}.qcow2"
     shutil.copyfile(snapshot, copy)
     copy.chmod(0o644)

@@ -32,13 +32,11 @@ from glite_vm.images.acquire import acquire_image
 from glite_vm.images.build import build_catalogue, write_catalogue
 from glite_vm.images.inspect import Limits
 from glite_vm.request import VMRequest
-from glite_vm.snapshots import (
-    SnapshotStore,
-    SnapshotUnusableError,
-    boots_root,
-    export_snapshot,
-    resolve_boot_files,
-)
+from glite_vm.snapshots.boot import boots_root
+from glite_vm.snapshots.boot_files import resolve_boot_files
+from glite_vm.snapshots.disk import SnapshotUnusableError
+from glite_vm.snapshots.export import export_snapshot
+from glite_vm.snapshots.store import SnapshotStore
 from glite_vm.vm.agent import GuestAgent
 from glite_vm.vm.domain_xml import DomainSpec, JobMetadata, build_domain_xml, with_serial_console
 from glite_vm.vm.lifecycle import VmHost

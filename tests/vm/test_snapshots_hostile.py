@@ -27,7 +27,7 @@ from typing import Any
 import pytest
 
 from glite_vm.config import Settings
-from glite_vm.snapshots import SnapshotStore
+from glite_vm.snapshots.store import SnapshotStore
 from tests.service.svc_support import Account, as_user, ensure_account
 
 pytestmark = pytest.mark.vm
@@ -40,8 +40,10 @@ LIBRARY = r"""
 import json, sys
 from pathlib import Path
 from glite_vm.config import Retention, Settings
-from glite_vm import snapshots
-store = snapshots.SnapshotStore(Settings(state_dir=Path(sys.argv[1])))
+from glite_vm.snapshots.boot_files import resolve_boot_files
+from glite_vm.snapshots.disk import SnapshotUnusableError
+from glite_vm.snapshots.store import SnapshotStore
+store = SnapshotStore(Settings(state_dir=Path(sys.argv[1])))
 op = sys.argv[2]
 if op == "prune":
     report = store.prune(Retention.parse(sys.argv[3]), all_users=True, running=[])
@@ -53,8 +55,8 @@ if op == "prune":
 elif op == "boot-files":
     (entry,) = [e for e in store.entries(all_users=True) if e.name == sys.argv[3]]
     try:
-        print(json.dumps(str(snapshots.resolve_boot_files(store.settings, entry))))
-    except snapshots.SnapshotUnusableError as exc:
+        print(json.dumps(str(resolve_boot_files(store.settings, entry))))
+    except SnapshotUnusableError as exc:
         print(json.dumps(f"unusable: {exc}"))
 """
 WATCHER = r"""

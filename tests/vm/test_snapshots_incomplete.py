@@ -22,7 +22,7 @@ from pathlib import Path
 import pytest
 
 from glite_vm.config import Retention, Settings
-from glite_vm.snapshots import SnapshotStore
+from glite_vm.snapshots.store import SnapshotStore
 from glite_vm.vm.lifecycle import lock_vm_dir
 from tests.support import domains_under, our_domain_names
 

@@ -268,7 +268,7 @@ def incomplete_entry(
         name=path.name,
         directory=path,
         owner_uid=st.st_uid,
-        owner=text(meta.get("owner"), _account(st.st_uid)),
+        owner=text(meta.get("owner"), account_name(st.st_uid)),
         job_id=text(meta.get("job_id")),
         image=text(meta.get("image")),
         image_sha256=text(meta.get("image_sha256"), ""),
@@ -290,36 +290,27 @@ def incomplete_entry(
     )
 
 
-def _job_metadata(dir_fd: int) -> dict[str, str]:
-    """What the VM's ``domain.xml`` says about its job ({} when it says nothing usable)."""
+def read_domain_xml(dir_fd: int) -> ET.Element | None:
+    """The VM's ``domain.xml`` in the directory ``dir_fd``, parsed (None when it cannot be)."""
     try:
         raw, _st = _dirfd.read_small(dir_fd, DOMAIN_XML, MAX_DOMAIN_XML_BYTES)
-        root = ET.fromstring(raw)  # noqa: S314 - bounded; expat refuses entity expansion bombs
+        return ET.fromstring(raw)  # noqa: S314 - bounded; expat refuses entity expansion bombs
     except (OSError, ET.ParseError, ValueError, RecursionError):
-        return {}
-    job = root.find(f"metadata/{{{METADATA_NS}}}job")
+        return None
+
+
+def _job_metadata(dir_fd: int) -> dict[str, str]:
+    """What the VM's ``domain.xml`` says about its job ({} when it says nothing usable)."""
+    root = read_domain_xml(dir_fd)
+    job = None if root is None else root.find(f"metadata/{{{METADATA_NS}}}job")
     if job is None:
         return {}
     return {child.tag.rsplit("}", 1)[-1]: child.text or "" for child in job}
 
 
-def _account(uid: int) -> str:
+def account_name(uid: int) -> str:
+    """The name of ``uid``'s account, or ``uid<N>`` when it has none."""
     try:
         return pwd.getpwuid(uid).pw_name
     except KeyError:
         return f"uid{uid}"
-
-
-__all__ = [
-    "FINISHED",
-    "INCOMPLETE",
-    "MAX_DOMAIN_XML_BYTES",
-    "SnapshotEntry",
-    "boot_log_text",
-    "incomplete_entry",
-    "open_entry",
-    "open_entry_file",
-    "read_entry",
-    "read_entry_file",
-    "read_record",
-]

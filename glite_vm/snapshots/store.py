@@ -25,11 +25,12 @@ import os
 import stat
 import time
 from collections.abc import Collection, Iterator
+from typing import TYPE_CHECKING
 
 from glite_vm import _dirfd
 from glite_vm.config import Retention, Settings
 from glite_vm.errors import AccessDeniedError, RequestError, UserError
-from glite_vm.snapshot_entry import (
+from glite_vm.snapshots.entry import (
     SnapshotEntry,
     incomplete_entry,
     open_entry,
@@ -37,6 +38,9 @@ from glite_vm.snapshot_entry import (
 )
 from glite_vm.vm.domain_xml import DOMAIN_PREFIX
 from glite_vm.vm.record import OVERLAY
+
+if TYPE_CHECKING:
+    import libvirt
 
 log = logging.getLogger(__name__)
 EMPTY_DIR_GRACE = 3600.0  # seconds before prune removes an empty or incomplete VM directory
@@ -312,6 +316,12 @@ class SnapshotStore:
         return out
 
 
+def running_domain_names(conn: libvirt.virConnect) -> set[str]:
+    """Names of this tool's domains that libvirt knows (running or merely defined): what
+    :meth:`SnapshotStore.prune` wants as ``running`` from someone who may ask libvirt."""
+    return {d.name() for d in conn.listAllDomains(0) if d.name().startswith(DOMAIN_PREFIX)}
+
+
 def _ripe(entry: SnapshotEntry, now: float) -> bool:
     """Whether prune may take the entry at all: a finished one always; an incomplete one once
     it has not changed for :data:`EMPTY_DIR_GRACE` (it could be a VM being made)."""
@@ -337,12 +347,3 @@ def _ambiguous(ident: str, names: list[str], what: str) -> str:
 
 def _retention_age(policy: Retention) -> str:
     return str(Retention(policy.max_age, None))
-
-
-__all__ = [
-    "EMPTY_DIR_GRACE",
-    "PruneDecision",
-    "PruneReport",
-    "SnapshotNotFoundError",
-    "SnapshotStore",
-]
