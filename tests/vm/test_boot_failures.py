@@ -87,12 +87,20 @@ def glite_vm_run(root: Path, catalogue: Path, image: str, *argv: str, **env: str
     return Run(proc, time.monotonic() - start)
 
 
-def held(run: Run) -> str:
-    """The message of a failure that is the job's or its image's (exit status 2)."""
-    assert run.returncode == 2, run.stderr
-    prefix = "glite-vm: error (fix the request): "
+def failed(run: Run, who: str) -> str:
+    """The message of a failure that is ``who``'s to act on: ``request`` (the job or its image,
+    held under HTCondor) or ``host``; glite-vm's failures exit 125 either way."""
+    assert run.returncode == 125, run.stderr
+    error = run.result["error"]
+    assert isinstance(error, dict) and error["class"] == who, run.stderr
+    prefix = f"glite-vm: {who} error: "
     assert prefix in run.stderr, run.stderr
     return run.stderr[run.stderr.index(prefix) + len(prefix) :]
+
+
+def held(run: Run) -> str:
+    """The message of a failure that is the job's or its image's."""
+    return failed(run, "request")
 
 
 # -- the image's fault: held, within seconds -----------------------------------------------------
@@ -206,8 +214,8 @@ def test_boots_are_retried_a_bounded_number_of_times_then_the_host_is_blamed(
     with Meddler(run_root, "kill", count=5) as killer:
         run = glite_vm_run(run_root, catalogue, "test-direct", "true", boot_attempts="2")
     assert len(killer.done) == 2
-    assert run.returncode == 3, run.stderr
-    assert "glite-vm: error (host problem): QEMU stopped unexpectedly while" in run.stderr
+    message = failed(run, "host")
+    assert message.startswith("QEMU stopped unexpectedly while"), message
     assert "(boot attempt 2 of at most 2 on this host)" in run.stderr
 
 
