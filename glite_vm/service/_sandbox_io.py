@@ -21,108 +21,13 @@ import errno
 import json
 import os
 import shutil
-import stat
 import sys
-import tarfile
 import tempfile
 from pathlib import Path
-from typing import IO, Any, cast
+from typing import IO, Any
 
 from glite_vm.errors import AccessDeniedError, GliteVmError, HostError, RequestError
 from glite_vm.vm import transfer
-
-
-def too_big(limit: int) -> RequestError:
-    return RequestError(
-        "sandbox",
-        f"the input files need more than the VM's transfer disk holds ({limit} bytes); "
-        "ask for a larger RequestDisk",
-    )
-
-
-class _Bounded:
-    """A write-only file object over a descriptor (a pipe, or a file at offset 0) that refuses
-    to take more than ``limit`` bytes."""
-
-    def __init__(self, fd: int, limit: int) -> None:
-        self._fd = fd
-        self._limit = limit
-        self._pos = 0
-
-    def write(self, data: bytes) -> int:
-        if self._pos + len(data) > self._limit:
-            raise too_big(self._limit)
-        view = memoryview(data)
-        while view:
-            n = os.write(self._fd, view)
-            self._pos += n
-            view = view[n:]
-        return len(data)
-
-    def tell(self) -> int:
-        return self._pos
-
-    def flush(self) -> None:
-        return None
-
-
-def pack_into(out_fd: int, src: Path, limit: int) -> int:
-    """Write ``src``'s tree as a tar stream of at most ``limit`` bytes into ``out_fd`` (a pipe,
-    or the transfer disk opened at its start); bytes written. Symlinks are stored as links,
-    special files skipped, unreadable files refused."""
-    if not src.is_absolute():
-        raise RequestError("src_dir", f"{src} is not an absolute path")
-    try:
-        st = os.lstat(src)
-    except OSError as exc:
-        raise AccessDeniedError(f"cannot read the input directory {src}: {exc.strerror}") from None
-    if not stat.S_ISDIR(st.st_mode):
-        raise RequestError("src_dir", f"{src} is not a directory (symlinks are not followed)")
-    out = _Bounded(out_fd, limit)
-    with tarfile.open(fileobj=cast(IO[bytes], out), mode="w", format=tarfile.PAX_FORMAT) as tar:
-        for path in _walk(src):
-            rel = path.relative_to(src).as_posix()
-            try:
-                info = tar.gettarinfo(str(path), arcname=rel)
-            except OSError as exc:
-                raise _unreadable(rel, exc) from None
-            info.uid = info.gid = 0
-            info.uname = info.gname = ""
-            if info.isreg():
-                try:
-                    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
-                except OSError as exc:
-                    raise _unreadable(rel, exc) from None
-                with os.fdopen(fd, "rb") as f:
-                    if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                        continue  # replaced by something else since the walk
-                    info.size = os.fstat(f.fileno()).st_size
-                    tar.addfile(info, f)
-            elif info.isdir() or info.issym():
-                tar.addfile(info)
-    return out.tell()
-
-
-def _walk(src: Path) -> list[Path]:
-    def fail(exc: OSError) -> None:
-        rel = os.path.relpath(exc.filename, src) if exc.filename else str(src)
-        raise _unreadable(rel, exc)
-
-    out: list[Path] = []
-    for dirpath, dirnames, filenames in os.walk(src, onerror=fail, followlinks=False):
-        for name in dirnames + filenames:
-            p = Path(dirpath) / name
-            mode = p.lstat().st_mode
-            if stat.S_ISREG(mode) or stat.S_ISDIR(mode) or stat.S_ISLNK(mode):
-                out.append(p)
-    return sorted(out)
-
-
-def _unreadable(rel: str, exc: OSError) -> AccessDeniedError:
-    return AccessDeniedError(
-        f"cannot read {rel!r} of the job's input files as the job's owner "
-        f"({exc.strerror or exc}); a job can only send files its owner may read"
-    )
 
 
 def unpack_from(
@@ -161,7 +66,7 @@ def _serve_one(request: dict[str, Any]) -> dict[str, Any]:
     fd, limit = int(request["fd"]), int(request["limit"])
     if request["op"] == "pack":
         try:
-            return {"bytes": pack_into(fd, Path(request["src"]), limit)}
+            return {"bytes": transfer.pack_into(fd, Path(request["src"]), limit)}
         finally:
             os.close(fd)  # the end of the stream for the service
     if request["op"] == "unpack":

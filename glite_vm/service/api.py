@@ -17,7 +17,6 @@ if TYPE_CHECKING:
     from glite_vm.request import JobRequest
     from glite_vm.slots import SlotFacts
 
-PROTOCOL_VERSION = 1
 
 OutputSink = Callable[[bytes], None]
 

@@ -29,6 +29,7 @@ from glite_vm.errors import GliteVmError, HostError
 from glite_vm.service import _sandbox_io
 from glite_vm.service.children import Identity, collect, start_child
 from glite_vm.service.protocol import error_from_wire
+from glite_vm.vm import transfer
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +48,7 @@ def pack_as(identity: Identity, xfer: Path, src: Path) -> int:
     try:
         limit = os.fstat(fd).st_size
         if identity.is_this_process:
-            written = _sandbox_io.pack_into(fd, src, limit)
+            written = transfer.pack_into(fd, src, limit)
         else:
             written = _pack_through_pipe(identity, fd, src, limit)
         os.fsync(fd)
@@ -87,7 +88,7 @@ def _pack_through_pipe(identity: Identity, fd: int, src: Path, limit: int) -> in
     request = {"op": "pack", "src": str(src), "limit": limit, "fd": write_end}
     result = _run_child(identity, request, write_end, pump)
     if pump.overflow:  # the child's own bound should have said so first; the service's holds
-        raise _sandbox_io.too_big(limit)
+        raise transfer.too_big(limit)
     if int(result["bytes"]) != pump.moved:
         raise HostError(
             f"the copy as uid {identity.uid} reported {result['bytes']} bytes, "
