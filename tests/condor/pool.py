@@ -18,12 +18,13 @@ import socket
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 from glite_vm.cli.main import main as glite_vm_cli
 from glite_vm.condor.config import ExecuteHostConfig, render_execute_config
+from tests.service.svc_support import ServiceProcess
 
 REPO = Path(__file__).resolve().parents[2]
 TARBALL_ENV = "GLITE_VM_HTCONDOR_TARBALL"
@@ -286,3 +287,68 @@ def running_pool(
         yield pool
     finally:
         pool.stop()
+
+
+@contextlib.contextmanager
+def glite_vm_pool(
+    root: Path,
+    service: ServiceProcess,
+    user: pwd.struct_passwd,
+    *,
+    extra_config: Callable[[Path], str] | None = None,
+    **host: Any,
+) -> Iterator[PersonalPool]:
+    """The pool of glite-vm's end-to-end tests: a personal pool under ``root/htcondor`` whose
+    execute host runs glite-vm's hooks (as ``glite-vm hook install`` and ``glite-vm config``
+    make them) against ``service``. ``host`` are further :class:`ExecuteHostConfig` fields
+    (``layout``, periods, ...); ``extra_config(hooks_dir)`` adds lines to the configuration.
+    Every job is removed before the daemons stop."""
+    prefix = root / "htcondor"
+    hooks, config = glite_vm_execute_host(
+        prefix,
+        state_dir=Path(service.env["GLITE_VM_STATE_DIR"]),
+        socket_path=service.socket_path,
+        **host,
+    )
+    if extra_config is not None:
+        config += extra_config(hooks)
+    with running_pool(prefix, config, user) as pool:
+        try:
+            yield pool
+        finally:
+            pool.run(["condor_rm", "-all"], check=False)
+
+
+def vm_job_description(*extra: str, image: str = "test-direct") -> str:
+    """A submit description of a glite-vm job running ``payload.sh`` (the shape
+    submit_templates/ give users: files transferred, chirp on, 256 MiB); ``extra`` lines go
+    before ``queue``."""
+    return "\n".join(
+        [
+            "universe = vanilla",
+            "executable = payload.sh",
+            "should_transfer_files = YES",
+            "when_to_transfer_output = ON_EXIT",
+            "output = out",
+            "error = err",
+            "log = log",
+            "request_memory = 256",
+            "+WantIOProxy = true",
+            f'+GliteVmImage = "{image}"',
+            *extra,
+            "queue",
+            "",
+        ]
+    )
+
+
+def submit_with_files(
+    pool: PersonalPool, name: str, description: str, files: Mapping[str, str]
+) -> int:
+    """Write ``files`` (name -> text, owned by the pool's user) into job ``name``'s directory,
+    then submit ``description`` there; the cluster id."""
+    directory = pool.job_dir(name)
+    for file, text in files.items():
+        (directory / file).write_text(text)
+        os.chown(directory / file, pool.user.pw_uid, pool.user.pw_gid)
+    return pool.submit(name, description)

@@ -34,7 +34,7 @@ from glite_vm.api.results import LocalResult, PoolResult
 from glite_vm.api.vmjob import VmJob
 from glite_vm.config import GIB, Settings
 from glite_vm.slots import SlotLayout
-from tests.condor.pool import JobAd, PersonalPool, glite_vm_execute_host, running_pool
+from tests.condor.pool import JobAd, PersonalPool, glite_vm_pool
 from tests.service.svc_support import ServiceProcess, running_service, wait_for
 from tests.support import guest_catalogue, scratch_root, traversable
 
@@ -153,18 +153,10 @@ def service(root_dir: Path, repo: Path) -> Iterator[ServiceProcess]:
 def pool(
     root_dir: Path, service: ServiceProcess, test_user: pwd.struct_passwd
 ) -> Iterator[PersonalPool]:
-    prefix = root_dir / "htcondor"
-    _hooks, config = glite_vm_execute_host(
-        prefix,
-        state_dir=Path(service.env["GLITE_VM_STATE_DIR"]),
-        socket_path=service.socket_path,
-        layout=LAYOUT,
-        advertise_period=30,
-        reap_period=30,
-    )
-    with running_pool(prefix, config, test_user) as the_pool:
+    with glite_vm_pool(
+        root_dir, service, test_user, layout=LAYOUT, advertise_period=30, reap_period=30
+    ) as the_pool:
         yield the_pool
-        the_pool.run(["condor_rm", "-all"], check=False)
 
 
 def _give(pool: PersonalPool, *paths: Path) -> None:

@@ -28,7 +28,14 @@ from glite_vm.config import GIB
 from glite_vm.images.build import write_catalogue
 from glite_vm.service.events import event_log_path, read_events
 from glite_vm.slots import SlotLayout
-from tests.condor.pool import JobAd, PersonalPool, glite_vm_execute_host, running_pool, wait_until
+from tests.condor.pool import (
+    JobAd,
+    PersonalPool,
+    glite_vm_pool,
+    submit_with_files,
+    vm_job_description,
+    wait_until,
+)
 from tests.service.svc_support import ServiceProcess, running_service
 from tests.support import guest_catalogue, scratch_root
 
@@ -73,25 +80,25 @@ def e2e_service(e2e_root: Path, e2e_catalogue: Path) -> Iterator[ServiceProcess]
 def e2e_pool(
     e2e_root: Path, e2e_service: ServiceProcess, test_user: pwd.struct_passwd
 ) -> Iterator[PersonalPool]:
-    prefix = e2e_root / "htcondor"
-    hooks_dir, config = glite_vm_execute_host(
-        prefix,
-        state_dir=Path(e2e_service.env["GLITE_VM_STATE_DIR"]),
-        socket_path=e2e_service.socket_path,
+    def other_keyword(hooks_dir: Path) -> str:
+        (hooks_dir / "other_prepare_job").write_text("#!/bin/sh\necho 'Cmd = \"/bin/false\"'\n")
+        (hooks_dir / "other_prepare_job").chmod(0o755)
+        return (
+            "\n# a keyword a job may name: it must not get around glite-vm's hooks\n"
+            f"OTHER_HOOK_PREPARE_JOB = {hooks_dir / 'other_prepare_job'}\n"
+        )
+
+    with glite_vm_pool(
+        e2e_root,
+        e2e_service,
+        test_user,
+        extra_config=other_keyword,
         layout=LAYOUT,
         max_host_failures=MAX_HOST_FAILURES,
         advertise_period=5,
         reap_period=30,
-    )
-    (hooks_dir / "other_prepare_job").write_text("#!/bin/sh\necho 'Cmd = \"/bin/false\"'\n")
-    (hooks_dir / "other_prepare_job").chmod(0o755)
-    extra = config + (
-        "\n# a keyword a job may name: it must not get around glite-vm's hooks\n"
-        f"OTHER_HOOK_PREPARE_JOB = {hooks_dir / 'other_prepare_job'}\n"
-    )
-    with running_pool(prefix, extra, test_user) as pool:
+    ) as pool:
         yield pool
-        pool.run(["condor_rm", "-all"], check=False)
 
 
 # --- the jobs ---------------------------------------------------------------------------------
@@ -108,24 +115,8 @@ exit "${EXIT_WITH:-0}"
 
 
 def submit_description(*extra: str, image: str = "test-direct") -> str:
-    return "\n".join(
-        [
-            "universe = vanilla",
-            "executable = payload.sh",
-            "arguments = \"'two words' plain\"",
-            "transfer_input_files = in.txt",
-            "should_transfer_files = YES",
-            "when_to_transfer_output = ON_EXIT",
-            "output = out",
-            "error = err",
-            "log = log",
-            "request_memory = 256",
-            "+WantIOProxy = true",
-            f'+GliteVmImage = "{image}"',
-            *extra,
-            "queue",
-            "",
-        ]
+    return vm_job_description(
+        "arguments = \"'two words' plain\"", "transfer_input_files = in.txt", *extra, image=image
     )
 
 
@@ -141,11 +132,8 @@ class Jobs:
 
 
 def _submit(pool: PersonalPool, name: str, description: str, payload: str = PAYLOAD) -> int:
-    directory = pool.job_dir(name)
-    for file, text in (("payload.sh", payload), ("in.txt", "input text\n")):
-        (directory / file).write_text(text)
-        os.chown(directory / file, pool.user.pw_uid, pool.user.pw_gid)
-    return pool.submit(name, description)
+    files = {"payload.sh": payload, "in.txt": "input text\n"}
+    return submit_with_files(pool, name, description, files)
 
 
 @pytest.fixture(scope="module")

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import pwd
 import time
 from collections.abc import Iterator
@@ -25,7 +24,7 @@ import pytest
 from glite_vm.condor.jobad import HOST_FAILURES_ATTR, HOST_FAILURES_HOLD_CODE
 from glite_vm.config import GIB
 from glite_vm.slots import SlotLayout
-from tests.condor.pool import PersonalPool, glite_vm_execute_host, running_pool
+from tests.condor.pool import PersonalPool, glite_vm_pool, submit_with_files, vm_job_description
 from tests.pressure import Meddler
 from tests.service.svc_support import ServiceProcess, running_service
 from tests.support import BROKEN_GUESTS, domains_under, guest_catalogue, scratch_root
@@ -67,42 +66,21 @@ def service(root: Path, guest_dir: Path) -> Iterator[ServiceProcess]:
 def pool(
     root: Path, service: ServiceProcess, test_user: pwd.struct_passwd
 ) -> Iterator[PersonalPool]:
-    prefix = root / "htcondor"
-    _hooks, config = glite_vm_execute_host(
-        prefix,
-        state_dir=Path(service.env["GLITE_VM_STATE_DIR"]),
-        socket_path=service.socket_path,
+    with glite_vm_pool(
+        root,
+        service,
+        test_user,
         layout=LAYOUT,
         max_host_failures=MAX_HOST_FAILURES,
         advertise_period=5,
         reap_period=30,
-    )
-    with running_pool(prefix, config, test_user) as p:
+    ) as p:
         yield p
-        p.run(["condor_rm", "-all"], check=False)
 
 
 def submit(pool: PersonalPool, name: str, image: str) -> int:
-    directory = pool.job_dir(name)
-    (directory / "payload.sh").write_text("#!/bin/sh\necho ran in $(uname -n)\n")
-    os.chown(directory / "payload.sh", pool.user.pw_uid, pool.user.pw_gid)
-    description = "\n".join(
-        [
-            "universe = vanilla",
-            "executable = payload.sh",
-            "should_transfer_files = YES",
-            "when_to_transfer_output = ON_EXIT",
-            "output = out",
-            "error = err",
-            "log = log",
-            "request_memory = 256",
-            "+WantIOProxy = true",
-            f'+GliteVmImage = "{image}"',
-            "queue",
-            "",
-        ]
-    )
-    return pool.submit(name, description)
+    payload = "#!/bin/sh\necho ran in $(uname -n)\n"
+    return submit_with_files(pool, name, vm_job_description(image=image), {"payload.sh": payload})
 
 
 @dataclasses.dataclass(frozen=True)

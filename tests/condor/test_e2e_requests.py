@@ -9,7 +9,6 @@ must be held with the list of what it offers. Jobs are submitted as an unprivile
 
 from __future__ import annotations
 
-import os
 import pwd
 from collections.abc import Iterator
 from pathlib import Path
@@ -20,7 +19,13 @@ from glite_vm.condor.jobad import HOLD_CODES
 from glite_vm.config import GIB
 from glite_vm.errors import RequestError
 from glite_vm.slots import SlotLayout
-from tests.condor.pool import PersonalPool, glite_vm_execute_host, running_pool, wait_until
+from tests.condor.pool import (
+    PersonalPool,
+    glite_vm_pool,
+    submit_with_files,
+    vm_job_description,
+    wait_until,
+)
 from tests.service.svc_support import ServiceProcess, running_service
 from tests.support import domain_names, guest_catalogue, scratch_root
 
@@ -49,43 +54,21 @@ def service(root: Path, guest_dir: Path) -> Iterator[ServiceProcess]:
 def pool(
     root: Path, service: ServiceProcess, test_user: pwd.struct_passwd
 ) -> Iterator[PersonalPool]:
-    _hooks, config = glite_vm_execute_host(
-        root / "htcondor",
-        state_dir=Path(service.env["GLITE_VM_STATE_DIR"]),
-        socket_path=service.socket_path,
+    with glite_vm_pool(
+        root,
+        service,
+        test_user,
         layout=LAYOUT,
         max_host_failures=2,
         job_networks=("user", "lab"),  # "lab": START admits it, the service does not offer it
         advertise_period=5,
         reap_period=30,
-    )
-    with running_pool(root / "htcondor", config, test_user) as p:
+    ) as p:
         yield p
-        p.run(["condor_rm", "-all"], check=False)
 
 
 def submit(pool: PersonalPool, name: str, payload: str, *extra: str) -> int:
-    directory = pool.job_dir(name)
-    (directory / "payload.sh").write_text(payload)
-    os.chown(directory / "payload.sh", pool.user.pw_uid, pool.user.pw_gid)
-    description = "\n".join(
-        [
-            "universe = vanilla",
-            "executable = payload.sh",
-            "should_transfer_files = YES",
-            "when_to_transfer_output = ON_EXIT",
-            "output = out",
-            "error = err",
-            "log = log",
-            "request_memory = 256",
-            "+WantIOProxy = true",
-            '+GliteVmImage = "test-direct"',
-            *extra,
-            "queue",
-            "",
-        ]
-    )
-    return pool.submit(name, description)
+    return submit_with_files(pool, name, vm_job_description(*extra), {"payload.sh": payload})
 
 
 @pytest.fixture(scope="module")

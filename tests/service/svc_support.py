@@ -17,14 +17,22 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from glite_vm.config import MIB as MIB_BYTES
 from glite_vm.errors import GliteVmError
 from glite_vm.service.client import ServiceClient
 from glite_vm.service.events import Event, event_log_path, read_events
+from glite_vm.slots import SlotLayout
 from tests.support import domain_names, domains_under, service_env, traversable
 
 DRIVER = Path(__file__).resolve().parent / "driver.py"
 CALL_TIMEOUT = 120.0  # bound on any one client run (a boot under TCG takes ~5 s)
 _clusters = itertools.count(100)
+
+
+#: The slots the trust-boundary tests' services know: slot1 and slot2 for ordinary jobs,
+#: slot3 root-enabled; one CPU, 512 MiB and 1 GiB of disk each. Starters name (slot, type).
+THREE_SLOTS = SlotLayout(slots=3, root_slots=1, cpus=1, memory_mib=512, disk_bytes=1024 * MIB_BYTES)
+USER_SLOT, ROOT_SLOT = ("slot1", 1), ("slot3", 2)
 
 
 @dataclasses.dataclass(frozen=True)

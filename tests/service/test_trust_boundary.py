@@ -28,6 +28,9 @@ import pytest
 from glite_vm.identity.certs import init_ca
 from tests.service.conftest import new_state_dir, service_env
 from tests.service.svc_support import (
+    ROOT_SLOT,
+    THREE_SLOTS,
+    USER_SLOT,
     Account,
     FakeStarter,
     ServiceProcess,
@@ -46,14 +49,7 @@ from tests.support import GuestVariant, dash_initrd, guest_catalogue
 
 pytestmark = pytest.mark.vm
 
-SLOT_ENV = {
-    "GLITE_VM_SLOTS": "3",
-    "GLITE_VM_ROOT_SLOTS": "1",
-    "GLITE_VM_SLOT_CPUS": "1",
-    "GLITE_VM_SLOT_MEMORY_BYTES": "512MiB",
-    "GLITE_VM_SLOT_DISK_BYTES": "1GiB",
-}
-USER_SLOT, ROOT_SLOT = ("slot1", 1), ("slot3", 2)
+SLOT_ENV = THREE_SLOTS.knobs()
 
 # qemu-img in front of the real one: `create` lingers 3 s afterwards while $SHIM/slow exists,
 # as on a slow disk, so whatever mode the new overlay has can be seen by others meanwhile.

@@ -23,6 +23,8 @@ import pytest
 from glite_vm.service import protocol
 from tests.service.conftest import check_nothing_left, new_state_dir, service_env
 from tests.service.svc_support import (
+    ROOT_SLOT,
+    THREE_SLOTS,
     Account,
     FakeStarter,
     ServiceProcess,
@@ -39,14 +41,7 @@ from tests.support import GuestVariant, dash_initrd, guest_catalogue
 
 pytestmark = pytest.mark.vm
 
-SLOT_ENV = {
-    "GLITE_VM_SLOTS": "3",
-    "GLITE_VM_ROOT_SLOTS": "1",
-    "GLITE_VM_SLOT_CPUS": "1",
-    "GLITE_VM_SLOT_MEMORY_BYTES": "512MiB",
-    "GLITE_VM_SLOT_DISK_BYTES": "1GiB",
-}
-ROOT_SLOT = ("slot3", 2)
+SLOT_ENV = THREE_SLOTS.knobs()
 MIB = 1 << 20
 
 
