@@ -39,7 +39,7 @@ from glite_vm.service.local import LocalService
 from glite_vm.service.registry import VmRecord, VmRegistry
 from glite_vm.slots import SlotFacts
 from glite_vm.vm.lifecycle import OutputSink, VmHost
-from glite_vm.vm.record import Timings
+from glite_vm.vm.record import AdFacts, Timings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -173,7 +173,7 @@ def run_job(
         finally:
             report.teardown = service.teardown(name, failed=failed)
     done = report.teardown
-    attributes = prepared.ad_attributes
+    facts = AdFacts.from_ad(prepared.ad_attributes)
     status = 128 + outcome.signal if outcome.signal is not None else outcome.exit_code
     return JobResult(
         domain=name,
@@ -184,11 +184,11 @@ def run_job(
         boot_log_path=Path(done.boot_log_path),
         record_path=Path(done.record_path),
         hypervisor=host.hypervisor.kind,
-        image_digest=str(attributes["GliteVmImageDigest"]),
-        cache_hit=attributes["GliteVmCacheHit"] is True,
+        image_digest=facts.image_digest or "",
+        cache_hit=facts.cache_hit is True,
         outputs=outputs,
         timings=record.vm.timings,
-        boot_attempts=int(str(attributes.get("GliteVmBootAttempts", 1))),
+        boot_attempts=facts.boot_attempts or 1,
     )
 
 

@@ -7,13 +7,12 @@ from __future__ import annotations
 
 import dataclasses
 import enum
-import math
-import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from glite_vm.api.jobdir import LOG_NAME, STDERR_NAME, STDOUT_NAME, outputs_in
+from glite_vm.vm.record import AdFacts
 
 if TYPE_CHECKING:
     from glite_vm.api.vmjob import VmJob
@@ -110,6 +109,7 @@ class PoolResult:
     hold_reason_subcode: int | None  # glite-vm's code when HoldReasonCode is 19 (docs/users.md)
     launcher_error: str | None
     host_failures: str | None
+    boot_attempts: int | None  # boots its VM took on its last host (None: not known yet)
     ad: Mapping[str, object] = dataclasses.field(repr=False)
 
     @property
@@ -166,17 +166,11 @@ def result_from_ad(handle: JobHandle, ad: Mapping[str, object]) -> PoolResult:
     if state is JobState.COMPLETED and not by_signal:
         exit_code = _int(plain.get("ExitCode"))
     exit_signal = _int(plain.get("ExitSignal")) if by_signal else None
+    vm = AdFacts.from_ad(plain)
     if exit_signal is None:
-        exit_signal = _int(plain.get("GliteVmPayloadSignal"))
-    timings: dict[str, float] = {}
-    for name, value in plain.items():
-        if name.startswith("GliteVmTime") and len(name) > len("GliteVmTime"):
-            number = _float(value)
-            if number is not None:
-                timings[_snake(name[len("GliteVmTime") :])] = number
+        exit_signal = vm.payload_signal
     held = state is JobState.HELD
     outputs, missing = outputs_in(handle.directory, handle.job.outputs)
-    cache_hit = plain.get("GliteVmCacheHit")
     return PoolResult(
         handle=handle,
         state=state,
@@ -187,19 +181,20 @@ def result_from_ad(handle: JobHandle, ad: Mapping[str, object]) -> PoolResult:
         log_path=handle.directory / LOG_NAME,
         outputs=outputs,
         missing_outputs=missing,
-        snapshot_path=_path(plain.get("GliteVmSnapshotPath")),
-        boot_log_path=_path(plain.get("GliteVmBootLogPath")),
-        record_path=_path(plain.get("GliteVmRecordPath")),
-        domain=_str(plain.get("GliteVmDomain")),
-        hypervisor=_str(plain.get("GliteVmHypervisor")),
-        image_digest=_str(plain.get("GliteVmImageDigest")),
-        cache_hit=cache_hit if isinstance(cache_hit, bool) else None,
-        timings=timings,
+        snapshot_path=_path(vm.snapshot),
+        boot_log_path=_path(vm.boot_log),
+        record_path=_path(vm.record),
+        domain=vm.domain,
+        hypervisor=vm.hypervisor,
+        image_digest=vm.image_digest,
+        cache_hit=vm.cache_hit,
+        timings=dict(vm.timings),
         hold_reason=_str(plain.get("HoldReason")) if held else None,
         hold_reason_code=_int(plain.get("HoldReasonCode")) if held else None,
         hold_reason_subcode=_int(plain.get("HoldReasonSubCode")) if held else None,
-        launcher_error=_str(plain.get("GliteVmLauncherError")),
-        host_failures=_str(plain.get("GliteVmHostFailures")),
+        launcher_error=vm.launcher_error,
+        host_failures=vm.host_failures,
+        boot_attempts=vm.boot_attempts,
         ad=plain,
     )
 
@@ -221,23 +216,13 @@ def _plain_ad(ad: Mapping[str, object]) -> dict[str, object]:
     return out
 
 
-def _snake(camel: str) -> str:
-    return re.sub(r"(?<!^)(?=[A-Z])", "_", camel).lower()
-
-
 def _int(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
-
-
-def _float(value: object) -> float | None:
-    if isinstance(value, bool) or not isinstance(value, int | float):
-        return None
-    return float(value) if math.isfinite(value) else None
 
 
 def _str(value: object) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def _path(value: object) -> Path | None:
-    return Path(value) if isinstance(value, str) and value else None
+def _path(value: str | None) -> Path | None:
+    return Path(value) if value else None

@@ -275,6 +275,71 @@ def ad_attributes(
     return out
 
 
+def phase_of(name: str) -> str | None:
+    """The phase a ``GliteVmTime*`` attribute times (``GliteVmTimeTransferIn`` ->
+    ``transfer_in``); ``None`` for any other name. The inverse of :func:`time_attribute`."""
+    if name not in NAMES or not name.startswith("GliteVmTime"):
+        return None
+    camel = name.removeprefix("GliteVmTime")
+    return "".join("_" + c.lower() if c.isupper() else c for c in camel).lstrip("_")
+
+
+@dataclasses.dataclass(frozen=True)
+class AdFacts:
+    """What a job ad says of the job's VM: the ``GliteVm*`` attributes read back, typed (the
+    inverse of :func:`ad_attributes`). A value of the wrong type counts as absent (``None``):
+    an ad is the job owner's to change, so nothing read here is trusted beyond its type."""
+
+    domain: str | None = None
+    hypervisor: str | None = None
+    image_digest: str | None = None
+    cache_hit: bool | None = None
+    guest_user: str | None = None
+    guest_hostname: str | None = None
+    guest_network: str | None = None
+    boot_log: str | None = None
+    snapshot: str | None = None
+    record: str | None = None
+    boot_attempts: int | None = None
+    payload_signal: int | None = None
+    launcher_error: str | None = None
+    host_failures: str | None = None
+    timings: Mapping[str, float] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_ad(cls, ad: Mapping[str, object]) -> AdFacts:
+        """Read from an ad's plain values (expressions already evaluated)."""
+
+        def string(name: str) -> str | None:
+            value = ad.get(name)
+            return value if isinstance(value, str) and value else None
+
+        cache_hit = ad.get("GliteVmCacheHit")
+        timings: dict[str, float] = {}
+        for name, value in ad.items():
+            phase = phase_of(name)
+            seconds = finite(value)
+            if phase is not None and seconds is not None:
+                timings[phase] = seconds
+        return cls(
+            domain=string("GliteVmDomain"),
+            hypervisor=string("GliteVmHypervisor"),
+            image_digest=string("GliteVmImageDigest"),
+            cache_hit=cache_hit if isinstance(cache_hit, bool) else None,
+            guest_user=string("GliteVmGuestUser"),
+            guest_hostname=string("GliteVmGuestHostname"),
+            guest_network=string("GliteVmGuestNetwork"),
+            boot_log=string("GliteVmBootLogPath"),
+            snapshot=string("GliteVmSnapshotPath"),
+            record=string("GliteVmRecordPath"),
+            boot_attempts=small_int(ad.get("GliteVmBootAttempts")),
+            payload_signal=small_int(ad.get(PAYLOAD_SIGNAL)),
+            launcher_error=string(LAUNCHER_ERROR),
+            host_failures=string(HOST_FAILURES),
+            timings=timings,
+        )
+
+
 def record_attributes(record: JobRecord, record_path: Path) -> dict[str, AdValue]:
     """The attributes a finished job's ad carries, from its record."""
     return ad_attributes(

@@ -575,18 +575,26 @@ def test_a_signal_and_a_launcher_failure_are_reported(tmp_path: Path) -> None:
     by_signal = result_from_ad(
         handle,
         classad2.ClassAd(
-            {"JobStatus": 4, "ExitBySignal": True, "ExitSignal": 9, "GliteVmTimePayload": 1.5}
+            {
+                "JobStatus": 4,
+                "ExitBySignal": True,
+                "ExitSignal": 9,
+                "GliteVmTimePayload": 1.5,
+                "GliteVmBootAttempts": 2,
+            }
         ),
     )
     assert by_signal.exit_code is None
     assert by_signal.exit_signal == 9
     assert by_signal.timings == {"payload": 1.5}
+    assert by_signal.boot_attempts == 2  # its VM was booted again on the host
     launcher = result_from_ad(
         handle,
         {"JobStatus": 4, "ExitCode": 125, "GliteVmLauncherError": "the guest agent stopped"},
     )
     assert launcher.exit_code == 125
     assert launcher.launcher_error == "the guest agent stopped"
+    assert launcher.boot_attempts is None  # the ad does not say
     assert launcher.outputs == []  # nothing but the API's own files in the directory
     common: Result = launcher  # what reporting code may rely on for pooled and local results
     assert not common.succeeded

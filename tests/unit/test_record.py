@@ -11,6 +11,7 @@ import pytest
 
 from glite_vm.vm.record import (
     NAMES,
+    AdFacts,
     JobRecord,
     Timings,
     VmFiles,
@@ -101,3 +102,42 @@ def test_the_users_guide_lists_exactly_the_attributes_the_hooks_add() -> None:
     rows = section[: section.index("\n\n")].splitlines()
     listed = {name for row in rows for name in re.findall(r"`(GliteVm\w+)`", row.split(" | ")[0])}
     assert listed == NAMES, (sorted(listed - NAMES), sorted(NAMES - listed))
+
+
+def test_what_the_hooks_put_into_an_ad_reads_back_the_same() -> None:
+    timings = {"fetch": 1.25, "boot": 3.5, "transfer_in": 0.125, "teardown": 2.0}
+    written = ad_attributes(
+        domain="glite-vm-alice-12.0-1a2b3c",
+        hypervisor="qemu",
+        image_digest="ab" * 32,
+        cache_hit=False,
+        guest_user="glite",
+        guest_network="user",
+        boot_log="/state/snapshots/d/boot.log",
+        snapshot="/state/snapshots/d/snapshot.qcow2",
+        record="/state/snapshots/d/record.json",
+        boot_attempts=2,
+        timings=timings,
+    )
+    facts = AdFacts.from_ad({**written, "GliteVmPayloadSignal": 9, "Owner": "alice"})
+    assert facts.domain == "glite-vm-alice-12.0-1a2b3c"
+    assert facts.cache_hit is False
+    assert facts.boot_attempts == 2
+    assert facts.payload_signal == 9
+    assert facts.snapshot == "/state/snapshots/d/snapshot.qcow2"
+    assert facts.timings == timings
+    assert facts.guest_hostname is None  # not in the ad: not known
+
+
+def test_values_of_the_wrong_type_in_an_ad_count_as_absent() -> None:
+    facts = AdFacts.from_ad(
+        {
+            "GliteVmBootAttempts": "2",
+            "GliteVmCacheHit": 1,
+            "GliteVmDomain": "",
+            "GliteVmTimeBoot": float("nan"),
+            "GliteVmTimeNoSuchPhase": 1.0,
+            "GliteVmPayloadSignal": True,
+        }
+    )
+    assert facts == AdFacts()
