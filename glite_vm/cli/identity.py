@@ -11,16 +11,10 @@ from pathlib import Path
 
 from glite_vm.config import Settings
 from glite_vm.errors import UserError
-from glite_vm.identity.certs import (
-    HOST_CERT_FILE,
-    HOST_KEY_FILE,
-    KEY_TYPES,
-    MAX_CN,
-    LocalCA,
-    init_ca,
-    issue_to_directory,
-    not_valid_after,
-)
+from glite_vm.identity.ca import KEY_TYPES, MAX_CN, LocalCA
+from glite_vm.identity.ca_files import init_ca, issue_to_directory
+from glite_vm.identity.credentials import not_valid_after
+from glite_vm.identity.preissued import HOST_CERT_FILE, HOST_KEY_FILE
 from glite_vm.identity.x509name import subject_hash
 
 DEFAULT_DAYS = 365

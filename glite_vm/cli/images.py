@@ -24,7 +24,8 @@ from glite_vm.config import Settings, format_size, parse_size
 from glite_vm.errors import GliteVmError
 from glite_vm.images.acquire import acquire_image
 from glite_vm.images.build import CATALOGUE_NAME, build_catalogue, write_catalogue
-from glite_vm.images.cache import ImageCache, PrunePlan
+from glite_vm.images.cache import ImageCache
+from glite_vm.images.cache_budget import PrunePlan
 from glite_vm.images.catalogue import format_age, load_catalogue
 from glite_vm.images.inspect import Limits
 

@@ -22,6 +22,7 @@ log = logging.getLogger("glite_vm.cli")
 # Modules that contribute sub-commands, in the order `--help` lists them.
 _COMMAND_MODULES = (
     "glite_vm.cli.vm",
+    "glite_vm.cli.vms",
     "glite_vm.cli.images",
     "glite_vm.cli.condor",
     "glite_vm.cli.service",

@@ -19,11 +19,11 @@ from cryptography import x509
 from cryptography.hazmat.primitives import serialization
 
 from glite_vm.config import Settings
-from glite_vm.identity.certs import (
+from glite_vm.identity.ca import load_ca_bundle
+from glite_vm.identity.certs import host_credentials
+from glite_vm.identity.credentials import (
     CertificateSummary,
     HostCredentials,
-    host_credentials,
-    load_ca_bundle,
     split_pem_certificates,
 )
 from glite_vm.identity.hostname import resolve_hostname, validate_hostname

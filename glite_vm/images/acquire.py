@@ -17,7 +17,9 @@ from glite_vm.errors import ChecksumMismatchError, RequestError, UnknownImageErr
 from glite_vm.images import leases as lease_files
 from glite_vm.images._open_as import Reader
 from glite_vm.images._transport import FileAccess
-from glite_vm.images.cache import Acquired, ImageCache, Source
+from glite_vm.images.cache import ImageCache
+from glite_vm.images.cache_fill import Acquired
+from glite_vm.images.cache_store import Source
 from glite_vm.images.catalogue import CatalogueEntry, FileRef, load_catalogue
 from glite_vm.images.download import Progress
 from glite_vm.images.leases import LeaseRecord

@@ -25,7 +25,7 @@ from typing import Any
 
 import pytest
 
-from glite_vm.identity.certs import init_ca
+from glite_vm.identity.ca_files import init_ca
 from tests.service.conftest import new_state_dir, service_env
 from tests.service.svc_support import (
     ROOT_SLOT,

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from glite_vm.identity.certs import init_ca
+from glite_vm.identity.ca_files import init_ca
 from tests.service.conftest import check_nothing_left, new_state_dir, service_env
 from tests.service.svc_support import (
     Account,

@@ -294,7 +294,7 @@ def test_an_http_server_that_never_answers_is_named_in_words(base_env: dict[str,
 
 
 def test_vms_list_columns_line_up_whatever_the_widths(capsys: pytest.CaptureFixture[str]) -> None:
-    from glite_vm.cli.vm import _print_vms  # noqa: PLC0415
+    from glite_vm.cli.vms import _print_vms  # noqa: PLC0415
 
     rows: list[dict[str, object]] = [
         {

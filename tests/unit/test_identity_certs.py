@@ -19,20 +19,12 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from glite_vm.config import Settings
 from glite_vm.errors import Disposition
-from glite_vm.identity.certs import (
-    BACKDATE,
-    HostCredentials,
-    LocalCA,
-    certificate_lifetime,
-    certificate_source,
-    host_credentials,
-    init_ca,
-    issue_to_directory,
-    load_preissued,
-    not_valid_after,
-    not_valid_before,
-)
+from glite_vm.identity.ca import BACKDATE, LocalCA
+from glite_vm.identity.ca_files import init_ca, issue_to_directory
+from glite_vm.identity.certs import certificate_lifetime, certificate_source, host_credentials
+from glite_vm.identity.credentials import HostCredentials, not_valid_after, not_valid_before
 from glite_vm.identity.errors import HostCertificateError, IdentityConfigError
+from glite_vm.identity.preissued import load_preissued
 
 OPENSSL = shutil.which("openssl") or "openssl-is-required-for-these-tests"
 HOST = "node1-slot1.example.org"

@@ -13,13 +13,10 @@ from cryptography import x509
 
 import glite_vm.cli.main
 from glite_vm.config import Settings
-from glite_vm.identity.certs import (
-    LocalCA,
-    host_credentials,
-    load_preissued,
-    not_valid_after,
-    not_valid_before,
-)
+from glite_vm.identity.ca import LocalCA
+from glite_vm.identity.certs import host_credentials
+from glite_vm.identity.credentials import not_valid_after, not_valid_before
+from glite_vm.identity.preissued import load_preissued
 
 
 @pytest.fixture(autouse=True)

@@ -17,7 +17,9 @@ from hypothesis import strategies as st
 
 from glite_vm.config import Settings
 from glite_vm.errors import Disposition, RequestError
-from glite_vm.identity.certs import HostCredentials, LocalCA, init_ca, issue_to_directory
+from glite_vm.identity.ca import LocalCA
+from glite_vm.identity.ca_files import init_ca, issue_to_directory
+from glite_vm.identity.credentials import HostCredentials
 from glite_vm.identity.errors import HostCertificateError
 from glite_vm.identity.guest import (
     HOSTCERT_PATH,

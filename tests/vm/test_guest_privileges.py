@@ -23,7 +23,7 @@ from typing import Any
 import pytest
 
 from glite_vm.errors import AgentError
-from glite_vm.identity.certs import init_ca
+from glite_vm.identity.ca_files import init_ca
 from glite_vm.identity.guest import (
     GRID_SECURITY_DIR,
     HOSTKEY_PATH,

@@ -22,13 +22,8 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from glite_vm.config import Settings
 from glite_vm.errors import AgentError, Disposition
-from glite_vm.identity.certs import (
-    CaFiles,
-    init_ca,
-    issue_to_directory,
-    not_valid_after,
-    not_valid_before,
-)
+from glite_vm.identity.ca_files import CaFiles, init_ca, issue_to_directory
+from glite_vm.identity.credentials import not_valid_after, not_valid_before
 from glite_vm.identity.errors import HostCertificateError
 from glite_vm.identity.guest import (
     GRID_SECURITY_DIR,
