@@ -32,7 +32,7 @@ from glite_vm.snapshots.boot import SnapshotBoot, boot_snapshot, reap_abandoned_
 from glite_vm.snapshots.console import ConsoleBridge
 from glite_vm.snapshots.entry import SnapshotEntry, boot_log_text
 from glite_vm.snapshots.export import export_snapshot
-from glite_vm.snapshots.store import PruneReport, SnapshotStore, running_domain_names
+from glite_vm.snapshots.store import SnapshotPruneReport, SnapshotStore, running_domain_names
 from glite_vm.vm.connect import open_host
 from glite_vm.vm.lifecycle import quote_command
 
@@ -399,7 +399,9 @@ def cmd_prune(args: argparse.Namespace, settings: Settings) -> int:
     return _prune_report(args, report)
 
 
-def _prune_report(args: argparse.Namespace, report: PruneReport, *, intro: bool = False) -> int:
+def _prune_report(
+    args: argparse.Namespace, report: SnapshotPruneReport, *, intro: bool = False
+) -> int:
     """Print a prune's outcome (or, with ``intro``, what it will remove); its exit status."""
     if args.json and not intro:
         doc = {

@@ -71,7 +71,10 @@ class CacheStatus:
 
 
 @dataclasses.dataclass(frozen=True)
-class PruneReport:
+class CachePruneReport:
+    """What one pass of :meth:`ImageCache.prune` removed (images by size; the snapshot store's
+    retention report is another thing: :class:`glite_vm.snapshots.store.SnapshotPruneReport`)."""
+
     removed: tuple[CacheEntry, ...]
     freed_bytes: int
     partials_removed: int
@@ -143,7 +146,7 @@ class ImageCache(CacheStore):
         target = self.settings.cache_max_bytes if target_bytes is None else target_bytes
         return plan_prune(self, target)
 
-    def prune(self, target_bytes: int | None = None) -> PruneReport:
+    def prune(self, target_bytes: int | None = None) -> CachePruneReport:
         """Drop dead leases and interrupted downloads, then evict least recently used unleased
         files until the cache holds at most ``target_bytes`` (default: the budget)."""
         self.make_dirs()
@@ -151,7 +154,7 @@ class ImageCache(CacheStore):
         dead = self.drop_dead_leases()
         done = shrink(self, target)
         forget_dangling_urls(self)
-        return PruneReport(
+        return CachePruneReport(
             done.removed, done.freed_bytes, done.partials_removed, dead, done.kept_in_use
         )
 

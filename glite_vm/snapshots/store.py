@@ -63,7 +63,7 @@ class PruneDecision:
 
 
 @dataclasses.dataclass(frozen=True)
-class PruneReport:
+class SnapshotPruneReport:
     retention: Retention
     dry_run: bool
     removed: tuple[PruneDecision, ...]  # (would be) removed, oldest first
@@ -192,7 +192,7 @@ class SnapshotStore:
         all_users: bool = False,
         running: Collection[str] | None = None,
         now: float | None = None,
-    ) -> PruneReport:
+    ) -> SnapshotPruneReport:
         """Remove entries older than ``retention.max_age``, then the oldest ones until the rest
         fit in ``retention.max_bytes``.
 
@@ -242,7 +242,7 @@ class SnapshotStore:
                 failures.append(f"{decision.entry.name}: {problem}")
             else:
                 freed += decision.entry.total_bytes
-        return PruneReport(
+        return SnapshotPruneReport(
             retention=policy,
             dry_run=dry_run,
             removed=tuple(removed),
