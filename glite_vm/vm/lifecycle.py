@@ -15,7 +15,6 @@ import os
 import secrets
 import shlex
 import shutil
-import subprocess
 import threading
 import time
 import uuid
@@ -32,6 +31,7 @@ from glite_vm.errors import (
     PayloadTimeoutError,
     RequestError,
 )
+from glite_vm.qemu_img import overlay_command, qemu_img
 from glite_vm.request import VMRequest
 from glite_vm.vm import transfer
 from glite_vm.vm.agent import GUEST_PATH, GuestAgent
@@ -142,25 +142,6 @@ class TeardownResult:
 OutputSink = Callable[[bytes], None]
 
 
-def run_tool(argv: Sequence[str], what: str, timeout: float = 120.0, *, umask: int = -1) -> str:
-    """Run a host tool (qemu-img, ...) and return stdout; failures are host errors. ``umask``
-    is the tool's own (for the files it creates); -1 leaves this process's."""
-    try:
-        proc = subprocess.run(
-            list(argv),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-            umask=umask,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise HypervisorError(f"{what}: {exc}") from exc
-    if proc.returncode != 0:
-        raise HypervisorError(f"{what}: {proc.stderr.strip() or proc.returncode}")
-    return proc.stdout
-
-
 def boot_log_tail(path: Path, lines: int = BOOT_LOG_TAIL_LINES) -> str:
     try:
         with path.open("rb") as f:
@@ -220,7 +201,7 @@ class VmHost:
             # a chmod afterwards leaves a window in which another user can open it and keep the
             # descriptor. QEMU's own user gets these files from libvirt (it relabels them), and
             # the VM directory stays traversable (0711) for it.
-            run_tool(
+            qemu_img(
                 overlay_command(image.path, image.format, vm.overlay, size),
                 "creating the overlay",
                 umask=0o077,
@@ -614,25 +595,6 @@ def payload_argv(user: str, argv: Sequence[str], env: Mapping[str, str] | None) 
     return ["env", "-i", *pairs, *command]
 
 
-def overlay_command(base: Path, base_format: str, overlay: Path, size: int) -> list[str]:
-    """The ``qemu-img`` argv of a job's copy-on-write overlay on ``base`` (``-u``: the base
-    is not opened, so the cost does not depend on its size)."""
-    return [
-        "qemu-img",
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-u",
-        "-b",
-        str(base),
-        "-F",
-        base_format,
-        str(overlay),
-        str(size),
-    ]
-
-
 def qemu_pid(name: str) -> int | None:
     """The pid of the QEMU process of domain ``name`` (from libvirt's pid file), if running."""
     runtime = os.environ.get("XDG_RUNTIME_DIR", f"/run/user/{os.getuid()}")
@@ -694,6 +656,5 @@ __all__ = [
     "VmHost",
     "destroy_domain",
     "lock_vm_dir",
-    "overlay_command",
     "qemu_pid",
 ]
