@@ -35,8 +35,9 @@ from glite_vm.request import KeepSnapshot
 from glite_vm.session import JobSpec, RunReport, check_output_dir, run_job
 from glite_vm.vm import hypervisor as hv
 from glite_vm.vm.connect import hypervisor_for, open_host
+from glite_vm.vm.domains import destroy_domain
 from glite_vm.vm.hypervisor import HYPERVISOR_CACHE
-from glite_vm.vm.lifecycle import VmHost, destroy_domain
+from glite_vm.vm.lifecycle import VmHost
 
 _RUN_EPILOG = """\
 IMAGE is a catalogue name (GLITE_VM_CATALOGUE), an http(s)/file URL or a local path (a
