@@ -27,9 +27,10 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from glite_vm.config import Settings  # noqa: E402
+from glite_vm.qemu_img import overlay_command, qemu_img  # noqa: E402
 from glite_vm.request import VMRequest  # noqa: E402
 from glite_vm.vm.connect import open_host  # noqa: E402
-from glite_vm.vm.lifecycle import VmHost, overlay_command  # noqa: E402
+from glite_vm.vm.lifecycle import VmHost  # noqa: E402
 from tests.support import LocalImage, direct_image_in, install_guests  # noqa: E402
 
 GUESTS = Path(os.environ.get("GLITE_VM_TEST_GUESTS", REPO / "tests" / "guest" / "build"))
@@ -39,8 +40,9 @@ TIMEOUT = 120.0
 
 def bare_qemu_ready(image: LocalImage, emulator: str, accel: str, work: Path) -> float:
     overlay = work / "bare.qcow2"
-    subprocess.run(
-        overlay_command(image.path, image.format, overlay, image.virtual_size), check=True
+    qemu_img(
+        overlay_command(image.path, image.format, overlay, image.virtual_size),
+        "creating the bare QEMU's overlay",
     )
     sock_path = work / "qga.sock"
     sock_path.unlink(missing_ok=True)

@@ -42,7 +42,8 @@ from glite_vm.config import Settings  # noqa: E402
 from glite_vm.request import VMRequest  # noqa: E402
 from glite_vm.vm.connect import open_host  # noqa: E402
 from glite_vm.vm.domain_xml import DOMAIN_PREFIX  # noqa: E402
-from glite_vm.vm.lifecycle import Vm, VmHost, destroy_domain  # noqa: E402
+from glite_vm.vm.domains import destroy_domain  # noqa: E402
+from glite_vm.vm.lifecycle import Vm, VmHost  # noqa: E402
 from tests.support import LocalImage, direct_image_in, install_guests  # noqa: E402
 
 GUESTS = Path(os.environ.get("GLITE_VM_TEST_GUESTS", REPO / "tests" / "guest" / "build"))

@@ -1,9 +1,10 @@
 """Overlay benchmark: creating a job's copy-on-write overlay on a 1 GiB and a 20 GiB base.
 
 Every job gets its own qcow2 overlay over the cached base image; ``VmHost.start`` creates it
-with ``qemu-img create -q -f qcow2 -u -b BASE -F FMT OVERLAY SIZE`` through the library's
-``run_tool`` helper, and so does this benchmark (same argv, same helper). The bases are sparse
-qcow2 images of 1 GiB and 20 GiB virtual size, made with ``qemu-img`` under /var/tmp.
+with ``qemu-img create -q -f qcow2 -u -b BASE -F FMT OVERLAY SIZE``, through the library's one
+``qemu-img`` runner, in ``glite_vm.vm.vm_dir.create_overlay``; this benchmark calls that same
+function. The bases are sparse qcow2 images of 1 GiB and 20 GiB virtual size, made with
+``qemu-img`` under /var/tmp.
 
 Baselines, measured in the same run and interleaved with the overlays so that machine noise
 hits all alike: (a) ``qemu-img create -q -f qcow2 FILE 1G`` without a backing file -- the cost
@@ -33,7 +34,8 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from glite_vm.config import GIB  # noqa: E402
-from glite_vm.vm.lifecycle import overlay_command, run_tool  # noqa: E402
+from glite_vm.qemu_img import qemu_img  # noqa: E402
+from glite_vm.vm.vm_dir import create_overlay  # noqa: E402
 
 SIZES_GIB = (1, 20)
 #: Above this 20 GiB / 1 GiB ratio of medians, the overlay's cost is said to grow with size.
@@ -66,10 +68,7 @@ def main() -> int:
         bases = {}
         for gib in SIZES_GIB:
             base = work / f"base-{gib}g.qcow2"
-            run_tool(
-                ["qemu-img", "create", "-q", "-f", "qcow2", str(base), str(gib * GIB)],
-                "creating a base image",
-            )
+            qemu_img(["create", "-q", "-f", "qcow2", base, str(gib * GIB)], "creating a base image")
             bases[gib] = base
         small = work / "small.bin"
         small.write_bytes(bytes(range(256)) * 256)  # 64 KiB
@@ -79,11 +78,7 @@ def main() -> int:
         actions: list[tuple[str, Callable[[], object], Path]] = [
             (
                 f"overlay_{gib}g",
-                functools.partial(
-                    run_tool,
-                    overlay_command(base, "qcow2", overlay, gib * GIB),
-                    "creating the overlay",
-                ),
+                functools.partial(create_overlay, base, "qcow2", overlay, gib * GIB),
                 overlay,
             )
             for gib, base in bases.items()
@@ -92,9 +87,10 @@ def main() -> int:
             (
                 "qemu_img_plain",
                 functools.partial(
-                    run_tool,
-                    ["qemu-img", "create", "-q", "-f", "qcow2", str(plain), "1G"],
+                    qemu_img,
+                    ["create", "-q", "-f", "qcow2", plain, "1G"],
                     "creating a plain qcow2",
+                    umask=0o077,
                 ),
                 plain,
             )

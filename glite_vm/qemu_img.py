@@ -8,8 +8,10 @@ unless the caller means one; stdin is closed; the environment is this process's.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import subprocess
+import tempfile
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -26,29 +28,38 @@ def qemu_img(
     check: bool = True,
     fds: tuple[int, ...] = (),
     umask: int = -1,
+    stderr_limit: int | None = None,
 ) -> subprocess.CompletedProcess[bytes]:
     """``qemu-img ARGS``; ``what`` says what for, in errors. With ``check`` a non-zero exit
     status is a HypervisorError quoting QEMU's last line; without it the caller reads
     ``returncode``. ``fds`` are passed on (``/dev/fd/N`` paths); ``umask`` is qemu-img's own,
-    for the files it creates (-1: this process's)."""
+    for the files it creates (-1: this process's). With ``stderr_limit`` only the first that
+    many bytes of its stderr are kept (spooled to a temporary file meanwhile, not memory: a
+    damaged image makes ``check`` complain once per cluster)."""
     exe = shutil.which("qemu-img")
     if exe is None:
         raise HypervisorError(f"{what}: qemu-img is not installed (Debian: qemu-utils)")
     argv = [exe, *(str(a) for a in args)]
-    try:
-        done = subprocess.run(
-            argv,
-            capture_output=True,
-            timeout=timeout,
-            check=False,
-            stdin=subprocess.DEVNULL,
-            pass_fds=fds,
-            umask=umask,
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise HypervisorError(f"{what}: qemu-img did not finish within {timeout:g} s") from exc
-    except OSError as exc:
-        raise HypervisorError(f"{what}: cannot run qemu-img: {exc}") from exc
+    with contextlib.ExitStack() as stack:
+        spill = None if stderr_limit is None else stack.enter_context(tempfile.TemporaryFile())
+        try:
+            done = subprocess.run(
+                argv,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE if spill is None else spill,
+                timeout=timeout,
+                check=False,
+                stdin=subprocess.DEVNULL,
+                pass_fds=fds,
+                umask=umask,
+            )
+        except subprocess.TimeoutExpired as exc:
+            raise HypervisorError(f"{what}: qemu-img did not finish within {timeout:g} s") from exc
+        except OSError as exc:
+            raise HypervisorError(f"{what}: cannot run qemu-img: {exc}") from exc
+        if spill is not None:
+            spill.seek(0)
+            done.stderr = spill.read(stderr_limit)
     if check and done.returncode != 0:
         raise HypervisorError(f"{what}: {last_line(done.stderr) or done.returncode}")
     return done
@@ -78,11 +89,11 @@ def overlay_command(base: Path, base_format: str, overlay: Path, size: int) -> l
     ]
 
 
-def version() -> str:
-    """qemu-img's version line ("unknown" when it cannot be run)."""
+def version() -> str | None:
+    """qemu-img's version line (``None`` when it cannot be run)."""
     try:
         done = qemu_img(["--version"], "asking qemu-img its version", timeout=10)
     except HypervisorError:
-        return "unknown"
+        return None
     first = done.stdout.decode(errors="replace").splitlines()[:1]
-    return first[0].strip() if first else "unknown"
+    return first[0].strip() if first and first[0].strip() else None

@@ -38,7 +38,8 @@ from glite_vm.service.api import ExecOutcome, TeardownOutcome
 from glite_vm.service.local import LocalService
 from glite_vm.service.registry import VmRecord, VmRegistry
 from glite_vm.slots import SlotFacts
-from glite_vm.vm.lifecycle import OutputSink, VmHost
+from glite_vm.vm.guest_run import OutputSink
+from glite_vm.vm.lifecycle import VmHost
 from glite_vm.vm.record import AdFacts, Timings
 
 

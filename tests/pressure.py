@@ -27,7 +27,8 @@ from glite_vm.config import Settings
 from glite_vm.request import VMRequest
 from glite_vm.vm.connect import open_host
 from glite_vm.vm.domain_xml import DOMAIN_PREFIX, METADATA_NS, JobMetadata
-from glite_vm.vm.lifecycle import Vm, qemu_pid
+from glite_vm.vm.domains import qemu_pid
+from glite_vm.vm.lifecycle import Vm
 from tests.support import LocalImage
 
 STARVED_QUOTA_US = 3000  # of every 100 ms: measured to fail the timer check every time

@@ -34,7 +34,7 @@ from glite_vm.snapshots.entry import SnapshotEntry, boot_log_text
 from glite_vm.snapshots.export import export_snapshot
 from glite_vm.snapshots.store import SnapshotPruneReport, SnapshotStore, running_domain_names
 from glite_vm.vm.connect import open_host
-from glite_vm.vm.lifecycle import quote_command
+from glite_vm.vm.guest_run import quote_command
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

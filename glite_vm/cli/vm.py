@@ -8,13 +8,13 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import threading
 import time
 from pathlib import Path
 from types import FrameType
 
+from glite_vm import qemu_img
 from glite_vm.cli.common import (
     EXIT_FAILURE,
     EXIT_TIMEOUT,
@@ -367,13 +367,10 @@ def cmd_doctor(args: argparse.Namespace, settings: Settings) -> int:
     checks.append(
         _check("qemu", bool(info.emulator), info.emulator or "not found", "install qemu-system-x86")
     )
-    qemu_img = shutil.which("qemu-img")
-    version = ""
-    if qemu_img:
-        version = subprocess.run(
-            [qemu_img, "--version"], capture_output=True, text=True, check=False
-        ).stdout.splitlines()[0]
-    checks.append(_check("qemu-img", bool(qemu_img), version or "not found", "install qemu-utils"))
+    version = qemu_img.version()
+    checks.append(
+        _check("qemu-img", version is not None, version or "not found", "install qemu-utils")
+    )
     try:
         host = open_host(settings, info)
         checks.append(

@@ -13,7 +13,8 @@ from glite_vm.cli.common import EXIT_PROBLEMS, confirm, print_table
 from glite_vm.config import Settings
 from glite_vm.images.catalogue import format_age
 from glite_vm.vm.connect import hypervisor_for, open_host
-from glite_vm.vm.lifecycle import VmHost, destroy_domain
+from glite_vm.vm.domains import destroy_domain
+from glite_vm.vm.lifecycle import VmHost
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

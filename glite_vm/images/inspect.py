@@ -16,15 +16,13 @@ from __future__ import annotations
 import dataclasses
 import json
 import os
-import shutil
 import struct
-import subprocess
-import tempfile
 from pathlib import Path
 from typing import Any
 
 from glite_vm.config import format_size
 from glite_vm.errors import HypervisorError, ImageRefusedError
+from glite_vm.qemu_img import last_line, qemu_img
 
 SUPPORTED_FORMATS = ("qcow2", "raw")
 QEMU_IMG_TIMEOUT = 60.0
@@ -163,28 +161,16 @@ def _check_info(info: dict[str, Any], fmt: str, source: str) -> None:
 
 def qemu_img_info(path: Path, fmt: str, *, source: str | None = None) -> dict[str, Any]:
     """``qemu-img info -U --output=json -f FMT PATH``; ImageRefusedError if QEMU rejects it."""
-    exe = shutil.which("qemu-img")
-    if exe is None:
-        raise HypervisorError("qemu-img is not installed; it is needed to inspect images")
     if fmt not in SUPPORTED_FORMATS:
         raise ValueError(f"refusing to run qemu-img with format {fmt!r}")
-    # An absolute path never parses as a QEMU protocol prefix ("nbd:", "json:", ...).
-    argv = [exe, "info", "-U", "--output=json", "-f", fmt, str(path.absolute())]
-    try:
-        done = subprocess.run(
-            argv,
-            capture_output=True,
-            timeout=QEMU_IMG_TIMEOUT,
-            check=False,
-            stdin=subprocess.DEVNULL,
-        )
-    except subprocess.TimeoutExpired as exc:
-        raise HypervisorError(f"qemu-img info did not finish in {QEMU_IMG_TIMEOUT:.0f}s") from exc
-    except OSError as exc:
-        raise HypervisorError(f"cannot run qemu-img: {exc}") from exc
+    done = qemu_img(
+        ["info", "-U", "--output=json", "-f", fmt, path.absolute()],
+        f"inspecting {source or path}",
+        timeout=QEMU_IMG_TIMEOUT,
+        check=False,  # a file QEMU cannot read is the image's fault, not the host's
+    )
     if done.returncode != 0:
-        reason = done.stderr.decode(errors="replace").strip().splitlines()
-        detail = reason[-1] if reason else f"exit status {done.returncode}"
+        detail = last_line(done.stderr) or f"exit status {done.returncode}"
         raise ImageRefusedError(source or str(path), f"qemu-img cannot read it as {fmt}: {detail}")
     try:
         info = json.loads(done.stdout)
@@ -203,30 +189,16 @@ def qemu_img_check(path: Path, *, source: str | None = None) -> None:
     are harmless and accepted. Only the first lines of QEMU's complaints are kept: a truncated
     image yields one line per missing cluster.
     """
-    exe = shutil.which("qemu-img")
-    if exe is None:
-        raise HypervisorError("qemu-img is not installed; it is needed to inspect images")
-    argv = [exe, "check", "-U", "--output=json", "-f", "qcow2", str(path.absolute())]
-    with tempfile.TemporaryFile() as errors:
-        try:
-            done = subprocess.run(
-                argv,
-                stdout=subprocess.PIPE,
-                stderr=errors,
-                timeout=QEMU_IMG_CHECK_TIMEOUT,
-                check=False,
-                stdin=subprocess.DEVNULL,
-            )
-        except subprocess.TimeoutExpired as exc:
-            raise HypervisorError(
-                f"qemu-img check did not finish in {QEMU_IMG_CHECK_TIMEOUT:.0f}s"
-            ) from exc
-        except OSError as exc:
-            raise HypervisorError(f"cannot run qemu-img: {exc}") from exc
-        errors.seek(0)
-        complaints = errors.read(_CHECK_MESSAGE_BYTES).decode(errors="replace").splitlines()
+    done = qemu_img(
+        ["check", "-U", "--output=json", "-f", "qcow2", path.absolute()],
+        f"checking {source or path}",
+        timeout=QEMU_IMG_CHECK_TIMEOUT,
+        check=False,  # a damaged image is the image's fault, not the host's
+        stderr_limit=_CHECK_MESSAGE_BYTES,
+    )
     if done.returncode in (0, 3):
         return
+    complaints = done.stderr.decode(errors="replace").splitlines()
     try:
         report = json.loads(done.stdout)
     except ValueError:
@@ -246,17 +218,3 @@ def qemu_img_check(path: Path, *, source: str | None = None) -> None:
         f"it is damaged (truncated or corrupt): qemu-img check found {detail}; "
         "upload it again or repair it (qemu-img check -r all, on a copy)",
     )
-
-
-def qemu_img_version() -> str:
-    exe = shutil.which("qemu-img")
-    if exe is None:
-        return "unknown"
-    try:
-        done = subprocess.run(
-            [exe, "--version"], capture_output=True, timeout=10, check=False, text=True
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return "unknown"
-    first = done.stdout.splitlines()[:1]
-    return first[0].strip() if first else "unknown"

@@ -60,7 +60,8 @@ from glite_vm.service.claims import Claim, process_uids
 from glite_vm.service.registry import Admission, FinishedVm, VmRecord, VmRegistry
 from glite_vm.slots import SlotFacts, SlotLayout
 from glite_vm.vm.boot_attempts import boot_with_retries
-from glite_vm.vm.lifecycle import Vm, VmHost, qemu_pid
+from glite_vm.vm.domains import qemu_pid
+from glite_vm.vm.lifecycle import Vm, VmHost
 from glite_vm.vm.record import ad_attributes
 
 log = logging.getLogger(__name__)

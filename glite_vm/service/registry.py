@@ -44,16 +44,10 @@ from glite_vm.request import KeepSnapshot, VMRequest
 from glite_vm.service import events
 from glite_vm.service.api import ReapedVm, TeardownOutcome
 from glite_vm.vm.domain_xml import DOMAIN_PREFIX, JobMetadata
-from glite_vm.vm.lifecycle import (
-    BaseImage,
-    TeardownResult,
-    Vm,
-    VmHost,
-    destroy_domain,
-    lock_vm_dir,
-    qemu_pid,
-)
+from glite_vm.vm.domains import destroy_domain, qemu_pid
+from glite_vm.vm.lifecycle import BaseImage, TeardownResult, Vm, VmHost
 from glite_vm.vm.record import Timings, VmFiles, ad_attributes
+from glite_vm.vm.vm_dir import lock_vm_dir
 
 log = logging.getLogger(__name__)
 

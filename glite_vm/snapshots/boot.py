@@ -34,7 +34,8 @@ from glite_vm.snapshots.disk import open_snapshot, qemu_img_info, require_disk
 from glite_vm.snapshots.entry import SnapshotEntry, account_name
 from glite_vm.snapshots.store import EMPTY_DIR_GRACE
 from glite_vm.vm.domain_xml import with_serial_console
-from glite_vm.vm.lifecycle import Vm, VmHost, destroy_domain
+from glite_vm.vm.domains import destroy_domain
+from glite_vm.vm.lifecycle import Vm, VmHost
 from glite_vm.vm.qemu_user import qemu_ids
 from glite_vm.vm.record import SNAPSHOT
 

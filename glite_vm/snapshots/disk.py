@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 import os
 import struct
-import subprocess
 from pathlib import Path
 from typing import Any
 
-from glite_vm.errors import HypervisorError, UserError
+from glite_vm.errors import UserError
+from glite_vm.qemu_img import qemu_img
 from glite_vm.snapshots.entry import SnapshotEntry, open_entry_file
 
 QEMU_IMG_TIMEOUT = 3600.0  # a flattening export of a big disk takes a while
@@ -84,29 +84,10 @@ def open_snapshot(entry: SnapshotEntry, path: Path) -> int:
     return fd
 
 
-def qemu_img(argv: list[str], what: str, *, fds: tuple[int, ...] = ()) -> str:
-    """Run ``qemu-img ARGV`` (``fds``: descriptors it is to inherit); its stdout, or a
-    HypervisorError saying ``what`` failed."""
-    try:
-        proc = subprocess.run(
-            ["qemu-img", *argv],
-            capture_output=True,
-            text=True,
-            timeout=QEMU_IMG_TIMEOUT,
-            check=False,
-            pass_fds=fds,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise HypervisorError(f"{what}: {exc}") from exc
-    if proc.returncode != 0:
-        raise HypervisorError(f"{what}: {proc.stderr.strip() or proc.returncode}")
-    return proc.stdout
-
-
 def qemu_img_info(path: Path, *, fds: tuple[int, ...] = ()) -> dict[str, Any]:
     """``qemu-img info`` of a qcow2 file we made (format pinned, backing not opened); ``fds``:
     descriptors the path goes through (``/proc/self/fd/N/...``)."""
     argv = ["info", "-U", "--output=json", "-f", "qcow2", str(path)]
-    out = qemu_img(argv, f"inspecting {path}", fds=fds)
-    data: dict[str, Any] = json.loads(out)
+    done = qemu_img(argv, f"inspecting {path}", timeout=QEMU_IMG_TIMEOUT, fds=fds)
+    data: dict[str, Any] = json.loads(done.stdout)
     return data

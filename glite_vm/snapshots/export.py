@@ -18,10 +18,11 @@ from pathlib import Path
 
 from glite_vm import _dirfd
 from glite_vm.errors import HypervisorError, RequestError, UserError
+from glite_vm.qemu_img import qemu_img
 from glite_vm.snapshots.disk import (
+    QEMU_IMG_TIMEOUT,
     SnapshotUnusableError,
     open_snapshot,
-    qemu_img,
     qemu_img_info,
     require_disk,
 )
@@ -85,10 +86,17 @@ def export_snapshot(
         image = f"/proc/self/fd/{work_fd}/{_EXPORT_NAME}"
         argv = ["convert", "-O", "qcow2", *(["-c"] if compress else [])]
         argv += [_chain_json(f"/dev/fd/{snap_fd}", f"/dev/fd/{base_fd}", entry.base_format)]
-        qemu_img([*argv, image], f"exporting {entry.name}", fds=(snap_fd, base_fd, work_fd))
+        qemu_img(
+            [*argv, image],
+            f"exporting {entry.name}",
+            timeout=QEMU_IMG_TIMEOUT,
+            fds=(snap_fd, base_fd, work_fd),
+        )
         os.chmod(_EXPORT_NAME, 0o600, dir_fd=work_fd)
         check = ["check", "-q", "-f", "qcow2", image]
-        qemu_img(check, f"checking the export of {entry.name}", fds=(work_fd,))
+        qemu_img(
+            check, f"checking the export of {entry.name}", timeout=QEMU_IMG_TIMEOUT, fds=(work_fd,)
+        )
         info = qemu_img_info(Path(image), fds=(work_fd,))
         if info.get("backing-filename") or info.get("full-backing-filename"):
             raise HypervisorError(f"the export of {entry.name} still has a backing file")

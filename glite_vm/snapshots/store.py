@@ -329,7 +329,7 @@ def _ripe(entry: SnapshotEntry, now: float) -> bool:
 
 
 def _locked(dir_fd: int) -> bool:
-    """Whether someone (a start or teardown, :func:`glite_vm.vm.lifecycle.lock_vm_dir`) holds
+    """Whether someone (a start or teardown, :func:`glite_vm.vm.vm_dir.lock_vm_dir`) holds
     the directory's lock."""
     fd = os.open(".", os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC, dir_fd=dir_fd)
     try:

@@ -24,7 +24,7 @@ GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #: The whole environment of every process the agent starts, unless a caller gives another one.
 #: qemu-guest-agent passes no environment of its own when asked for one, so nothing a job sent
 #: (PATH, LD_PRELOAD, ENV, IFS, ...) reaches a root process: the job's environment is applied
-#: only to its payload, by ``env -i`` after the switch to the job's user (lifecycle.GUEST_RUN).
+#: only to its payload, by ``env -i`` after the switch to the job's user (guest_run.GUEST_RUN).
 ROOT_ENV = (f"PATH={GUEST_PATH}", "LC_ALL=C")
 
 

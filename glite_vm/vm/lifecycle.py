@@ -1,40 +1,40 @@
 """The life of one job's VM: overlay, define, boot, agent ready, run, copy, teardown.
 
-The libvirt connection is injected (never global). Each VM owns a directory
-``<snapshot_dir>/<domain name>/``, laid out as :mod:`glite_vm.vm.record` says, whose teardown
-ends with the job record (``record.json``).
+:class:`VmHost` starts VMs on one libvirt connection, injected (never global); :class:`Vm` is
+one of them until its teardown. Each VM owns a directory ``<snapshot_dir>/<domain name>/``,
+laid out as :mod:`glite_vm.vm.record` says and made as :mod:`glite_vm.vm.vm_dir` says; what runs
+in the guest is :mod:`glite_vm.vm.guest_run`'s.
+
+Invariants. A start is all or nothing: on any failure, everything it made so far is torn down
+again before the error propagates. From ``mkdir`` until its domain is defined and started, a
+VM's directory is locked by its start; a teardown takes the same lock (unless its own start
+holds it). A teardown is idempotent, within a process (one at a time, the first result is
+returned again) and across processes: ``record.json`` is the last thing it writes, and a
+teardown that finds one changes nothing. It never raises for a domain that is already gone; it
+keeps the overlay as the snapshot only as the job's policy says, removes every other disk, and
+hands the kept files to the job's owner.
 """
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
-import fcntl
-import logging
 import os
 import secrets
-import shlex
 import shutil
-import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Protocol
 
 import libvirt
 
 from glite_vm.config import Settings
-from glite_vm.errors import (
-    AgentError,
-    HypervisorError,
-    PayloadTimeoutError,
-    RequestError,
-)
+from glite_vm.errors import AgentError, HypervisorError, RequestError
 from glite_vm.request import VMRequest
 from glite_vm.vm import transfer
-from glite_vm.vm.agent import GUEST_PATH, GuestAgent
+from glite_vm.vm.agent import GuestAgent
 from glite_vm.vm.boot_watch import watch_boot
 from glite_vm.vm.domain_xml import (
     DOMAIN_PREFIX,
@@ -44,47 +44,27 @@ from glite_vm.vm.domain_xml import (
     build_domain_xml,
     domain_name,
 )
+from glite_vm.vm.domains import destroy_domain
+from glite_vm.vm.guest_run import (
+    GUEST_PREPARE,
+    GUEST_WORKDIR,
+    ExecResult,
+    OutputSink,
+    run_payload,
+    run_root_script,
+)
 from glite_vm.vm.guest_user import ensure_guest_user
 from glite_vm.vm.hypervisor import HypervisorInfo
 from glite_vm.vm.qemu_user import let_qemu_read
 from glite_vm.vm.record import JobRecord, Timings, VmFiles
-
-log = logging.getLogger(__name__)
-
-GUEST_WORKDIR = "/var/tmp/glite-vm-job"
-GUEST_STATE = "/run/glite-vm"
-BOOT_LOG_TAIL_LINES = 25
-
-# Runs the payload in the guest (as root, through the agent, with the fixed ROOT_ENV): switches
-# to the job's user and working directory and *execs* CMD, so that the payload's exit code or
-# signal is what the agent reports. Arguments: WORKDIR USER CMD [ARGS...], where CMD is
-# `env -i NAME=VALUE... PAYLOAD...` (see payload_argv): the job's environment reaches the
-# payload only, after the switch; nothing here looks anything up with it.
-GUEST_RUN = r"""
-work=$1; runas=$2; shift 2
-cd "$work" || exit 126
-out=/run/glite-vm/stdout; err=/run/glite-vm/stderr
-if [ "$runas" = root ]; then
-    exec "$@" </dev/null >"$out" 2>"$err"
-fi
-uid=$(id -u "$runas") && gid=$(id -g "$runas") || exit 125
-# util-linux setpriv execs directly (busybox's lacks --reuid; then su, which also execs there)
-if setpriv --reuid="$uid" --regid="$gid" --init-groups true 2>/dev/null; then
-    exec setpriv --reuid="$uid" --regid="$gid" --init-groups -- "$@" </dev/null >"$out" 2>"$err"
-fi
-# "--" before the user: su must not take the payload's own options ("-l", "-c", ...) for its own
-exec su -s /bin/sh -c 'exec "$0" "$@"' -- "$runas" "$@" </dev/null >"$out" 2>"$err"
-"""
-
-# Before each payload, as root: fresh output files and the working directory $1 for user $2.
-GUEST_PREPARE = (
-    transfer.GUEST_WORKDIR_FUNCTIONS
-    + r"""
-umask 022
-mkdir -p /run/glite-vm && chmod 0700 /run/glite-vm
-: > /run/glite-vm/stdout && : > /run/glite-vm/stderr
-make_workdir "$1" "$2"
-"""
+from glite_vm.vm.vm_dir import (
+    copy_private,
+    create_overlay,
+    create_private,
+    create_sparse,
+    give_to_owner,
+    lock_vm_dir,
+    make_vm_dir,
 )
 
 
@@ -112,64 +92,11 @@ class BaseImage(Protocol):
 
 
 @dataclasses.dataclass(frozen=True)
-class ExecResult:
-    """How a command in the guest ended."""
-
-    exit_code: int | None
-    signal: int | None
-    seconds: float
-
-    @property
-    def failed(self) -> bool:
-        return self.exit_code != 0
-
-    @property
-    def shell_status(self) -> int:
-        """The status a shell would report: the exit code, or 128 + the signal."""
-        if self.signal is not None:
-            return 128 + self.signal
-        return self.exit_code if self.exit_code is not None else 255
-
-
-@dataclasses.dataclass(frozen=True)
 class TeardownResult:
     snapshot_path: Path | None
     boot_log_path: Path
     record_path: Path
     seconds: float
-
-
-OutputSink = Callable[[bytes], None]
-
-
-def run_tool(argv: Sequence[str], what: str, timeout: float = 120.0, *, umask: int = -1) -> str:
-    """Run a host tool (qemu-img, ...) and return stdout; failures are host errors. ``umask``
-    is the tool's own (for the files it creates); -1 leaves this process's."""
-    try:
-        proc = subprocess.run(
-            list(argv),
-            capture_output=True,
-            text=True,
-            timeout=timeout,
-            check=False,
-            umask=umask,
-        )
-    except (OSError, subprocess.TimeoutExpired) as exc:
-        raise HypervisorError(f"{what}: {exc}") from exc
-    if proc.returncode != 0:
-        raise HypervisorError(f"{what}: {proc.stderr.strip() or proc.returncode}")
-    return proc.stdout
-
-
-def boot_log_tail(path: Path, lines: int = BOOT_LOG_TAIL_LINES) -> str:
-    try:
-        with path.open("rb") as f:
-            f.seek(0, os.SEEK_END)
-            f.seek(max(0, f.tell() - 16384))
-            text = f.read().decode("utf-8", errors="replace")
-    except OSError:
-        return ""
-    return "\n".join(text.replace("\r", "").splitlines()[-lines:])
 
 
 class VmHost:
@@ -200,13 +127,7 @@ class VmHost:
         t0 = time.monotonic()
         token = secrets.token_hex(3)
         name = domain_name(request.job_id, request.owner, token)
-        snapshots = self.settings.effective_snapshot_dir
-        if not snapshots.is_dir():
-            # Listable, so that users find their kept snapshots (glite-vm snapshots list); the
-            # names it shows give nothing away: every file inside is private from birth.
-            snapshots.mkdir(parents=True, exist_ok=True, mode=0o755)
-        vm_dir = snapshots / name
-        vm_dir.mkdir(mode=0o711)
+        vm_dir = make_vm_dir(self.settings.effective_snapshot_dir, name)
         vm = Vm(self, name, vm_dir, request, image, owner_uid=owner_uid)
         vm.timings.fetch = fetch_seconds
         # Until the domain exists the directory is locked: a sweeper of half-made VM
@@ -216,18 +137,9 @@ class VmHost:
         try:
             t1 = time.monotonic()
             size = max(image.virtual_size, request.disk_bytes)
-            # Every file of a VM is private (0600) from its first byte, qemu-img's overlay too:
-            # a chmod afterwards leaves a window in which another user can open it and keep the
-            # descriptor. QEMU's own user gets these files from libvirt (it relabels them), and
-            # the VM directory stays traversable (0711) for it.
-            run_tool(
-                overlay_command(image.path, image.format, vm.overlay, size),
-                "creating the overlay",
-                umask=0o077,
-            )
+            create_overlay(image.path, image.format, vm.overlay, size)
             vm.timings.overlay = time.monotonic() - t1
-            with os.fdopen(create_private(vm.xfer), "wb") as f:
-                f.truncate(request.disk_bytes)
+            create_sparse(vm.xfer, request.disk_bytes)
             # libvirt hands kernel and initrd to QEMU's user while the VM runs; per-VM copies
             # keep the cached originals root-owned and unwritable by any QEMU.
             kernel = initrd = None
@@ -376,7 +288,9 @@ class Vm:
     # -- running things ----------------------------------------------------------------------
 
     def prepare_workdir(self) -> None:
-        self._root_script(GUEST_PREPARE, [GUEST_WORKDIR, self.guest_user], "preparing the guest")
+        run_root_script(
+            self.agent, GUEST_PREPARE, [GUEST_WORKDIR, self.guest_user], "preparing the guest"
+        )
 
     def push(self, src: Path) -> int:
         """Copy the contents of host directory ``src`` into the guest's working directory."""
@@ -387,7 +301,8 @@ class Vm:
     def unpack_pushed(self, written: int) -> None:
         """Extract the tar stream of ``written`` bytes at the start of the transfer disk into
         the guest's working directory (for callers that packed it themselves)."""
-        self._root_script(
+        run_root_script(
+            self.agent,
             transfer.GUEST_UNPACK,
             [GUEST_WORKDIR, self.guest_user, str(written)],
             "copying files in",
@@ -396,8 +311,8 @@ class Vm:
     def pack_for_pull(self) -> None:
         """Have the guest write its working directory as a tar stream onto the transfer disk
         (for callers that unpack it themselves)."""
-        self._root_script(
-            transfer.GUEST_PACK, [GUEST_WORKDIR, self.guest_user], "copying files out"
+        run_root_script(
+            self.agent, transfer.GUEST_PACK, [GUEST_WORKDIR, self.guest_user], "copying files out"
         )
 
     def pull(
@@ -415,12 +330,6 @@ class Vm:
             return transfer.copy_changed(staging, names, dest, unchanged_from)
         finally:
             shutil.rmtree(staging, ignore_errors=True)
-
-    def _root_script(self, script: str, args: list[str], what: str) -> None:
-        st = self.agent.run(["/bin/sh", "-c", script, "glite-vm", *args], timeout=600)
-        if st.exitcode != 0 or st.signal is not None:
-            detail = st.stderr.decode(errors="replace").strip() or f"status {st.exitcode}"
-            raise AgentError(f"{what} failed in the guest: {detail}")
 
     def run(
         self,
@@ -440,51 +349,19 @@ class Vm:
         if not argv:
             raise RequestError("command", "is empty")
         self.prepare_workdir()
-        user = self.guest_user
-        agent = self.agent
-        start = time.monotonic()
-        pid = agent.spawn(
-            "/bin/sh",
-            ["-c", GUEST_RUN, "glite-vm", GUEST_WORKDIR, user, *payload_argv(user, argv, env)],
+        result = run_payload(
+            self.agent,
+            self.guest_user,
+            argv,
+            env=env,
+            stdout=stdout,
+            stderr=stderr,
+            timeout=timeout,
+            cancel=cancel,
         )
-        streams = [
-            (agent.open(f"{GUEST_STATE}/stdout"), stdout),
-            (agent.open(f"{GUEST_STATE}/stderr"), stderr),
-        ]
-        delay = 0.02
-        try:
-            while True:
-                got = self._drain(streams)
-                status = agent.status(pid)
-                if status.exited:
-                    self._drain(streams)
-                    break
-                if cancel is not None and cancel.is_set():
-                    raise AgentError("the payload was cancelled")
-                if timeout is not None and time.monotonic() - start > timeout:
-                    raise PayloadTimeoutError(timeout)
-                delay = 0.02 if got else min(delay * 1.5, 0.25)
-                time.sleep(delay)
-        finally:
-            for handle, _sink in streams:
-                with contextlib.suppress(AgentError):
-                    agent.close(handle)
-        result = ExecResult(status.exitcode, status.signal, time.monotonic() - start)
         self.timings.payload = result.seconds
         self.exec_result = result
         return result
-
-    def _drain(self, streams: list[tuple[int, OutputSink | None]]) -> bool:
-        got = False
-        for handle, sink in streams:
-            for _ in range(64):  # bounded: at most 64 MiB per stream per poll
-                data, _eof = self.agent.read(handle)
-                if not data:
-                    break
-                got = True
-                if sink is not None:
-                    sink(data)
-        return got
 
     # -- teardown ----------------------------------------------------------------------------
 
@@ -536,7 +413,9 @@ class Vm:
             self.overlay.unlink(missing_ok=True)
         self.timings.teardown = time.monotonic() - t0
         self._write_record(failed, snapshot)
-        self._give_to_owner([p for p in (snapshot, self.boot_log, self.record) if p])
+        give_to_owner(
+            self.dir, [p for p in (snapshot, self.boot_log, self.record) if p], self.owner_uid
+        )
         self.torn_down = TeardownResult(snapshot, self.boot_log, self.record, self.timings.teardown)
         return self.torn_down
 
@@ -567,133 +446,5 @@ class Vm:
             finished=time.time(),
         ).write(self.record)
 
-    def _give_to_owner(self, paths: list[Path]) -> None:
-        """Kept files belong to the job's owner alone (when running as root for others); a
-        VM of this process's own keeps them private to its user (no QEMU needs them now)."""
-        if self.owner_uid is None or os.geteuid() != 0:
-            for p in [*paths, self.dir]:
-                with contextlib.suppress(OSError):
-                    if not p.is_symlink():
-                        p.chmod(0o700 if p == self.dir else 0o600)
-            return
-        # The directory goes last: once it is the owner's, the owner could swap a name inside
-        # for a symlink to a file of root's, and a chown by name would follow it.
-        for p in [*paths, self.dir]:
-            try:
-                os.chown(p, self.owner_uid, -1, follow_symlinks=False)
-                if not p.is_symlink():
-                    os.chmod(p, 0o700 if p == self.dir else 0o600)
-            except OSError as exc:
-                log.warning("cannot give %s to uid %s: %s", p, self.owner_uid, exc)
 
-
-def create_private(path: Path) -> int:
-    """A new file at ``path``, mode 0600 from its first byte (never through a link); its
-    descriptor, open for writing."""
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
-
-
-def copy_private(src: Path, dest: Path) -> Path:
-    """Copy ``src`` to a new private file ``dest``; ``dest``."""
-    with src.open("rb") as fin, os.fdopen(create_private(dest), "wb") as fout:
-        shutil.copyfileobj(fin, fout, 1 << 20)
-    return dest
-
-
-def payload_argv(user: str, argv: Sequence[str], env: Mapping[str, str] | None) -> list[str]:
-    """What GUEST_RUN execs as the job's user: ``env -i`` with exactly the payload's
-    environment (a base of PATH, HOME, USER and LOGNAME, then the job's own), then the payload.
-    ``env`` would take a first word containing ``=`` for one more variable, so such a command
-    goes through ``sh -c 'exec "$0" "$@"'``."""
-    home = "/root" if user == "root" else f"/home/{user}"
-    base = {"PATH": GUEST_PATH, "HOME": home, "USER": user, "LOGNAME": user}
-    pairs = [f"{k}={v}" for k, v in {**base, **(env or {})}.items()]
-    command = list(argv)
-    if "=" in command[0]:
-        command = ["/bin/sh", "-c", 'exec "$0" "$@"', *command]
-    return ["env", "-i", *pairs, *command]
-
-
-def overlay_command(base: Path, base_format: str, overlay: Path, size: int) -> list[str]:
-    """The ``qemu-img`` argv of a job's copy-on-write overlay on ``base`` (``-u``: the base
-    is not opened, so the cost does not depend on its size)."""
-    return [
-        "qemu-img",
-        "create",
-        "-q",
-        "-f",
-        "qcow2",
-        "-u",
-        "-b",
-        str(base),
-        "-F",
-        base_format,
-        str(overlay),
-        str(size),
-    ]
-
-
-def qemu_pid(name: str) -> int | None:
-    """The pid of the QEMU process of domain ``name`` (from libvirt's pid file), if running."""
-    runtime = os.environ.get("XDG_RUNTIME_DIR", f"/run/user/{os.getuid()}")
-    for directory in (Path("/run/libvirt/qemu"), Path(runtime) / "libvirt/qemu/run"):
-        try:
-            return int((directory / f"{name}.pid").read_text().strip())
-        except (OSError, ValueError):
-            continue
-    return None
-
-
-def lock_vm_dir(vm_dir: Path, *, blocking: bool) -> int | None:
-    """An exclusive flock on a VM directory (start and teardown hold it while they change
-    it); the descriptor to close, or ``None`` when the directory is gone or, not
-    ``blocking``, someone else holds the lock."""
-    try:
-        fd = os.open(vm_dir, os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-    except OSError:
-        return None
-    try:
-        fcntl.flock(fd, fcntl.LOCK_EX | (0 if blocking else fcntl.LOCK_NB))
-    except OSError:
-        os.close(fd)
-        return None
-    return fd
-
-
-def destroy_domain(dom: libvirt.virDomain) -> None:
-    """Stop and undefine a domain, tolerating one that is already gone."""
-    try:
-        if dom.isActive():
-            dom.destroy()
-    except libvirt.libvirtError as exc:
-        if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
-            log.warning("destroying %s: %s", _safe_name(dom), exc)
-    try:
-        dom.undefine()
-    except libvirt.libvirtError as exc:
-        if exc.get_error_code() != libvirt.VIR_ERR_NO_DOMAIN:
-            log.warning("undefining %s: %s", _safe_name(dom), exc)
-
-
-def _safe_name(dom: libvirt.virDomain) -> str:
-    try:
-        return str(dom.name())
-    except libvirt.libvirtError:
-        return "?"
-
-
-def quote_command(argv: Sequence[str]) -> str:
-    return " ".join(shlex.quote(a) for a in argv)
-
-
-__all__ = [
-    "BaseImage",
-    "ExecResult",
-    "TeardownResult",
-    "Vm",
-    "VmHost",
-    "destroy_domain",
-    "lock_vm_dir",
-    "overlay_command",
-    "qemu_pid",
-]
+__all__ = ["BaseImage", "TeardownResult", "Vm", "VmHost"]

@@ -33,7 +33,7 @@ from typing import Any
 import pytest
 
 from glite_vm.images.build import CATALOGUE_NAME
-from glite_vm.vm.lifecycle import qemu_pid
+from glite_vm.vm.domains import qemu_pid
 from tests.images.images_http import Fault, LoopbackServer
 from tests.service.conftest import REAP_INTERVAL, check_nothing_left, new_state_dir, service_env
 from tests.service.svc_support import (

@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 
-from glite_vm.vm.lifecycle import ExecResult, Vm
+from glite_vm.vm.guest_run import ExecResult
+from glite_vm.vm.lifecycle import Vm
 
 
 @dataclasses.dataclass

@@ -32,8 +32,9 @@ from glite_vm.identity.guest import (
 )
 from glite_vm.request import VMRequest
 from glite_vm.vm.agent import GUEST_PATH
+from glite_vm.vm.guest_run import GUEST_STATE, GUEST_WORKDIR
 from glite_vm.vm.guest_setup import apply_guest_setup
-from glite_vm.vm.lifecycle import GUEST_STATE, GUEST_WORKDIR, Vm, VmHost
+from glite_vm.vm.lifecycle import Vm, VmHost
 from tests.support import LocalImage
 from tests.vm.guest_calls import as_root as root_bytes
 from tests.vm.guest_calls import payload

@@ -17,7 +17,8 @@ import pytest
 from glite_vm.config import Settings
 from glite_vm.errors import BootError, Disposition
 from glite_vm.request import VMRequest
-from glite_vm.vm.lifecycle import ExecResult, Vm, VmHost
+from glite_vm.vm.guest_run import ExecResult
+from glite_vm.vm.lifecycle import Vm, VmHost
 from tests.support import LocalImage, our_domain_names, sha256_of
 
 pytestmark = pytest.mark.vm

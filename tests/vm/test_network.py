@@ -18,7 +18,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 import pytest
 
 from glite_vm.request import VMRequest
-from glite_vm.vm.lifecycle import ExecResult, Vm, VmHost
+from glite_vm.vm.guest_run import ExecResult
+from glite_vm.vm.lifecycle import Vm, VmHost
 from tests.support import LocalImage
 
 pytestmark = pytest.mark.vm

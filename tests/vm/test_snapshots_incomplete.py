@@ -23,7 +23,7 @@ import pytest
 
 from glite_vm.config import Retention, Settings
 from glite_vm.snapshots.store import SnapshotStore
-from glite_vm.vm.lifecycle import lock_vm_dir
+from glite_vm.vm.vm_dir import lock_vm_dir
 from tests.support import domains_under, our_domain_names
 
 pytestmark = pytest.mark.vm
