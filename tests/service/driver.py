@@ -86,9 +86,10 @@ def raw(path: str, line: bytes) -> dict[str, Any]:
                 }
 
 
-def request_of(job_ad: dict[str, Any]) -> JobRequest:
-    """What the PREPARE_JOB hook sends for ``job_ad`` (the service never sees the ad)."""
-    return request_from_job_ad(job_ad, Settings.load())
+def request_of(r: dict[str, Any]) -> JobRequest:
+    """What the PREPARE_JOB hook sends for ``r["job_ad"]`` (the service never sees the ad),
+    with the site's settings (``r["site"]``: the service's, which the hooks share)."""
+    return request_from_job_ad(r["job_ad"], Settings.load(r.get("site", {})))
 
 
 def call(client: ServiceClient, op: str, r: dict[str, Any]) -> Any:
@@ -100,7 +101,7 @@ def call(client: ServiceClient, op: str, r: dict[str, Any]) -> Any:
             return client._call("prepare", args)
         slot = SlotFacts.from_wire(r["slot"]) if r.get("slot") is not None else None
         result = client.prepare(
-            request_of(r["job_ad"]),
+            request_of(r),
             scratch_dir=r["scratch_dir"],
             starter_pid=r.get("starter_pid"),
             slot=slot,
@@ -130,7 +131,7 @@ def call(client: ServiceClient, op: str, r: dict[str, Any]) -> Any:
     if op == "job":  # a whole job, as hooks and launcher make it: prepare, exec, teardown
         t0 = time.monotonic()
         prepared = client.prepare(
-            request_of(r["job_ad"]), scratch_dir=r["scratch_dir"], starter_pid=r.get("starter_pid")
+            request_of(r), scratch_dir=r["scratch_dir"], starter_pid=r.get("starter_pid")
         )
         t1 = time.monotonic()
         out: list[bytes] = []

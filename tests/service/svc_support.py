@@ -126,6 +126,12 @@ class ServiceProcess:
         self.starts = 0
 
     @property
+    def site_settings(self) -> dict[str, str]:
+        """The ``GLITE_VM_*`` settings of this service, which the hooks of its execute host
+        read too (from the same condor_config): the driver makes its requests with them."""
+        return {k: v for k, v in self.env.items() if k.startswith("GLITE_VM_")}
+
+    @property
     def pid(self) -> int:
         assert self.proc is not None
         return self.proc.pid
@@ -228,8 +234,14 @@ def make_scratch(
     return path
 
 
+def driver_request(service: ServiceProcess, op: str, **args: Any) -> dict[str, Any]:
+    """What the driver takes for one call of ``op`` to ``service`` (with the site's settings,
+    with which it turns a job ad into a request as the hook does)."""
+    return {"op": op, "socket": str(service.socket_path), "site": service.site_settings, **args}
+
+
 def call(service: ServiceProcess, who: Account, op: str, **args: Any) -> dict[str, Any]:
-    return run_as(who, {"op": op, "socket": str(service.socket_path), **args})
+    return run_as(who, driver_request(service, op, **args))
 
 
 def prepare(service: ServiceProcess, who: Account, scratch: Path, **kw: Any) -> dict[str, Any]:
@@ -252,7 +264,7 @@ def background(
     service: ServiceProcess, who: Account, op: str, **args: Any
 ) -> subprocess.Popen[str]:
     """A client call running as ``who`` while the test does something else."""
-    request = {"op": op, "socket": str(service.socket_path), **args}
+    request = driver_request(service, op, **args)
     return subprocess.Popen(
         [*as_user(who), sys.executable, str(DRIVER), json.dumps(request)],
         stdout=subprocess.PIPE,
@@ -400,7 +412,7 @@ class FakeStarter:
     def call(self, who: Account, op: str, **args: Any) -> dict[str, Any]:
         """``op`` as ``who``, run by this starter; the driver's answer."""
         assert self.proc.stdin is not None and self.proc.stdout is not None
-        request = {"op": op, "socket": str(self.service.socket_path), **args}
+        request = driver_request(self.service, op, **args)
         out = self._out.with_suffix(f".{next(self._calls)}.json")
         if self.started_by is not None:  # the starter already runs as its user
             assert who == self.started_by, "a user's own starter runs only that user's calls"

@@ -33,6 +33,7 @@ from tests.service.svc_support import (
     ServiceProcess,
     admin_cli,
     domains_of,
+    driver_request,
     ensure_account,
     job_ad,
     leases_in,
@@ -69,13 +70,13 @@ class Soak:
         result: dict[str, Any] = ok(
             run_as(
                 self.owner,
-                {
-                    "op": "job",
-                    "socket": str(self.svc.socket_path),
-                    "job_ad": job_ad(),
-                    "scratch_dir": str(scratch),
-                    "argv": ["sh", "-c", script],
-                },
+                driver_request(
+                    self.svc,
+                    "job",
+                    job_ad=job_ad(),
+                    scratch_dir=str(scratch),
+                    argv=["sh", "-c", script],
+                ),
                 timeout=JOB_TIMEOUT,
             )
         )

@@ -567,15 +567,15 @@ def test_slow_deep_and_huge_requests_are_cut_off_cleanly(boundary: Boundary, bob
     path = boundary.svc.socket_path
     # A request trickled in a byte at a time is cut off at the request deadline.
     started = time.monotonic()
-    answer = raw_exchange(path, b'{"v": 1, "op": "ping", "args": {}}\n', trickle=1.0, limit=40)
+    answer = raw_exchange(path, b'{"v": 2, "op": "ping", "args": {}}\n', trickle=1.0, limit=40)
     took = time.monotonic() - started
     assert took < 25, f"a trickled request held its connection for {took:.0f} s"
     assert b"ProtocolError" in answer, answer
     # Deep nesting is refused with a message, not a crash of the call.
-    deep = raw_exchange(path, b'{"v": 1, "op": "ping", "args": ' + b"[" * 100_000 + b"\n")
+    deep = raw_exchange(path, b'{"v": 2, "op": "ping", "args": ' + b"[" * 100_000 + b"\n")
     assert b"ProtocolError" in deep and b"nest" in deep, deep[:300]
     # A request over the size bound is refused before it is read whole.
-    huge = raw_exchange(path, b'{"v": 1, "op": "ping", "args": {"x": "' + b"a" * (20 << 20))
+    huge = raw_exchange(path, b'{"v": 2, "op": "ping", "args": {"x": "' + b"a" * (20 << 20))
     assert b"ProtocolError" in huge and b"longer" in huge, huge[:300]
     assert "Traceback" not in boundary.svc.log()
 

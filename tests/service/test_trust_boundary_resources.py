@@ -30,6 +30,7 @@ from tests.service.svc_support import (
     ServiceProcess,
     as_user,
     call,
+    driver_request,
     make_scratch,
     ok,
     prepare,
@@ -478,7 +479,7 @@ def test_tar_headers_from_the_guest_are_bounded(site: Site, alice: Account) -> N
 def call_as_root(svc: ServiceProcess, op: str, **args: Any) -> dict[str, Any]:
     """A driver call from root (whose copies run inside the service)."""
     driver = Path(__file__).resolve().parent / "driver.py"
-    request = {"op": op, "socket": str(svc.socket_path), **args}
+    request = driver_request(svc, op, **args)
     proc = subprocess.run(
         [sys.executable, str(driver), json.dumps(request)],
         capture_output=True,
