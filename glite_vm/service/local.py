@@ -57,7 +57,8 @@ from glite_vm.service.api import (
 )
 from glite_vm.service.children import Identity
 from glite_vm.service.claims import Claim, process_uids
-from glite_vm.service.registry import Admission, FinishedVm, VmRecord, VmRegistry
+from glite_vm.service.registry import Admission, VmRegistry
+from glite_vm.service.vm_state import FinishedVm, VmRecord
 from glite_vm.slots import SlotFacts, SlotLayout
 from glite_vm.vm.boot_attempts import boot_with_retries
 from glite_vm.vm.lifecycle import Vm, VmHost, qemu_pid

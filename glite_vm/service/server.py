@@ -35,7 +35,8 @@ from glite_vm.request import JobRequest
 from glite_vm.service import events, protocol
 from glite_vm.service.claims import Claim, find_claim, process_uids
 from glite_vm.service.local import LocalService, account_name
-from glite_vm.service.registry import VmRecord, VmRegistry
+from glite_vm.service.registry import VmRegistry
+from glite_vm.service.vm_state import VmRecord
 from glite_vm.slots import SlotFacts
 from glite_vm.vm.lifecycle import VmHost
 
