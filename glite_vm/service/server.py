@@ -33,8 +33,9 @@ from glite_vm.config import Settings
 from glite_vm.errors import GliteVmError, HostError, ServiceUnavailableError
 from glite_vm.request import JobRequest
 from glite_vm.service import events, protocol
+from glite_vm.service.caller import account_name
 from glite_vm.service.claims import Claim, find_claim, process_uids
-from glite_vm.service.local import LocalService, account_name
+from glite_vm.service.local import LocalService
 from glite_vm.service.registry import VmRegistry
 from glite_vm.service.vm_state import VmRecord
 from glite_vm.slots import SlotFacts
