@@ -36,7 +36,8 @@ from glite_vm.images.leases import process_alive
 from glite_vm.request import JobRequest, KeepSnapshot
 from glite_vm.service.api import ExecOutcome, TeardownOutcome
 from glite_vm.service.local import LocalService
-from glite_vm.service.registry import VmRecord, VmRegistry
+from glite_vm.service.registry import VmRegistry
+from glite_vm.service.vm_state import VmRecord
 from glite_vm.slots import SlotFacts
 from glite_vm.vm.guest_run import OutputSink
 from glite_vm.vm.lifecycle import VmHost

@@ -2,36 +2,25 @@
 
 This is the engine behind the socket server (one instance per connection, sharing one
 :class:`~glite_vm.service.registry.VmRegistry`) and what a single user can call directly
-against ``qemu:///session``. It implements :class:`~glite_vm.service.api.VmService`:
+against ``qemu:///session`` (``glite-vm run``, which states its own VM's slot,
+:meth:`~glite_vm.slots.SlotFacts.own_vm`). It implements :class:`~glite_vm.service.api.VmService`:
 
-* ``prepare``: a :class:`~glite_vm.request.JobRequest` (the hook made it from the job ad; the
-  service never parses one) plus the slot's facts -> :func:`~glite_vm.request.vm_request` ->
-  image from the cache (over the socket a job may not name host paths) -> overlay, domain,
-  boot -> agent ready -> guest identity when configured. The VM belongs to the caller (uid in
-  the domain metadata); the request's owner is replaced by the caller's account name, so a job
-  cannot claim someone else's name (``GLITE_VM_ROOT_USERS`` names local accounts). The cache
-  lease is held until teardown. On any failure nothing is left: no domain, no overlay, no lease.
-* the slot: a caller over the socket (not root) never states its slot. Its :class:`Claim`
-  (the root-run condor_starter it descends from, found by the server) names the slot, whose
-  root and size come from the service's :class:`~glite_vm.slots.SlotLayout`; one claim gets
-  one VM, which lives as long as that starter. A caller of no claim gets a VM "outside
-  HTCondor": never root, at most one slot's size, at most ``max_unmanaged_vms_per_user`` of
-  them, each for at most ``unmanaged_vm_lifetime``. Root, and a caller in this process, may
-  still state a slot (:class:`~glite_vm.slots.SlotFacts`; ``glite-vm run`` states its own VM's,
-  :meth:`~glite_vm.slots.SlotFacts.own_vm`).
-* every other call acts only on the caller's own VMs (root: on all), and moves files with the
-  caller's rights (:mod:`glite_vm.service.sandbox`).
+* ``prepare`` is :class:`~glite_vm.service.prepare.VmPreparer`'s: request -> image -> VM ->
+  agent ready, for the slot the caller may have (the rules are in :mod:`glite_vm.service.prepare`).
+* every other call (here: push, exec, pull, teardown, list, reap, ping) acts only on the
+  caller's own VMs (root: on all; someone else's VM gets the same answer as none at all), and
+  moves files with the caller's rights (:mod:`glite_vm.service.sandbox`). Push, exec and pull
+  of one VM take turns (they share its transfer disk); a VM the service adopted without its
+  state, or one already torn down, is refused for them with the reason.
+
+Who the caller is, and how far its word is taken, is :class:`~glite_vm.service.caller.Caller`'s
+business.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
-import pwd
-import secrets
-import socket
-import stat
 import threading
 import time
 from collections.abc import Callable, Mapping, Sequence
@@ -39,13 +28,10 @@ from pathlib import Path
 
 from glite_vm import __version__
 from glite_vm.config import Settings
-from glite_vm.errors import AccessDeniedError, HostError, RequestError, TransientBootError
-from glite_vm.images.acquire import ImageLease, acquire_image
+from glite_vm.errors import AccessDeniedError, HostError, RequestError
 from glite_vm.images.download import Progress
-from glite_vm.images.leases import process_start_time
-from glite_vm.images.sources import classify_ref
-from glite_vm.request import JobRequest, VMRequest, vm_request
-from glite_vm.service import events, protocol, sandbox
+from glite_vm.request import JobRequest
+from glite_vm.service import protocol, sandbox
 from glite_vm.service.api import (
     ExecOutcome,
     OutputSink,
@@ -55,14 +41,14 @@ from glite_vm.service.api import (
     TeardownOutcome,
     VmSummary,
 )
+from glite_vm.service.caller import Caller, account_name
 from glite_vm.service.children import Identity
-from glite_vm.service.claims import Claim, process_uids
-from glite_vm.service.registry import Admission, FinishedVm, VmRecord, VmRegistry
-from glite_vm.slots import SlotFacts, SlotLayout
-from glite_vm.vm.boot_attempts import boot_with_retries
-from glite_vm.vm.domains import qemu_pid
-from glite_vm.vm.lifecycle import Vm, VmHost
-from glite_vm.vm.record import ad_attributes
+from glite_vm.service.claims import Claim
+from glite_vm.service.prepare import VmPreparer
+from glite_vm.service.registry import VmRegistry
+from glite_vm.service.vm_state import FinishedVm, VmRecord
+from glite_vm.slots import SlotFacts
+from glite_vm.vm.lifecycle import VmHost
 
 log = logging.getLogger(__name__)
 
@@ -87,17 +73,14 @@ class LocalService:
     ) -> None:
         self.settings = settings
         self.host = host
-        self.caller_uid = caller_uid
-        self.caller_name = caller_name
-        # Over the socket a caller other than root states nothing about its slot: ``claim``
-        # (from the kernel's view of its process, see claims.find_claim) says which it is.
-        self.over_socket = over_socket
-        self.claim = claim
         if caller_gid is None:
-            self.identity = Identity.of_user(caller_uid)
+            identity = Identity.of_user(caller_uid)
         else:
             groups = tuple(caller_groups) if caller_groups is not None else ()
-            self.identity = Identity(caller_uid, caller_gid, groups)
+            identity = Identity(caller_uid, caller_gid, groups)
+        # Over the socket a caller other than root states nothing about its slot: ``claim``
+        # (from the kernel's view of its process, see claims.find_claim) says which it is.
+        self.caller = Caller(caller_uid, caller_name, identity, over_socket, claim)
         self.registry = registry if registry is not None else VmRegistry(settings, host)
 
     @classmethod
@@ -117,13 +100,9 @@ class LocalService:
         )
 
     @property
-    def is_root(self) -> bool:
-        return self.caller_uid == 0
-
-    @property
     def trusted(self) -> bool:
         """May this caller state its slot (root, or a caller in this process)?"""
-        return not self.over_socket or self.is_root
+        return self.caller.trusted
 
     # -- prepare -----------------------------------------------------------------------------
 
@@ -146,253 +125,17 @@ class LocalService:
         ``job`` has been validated against this service's settings (:meth:`JobRequest.from_wire`
         on the socket); its owner becomes the caller's account (root's is taken as it is).
         ``slot`` is heeded only from a trusted caller (:attr:`trusted`); anyone else's slot is
-        the one its claim names (see the module docstring)."""
-        scratch, owner_uid = self._check_scratch_dir(scratch_dir)
-        if not self.is_root:
-            job = dataclasses.replace(job, owner=self.caller_name)
-        # A job over the socket names no host paths; the user at this process's keyboard may.
-        classify_ref(
-            job.image, sources=self.settings.custom_image_sources, allow_local=not self.over_socket
+        the one its claim names (see :mod:`glite_vm.service.prepare`)."""
+        preparer = VmPreparer(self.settings, self.host, self.registry, self.caller)
+        return preparer.prepare(
+            job,
+            scratch_dir=scratch_dir,
+            starter_pid=starter_pid,
+            slot=slot,
+            cancel=cancel,
+            progress=progress,
+            started=started,
         )
-        facts, starter_pid, managed = self._slot(slot, starter_pid)
-        starter_start = _check_starter(starter_pid)
-        request = vm_request(job, facts, self.settings)
-        # After the request: a bad request is held for what it is even while libvirtd is down.
-        self.registry.ensure_connection()
-        admission = Admission(
-            uid=self.caller_uid,
-            starter=(starter_pid, starter_start) if managed and starter_pid else None,
-            limit=None if self.is_root or facts.own else self.settings.max_unmanaged_vms_per_user,
-        )
-        place = _Place(
-            scratch, owner_uid, facts.name or "slot1", starter_pid, starter_start, managed
-        )
-        listeners = _Listeners(cancel, progress, started)
-        with self.registry.admit(admission):
-            return self._prepare_admitted(request, place, admission, listeners)
-
-    def _slot(
-        self, slot: SlotFacts | None, starter_pid: int | None
-    ) -> tuple[SlotFacts, int | None, bool]:
-        """The slot the VM is for, the starter whose life bounds it, and whether it is for a
-        HTCondor job (see the module docstring)."""
-        layout = SlotLayout.from_settings(self.settings)
-        trusted = self.trusted
-        if trusted and slot is not None:
-            return slot, starter_pid, starter_pid is not None
-        if trusted and self.claim is None:
-            return SlotFacts(), starter_pid, starter_pid is not None
-        if self.claim is not None:
-            facts = layout.facts(self.claim.slot)
-            if facts is None:
-                raise AccessDeniedError(
-                    f"this job runs in {self.claim.slot!r}, which is not one of the "
-                    f"{layout.slots} VM slots this host's glite-vm knows (GLITE_VM_SLOTS); "
-                    "the execute host's configuration and the service's disagree"
-                )
-            return facts, self.claim.starter_pid, True
-        if starter_pid is not None and self.caller_uid not in process_uids(starter_pid)[:2]:
-            raise RequestError(
-                "starter_pid",
-                f"process {starter_pid} is neither yours nor the condor_starter of your job; "
-                "a VM started outside HTCondor can only live as long as a process of yours",
-            )
-        return layout.unmanaged(), starter_pid, False
-
-    def _prepare_admitted(
-        self,
-        request: VMRequest,
-        place: _Place,
-        admission: Admission,
-        listeners: _Listeners,
-    ) -> PrepareResult:
-        cancel = listeners.cancel
-
-        def boot(attempt: int, seconds_left: float) -> VmRecord:
-            return self._boot(
-                request, place, admission, listeners, timeout=seconds_left, attempt=attempt
-            )
-
-        record, attempts = boot_with_retries(
-            boot, attempts=self.settings.boot_attempts, budget=self.settings.boot_timeout
-        )
-        vm = record.vm
-        assert record.lease is not None  # every boot attempt leases its image
-        image = record.lease.image
-        try:
-            hostname = self._apply_identity(vm, request, place.slot_name)
-        except BaseException as exc:
-            self._abandon(record, exc, cancel)
-            raise
-        attributes: dict[str, object] = dict(
-            ad_attributes(
-                domain=vm.name,
-                hypervisor=self.host.hypervisor.kind,
-                image_digest=image.sha256,
-                cache_hit=image.cache_hit,
-                guest_user=vm.guest_user,
-                guest_hostname=hostname,
-                guest_network=request.network,
-                boot_log=vm.boot_log,
-                record=vm.record,
-                boot_attempts=attempts,
-                timings={
-                    "fetch": vm.timings.fetch,
-                    "boot": vm.timings.boot,
-                    "ready": vm.timings.ready,
-                },
-            )
-        )
-        record.ad_attributes = attributes
-        self.registry.persist(record)
-        log.info(
-            "prepared %s for job %s of uid %d (%s) in %.1f s",
-            vm.name,
-            request.job_id,
-            place.owner_uid,
-            image.name,
-            (vm.timings.fetch or 0) + (vm.timings.boot or 0) + (vm.timings.ready or 0),
-        )
-        return PrepareResult(
-            vm=vm.name,
-            ad_attributes=dict(attributes),
-            guest_user=vm.guest_user,
-            boot_log_path=str(vm.boot_log),
-        )
-
-    def _boot(
-        self,
-        request: VMRequest,
-        place: _Place,
-        admission: Admission,
-        listeners: _Listeners,
-        *,
-        timeout: float,
-        attempt: int,
-    ) -> VmRecord:
-        """One boot attempt: lease the image, start the VM, wait for its agent. On failure it
-        leaves nothing behind: no domain, no overlay, no lease (the boot log stays)."""
-        lease_job_id = f"{request.job_id}/{secrets.token_hex(4)}"
-        lease = acquire_image(
-            self.settings,
-            request.image,
-            sha256=request.image_sha256,
-            job_id=lease_job_id,
-            allow_local=not self.over_socket,
-            reader=self.identity,
-            progress=listeners.progress,
-        )
-        cancel = listeners.cancel
-        try:
-            if cancel is not None and cancel.is_set():
-                raise HostError("the caller hung up while the image was fetched")
-            image = lease.image
-            vm = self.host.start(
-                request,
-                image,
-                owner_uid=place.owner_uid,
-                starter_pid=place.starter_pid,
-                scratch_dir=place.scratch,
-                fetch_seconds=image.fetch_seconds,
-            )
-        except BaseException:
-            lease.release()
-            raise
-        if listeners.started is not None:
-            listeners.started(vm.name, vm.boot_log)
-        record = VmRecord(
-            vm,
-            owner_uid=place.owner_uid,
-            scratch_dir=str(place.scratch),
-            starter_pid=place.starter_pid,
-            starter_start=place.starter_start,
-            lease_job_id=lease_job_id,
-            created=time.time(),
-            lease=lease,
-            managed=place.managed,
-        )
-        try:
-            self.registry.add(record, admission)  # from here on a restarted service adopts it
-            _give_boot_log(vm, place.owner_uid)
-            _bind_lease_to_qemu(lease, vm.name)
-            vm.wait_ready(timeout, cancel=cancel)
-        except BaseException as exc:
-            self._abandon(record, exc, cancel, attempt)
-            raise
-        return record
-
-    def _abandon(
-        self,
-        record: VmRecord,
-        exc: BaseException,
-        cancel: threading.Event | None,
-        attempt: int | None = None,
-    ) -> None:
-        """Tear down a VM whose prepare failed (or whose caller went), saying why."""
-        log.warning("preparing %s for uid %d failed: %s", record.name, record.owner_uid, exc)
-        if cancel is not None and cancel.is_set():
-            reason = "the caller of prepare hung up before the VM was ready"
-        elif attempt is not None and isinstance(exc, TransientBootError):
-            reason = f"boot attempt {attempt} failed: {exc.what}"
-        else:  # the first line: quoted boot-log lines stay in the boot log
-            reason = f"preparing it failed: {str(exc).splitlines()[0] if str(exc) else exc!r}"
-        self.registry.teardown(
-            record, failed=True, keep_override=False, reason=reason, event=events.ABANDONED
-        )
-
-    def _check_scratch_dir(self, scratch_dir: str) -> tuple[Path, int]:
-        """The job's scratch directory, normalised; and the uid the VM will belong to."""
-        if not isinstance(scratch_dir, str) or not os.path.isabs(scratch_dir):
-            raise RequestError("scratch_dir", f"{scratch_dir!r} is not an absolute path")
-        path = Path(os.path.normpath(scratch_dir))
-        try:
-            st = os.lstat(path)
-        except FileNotFoundError:
-            raise RequestError("scratch_dir", f"{path} does not exist") from None
-        except OSError as exc:
-            raise AccessDeniedError(f"cannot look at {path}: {exc.strerror}") from None
-        if stat.S_ISLNK(st.st_mode):
-            raise AccessDeniedError(
-                f"the scratch directory {path} is a symlink; give the directory itself"
-            )
-        if not stat.S_ISDIR(st.st_mode):
-            raise RequestError("scratch_dir", f"{path} is not a directory")
-        if not self.is_root and st.st_uid != self.caller_uid:
-            raise AccessDeniedError(
-                f"the scratch directory {path} belongs to uid {st.st_uid}, not to you "
-                f"(uid {self.caller_uid}): the service prepares VMs only for jobs whose "
-                "scratch directory the caller owns"
-            )
-        # Root acts for the directory's owner, whose VM it then is.
-        return path, (st.st_uid if self.is_root else self.caller_uid)
-
-    def _apply_identity(self, vm: Vm, request: VMRequest, slot_name: str) -> str | None:
-        s = self.settings
-        wanted = (
-            s.guest_identity
-            or request.hostname is not None
-            or any(p is not None for p in (s.host_cert_dir, s.ca_cert, s.ca_key))
-        )
-        if not wanted:
-            return None
-        from glite_vm.identity.guest import prepare_guest_identity  # noqa: PLC0415
-        from glite_vm.vm.guest_setup import apply_guest_setup  # noqa: PLC0415
-
-        setup = prepare_guest_identity(
-            s,
-            host=socket.gethostname(),
-            slot=slot_name,
-            job_id=request.job_id,
-            requested=request.hostname,
-        )
-        if not request.root and _custom_image(request, s):
-            # Whoever made a custom image is root in its guest, whatever the job may be: the
-            # host key goes only where root is the site's (its catalogue's images) or the job's
-            # by the site's policy (a root job on a root-enabled slot).
-            log.info("%s: a custom image of a job that is not root gets no host key", vm.name)
-            setup = setup.without_secrets()
-        apply_guest_setup(vm, setup)
-        return setup.hostname
 
     # -- the other calls ---------------------------------------------------------------------
 
@@ -400,7 +143,7 @@ class LocalService:
         record = self._usable(vm)
         src = _absolute("src_dir", src_dir)
         with record.io_lock:
-            written = sandbox.pack_as(self.identity, record.vm.xfer, src)
+            written = sandbox.pack_as(self.caller.identity, record.vm.xfer, src)
             record.vm.unpack_pushed(written)
         return written
 
@@ -437,7 +180,7 @@ class LocalService:
         before = _absolute("unchanged_from", unchanged_from) if unchanged_from else None
         with record.io_lock:
             record.vm.pack_for_pull()
-            files, refused = sandbox.unpack_as(self.identity, record.vm.xfer, dest, before)
+            files, refused = sandbox.unpack_as(self.caller.identity, record.vm.xfer, dest, before)
         for problem in refused:
             log.info("%s: not copied out: %s", vm, problem)
         return files
@@ -464,12 +207,12 @@ class LocalService:
                 running=r.running(),
             )
             for r in sorted(self.registry.active(), key=lambda r: r.created)
-            if self._sees(r.owner_uid)
+            if self.caller.sees(r.owner_uid)
         ]
 
     def reap(self) -> list[ReapedVm]:
         """One reaper pass now (anyone may ask: it only applies the reaper's rules)."""
-        return [r for r in self.registry.reap_once() if self._sees(r.owner_uid)]
+        return [r for r in self.registry.reap_once() if self.caller.sees(r.owner_uid)]
 
     def ping(self) -> ServiceInfo:
         return ServiceInfo(
@@ -477,23 +220,20 @@ class LocalService:
             version=__version__,
             pid=os.getpid(),
             uptime_seconds=round(time.monotonic() - self.registry.started, 3),
-            caller_uid=self.caller_uid,
-            vms=sum(1 for r in self.registry.active() if self._sees(r.owner_uid)),
+            caller_uid=self.caller.uid,
+            vms=sum(1 for r in self.registry.active() if self.caller.sees(r.owner_uid)),
         )
 
     # -- ownership ---------------------------------------------------------------------------
-
-    def _sees(self, owner_uid: int) -> bool:
-        return self.is_root or owner_uid == self.caller_uid
 
     def _own(self, name: str) -> VmRecord | FinishedVm:
         if not isinstance(name, str) or not name:
             raise RequestError("vm", "must name a VM")
         entry = self.registry.get(name)
-        if entry is None or not self._sees(entry.owner_uid):
+        if entry is None or not self.caller.sees(entry.owner_uid):
             # The same answer for someone else's VM and for none at all: names are not probed.
             raise AccessDeniedError(
-                f"no VM named {name!r} belongs to uid {self.caller_uid}: a VM can only be "
+                f"no VM named {name!r} belongs to uid {self.caller.uid}: a VM can only be "
                 "used by the user whose job it serves"
             )
         return entry
@@ -512,55 +252,6 @@ class LocalService:
 
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class _Listeners:
-    """Who hears of a prepare as it goes: a cancel event (the caller hung up), a download's
-    progress, each VM as it starts."""
-
-    cancel: threading.Event | None
-    progress: Progress | None
-    started: Callable[[str, Path], None] | None
-
-
-@dataclasses.dataclass(frozen=True)
-class _Place:
-    """Where a VM being prepared belongs: its job's scratch directory and owner, the slot it is
-    named after, and the starter whose life bounds it (``managed``: a HTCondor job's)."""
-
-    scratch: Path
-    owner_uid: int
-    slot_name: str
-    starter_pid: int | None
-    starter_start: int | None
-    managed: bool
-
-
-def account_name(uid: int) -> str:
-    try:
-        return pwd.getpwuid(uid).pw_name
-    except KeyError:
-        return f"uid{uid}"
-
-
-def _custom_image(request: VMRequest, settings: Settings) -> bool:
-    """Is the job's image a custom one (a URL or a path), rather than one of the site's
-    catalogue? (Only classified here: prepare applied the policy on it already.)"""
-    ref = classify_ref(request.image, sources=settings.custom_image_sources, allow_local=True)
-    return ref.kind == "url"
-
-
-def _check_starter(pid: int | None) -> int | None:
-    """The starter's start time (so a recycled pid is not mistaken for it later)."""
-    if pid is None:
-        return None
-    if not isinstance(pid, int) or isinstance(pid, bool) or pid <= 0:
-        raise RequestError("starter_pid", f"must be a process id, got {pid!r}")
-    start = process_start_time(pid)
-    if start is None:
-        raise RequestError("starter_pid", f"no process {pid} is running")
-    return start
 
 
 def _check_command(argv: Sequence[str], env: Mapping[str, str] | None) -> None:
@@ -585,24 +276,3 @@ def _absolute(field: str, path: str) -> Path:
     if not isinstance(path, str) or not os.path.isabs(path) or "\0" in path:
         raise RequestError(field, f"{path!r} is not an absolute path")
     return Path(path)
-
-
-def _give_boot_log(vm: Vm, owner_uid: int) -> None:
-    """The job's owner may read its boot log while the VM runs (no one else may)."""
-    if os.geteuid() != 0:
-        return
-    try:
-        os.chown(vm.boot_log, owner_uid, -1, follow_symlinks=False)
-        os.chmod(vm.boot_log, 0o600)
-    except OSError as exc:
-        log.warning("cannot give %s to uid %d: %s", vm.boot_log, owner_uid, exc)
-
-
-def _bind_lease_to_qemu(lease: ImageLease, name: str) -> None:
-    """The cache lease lives as long as the VM's QEMU, so a service restart does not let
-    eviction take a base image from under a running VM."""
-    pid = qemu_pid(name)
-    if pid is not None:
-        lease.rebind(pid)
-        return
-    log.debug("no QEMU pid file for %s; its cache lease stays with the service", name)

@@ -1,78 +1,51 @@
-"""The bootstrapper's socket server: who is calling (peer credentials), one call per
-connection, heartbeats and streamed output, and the reaper thread.
+"""The bootstrapper's socket server: the socket, one thread per call, limits on calls, the
+reaper thread and an orderly stop.
 
 The socket (mode 0666 in a 0755 directory: every local user may connect) is the only way in.
-Each connection's caller is identified by ``SO_PEERCRED`` (pid, uid, gid) and ``SO_PEERGROUPS``
-as the kernel recorded them at ``connect()``; nothing the client sends can change who it is.
-The call then runs as :class:`~glite_vm.service.local.LocalService` for that caller, over the
-one :class:`~glite_vm.service.registry.VmRegistry` of the process.
+Each connection's caller is who the kernel says it is
+(:func:`~glite_vm.service.connection.peer_of`); the call then runs as
+:class:`~glite_vm.service.local.LocalService` for that caller, over the one
+:class:`~glite_vm.service.registry.VmRegistry` of the process
+(:func:`~glite_vm.service.dispatch.dispatch`). At most :data:`MAX_CONNECTIONS` calls run at
+once, and each local user but root has at most ``max_calls_per_user`` of them.
 
-While a call runs, a watcher thread sends a heartbeat every few seconds and notices the client
-hanging up: an ``exec`` whose client is gone stops waiting for the payload, and a ``prepare``
-whose result cannot be delivered tears its new VM down again (no one would know its name).
+While a call runs, its :class:`~glite_vm.service.connection.Call` sends heartbeats and notices
+the client hanging up: an ``exec`` whose client is gone stops waiting for the payload, and a
+``prepare`` whose result cannot be delivered tears its new VM down again (no one would know its
+name). Stopping closes the socket and leaves the VMs running for the next start.
 """
 
 from __future__ import annotations
 
-import base64
 import contextlib
-import dataclasses
 import logging
 import os
-import select
 import socket
 import stat
-import struct
 import threading
 import time
-from collections.abc import Callable, Mapping
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 from glite_vm.config import Settings
 from glite_vm.errors import GliteVmError, HostError, ServiceUnavailableError
-from glite_vm.request import JobRequest
 from glite_vm.service import events, protocol
+from glite_vm.service.caller import account_name
 from glite_vm.service.claims import Claim, find_claim, process_uids
-from glite_vm.service.local import LocalService, account_name
-from glite_vm.service.registry import VmRecord, VmRegistry
-from glite_vm.slots import SlotFacts
+from glite_vm.service.connection import Call, Peer, peer_of, read_request, refuse
+from glite_vm.service.dispatch import dispatch
+from glite_vm.service.local import LocalService
+from glite_vm.service.registry import VmRegistry
+from glite_vm.service.vm_state import VmRecord
 from glite_vm.vm.lifecycle import VmHost
 
 log = logging.getLogger(__name__)
 
-SO_PEERGROUPS = getattr(socket, "SO_PEERGROUPS", 59)  # Linux >= 4.13; Python 3.11 lacks the name
-REQUEST_TIMEOUT = 10.0  # seconds a client has to send its whole request line, however slowly
 SEND_TIMEOUT = 120.0  # seconds one reply line may wait for a client that does not read
 SHUTDOWN_GRACE = 10.0  # seconds running calls get to finish when the service stops
-MAX_PEER_GROUPS = 256  # what fits the 1024-byte getsockopt buffer Python allows
 MAX_CONNECTIONS = 512  # calls served at once; beyond that a caller is told the service is busy
 # and each local user but root has at most settings.max_calls_per_user of them, so that one
 # user's flood of connections cannot make the service refuse another user's job
-
-T = TypeVar("T")
-
-
-@dataclasses.dataclass(frozen=True)
-class Peer:
-    """The process at the other end of a connection, as the kernel saw it at connect()."""
-
-    pid: int
-    uid: int
-    gid: int
-    groups: tuple[int, ...] | None  # None: the kernel could not say
-
-
-def peer_of(sock: socket.socket) -> Peer:
-    raw = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PEERCRED, struct.calcsize("3i"))
-    pid, uid, gid = struct.unpack("3i", raw)
-    groups: tuple[int, ...] | None
-    try:
-        data = sock.getsockopt(socket.SOL_SOCKET, SO_PEERGROUPS, 4 * MAX_PEER_GROUPS)
-        groups = struct.unpack(f"{len(data) // 4}I", data[: len(data) // 4 * 4])
-    except OSError:
-        groups = None  # too many groups, or an old kernel: the user database will say
-    return Peer(pid, uid, gid, groups)
 
 
 class ServiceServer:
@@ -90,7 +63,7 @@ class ServiceServer:
         self.registry = registry
         self.socket_path = socket_path
         self._listener: socket.socket | None = None
-        self._calls: set[_Call] = set()
+        self._calls: set[Call] = set()
         self._calls_lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._per_uid: dict[int, int] = {}  # calls running, by caller (guarded by _calls_lock)
@@ -158,7 +131,7 @@ class ServiceServer:
                     continue
                 refusal = self._admit(peer)
                 if refusal is not None:
-                    _refuse(conn, refusal)
+                    refuse(conn, refusal)
                     continue
                 thread = threading.Thread(target=self._handle, args=(conn, peer), daemon=True)
                 thread.start()
@@ -229,7 +202,7 @@ class ServiceServer:
     def _handle_call(self, conn: socket.socket, peer: Peer) -> None:
         with conn:
             try:
-                op, args = _read_request(conn, time.monotonic() + REQUEST_TIMEOUT)
+                op, args = read_request(conn)
             except (GliteVmError, OSError) as exc:
                 if not isinstance(exc, GliteVmError):
                     exc = protocol.ProtocolError(f"no valid request: {exc}")
@@ -240,7 +213,7 @@ class ServiceServer:
                     )
                 return
             conn.settimeout(SEND_TIMEOUT)
-            call = _Call(conn)
+            call = Call(conn)
             name = account_name(peer.uid)
             groups = peer.groups
             if groups is None:  # the kernel could not say: the user database's groups
@@ -264,7 +237,7 @@ class ServiceServer:
             watcher.start()
             started = time.monotonic()
             try:
-                result = _dispatch(service, op, args, call)
+                result = dispatch(service, op, args, call)
                 reply: dict[str, Any] = {"ok": True, "result": result}
             except Exception as exc:
                 if not isinstance(exc, GliteVmError):
@@ -309,196 +282,12 @@ class ServiceServer:
             )
 
 
-class _Call:
-    """One connection's replies (thread-safe) and the watch on its client."""
-
-    def __init__(self, conn: socket.socket) -> None:
-        self.conn = conn
-        self.cancel = threading.Event()
-        self.gone = False
-        self._lock = threading.Lock()
-        self._done = threading.Event()
-        self._wake_r, self._wake_w = os.pipe2(os.O_CLOEXEC | os.O_NONBLOCK)
-
-    def finish(self) -> None:
-        """The call returned: stop the watcher at once."""
-        self._done.set()
-        with contextlib.suppress(OSError):
-            os.write(self._wake_w, b"x")
-
-    def close(self) -> None:
-        for fd in (self._wake_r, self._wake_w):
-            with contextlib.suppress(OSError):
-                os.close(fd)
-
-    def send(self, message: Mapping[str, Any]) -> bool:
-        data = protocol.encode(message)
-        with self._lock:
-            if self.gone:
-                return False
-            try:
-                self.conn.sendall(data)
-            except OSError:
-                self._hung_up()
-                return False
-        return True
-
-    def sink(self, stream: str) -> Callable[[bytes], None]:
-        def deliver(data: bytes) -> None:
-            self.send({"out": stream, "data": base64.b64encode(data).decode()})
-
-        return deliver
-
-    def watch(self) -> None:
-        """Heartbeats while the call runs; notice a client that hung up."""
-        last_beat = time.monotonic()
-        # poll, not select: with hundreds of calls the descriptors pass select's limit of 1024
-        poller = select.poll()
-        try:
-            poller.register(self.conn.fileno(), select.POLLIN)
-            poller.register(self._wake_r, select.POLLIN)
-        except (OSError, ValueError):
-            return
-        while not self._done.is_set():
-            wait = max(0.0, last_beat + protocol.HEARTBEAT_SECONDS - time.monotonic())
-            try:
-                events_ready = poller.poll(wait * 1000)
-            except OSError:
-                return
-            if self._done.is_set():
-                return
-            if any(fd == self.conn.fileno() for fd, _mask in events_ready):
-                try:
-                    data = self.conn.recv(4096, socket.MSG_DONTWAIT)
-                except BlockingIOError:
-                    data = b"?"
-                except OSError:
-                    data = b""
-                if not data:
-                    self._hung_up()
-                    return
-                # Bytes after the request mean nothing in this protocol version: dropped.
-            if time.monotonic() - last_beat >= protocol.HEARTBEAT_SECONDS:
-                last_beat = time.monotonic()
-                if not self.send({"beat": True}):
-                    return
-
-    def _hung_up(self) -> None:
-        self.gone = True
-        self.cancel.set()
-
-
-def _read_request(conn: socket.socket, deadline: float) -> tuple[str, dict[str, Any]]:
-    """The request line, which must arrive whole by ``deadline`` (however it trickles in) and
-    within :data:`~glite_vm.service.protocol.MAX_REQUEST` bytes."""
-    buffer = bytearray()
-    while b"\n" not in buffer:
-        if len(buffer) > protocol.MAX_REQUEST:
-            raise protocol.ProtocolError(
-                f"the request is longer than the protocol allows ({protocol.MAX_REQUEST} bytes)"
-            )
-        left = deadline - time.monotonic()
-        if left <= 0:
-            raise protocol.ProtocolError(
-                f"no whole request arrived within {REQUEST_TIMEOUT:g} s; the call is dropped"
-            )
-        conn.settimeout(left)
-        try:
-            data = conn.recv(1 << 20)
-        except TimeoutError:
-            continue
-        if not data:
-            raise protocol.ProtocolError("the connection closed before a whole request arrived")
-        buffer += data
-    line = bytes(buffer[: buffer.index(b"\n")])
-    message = protocol.decode_request(line)
-    op = message.get("op")
-    args = message.get("args", {})
-    if op not in protocol.OPS:
-        raise protocol.ProtocolError(f"unknown operation {op!r}")
-    if not isinstance(args, dict):
-        raise protocol.ProtocolError("the request's args must be an object")
-    return str(op), args
-
-
-def _dispatch(service: LocalService, op: str, args: dict[str, Any], call: _Call) -> dict[str, Any]:
-    if op == "ping":
-        return protocol.result_to_wire(service.ping())
-    if op == "prepare":
-        job = JobRequest.from_wire(_arg(args, "request", dict), service.settings)
-        prepared = service.prepare(
-            job,
-            scratch_dir=_arg(args, "scratch_dir", str),
-            starter_pid=_optional(args, "starter_pid", int),
-            slot=_slot(args.get("slot")) if service.trusted else None,  # no one else's word
-            cancel=call.cancel,
-        )
-        return protocol.result_to_wire(prepared)
-    if op == "push":
-        return {"bytes": service.push(_arg(args, "vm", str), _arg(args, "src_dir", str))}
-    if op == "exec":
-        argv = _arg(args, "argv", list)
-        env = _optional(args, "env", dict)
-        outcome = service.exec(
-            _arg(args, "vm", str),
-            argv,
-            env=env,
-            stdout=call.sink("stdout"),
-            stderr=call.sink("stderr"),
-            cancel=call.cancel,
-        )
-        return protocol.result_to_wire(outcome)
-    if op == "pull":
-        files = service.pull(
-            _arg(args, "vm", str),
-            _arg(args, "dest_dir", str),
-            unchanged_from=_optional(args, "unchanged_from", str),
-        )
-        return {"files": files}
-    if op == "teardown":
-        done = service.teardown(_arg(args, "vm", str), failed=bool(args.get("failed", True)))
-        return protocol.result_to_wire(done)
-    if op == "list_vms":
-        return {"vms": [protocol.result_to_wire(v) for v in service.list_vms()]}
-    if op == "reap":
-        return {"reaped": [protocol.result_to_wire(r) for r in service.reap()]}
-    raise protocol.ProtocolError(f"unknown operation {op!r}")
-
-
-def _slot(data: object) -> SlotFacts | None:
-    if data is None:
-        return None
-    try:
-        return SlotFacts.from_wire(data)
-    except ValueError as exc:
-        raise protocol.ProtocolError(f"argument 'slot': {exc}") from None
-
-
-def _arg(args: Mapping[str, Any], name: str, kind: type[T]) -> T:
-    value = args.get(name)
-    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-        raise protocol.ProtocolError(f"argument {name!r} must be a {kind.__name__}")
-    return value
-
-
-def _optional(args: Mapping[str, Any], name: str, kind: type[T]) -> T | None:
-    return None if args.get(name) is None else _arg(args, name, kind)
-
-
 def _claim_of(peer: Peer) -> Claim | None:
     """The HTCondor claim ``peer`` acts for; ``None`` when none, or when its pid no longer
     belongs to it (it exited, and the number may have been given to someone else)."""
     if process_uids(peer.pid)[:1] != (peer.uid,):
         return None
     return find_claim(peer.pid)
-
-
-def _refuse(conn: socket.socket, message: str) -> None:
-    with conn:
-        conn.settimeout(1.0)
-        error = protocol.error_to_wire(ServiceUnavailableError(message))
-        with contextlib.suppress(OSError):
-            conn.sendall(protocol.encode({"ok": False, "error": error}))
 
 
 def _answers(path: Path) -> bool:
@@ -513,4 +302,4 @@ def _answers(path: Path) -> bool:
     return True
 
 
-__all__ = ["Peer", "ServiceServer", "peer_of"]
+__all__ = ["ServiceServer"]
