@@ -21,7 +21,7 @@ from collections.abc import Mapping
 
 from glite_vm.config import KIB, MIB, Settings, check_network_name, format_size, parse_size
 from glite_vm.errors import RequestError, RootNotPermittedError
-from glite_vm.identity.hostname import resolve_hostname
+from glite_vm.identity.hostname import resolve_hostname, validate_hostname
 from glite_vm.slots import SlotFacts
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -180,7 +180,12 @@ class JobRequest:
         image_sha256: str | None = None,
         hostname: str | None = None,
         network: str | None = None,
+        site_policy: bool = True,
     ) -> JobRequest:
+        """Validate and bound what a job asks. With ``site_policy`` the site's rules in
+        ``settings`` apply too (which hostnames and networks a job may choose); without it only
+        the form is checked, as the PREPARE_JOB hook does: the service applies the rules with
+        its own settings, which the hook may not all see."""
         check_image_ref(image)
         # A job's sizes are what it asks: its slot's size replaces them, or bounds them, and
         # the VM's own bounds (64 MiB .. the settings' maximum) come with the VM (vm_request).
@@ -214,11 +219,17 @@ class JobRequest:
         if hostname is not None:
             if not isinstance(hostname, str):
                 raise RequestError("GliteVmHostname", f"must be a string, got {hostname!r}")
-            hostname = resolve_hostname(
-                settings, host="", slot="", job_id=job_id, requested=hostname
-            )
+            if site_policy:
+                hostname = resolve_hostname(
+                    settings, host="", slot="", job_id=job_id, requested=hostname
+                )
+            else:
+                hostname = validate_hostname(hostname)
         if network is not None:
-            check_network(settings, network)
+            if site_policy:
+                check_network(settings, network)
+            else:
+                check_network_name(network, "GliteVmNetwork")
         return cls(
             image=image,
             job_id=job_id,

@@ -228,8 +228,10 @@ def prepare_job(ctx: HookContext, stdin_text: str) -> int:
     try:
         job_ad = parse_old_ad(stdin_text, "job ad")
         # The hook turns the ad into a request (the service never parses an ad); the service
-        # sizes it for the slot it learns from the starter this hook runs under.
-        request = request_from_job_ad(job_ad, ctx.settings)
+        # applies the site's rules with its own settings (the hook may not see all of them:
+        # the service's environment, say) and sizes it for the slot it learns from the
+        # starter this hook runs under.
+        request = request_from_job_ad(job_ad, ctx.settings, site_policy=False)
         scratch = ctx.scratch_dir
         inputs = input_names(scratch)
         launcher = launcher_path(ctx)

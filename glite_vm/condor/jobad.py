@@ -228,9 +228,13 @@ def _size(ad: _Ad, name: str, unit: str) -> int | None:
 # --- job ad -> request ---------------------------------------------------------------------
 
 
-def request_from_job_ad(job_ad: Mapping[str, object], settings: Settings) -> JobRequest:
+def request_from_job_ad(
+    job_ad: Mapping[str, object], settings: Settings, *, site_policy: bool = True
+) -> JobRequest:
     """What this job asks for, validated and bounded (the hook's side; the service sizes it
-    for its slot: :func:`glite_vm.request.vm_request`).
+    for its slot: :func:`glite_vm.request.vm_request`). Without ``site_policy`` only the form
+    is checked (see :meth:`JobRequest.create`), not which image sources, hostnames and networks
+    the site allows: the hook does so, and leaves those rules to the service.
 
     Raises :class:`~glite_vm.errors.RequestError` for anything malformed (missing image, a
     ``GliteVmRoot`` that is not a literal boolean, impossible sizes, odd names, ...) and
@@ -250,7 +254,8 @@ def request_from_job_ad(job_ad: Mapping[str, object], settings: Settings) -> Job
                 'add +GliteVmImage = "<catalogue name or URL>" to the submit file',
             )
         image = settings.default_image
-    classify_ref(image, sources=settings.custom_image_sources, allow_local=False)
+    if site_policy:
+        classify_ref(image, sources=settings.custom_image_sources, allow_local=False)
     disk_kib = _size(ad, "RequestDisk", "KiB")
     keep = _literal_string(ad, "GliteVmKeepSnapshot")
     return JobRequest.create(
@@ -266,6 +271,7 @@ def request_from_job_ad(job_ad: Mapping[str, object], settings: Settings) -> Job
         image_sha256=_literal_string(ad, "GliteVmImageSha256"),
         hostname=_literal_string(ad, "GliteVmHostname"),
         network=_literal_string(ad, "GliteVmNetwork"),
+        site_policy=site_policy,
     )
 
 

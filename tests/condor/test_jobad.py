@@ -285,6 +285,33 @@ def test_job_chosen_hostname_follows_the_site_policy() -> None:
         assert err.field == "GliteVmHostname"
 
 
+
+def test_the_hook_checks_the_form_and_leaves_the_sites_rules_to_the_service() -> None:
+    """The hook may not see every setting of the service (the service's own environment, say):
+    a custom image, a chosen hostname and a network the hook's settings know nothing of pass
+    the hook and meet the service's rules there; malformed values are still held at once."""
+    hook = Settings()  # no custom sources, no job hostnames, no job networks
+    asked = job(
+        GliteVmImage="https://images.example.org/x.qcow2",
+        GliteVmHostname="Build-1.example.org",
+        GliteVmNetwork="user",
+    )
+    request = request_from_job_ad(asked, hook, site_policy=False)
+    assert (request.image, request.hostname, request.network) == (
+        "https://images.example.org/x.qcow2",
+        "build-1.example.org",
+        "user",
+    )
+    service = Settings(custom_image_sources=("https://images.example.org/",))
+    with pytest.raises(RequestError) as refused:  # the service's rules: no job hostnames here
+        JobRequest.from_wire(request.to_wire(), service)
+    assert refused.value.field == "GliteVmHostname"
+    for bad in ({"GliteVmHostname": "a..b"}, {"GliteVmNetwork": "no spaces"}):
+        with pytest.raises(RequestError):
+            request_from_job_ad(job(**bad), hook, site_policy=False)
+    with pytest.raises(ImageRefusedError):  # with the rules, as the service applies them
+        request_from_job_ad(asked, hook)
+
 _EXPRESSIONS = [
     "1/0",
     "undefined",
