@@ -285,7 +285,6 @@ def test_job_chosen_hostname_follows_the_site_policy() -> None:
         assert err.field == "GliteVmHostname"
 
 
-
 def test_the_hook_checks_the_form_and_leaves_the_sites_rules_to_the_service() -> None:
     """The hook may not see every setting of the service (the service's own environment, say):
     a custom image, a chosen hostname and a network the hook's settings know nothing of pass
@@ -311,6 +310,7 @@ def test_the_hook_checks_the_form_and_leaves_the_sites_rules_to_the_service() ->
             request_from_job_ad(job(**bad), hook, site_policy=False)
     with pytest.raises(ImageRefusedError):  # with the rules, as the service applies them
         request_from_job_ad(asked, hook)
+
 
 _EXPRESSIONS = [
     "1/0",
