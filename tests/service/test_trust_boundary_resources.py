@@ -454,7 +454,13 @@ def test_tar_headers_from_the_guest_are_bounded(site: Site, alice: Account) -> N
     out.mkdir(mode=0o700)
     starter = site.root_starter()
     try:
-        ad = {"ClusterId": 7, "ProcId": 0, "GliteVmImage": "test-dash", "GliteVmRoot": True}
+        ad = {
+            "ClusterId": 7,
+            "ProcId": 0,
+            "Owner": alice.name,
+            "GliteVmImage": "test-dash",
+            "GliteVmRoot": True,
+        }
         vm = ok(starter.call(alice, "prepare", job_ad=ad, scratch_dir=str(scratch)))["vm"]
         ok(starter.call(alice, "push", vm=vm, src_dir=str(scratch)))
         install = "mkdir -p /usr/local/bin && cp tar /usr/local/bin/ && chmod 755 /usr/local/bin/*"
