@@ -92,6 +92,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    from prometheus_client import disable_created_metrics  # noqa: PLC0415
+
+    from glite_vm.service.metrics import ServiceMetrics  # noqa: PLC0415
     from glite_vm.service.registry import VmRegistry  # noqa: PLC0415 - libvirt: only here
     from glite_vm.service.server import ServiceServer  # noqa: PLC0415
     from glite_vm.vm import libvirt_events  # noqa: PLC0415
@@ -123,7 +126,10 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     log.info("accelerator: %s (%s)", hypervisor.kind, hypervisor.reason)
     host = open_host(settings, hypervisor)
     try:
-        registry = VmRegistry(settings, host)
+        # The process's choice, like its logging: no *_created series beside every counter (they
+        # double what a scrape and the textfile carry, and dashboards do not use them).
+        disable_created_metrics()  # type: ignore[no-untyped-call]
+        registry = VmRegistry(settings, host, ServiceMetrics())
         server = ServiceServer(settings, host, registry, socket_path)
         server.bind()  # before adopting: a second instance must not touch the first's VMs
         log.info("socket %s bound; adopting VMs of an earlier run, reaping", socket_path)
