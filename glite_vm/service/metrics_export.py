@@ -47,14 +47,12 @@ TEXTFILE_MODE = 0o644
 
 
 class _Handler(WSGIRequestHandler):
-    timeout = CLIENT_TIMEOUT  # socketserver sets it on the connection
-
     def log_message(self, format: str, *args: Any) -> None:
         """Scrapes are not logged (one every few seconds)."""
 
 
 class _BoundedServer(ThreadingMixIn, WSGIServer):
-    """One thread per connection, at most :data:`MAX_CLIENTS` of them."""
+    """One thread per connection, at most ``max_clients`` of them."""
 
     daemon_threads = True
     max_clients = MAX_CLIENTS
@@ -80,15 +78,20 @@ class _BoundedServer(ThreadingMixIn, WSGIServer):
             self._slots.release()
 
 
-class _BoundedServer6(_BoundedServer):
-    address_family = socket.AF_INET6
-
-
 class MetricsEndpoint:
     """Serves ``metrics`` over HTTP at ``address`` from a thread, until :meth:`stop`."""
 
-    def __init__(self, metrics: ServiceMetrics, address: MetricsAddress) -> None:
+    def __init__(
+        self,
+        metrics: ServiceMetrics,
+        address: MetricsAddress,
+        *,
+        max_clients: int = MAX_CLIENTS,
+        client_timeout: float = CLIENT_TIMEOUT,
+    ) -> None:
         self.address = address
+        self.max_clients = max_clients
+        self.client_timeout = client_timeout
         self._app = make_wsgi_app(metrics.registry)
         self._server: WSGIServer | None = None
         self._thread: threading.Thread | None = None
@@ -101,14 +104,25 @@ class MetricsEndpoint:
 
     def start(self) -> None:
         """Bind and serve; a HostError naming the setting when the address cannot be bound."""
-        cls = _BoundedServer6 if ":" in self.address.host else _BoundedServer
+        server_class: type[_BoundedServer] = type(
+            "MetricsServer",
+            (_BoundedServer,),
+            {
+                "max_clients": self.max_clients,
+                "address_family": socket.AF_INET6 if ":" in self.address.host else socket.AF_INET,
+            },
+        )
+        # socketserver sets a handler's timeout on its connection: a silent client is dropped
+        handler_class: type[_Handler] = type(
+            "MetricsHandler", (_Handler,), {"timeout": self.client_timeout}
+        )
         try:
-            server = make_server(
+            server: _BoundedServer = make_server(
                 self.address.host,
                 self.address.port,
                 self._app,
-                server_class=cls,
-                handler_class=_Handler,
+                server_class=server_class,
+                handler_class=handler_class,
             )
         except OSError as exc:
             raise HostError(
