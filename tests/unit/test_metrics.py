@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import http.client
+import json
 import logging
 import os
+import re
 import socket
 import stat
 import threading
@@ -403,3 +405,49 @@ def test_a_flood_of_idle_connections_holds_a_few_threads_for_a_while() -> None:
         finally:
             for s in flood:
                 s.close()
+
+
+# -- the docs ---------------------------------------------------------------------------------
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def exported_names() -> set[str]:
+    """Every sample name the service can export (each labelled metric fed once); not the
+    ``*_created`` ones, which ``glite-vm serve`` turns off for its process."""
+    m = ServiceMetrics()
+    m.watch_vms(list)
+    m.note_call("prepare", UserError("held"))
+    m.note_call("prepare", HostError("requeued"))
+    m.download_ended(DownloadError("gone"))
+    text = m.exposition().decode()
+    names = {s.name for f in text_string_to_metric_families(text) for s in f.samples}
+    return {n for n in names if not n.endswith("_created")}
+
+
+def test_the_grafana_dashboard_draws_only_what_the_service_exports() -> None:
+    dashboard = json.loads((REPO / "docs" / "grafana-glite-vm.json").read_text())
+    exprs = [t["expr"] for p in dashboard["panels"] for t in p.get("targets", [])]
+    assert len(exprs) >= 20
+    used = set(re.findall(r"\bglite_vm_[a-z_]+", json.dumps(dashboard)))
+    assert used <= exported_names(), used - exported_names()
+    families = {n for n in exported_names() if not n.startswith("glite_vm_process_")}
+    drawn = {n.removesuffix("_bucket") for n in used}
+    for name in families:  # every metric has its panel (histograms by their buckets)
+        base = name.removesuffix("_bucket").removesuffix("_count").removesuffix("_sum")
+        assert base in drawn or name in drawn, name
+
+
+def test_the_admin_guide_lists_what_the_service_exports() -> None:
+    guide = (REPO / "docs" / "admin.md").read_text()
+    section = guide.split("## Metrics", 1)[1].split("\n## ", 1)[0]
+    listed = set(re.findall(r"`(glite_vm_[a-z_]+)`", section))
+    exported = exported_names()
+    histograms = {n.removesuffix("_count") for n in exported if n.endswith("_count")}
+    assert listed <= exported | histograms | {"glite_vm_process_"}, listed - exported
+    bases = {
+        n.removesuffix("_bucket").removesuffix("_count").removesuffix("_sum")
+        for n in exported
+        if not n.startswith("glite_vm_process_")
+    }
+    assert bases <= listed | histograms, bases - listed
