@@ -13,6 +13,11 @@ While a call runs, its :class:`~glite_vm.service.connection.Call` sends heartbea
 the client hanging up: an ``exec`` whose client is gone stops waiting for the payload, and a
 ``prepare`` whose result cannot be delivered tears its new VM down again (no one would know its
 name). Stopping closes the socket and leaves the VMs running for the next start.
+
+Every call is counted in the registry's metrics (:mod:`glite_vm.service.metrics`); where the
+settings ask, they are exported (:mod:`glite_vm.service.metrics_export`): the endpoint is bound
+with the socket (a service that cannot serve the metrics it was asked for does not start), the
+textfile is rewritten at start, after every reaper pass and at stop.
 """
 
 from __future__ import annotations
@@ -69,7 +74,7 @@ class ServiceServer:
         self._threads: list[threading.Thread] = []
         self._per_uid: dict[int, int] = {}  # calls running, by caller (guarded by _calls_lock)
         self._stopping = threading.Event()
-        self.metrics = MetricsExport(settings, registry.metrics)
+        self.exports = MetricsExport(settings, registry.metrics)
 
     # -- socket ------------------------------------------------------------------------------
 
@@ -101,7 +106,7 @@ class ServiceServer:
             raise HostError(f"cannot listen on {path}: {exc}") from exc
         self._listener = listener
         try:
-            self.metrics.start()  # the admin asked for metrics: no start without them
+            self.exports.start()  # the admin asked for metrics: no start without them
         except BaseException:
             self.close()
             raise
@@ -113,7 +118,7 @@ class ServiceServer:
             self.bind()
         listener = self._listener
         assert listener is not None
-        self.metrics.write()  # what adoption found, at once
+        self.exports.write()  # what adoption found, at once
         reaper = threading.Thread(target=self._reap_loop, args=(stop,), name="reaper", daemon=True)
         reaper.start()
         listener.settimeout(0.5)
@@ -148,10 +153,10 @@ class ServiceServer:
             self.close()
             self._wind_down()
             reaper.join(timeout=SHUTDOWN_GRACE)
-            self.metrics.write()  # the last word: what the calls that finished did
+            self.exports.write()  # the last word: what the calls that finished did
 
     def close(self) -> None:
-        self.metrics.stop()
+        self.exports.stop()
         if self._listener is not None:
             self._listener.close()
             self._listener = None
@@ -180,7 +185,7 @@ class ServiceServer:
                 log.warning("reaper pass failed: %s", exc)
             except Exception:
                 log.exception("reaper pass failed")
-            self.metrics.write()
+            self.exports.write()
 
     # -- one call ----------------------------------------------------------------------------
 

@@ -374,6 +374,21 @@ def test_the_endpoint_serves_the_exposition_on_loopback() -> None:
         scrape(port, timeout=2.0)  # stopped: nothing listens any more
 
 
+def test_the_endpoint_serves_on_ipv6_loopback_too() -> None:
+    ep = MetricsEndpoint(ServiceMetrics(process=False), MetricsAddress("::1", 0))
+    ep.start()
+    try:
+        conn = http.client.HTTPConnection("::1", ep.port, timeout=5)
+        conn.request("GET", "/metrics")
+        response = conn.getresponse()
+        assert response.status == 200 and b"glite_vm_boots_total" in response.read()
+        conn.close()
+        with pytest.raises(OSError):  # bound to ::1 only, not to IPv4 loopback
+            scrape(ep.port, timeout=2.0)
+    finally:
+        ep.stop()
+
+
 def test_an_address_in_use_is_a_clear_error() -> None:
     m = ServiceMetrics(process=False)
     with endpoint(m) as first:
