@@ -8,15 +8,16 @@ The engine holds it (:class:`~glite_vm.service.registry.VmRegistry` ``.metrics``
 (:mod:`glite_vm.service.metrics_export`). The metric names and what each counts are listed in
 docs/admin.md ("Metrics"); docs/grafana-glite-vm.json draws them.
 
-Invariant: every label value comes from a fixed set in this module, or is the name of one of
-glite-vm's own error classes (:func:`error_label`). Never a user name, an image name, a path, a
+Invariant: every label value comes from a fixed set (here, the protocol's operations and the
+reaper's :data:`~glite_vm.service.reaper.REAP_KINDS`), or is the name of one of glite-vm's own
+error classes (:func:`error_label`). Never a user name, an image name, a path, a
 reason's text or anything else a job or a caller sent: a job could otherwise make one new series
 per job (memory of the service and of every Prometheus that scrapes it), and its quotes and
 newlines would have to be escaped right by every reader of the exposition. A value outside
 the fixed sets is counted under ``other``.
 
-This module is the only one of glite-vm that imports ``prometheus_client``; the hooks never
-import it (tests/unit/test_plain_packages.py).
+Only this module, its exporter and ``glite-vm serve`` import ``prometheus_client``; the hooks
+never do (tests/unit/test_plain_packages.py).
 """
 
 from __future__ import annotations
