@@ -15,6 +15,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import socket
 import stat
 import threading
@@ -310,6 +311,25 @@ def test_a_link_planted_at_the_textfile_is_replaced_not_followed(tmp_path: Path)
     assert stat.S_IMODE(canary.stat().st_mode) == 0o600
     assert not path.is_symlink() and path.read_bytes() == b"glite_vm_x 1\n"
     assert [p.name for p in textdir.iterdir()] == ["glite-vm.prom"]
+
+
+def test_a_link_at_a_guessed_temporary_name_leads_nowhere(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """prometheus_client's own writer uses ``<path>.<pid>.<thread>`` and opens it following
+    links; ours is random, and even guessed, it is created only if nothing is there."""
+    canary = tmp_path / "canary"
+    canary.write_bytes(b"CANARY\n")
+    path = tmp_path / "glite-vm.prom"
+    path.write_bytes(b"before\n")
+    monkeypatch.setattr(secrets, "token_hex", lambda _n: "0" * 16)
+    guessed = tmp_path / ".glite-vm.prom.0000000000000000.tmp"
+    guessed.symlink_to(canary)
+    with pytest.raises(FileExistsError):
+        write_textfile(path, b"glite_vm_x 1\n")
+    assert canary.read_bytes() == b"CANARY\n"
+    assert path.read_bytes() == b"before\n"
+    assert guessed.is_symlink()  # not ours to remove
 
 
 def test_an_unwritable_textfile_is_logged_once_and_never_raises(
