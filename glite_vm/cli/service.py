@@ -32,7 +32,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "CLI on a Unix socket that every local user may connect to; each caller acts only on "
         "its own jobs and VMs (peer credentials). Logs go to stderr. SIGTERM or SIGINT stop "
         "the service without touching running VMs; the next start adopts them. VMs whose job "
-        "is gone are reaped every GLITE_VM_REAP_INTERVAL seconds.",
+        "is gone are reaped every GLITE_VM_REAP_INTERVAL seconds. With GLITE_VM_METRICS_ADDRESS "
+        "(a loopback IP:PORT) or GLITE_VM_METRICS_TEXTFILE (a node_exporter .prom file) it "
+        "exports Prometheus metrics (docs/admin.md, Metrics).",
         epilog="See docs/service.md; a systemd unit is glite_vm/service/glite-vm.service.",
     )
     serve.add_argument(
