@@ -10,6 +10,7 @@ case-insensitive in the TOML file.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import math
 import os
 import re
@@ -292,6 +293,64 @@ def check_network_name(name: str, field: str = "network") -> str:
 
 
 @dataclasses.dataclass(frozen=True)
+class MetricsAddress:
+    """Where the service serves its Prometheus metrics (``GLITE_VM_METRICS_ADDRESS``): a literal
+    IP address and a port, ``127.0.0.1:9464`` or ``[::1]:9464``. A host name is refused: what
+    is bound must be what the admin reads, not what a resolver says today."""
+
+    host: str
+    port: int
+
+    @property
+    def loopback(self) -> bool:
+        return ipaddress.ip_address(self.host).is_loopback
+
+    @classmethod
+    def parse(cls, text: str) -> MetricsAddress | None:
+        """``"127.0.0.1:9464"``, ``"[::1]:9464"``; empty or ``"off"``: no endpoint."""
+        value = text.strip()
+        if value.lower() in ("", "off", "none"):
+            return None
+        example = "write e.g. '127.0.0.1:9464' or '[::1]:9464'"
+        host, sep, port_text = value.rpartition(":")
+        if not sep or not host:
+            raise ValueError(f"{value!r} is not an address and port; {example}")
+        if host.startswith("[") and host.endswith("]"):
+            host = host[1:-1]
+        elif ":" in host:
+            raise ValueError(f"{value!r}: put an IPv6 address in brackets; {example}")
+        try:
+            address = ipaddress.ip_address(host)
+        except ValueError:
+            raise ValueError(
+                f"{host!r} is not an IP address (host names are not taken); {example}"
+            ) from None
+        if not port_text.isdigit() or not 1 <= int(port_text) <= 65535:
+            raise ValueError(f"{port_text!r} is not a port (1-65535); {example}")
+        return cls(str(address), int(port_text))
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{host}:{self.port}"
+
+
+def _textfile(text: str) -> Path | None:
+    """A node_exporter textfile: an absolute path ending in ``.prom`` (the collector reads no
+    other name), or empty for none."""
+    value = text.strip()
+    if not value:
+        return None
+    path = Path(value)
+    if not path.is_absolute() or path.suffix != ".prom" or path.name.startswith("."):
+        raise ValueError(
+            f"{value!r} is not an absolute path of a file ending in .prom (node_exporter's "
+            "textfile collector reads only those), e.g. "
+            "'/var/lib/prometheus/node-exporter/glite-vm.prom'"
+        )
+    return path
+
+
+@dataclasses.dataclass(frozen=True)
 class Settings:
     """Every knob glite-vm reads. Build with :meth:`load`; pass it down, never make it global.
 
@@ -357,6 +416,14 @@ class Settings:
     unmanaged_vm_lifetime: float = _seconds(12 * 3600.0, zero_ok=True)
     service_connect_timeout: float = _seconds(5.0)  # a client waits to connect to the service
     service_idle_timeout: float = _seconds(30.0)  # a client waits for any sign of life mid-call
+    # Prometheus metrics of the service (docs/admin.md, "Metrics"): an HTTP endpoint on a
+    # literal IP and port (loopback unless metrics_allow_remote), and/or a node_exporter textfile
+    # rewritten every reap_interval; both off by default
+    metrics_address: MetricsAddress | None = dataclasses.field(
+        default=None, metadata={"parse": MetricsAddress.parse}
+    )
+    metrics_allow_remote: bool = False
+    metrics_textfile: Path | None = dataclasses.field(default=None, metadata={"parse": _textfile})
     # guest identity: hostname and host certificate (docs/identity.md)
     guest_identity: bool = False  # the service sets each VM's hostname (certificates imply it)
     hostname_pattern: str = "{host}-{slot}.{domain}"
@@ -372,6 +439,14 @@ class Settings:
     cert_max_lifetime: float = _seconds(7 * 86400.0)  # upper bound of a minted certificate
 
     def __post_init__(self) -> None:
+        address = self.metrics_address
+        if address is not None and not address.loopback and not self.metrics_allow_remote:
+            raise ValueError(
+                f"setting GLITE_VM_METRICS_ADDRESS: {address} is not a loopback address; the "
+                "endpoint has no authentication or TLS, so it listens beyond this host only with "
+                "GLITE_VM_METRICS_ALLOW_REMOTE = true (or use GLITE_VM_METRICS_TEXTFILE and "
+                "node_exporter)"
+            )
         for name in self.allowed_networks:
             try:
                 check_network_name(name)

@@ -32,7 +32,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         "CLI on a Unix socket that every local user may connect to; each caller acts only on "
         "its own jobs and VMs (peer credentials). Logs go to stderr. SIGTERM or SIGINT stop "
         "the service without touching running VMs; the next start adopts them. VMs whose job "
-        "is gone are reaped every GLITE_VM_REAP_INTERVAL seconds.",
+        "is gone are reaped every GLITE_VM_REAP_INTERVAL seconds. With GLITE_VM_METRICS_ADDRESS "
+        "(a loopback IP:PORT) or GLITE_VM_METRICS_TEXTFILE (a node_exporter .prom file) it "
+        "exports Prometheus metrics (docs/admin.md, Metrics).",
         epilog="See docs/service.md; a systemd unit is glite_vm/service/glite-vm.service.",
     )
     serve.add_argument(
@@ -92,6 +94,9 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
+    from prometheus_client import disable_created_metrics  # noqa: PLC0415
+
+    from glite_vm.service.metrics import ServiceMetrics  # noqa: PLC0415
     from glite_vm.service.registry import VmRegistry  # noqa: PLC0415 - libvirt: only here
     from glite_vm.service.server import ServiceServer  # noqa: PLC0415
     from glite_vm.vm import libvirt_events  # noqa: PLC0415
@@ -123,7 +128,10 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     log.info("accelerator: %s (%s)", hypervisor.kind, hypervisor.reason)
     host = open_host(settings, hypervisor)
     try:
-        registry = VmRegistry(settings, host)
+        # The process's choice, like its logging: no *_created series beside every counter (they
+        # double what a scrape and the textfile carry, and dashboards do not use them).
+        disable_created_metrics()  # type: ignore[no-untyped-call]
+        registry = VmRegistry(settings, host, ServiceMetrics())
         server = ServiceServer(settings, host, registry, socket_path)
         server.bind()  # before adopting: a second instance must not touch the first's VMs
         log.info("socket %s bound; adopting VMs of an earlier run, reaping", socket_path)

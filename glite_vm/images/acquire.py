@@ -19,6 +19,7 @@ from glite_vm.images._open_as import Reader
 from glite_vm.images._transport import FileAccess
 from glite_vm.images.cache import ImageCache
 from glite_vm.images.cache_fill import Acquired
+from glite_vm.images.cache_observer import CacheObserver
 from glite_vm.images.cache_store import Source
 from glite_vm.images.catalogue import CatalogueEntry, FileRef, load_catalogue
 from glite_vm.images.download import Progress
@@ -115,6 +116,7 @@ def acquire_image(
     owner_pid: int | None = None,
     session: requests.Session | None = None,
     reader: Reader | None = None,
+    observer: CacheObserver | None = None,
 ) -> ImageLease:
     """Resolve ``ref`` to a verified, leased image in the local cache, fetching it if needed.
 
@@ -126,6 +128,8 @@ def acquire_image(
     lease (default: this one). ``reader``: whose rights open a ``file://`` image (the service's
     caller: uid, gid, groups; default this process's): a job gets no file its owner could not
     read, and only a file that, opened, really lies under an allowed ``file://`` prefix.
+    ``observer`` hears of the downloads and evictions this makes
+    (:mod:`glite_vm.images.cache_observer`).
 
     Raises hold-class errors (RequestError, UnknownImageError, ChecksumMismatchError,
     ImageRefusedError, ImageNotFoundError) when the request must change, requeue-class errors
@@ -159,7 +163,7 @@ def acquire_image(
                 ),
             )
             sources = [custom]
-        cache = ImageCache(settings, session=session)
+        cache = ImageCache(settings, session=session, observer=observer)
         acquired: list[Acquired] = []
         try:
             for source in sources:

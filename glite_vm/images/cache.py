@@ -42,6 +42,7 @@ from glite_vm.images.cache_budget import (
     shrink,
 )
 from glite_vm.images.cache_fill import Acquired, CacheFill, forget_dangling_urls
+from glite_vm.images.cache_observer import CacheObserver
 from glite_vm.images.cache_store import CacheEntry, CacheStore, Source
 from glite_vm.images.download import Progress
 from glite_vm.images.leases import LeaseRecord
@@ -93,8 +94,14 @@ class VerifyResult:
 class ImageCache(CacheStore):
     """The cache at ``settings.effective_cache_dir``. Cheap to construct; safe across processes."""
 
-    def __init__(self, settings: Settings, *, session: requests.Session | None = None) -> None:
-        super().__init__(settings)
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        session: requests.Session | None = None,
+        observer: CacheObserver | None = None,
+    ) -> None:
+        super().__init__(settings, observer)
         self._session = session
 
     @property

@@ -211,6 +211,7 @@ def evict(
         if gone is not None:
             freed += gone.size
             removed.append(gone)
+            store.observer.evicted(gone.size)
     return freed, removed
 
 

@@ -20,7 +20,7 @@ import dataclasses
 import logging
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import requests
@@ -43,6 +43,7 @@ from glite_vm.images._fsutil import (
 )
 from glite_vm.images._transport import NotFound, Redirected, Refused, Stream, Validators, open_url
 from glite_vm.images.cache_budget import release_reservation, reserve
+from glite_vm.images.cache_observer import CacheObserver
 from glite_vm.images.cache_store import CacheEntry, CacheStore, Source
 from glite_vm.images.download import (
     Downloaded,
@@ -120,8 +121,9 @@ class CacheFill:
                             lease = self._lease_locked(entry, source, job_id, owner_pid)
                             return Acquired(entry, lease, hit=True)
             part = store.part_path(key)
-            dl = self._download(source, part, progress, first=first)
-            entry, lease = self._install(source, part, dl, job_id, owner_pid)
+            with _reported(store.observer):
+                dl = self._download(source, part, progress, first=first)
+                entry, lease = self._install(source, part, dl, job_id, owner_pid)
             index_doc = {
                 "url": source.url,
                 "sha256": dl.sha256,
@@ -167,6 +169,10 @@ class CacheFill:
 
     def _fetch_verified(self, source: Source, progress: Progress | None) -> CacheEntry:
         """Download, check the digest, inspect, install. The source's lock is held."""
+        with _reported(self.store.observer):
+            return self._fetch_verified_unreported(source, progress)
+
+    def _fetch_verified_unreported(self, source: Source, progress: Progress | None) -> CacheEntry:
         assert source.sha256 is not None
         part = self.store.part_path(source.key)
         dl = self._download(source, part, progress)
@@ -212,7 +218,7 @@ class CacheFill:
         try:
             if source.size is not None:
                 reserve_room(source.size)  # before any request: a hopeless download never starts
-            return download(
+            done = download(
                 self._session(),
                 fetch,
                 reserve=reserve_room,
@@ -220,6 +226,8 @@ class CacheFill:
                 first=first,
                 resume=resume,
             )
+            self.store.observer.received(done.transferred)
+            return done
         except NotFound as exc:
             discard_part(part)
             if source.custom:
@@ -319,6 +327,17 @@ class CacheFill:
             if not source.custom and not os.stat(entry.path).st_mode & 0o004:
                 os.chmod(entry.path, PUBLIC_MODE)  # a catalogue publishes these bytes anyway
         return record
+
+
+@contextlib.contextmanager
+def _reported(observer: CacheObserver) -> Iterator[None]:
+    """Tell ``observer`` how the fetch in the ``with`` block ended."""
+    try:
+        yield
+    except BaseException as exc:
+        observer.download_ended(exc)
+        raise
+    observer.download_ended(None)
 
 
 def forget_dangling_urls(store: CacheStore) -> None:

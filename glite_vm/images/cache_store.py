@@ -41,6 +41,7 @@ from glite_vm.config import Settings
 from glite_vm.errors import CacheFullError, LockTimeoutError
 from glite_vm.images._fsutil import is_disk_full, read_json_object
 from glite_vm.images._transport import FileAccess
+from glite_vm.images.cache_observer import QUIET, CacheObserver
 
 _BLOB_RE = re.compile(r"^[0-9a-f]{64}$")
 
@@ -84,11 +85,13 @@ class CacheEntry:
 class CacheStore:
     """The directories of the cache at ``settings.effective_cache_dir``, its locks and entries.
 
-    Cheap to construct; safe across processes.
+    Cheap to construct; safe across processes. ``observer`` hears of downloads and evictions
+    made through this object (:mod:`glite_vm.images.cache_observer`).
     """
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, observer: CacheObserver | None = None) -> None:
         self.settings = settings
+        self.observer = observer if observer is not None else QUIET
         self.root = settings.effective_cache_dir
         self.blobs = self.root / "blobs"
         self.partial = self.root / "partial"

@@ -77,6 +77,7 @@ class VmPreparer:
         started: Callable[[str, Path], None] | None = None,
     ) -> PrepareResult:
         """The steps of :meth:`~glite_vm.service.local.LocalService.prepare` (see there)."""
+        began = time.monotonic()
         caller = self.caller
         scratch, owner_uid = self._check_scratch_dir(scratch_dir)
         if not caller.is_root:
@@ -96,13 +97,18 @@ class VmPreparer:
             uid=caller.uid,
             starter=(starter_pid, starter_start) if managed and starter_pid else None,
             limit=None if caller.is_root or facts.own else self.settings.max_unmanaged_vms_per_user,
+            root=request.root,
         )
         place = _Place(
             scratch, owner_uid, facts.name or "slot1", starter_pid, starter_start, managed
         )
         listeners = _Listeners(cancel, progress, started)
         with self.registry.admit(admission):
-            return self._prepare_admitted(request, place, admission, listeners)
+            try:
+                return self._prepare_admitted(request, place, admission, listeners, began)
+            except BaseException as exc:
+                self.registry.metrics.note_boot_failed(exc)
+                raise
 
     def _slot(
         self, slot: SlotFacts | None, starter_pid: int | None
@@ -139,13 +145,25 @@ class VmPreparer:
         place: _Place,
         admission: Admission,
         listeners: _Listeners,
+        began: float,
     ) -> PrepareResult:
+        """Boot (with retries), set the guest's identity, note the boot (``began``: when the
+        call began, by the monotonic clock)."""
         cancel = listeners.cancel
 
         def boot(attempt: int, seconds_left: float) -> VmRecord:
-            return self._boot(
-                request, place, admission, listeners, timeout=seconds_left, attempt=attempt
-            )
+            try:
+                record = self._boot(
+                    request, place, admission, listeners, timeout=seconds_left, attempt=attempt
+                )
+            except TransientBootError:
+                self.registry.metrics.note_boot_attempt("transient")
+                raise
+            except BaseException:
+                self.registry.metrics.note_boot_attempt("failed")
+                raise
+            self.registry.metrics.note_boot_attempt("ok")
+            return record
 
         record, attempts = boot_with_retries(
             boot, attempts=self.settings.boot_attempts, budget=self.settings.boot_timeout
@@ -187,6 +205,7 @@ class VmPreparer:
             image.name,
             (vm.timings.fetch or 0) + (vm.timings.boot or 0) + (vm.timings.ready or 0),
         )
+        self.registry.metrics.note_ready(time.monotonic() - began, cache_hit=image.cache_hit)
         return PrepareResult(
             vm=vm.name,
             ad_attributes=dict(attributes),
@@ -215,7 +234,9 @@ class VmPreparer:
             allow_local=not self.caller.over_socket,
             reader=self.caller.identity,
             progress=listeners.progress,
+            observer=self.registry.metrics,
         )
+        self.registry.metrics.note_cache_lookup(hit=lease.image.cache_hit)
         cancel = listeners.cancel
         try:
             if cancel is not None and cancel.is_set():

@@ -15,6 +15,7 @@ lock.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import os
 import shutil
@@ -38,36 +39,61 @@ log = logging.getLogger(__name__)
 SWEEP_MIN_AGE = 10.0  # seconds a VM directory must be unchanged before a sweep may take it
 
 
+@dataclasses.dataclass(frozen=True)
+class Reap:
+    """Why a VM is reaped: ``kind``, one of :data:`REAP_KINDS` (a metric's label), and ``text``,
+    the sentence the log, the event log and the caller of ``reap`` read."""
+
+    kind: str
+    text: str
+
+
+#: The kinds of :class:`Reap`, in the order :func:`reap_reason` tries them; the last one is a
+#: VM found finished off at a restart (its domain vanished while the service was down).
+REAP_KINDS = (
+    "unmanaged_lifetime",
+    "starter_gone",
+    "scratch_gone",
+    "scratch_replaced",
+    "domain_stopped",
+    "domain_gone",
+    "gone_while_down",
+)
+
+
 def reap_reason(
     settings: Settings, conn: libvirt.virConnect, record: VmRecord, now: float | None = None
-) -> str | None:
+) -> Reap | None:
     """Why ``record``'s job is gone, or ``None`` while it may still need its VM."""
     lifetime = settings.unmanaged_vm_lifetime
     age = (time.time() if now is None else now) - record.created
     if not record.managed and lifetime > 0 and age > lifetime:
-        return (
+        return Reap(
+            "unmanaged_lifetime",
             f"it was started outside HTCondor {age:.0f} s ago, longer than such a VM may "
-            f"live (GLITE_VM_UNMANAGED_VM_LIFETIME = {lifetime:g} s)"
+            f"live (GLITE_VM_UNMANAGED_VM_LIFETIME = {lifetime:g} s)",
         )
     pid = record.starter_pid
     if pid is not None and not _process_runs(pid, record.starter_start):
-        return f"its starter process {pid} is gone"
+        return Reap("starter_gone", f"its starter process {pid} is gone")
     if record.scratch_dir is not None:
         try:
             st = os.lstat(record.scratch_dir)
         except FileNotFoundError:
-            return f"its scratch directory {record.scratch_dir} is gone"
+            return Reap("scratch_gone", f"its scratch directory {record.scratch_dir} is gone")
         except OSError:
             st = None
         if st is not None and (not stat.S_ISDIR(st.st_mode) or st.st_uid != record.owner_uid):
-            return f"its scratch directory {record.scratch_dir} was replaced"
+            return Reap(
+                "scratch_replaced", f"its scratch directory {record.scratch_dir} was replaced"
+            )
     try:
         dom = conn.lookupByName(record.name)
         if not dom.isActive():
-            return "its domain stopped (the guest powered off or QEMU died)"
+            return Reap("domain_stopped", "its domain stopped (the guest powered off or QEMU died)")
     except libvirt.libvirtError as exc:
         if exc.get_error_code() == libvirt.VIR_ERR_NO_DOMAIN:
-            return "its domain disappeared"
+            return Reap("domain_gone", "its domain disappeared")
     return None
 
 
@@ -151,4 +177,4 @@ def _process_runs(pid: int, start: int | None) -> bool:
     return state not in (b"Z", b"X")
 
 
-__all__ = ["SWEEP_MIN_AGE", "owner_alive", "reap_reason", "sweep_half_made"]
+__all__ = ["REAP_KINDS", "SWEEP_MIN_AGE", "Reap", "owner_alive", "reap_reason", "sweep_half_made"]

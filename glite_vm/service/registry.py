@@ -37,8 +37,9 @@ from glite_vm.errors import AccessDeniedError, HypervisorError
 from glite_vm.images.acquire import release_job_leases
 from glite_vm.images.cache import ImageCache
 from glite_vm.images.leases import read_leases, write_lease
-from glite_vm.service import events
+from glite_vm.service import events, metrics
 from glite_vm.service.api import ReapedVm, TeardownOutcome
+from glite_vm.service.metrics import ServiceMetrics
 from glite_vm.service.reaper import owner_alive, reap_reason, sweep_half_made
 from glite_vm.service.vm_state import (
     FinishedVm,
@@ -61,20 +62,26 @@ FINISHED_RETENTION = 3600.0
 class Admission:
     """A prepare under way: for the claim of ``starter`` (pid, start time), or, with ``starter``
     ``None``, outside HTCondor for ``uid`` with at most ``limit`` such VMs (``None``: no cap).
-    ``registered``: its VM is in the registry now, and counts there."""
+    ``registered``: its VM is in the registry now, and counts there.
+    ``root``: the job runs as root in its guest."""
 
     uid: int
     starter: tuple[int, int | None] | None
     limit: int | None
     registered: bool = False
+    root: bool = False  # the job runs as root in its guest (its owner class in the metrics)
 
 
 class VmRegistry:
-    """The VMs of one service instance (thread-safe), persisted for restarts."""
+    """The VMs of one service instance (thread-safe), persisted for restarts; ``metrics``
+    (default: a new, unexported set) count what happens to them."""
 
-    def __init__(self, settings: Settings, host: VmHost) -> None:
+    def __init__(
+        self, settings: Settings, host: VmHost, metrics: ServiceMetrics | None = None
+    ) -> None:
         self.settings = settings
         self.host = host
+        self.metrics = metrics if metrics is not None else ServiceMetrics(process=False)
         self.states = StateDir(settings.state_dir / "service" / "vms")
         self.started = time.monotonic()
         self._active: dict[str, VmRecord] = {}
@@ -83,6 +90,7 @@ class VmRegistry:
         self._teardown_locks: dict[str, threading.Lock] = {}
         self._admitted: dict[int, Admission] = {}  # prepares under way, by a token
         self.events = events.EventLog(events.event_log_path(settings.state_dir))
+        self.metrics.watch_vms(self.vm_facts)
 
     # -- lookup ------------------------------------------------------------------------------
 
@@ -93,6 +101,23 @@ class VmRegistry:
     def active(self) -> list[VmRecord]:
         with self._lock:
             return list(self._active.values())
+
+    def vm_facts(self) -> list[tuple[str, str]]:
+        """(state, owner class) of each VM, prepares under way included (for the metrics)."""
+        with self._lock:
+            records = list(self._active.values())
+            pending = [a for a in self._admitted.values() if not a.registered]
+        facts = [
+            (metrics.PREPARING, metrics.owner_class(managed=a.starter is not None, root=a.root))
+            for a in pending
+        ]
+        for r in records:
+            if r.state_lost:
+                state = metrics.TEARDOWN_ONLY
+            else:
+                state = metrics.READY if r.ad_attributes else metrics.BOOTING
+            facts.append((state, metrics.owner_class(managed=r.managed, root=r.vm.request.root)))
+        return facts
 
     # -- admission ---------------------------------------------------------------------------
 
@@ -181,6 +206,7 @@ class VmRegistry:
                 result = _finish_handed_over(record)
             else:
                 result = record.vm.teardown(failed=failed, keep_override=keep_override)
+                self.metrics.note_teardown(result.seconds)
             if record.lease is not None:
                 record.lease.release()
             if record.lease_job_id is not None:
@@ -247,22 +273,23 @@ class VmRegistry:
         reaped: list[ReapedVm] = []
         self.ensure_connection()
         for record in self.active():
-            reason = reap_reason(self.settings, self.host.conn, record)
-            if reason is None:
+            reap = reap_reason(self.settings, self.host.conn, record)
+            if reap is None:
                 continue
             log.warning(
                 "reaping %s (job %s of uid %d): %s",
                 record.name,
                 record.vm.request.job_id,
                 record.owner_uid,
-                reason,
+                reap.text,
             )
             try:
-                self.teardown(record, failed=True, reason=reason)
+                self.teardown(record, failed=True, reason=reap.text)
             except Exception:
                 log.exception("reaping %s failed", record.name)
                 continue
-            reaped.append(ReapedVm(record.name, record.owner_uid, reason))
+            self.metrics.note_reap(reap.kind)
+            reaped.append(ReapedVm(record.name, record.owner_uid, reap.text))
         self._expire_finished()
         sweep_half_made(
             self.settings, self.host.conn, lambda name: self.get(name) is not None, self.events
@@ -375,6 +402,7 @@ class VmRegistry:
         reason = "its domain disappeared while the service was down"
         log.warning("finishing %s: %s", name, reason)
         self.teardown(record, failed=True, reason=reason)
+        self.metrics.note_reap("gone_while_down")
 
 
 def _handed_over(record: VmRecord) -> bool:

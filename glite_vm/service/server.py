@@ -13,6 +13,11 @@ While a call runs, its :class:`~glite_vm.service.connection.Call` sends heartbea
 the client hanging up: an ``exec`` whose client is gone stops waiting for the payload, and a
 ``prepare`` whose result cannot be delivered tears its new VM down again (no one would know its
 name). Stopping closes the socket and leaves the VMs running for the next start.
+
+Every call is counted in the registry's metrics (:mod:`glite_vm.service.metrics`); where the
+settings ask, they are exported (:mod:`glite_vm.service.metrics_export`): the endpoint is bound
+with the socket (a service that cannot serve the metrics it was asked for does not start), the
+textfile is rewritten at start, after every reaper pass and at stop.
 """
 
 from __future__ import annotations
@@ -35,6 +40,7 @@ from glite_vm.service.claims import Claim, find_claim, process_uids
 from glite_vm.service.connection import Call, Peer, peer_of, read_request, refuse
 from glite_vm.service.dispatch import dispatch
 from glite_vm.service.local import LocalService
+from glite_vm.service.metrics_export import MetricsExport
 from glite_vm.service.registry import VmRegistry
 from glite_vm.service.vm_state import VmRecord
 from glite_vm.vm.lifecycle import VmHost
@@ -68,6 +74,7 @@ class ServiceServer:
         self._threads: list[threading.Thread] = []
         self._per_uid: dict[int, int] = {}  # calls running, by caller (guarded by _calls_lock)
         self._stopping = threading.Event()
+        self.exports = MetricsExport(settings, registry.metrics)
 
     # -- socket ------------------------------------------------------------------------------
 
@@ -98,6 +105,11 @@ class ServiceServer:
             listener.close()
             raise HostError(f"cannot listen on {path}: {exc}") from exc
         self._listener = listener
+        try:
+            self.exports.start()  # the admin asked for metrics: no start without them
+        except BaseException:
+            self.close()
+            raise
 
     def serve(self, stop: threading.Event) -> None:
         """Accept calls and run the reaper until ``stop`` is set; then close the socket, let
@@ -106,6 +118,7 @@ class ServiceServer:
             self.bind()
         listener = self._listener
         assert listener is not None
+        self.exports.write()  # what adoption found, at once
         reaper = threading.Thread(target=self._reap_loop, args=(stop,), name="reaper", daemon=True)
         reaper.start()
         listener.settimeout(0.5)
@@ -140,8 +153,10 @@ class ServiceServer:
             self.close()
             self._wind_down()
             reaper.join(timeout=SHUTDOWN_GRACE)
+            self.exports.write()  # the last word: what the calls that finished did
 
     def close(self) -> None:
+        self.exports.stop()
         if self._listener is not None:
             self._listener.close()
             self._listener = None
@@ -170,6 +185,7 @@ class ServiceServer:
                 log.warning("reaper pass failed: %s", exc)
             except Exception:
                 log.exception("reaper pass failed")
+            self.exports.write()
 
     # -- one call ----------------------------------------------------------------------------
 
@@ -206,6 +222,7 @@ class ServiceServer:
             except (GliteVmError, OSError) as exc:
                 if not isinstance(exc, GliteVmError):
                     exc = protocol.ProtocolError(f"no valid request: {exc}")
+                self.registry.metrics.note_call("", exc)
                 conn.settimeout(1.0)  # the answer is small; a client that does not read loses it
                 with contextlib.suppress(OSError):
                     conn.sendall(
@@ -249,6 +266,9 @@ class ServiceServer:
                     )
                 reply = {"ok": False, "error": protocol.error_to_wire(exc)}
                 result = None
+                self.registry.metrics.note_call(op, exc)
+            else:
+                self.registry.metrics.note_call(op, None)
             finally:
                 call.finish()
                 with self._calls_lock:
