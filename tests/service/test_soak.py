@@ -2,7 +2,7 @@
 
 After each batch: no domain of the test user, no overlay outside the snapshots kept by policy,
 no cache lease, the cache verifies, and the service holds no more file descriptors than after
-its first job (a leak of one per job would show as dozens).
+its first job (a leak of one per job would show as a dozen).
 
 The issue's figures are 100 sequential jobs and 50 at 4 at a time; on 2 cores under TCG that
 is ~13 minutes. The suite runs :data:`SEQUENTIAL` and :data:`CONCURRENT` (set
@@ -45,8 +45,8 @@ from tests.support import LocalImage
 
 pytestmark = pytest.mark.vm
 
-SEQUENTIAL = int(os.environ.get("GLITE_VM_SOAK_SEQUENTIAL", "24"))
-CONCURRENT = int(os.environ.get("GLITE_VM_SOAK_CONCURRENT", "16"))
+SEQUENTIAL = int(os.environ.get("GLITE_VM_SOAK_SEQUENTIAL", "12"))
+CONCURRENT = int(os.environ.get("GLITE_VM_SOAK_CONCURRENT", "8"))
 AT_ONCE = 4
 FAIL_EVERY = 10  # every 10th job exits 1: its disk is kept (on_failure), the rest leave nothing
 FD_SLACK = 4  # descriptors a long-lived process may legitimately open later (libvirt's own)
