@@ -35,9 +35,10 @@ sys.path.insert(0, str(REPO))
 
 import requests  # noqa: E402
 
-from glite_vm.config import MIB, Settings  # noqa: E402
+from glite_vm.config import Settings  # noqa: E402
 from glite_vm.images.acquire import acquire_image  # noqa: E402
 from glite_vm.images.download import Fetch, download  # noqa: E402
+from glite_vm.units import MIB  # noqa: E402
 
 IMAGE = "bench.img"
 WORKERS = 8

@@ -48,8 +48,8 @@ from typing import Any
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from glite_vm.config import GIB  # noqa: E402
 from glite_vm.slots import SlotLayout  # noqa: E402
+from glite_vm.units import GIB  # noqa: E402
 from tests.condor.pool import (  # noqa: E402
     JobAd,
     PersonalPool,

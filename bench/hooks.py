@@ -40,8 +40,8 @@ from glite_vm.condor.config import (  # noqa: E402
     ExecuteHostConfig,
     render_execute_config,
 )
-from glite_vm.config import GIB  # noqa: E402
 from glite_vm.slots import SlotLayout  # noqa: E402
+from glite_vm.units import GIB  # noqa: E402
 
 HOOKS = ("prepare_job", "job_exit", "launcher")
 TARGET_MS = 150.0

@@ -33,8 +33,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from glite_vm.config import GIB  # noqa: E402
 from glite_vm.qemu_img import qemu_img  # noqa: E402
+from glite_vm.units import GIB  # noqa: E402
 from glite_vm.vm.vm_dir import create_overlay  # noqa: E402
 
 SIZES_GIB = (1, 20)

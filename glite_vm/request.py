@@ -19,10 +19,11 @@ import enum
 import re
 from collections.abc import Mapping
 
-from glite_vm.config import KIB, MIB, Settings, check_network_name, format_size, parse_size
+from glite_vm.config import Settings, check_network_name
 from glite_vm.errors import RequestError, RootNotPermittedError
 from glite_vm.identity.hostname import resolve_hostname, validate_hostname
 from glite_vm.slots import SlotFacts
+from glite_vm.units import KIB, MIB, format_size, parse_size
 
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@:-]{0,127}$")

@@ -29,7 +29,7 @@ import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
-from glite_vm.config import Settings, parse_timeout
+from glite_vm.config import Settings
 from glite_vm.errors import RequestError
 from glite_vm.images.download import Progress
 from glite_vm.images.leases import process_alive
@@ -39,6 +39,7 @@ from glite_vm.service.local import LocalService
 from glite_vm.service.registry import VmRegistry
 from glite_vm.service.vm_state import VmRecord
 from glite_vm.slots import SlotFacts
+from glite_vm.units import parse_timeout
 from glite_vm.vm.guest_run import OutputSink
 from glite_vm.vm.lifecycle import VmHost
 from glite_vm.vm.record import AdFacts, Timings

@@ -14,7 +14,8 @@ import dataclasses
 import re
 from typing import Final
 
-from glite_vm.config import GIB, KIB, MIB, Settings, format_size
+from glite_vm.config import Settings
+from glite_vm.units import GIB, KIB, MIB, format_size
 
 USER_SLOT_TYPE: Final = 1
 ROOT_SLOT_TYPE: Final = 2

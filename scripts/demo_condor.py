@@ -24,8 +24,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from glite_vm.config import GIB  # noqa: E402
 from glite_vm.slots import SlotLayout  # noqa: E402
+from glite_vm.units import GIB  # noqa: E402
 from tests.condor.pool import ensure_user, glite_vm_execute_host, running_pool  # noqa: E402
 from tests.service.svc_support import ServiceProcess, running_service  # noqa: E402
 from tests.support import disk_guest_catalogue  # noqa: E402

@@ -25,9 +25,10 @@ from glite_vm.api.jobdir import (
 )
 from glite_vm.api.results import LocalResult
 from glite_vm.api.vmjob import PARAMETER_NAMES, VmJob
-from glite_vm.config import Settings, parse_timeout
+from glite_vm.config import Settings
 from glite_vm.errors import RequestError
 from glite_vm.request import KeepSnapshot, with_field_names
+from glite_vm.units import parse_timeout
 
 if TYPE_CHECKING:
     from glite_vm.images.download import Progress

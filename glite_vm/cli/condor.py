@@ -20,9 +20,10 @@ from glite_vm.condor.config import (
     hook_script,
     render_execute_config,
 )
-from glite_vm.config import Settings, parse_memory_mib, parse_size
+from glite_vm.config import Settings
 from glite_vm.errors import UserError
 from glite_vm.slots import SlotLayout
+from glite_vm.units import parse_memory_mib, parse_size
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

@@ -20,7 +20,7 @@ from glite_vm.cli.common import (
     report_error,
 )
 from glite_vm.cli.progress import ProgressBar
-from glite_vm.config import Settings, format_size, parse_size
+from glite_vm.config import Settings
 from glite_vm.errors import GliteVmError
 from glite_vm.images.acquire import acquire_image
 from glite_vm.images.build import CATALOGUE_NAME, build_catalogue, write_catalogue
@@ -28,6 +28,7 @@ from glite_vm.images.cache import ImageCache
 from glite_vm.images.cache_budget import PrunePlan
 from glite_vm.images.catalogue import format_age, load_catalogue
 from glite_vm.images.inspect import Limits
+from glite_vm.units import format_size, parse_size
 
 
 def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:

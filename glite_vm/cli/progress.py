@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import TextIO
 
-from glite_vm.config import format_size
+from glite_vm.units import format_size
 
 
 class ProgressBar:

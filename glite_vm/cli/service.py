@@ -16,10 +16,11 @@ from pathlib import Path
 from types import FrameType
 
 from glite_vm.cli.main import dispatch
-from glite_vm.config import Settings, parse_duration
+from glite_vm.config import Settings
 from glite_vm.errors import AccessDeniedError
 from glite_vm.service.api import ReapedVm
 from glite_vm.service.events import EVENTS, event_log_path, read_events
+from glite_vm.units import parse_duration
 
 log = logging.getLogger("glite_vm.service")
 

@@ -18,14 +18,7 @@ from types import FrameType
 import libvirt
 
 from glite_vm.cli.common import EXIT_PROBLEMS, confirm, print_table
-from glite_vm.config import (
-    Retention,
-    Settings,
-    format_size,
-    parse_duration,
-    parse_memory_mib,
-    parse_size,
-)
+from glite_vm.config import Retention, Settings
 from glite_vm.errors import GliteVmError, UserError
 from glite_vm.images.catalogue import format_age
 from glite_vm.snapshots.boot import SnapshotBoot, boot_snapshot, reap_abandoned_boots
@@ -33,6 +26,7 @@ from glite_vm.snapshots.console import ConsoleBridge
 from glite_vm.snapshots.entry import SnapshotEntry, boot_log_text
 from glite_vm.snapshots.export import export_snapshot
 from glite_vm.snapshots.store import SnapshotPruneReport, SnapshotStore, running_domain_names
+from glite_vm.units import format_size, parse_duration, parse_memory_mib, parse_size
 from glite_vm.vm.connect import open_host
 from glite_vm.vm.guest_run import quote_command
 

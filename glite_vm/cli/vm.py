@@ -24,10 +24,11 @@ from glite_vm.cli.common import (
     report_error,
 )
 from glite_vm.cli.progress import ProgressBar
-from glite_vm.config import Settings, format_size, parse_memory_mib, parse_size, parse_timeout
+from glite_vm.config import Settings
 from glite_vm.errors import GliteVmError, PayloadTimeoutError, RequestError
 from glite_vm.request import KeepSnapshot
 from glite_vm.session import JobSpec, RunReport, check_output_dir, run_job
+from glite_vm.units import format_size, parse_memory_mib, parse_size, parse_timeout
 from glite_vm.vm import hypervisor as hv
 from glite_vm.vm.connect import hypervisor_for, open_host
 from glite_vm.vm.hypervisor import HYPERVISOR_CACHE

@@ -25,9 +25,10 @@ from pathlib import Path
 from typing import Final
 
 from glite_vm import __version__
-from glite_vm.config import KIB, MIB, Settings, check_network_name, format_size
+from glite_vm.config import Settings, check_network_name
 from glite_vm.errors import RequestError
 from glite_vm.slots import ROOT_SLOT_TYPE, USER_SLOT_TYPE, SlotLayout
+from glite_vm.units import KIB, MIB, format_size
 
 HOOK_KEYWORD: Final = "GLITE_VM"
 #: HTCondor hook name -> file in the hooks directory. No UPDATE_JOB_INFO: the starter ignores

@@ -22,7 +22,6 @@ import os
 import shutil
 from pathlib import Path
 
-from glite_vm.config import format_size
 from glite_vm.errors import CacheFullError
 from glite_vm.images import leases as lease_files
 from glite_vm.images._fsutil import (
@@ -33,6 +32,7 @@ from glite_vm.images._fsutil import (
 )
 from glite_vm.images.cache_store import CacheEntry, CacheStore
 from glite_vm.images.download import discard_part
+from glite_vm.units import format_size
 
 log = logging.getLogger(__name__)
 

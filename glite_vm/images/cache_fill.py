@@ -25,7 +25,6 @@ from pathlib import Path
 
 import requests
 
-from glite_vm.config import format_size
 from glite_vm.errors import (
     CacheFullError,
     ChecksumMismatchError,
@@ -55,6 +54,7 @@ from glite_vm.images.download import (
 )
 from glite_vm.images.inspect import Limits, inspect_image
 from glite_vm.images.leases import LeaseRecord
+from glite_vm.units import format_size
 
 log = logging.getLogger(__name__)
 

@@ -21,7 +21,6 @@ from pathlib import Path
 
 import requests
 
-from glite_vm.config import format_size
 from glite_vm.errors import CacheFullError, ChecksumMismatchError, DownloadError, ImageRefusedError
 from glite_vm.images._fsutil import (
     atomic_write_json,
@@ -30,6 +29,7 @@ from glite_vm.images._fsutil import (
     unlink_quietly,
 )
 from glite_vm.images._transport import CHUNK, FileAccess, Stream, Validators, open_url
+from glite_vm.units import format_size
 
 log = logging.getLogger(__name__)
 

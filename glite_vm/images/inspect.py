@@ -20,9 +20,9 @@ import struct
 from pathlib import Path
 from typing import Any
 
-from glite_vm.config import format_size
 from glite_vm.errors import HypervisorError, ImageRefusedError
 from glite_vm.qemu_img import last_line, qemu_img
+from glite_vm.units import format_size
 
 SUPPORTED_FORMATS = ("qcow2", "raw")
 QEMU_IMG_TIMEOUT = 60.0

@@ -18,8 +18,8 @@ from pathlib import Path
 import pytest
 
 from glite_vm.condor.config import ExecuteHostConfig, render_execute_config
-from glite_vm.config import MIB
 from glite_vm.slots import SlotLayout
+from glite_vm.units import MIB
 from tests.condor.pool import PersonalPool, ensure_user, find_tarball, running_pool, unpack_release
 
 #: The pool's slots: 4 user slots and the last one root-enabled, small enough for any host.

@@ -32,8 +32,9 @@ from glite_vm.api.matrix import matrix
 from glite_vm.api.pool import WaitProgress, submit, wait
 from glite_vm.api.results import LocalResult, PoolResult
 from glite_vm.api.vmjob import VmJob
-from glite_vm.config import GIB, Settings
+from glite_vm.config import Settings
 from glite_vm.slots import SlotLayout
+from glite_vm.units import GIB
 from tests.condor.pool import JobAd, PersonalPool, glite_vm_pool
 from tests.service.svc_support import ServiceProcess, running_service, wait_for
 from tests.support import guest_catalogue, scratch_root, traversable

@@ -15,8 +15,9 @@ from glite_vm.condor.config import (
     ExecuteHostConfig,
     render_execute_config,
 )
-from glite_vm.config import GIB, MIB, Settings
+from glite_vm.config import Settings
 from glite_vm.slots import SlotLayout
+from glite_vm.units import GIB, MIB
 
 HOOKS = Path("/opt/glite-vm/hooks")
 GLITE_VM = Path("/usr/bin/glite-vm")

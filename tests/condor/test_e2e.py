@@ -24,10 +24,10 @@ import pytest
 
 from glite_vm.condor.jobad import HOST_FAILURES_ATTR, HOST_FAILURES_HOLD_CODE
 from glite_vm.condor.launcher import LAUNCHER_FAILURE_EXIT
-from glite_vm.config import GIB
 from glite_vm.images.build import write_catalogue
 from glite_vm.service.events import event_log_path, read_events
 from glite_vm.slots import SlotLayout
+from glite_vm.units import GIB
 from tests.condor.pool import (
     JobAd,
     PersonalPool,

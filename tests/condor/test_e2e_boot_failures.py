@@ -22,8 +22,8 @@ from pathlib import Path
 import pytest
 
 from glite_vm.condor.jobad import HOST_FAILURES_ATTR, HOST_FAILURES_HOLD_CODE
-from glite_vm.config import GIB
 from glite_vm.slots import SlotLayout
+from glite_vm.units import GIB
 from tests.condor.pool import PersonalPool, glite_vm_pool, submit_with_files, vm_job_description
 from tests.pressure import Meddler
 from tests.service.svc_support import ServiceProcess, running_service

@@ -16,9 +16,9 @@ from pathlib import Path
 import pytest
 
 from glite_vm.condor.jobad import HOLD_CODES
-from glite_vm.config import GIB
 from glite_vm.errors import RequestError
 from glite_vm.slots import SlotLayout
+from glite_vm.units import GIB
 from tests.condor.pool import (
     PersonalPool,
     glite_vm_pool,

@@ -14,11 +14,12 @@ import pytest
 
 from glite_vm.condor.advertise import collect, render
 from glite_vm.condor.config import ExecuteHostConfig, render_execute_config
-from glite_vm.config import MIB, Settings
+from glite_vm.config import Settings
 from glite_vm.images.acquire import acquire_image
 from glite_vm.images.build import build_catalogue, write_catalogue
 from glite_vm.images.inspect import Limits
 from glite_vm.slots import SlotLayout
+from glite_vm.units import MIB
 from glite_vm.vm import hypervisor as hv
 
 REPO = Path(__file__).resolve().parents[2]

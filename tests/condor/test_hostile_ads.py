@@ -20,7 +20,7 @@ import classad2
 import pytest
 
 from glite_vm.condor.jobad import hook_status_lines, request_from_job_ad
-from glite_vm.config import GIB, Settings
+from glite_vm.config import Settings
 from glite_vm.errors import (
     Disposition,
     DownloadError,
@@ -31,6 +31,7 @@ from glite_vm.errors import (
 )
 from glite_vm.service.local import LocalService
 from glite_vm.slots import SlotFacts
+from glite_vm.units import GIB
 from glite_vm.vm.connect import open_host
 from glite_vm.vm.hypervisor import HypervisorInfo, find_emulator
 from tests.support import our_domain_names, sized

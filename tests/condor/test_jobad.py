@@ -28,7 +28,7 @@ from glite_vm.condor.jobad import (
     v2_quote,
 )
 from glite_vm.condor.launcher import split_v2_arguments
-from glite_vm.config import GIB, MIB, Settings
+from glite_vm.config import Settings
 from glite_vm.errors import (
     BootError,
     ChecksumMismatchError,
@@ -44,6 +44,7 @@ from glite_vm.errors import (
 )
 from glite_vm.request import JobRequest, KeepSnapshot, VMRequest
 from glite_vm.slots import SlotFacts
+from glite_vm.units import GIB, MIB
 from tests.support import sized
 
 SETTINGS = Settings(max_cpus=8, max_memory_mib=16384, max_disk_bytes=100 * GIB)

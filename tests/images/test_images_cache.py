@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from glite_vm.config import MIB, Settings
+from glite_vm.config import Settings
 from glite_vm.errors import (
     CacheFullError,
     ChecksumMismatchError,
@@ -26,6 +26,7 @@ from glite_vm.errors import (
 )
 from glite_vm.images.acquire import ImageLease, acquire_image, release_job_leases
 from glite_vm.images.cache import ImageCache
+from glite_vm.units import MIB
 from tests.images.images_helpers import (
     Repo,
     random_bytes,

@@ -9,10 +9,11 @@ from collections.abc import Callable
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from glite_vm.config import MIB, Settings
+from glite_vm.config import Settings
 from glite_vm.errors import ChecksumMismatchError, DownloadError
 from glite_vm.images.acquire import acquire_image
 from glite_vm.service.metrics import ServiceMetrics
+from glite_vm.units import MIB
 from tests.images.images_helpers import Repo, random_bytes
 from tests.images.images_http import LoopbackServer
 

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from glite_vm.config import MIB, Settings
+from glite_vm.config import Settings
 from glite_vm.errors import (
     CatalogueError,
     CatalogueInputError,
@@ -23,6 +23,7 @@ from glite_vm.images.acquire import acquire_image
 from glite_vm.images.build import build_catalogue, write_catalogue
 from glite_vm.images.catalogue import CatalogueStore, catalogue_url, load_catalogue, parse_catalogue
 from glite_vm.images.inspect import Limits
+from glite_vm.units import MIB
 from tests.images.images_helpers import Repo, qemu_img, random_bytes, sha256_of
 from tests.images.images_http import Fault, LoopbackServer
 

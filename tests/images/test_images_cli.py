@@ -12,10 +12,11 @@ import pytest
 
 from glite_vm.cli import images as cli
 from glite_vm.cli.progress import ProgressBar
-from glite_vm.config import MIB, Settings
+from glite_vm.config import Settings
 from glite_vm.errors import RequestError, UserError
 from glite_vm.images.acquire import acquire_image
 from glite_vm.images.cache import ImageCache
+from glite_vm.units import MIB
 from tests.images.images_helpers import Repo, qemu_img, random_bytes
 
 

@@ -10,10 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from glite_vm.config import GIB, MIB, TIB, Settings
+from glite_vm.config import Settings
 from glite_vm.errors import Disposition, HypervisorError, ImageRefusedError
 from glite_vm.images.acquire import acquire_image
 from glite_vm.images.inspect import Limits, inspect_image
+from glite_vm.units import GIB, MIB, TIB
 from tests.images.images_helpers import Repo, qemu_img, random_bytes
 from tests.images.images_http import LoopbackServer
 

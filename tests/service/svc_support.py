@@ -17,11 +17,11 @@ from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
-from glite_vm.config import MIB as MIB_BYTES
 from glite_vm.errors import GliteVmError
 from glite_vm.service.client import ServiceClient
 from glite_vm.service.events import Event, event_log_path, read_events
 from glite_vm.slots import SlotLayout
+from glite_vm.units import MIB as MIB_BYTES
 from tests.support import domain_names, domains_under, service_env, traversable
 
 DRIVER = Path(__file__).resolve().parent / "driver.py"

@@ -38,10 +38,11 @@ from glite_vm.api.pool import (
 from glite_vm.api.results import JobHandle, JobState, Result, result_from_ad
 from glite_vm.api.vmjob import VmJob
 from glite_vm.condor.launcher import parse_arguments, parse_environment, split_v2_arguments
-from glite_vm.config import GIB, KIB, MIB, Settings
+from glite_vm.config import Settings
 from glite_vm.errors import Disposition, RequestError
 from glite_vm.request import KeepSnapshot
 from glite_vm.slots import SlotFacts
+from glite_vm.units import GIB, KIB, MIB
 from tests.support import sized
 from tests.unit.test_templates import REPO, condor_submit, dry_run
 

@@ -20,8 +20,9 @@ from pathlib import Path
 import pytest
 
 from glite_vm.cli.main import build_parser
-from glite_vm.config import GIB, MIB, Settings, parse_duration, parse_memory_mib, parse_size
+from glite_vm.config import Settings
 from glite_vm.errors import RequestError
+from glite_vm.units import GIB, MIB, parse_duration, parse_memory_mib, parse_size
 
 CLI = [sys.executable, "-m", "glite_vm"]
 CLASS_LINE = re.compile(r"^glite-vm: (?:.*: )?(request|host|configuration) error: \S")

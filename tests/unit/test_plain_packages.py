@@ -42,6 +42,7 @@ HOOK_MODULES = {
     "glite_vm.service.client",
     "glite_vm.service.protocol",
     "glite_vm.slots",
+    "glite_vm.units",  # sizes and durations in settings and ads
     "glite_vm.vm",
     "glite_vm.vm.record",  # the job-ad attributes, defined once
 }

@@ -6,9 +6,10 @@ from pathlib import Path
 
 import pytest
 
-from glite_vm.config import GIB, MIB, Settings, parse_size
+from glite_vm.config import Settings
 from glite_vm.errors import Disposition, RequestError
 from glite_vm.request import KeepSnapshot, VMRequest
+from glite_vm.units import GIB, MIB, parse_size
 
 SETTINGS = Settings(max_cpus=8, max_memory_mib=16384, max_disk_bytes=100 * GIB)
 

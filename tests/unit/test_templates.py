@@ -18,11 +18,12 @@ import classad2
 import htcondor2
 import pytest
 
-from glite_vm.config import GIB, KIB, Settings
+from glite_vm.config import Settings
 from glite_vm.errors import RootNotPermittedError
 from glite_vm.images.sources import NAME_RE
 from glite_vm.request import KeepSnapshot, check_image_ref
 from glite_vm.slots import SlotFacts
+from glite_vm.units import GIB, KIB
 from tests.condor.pool import find_tarball, unpack_release
 from tests.support import sized
 

@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from glite_vm.config import GIB, MIB, Retention, Settings
+from glite_vm.config import Retention, Settings
 from glite_vm.images.acquire import acquire_image
 from glite_vm.images.build import build_catalogue, write_catalogue
 from glite_vm.images.inspect import Limits
@@ -37,6 +37,7 @@ from glite_vm.snapshots.boot_files import resolve_boot_files
 from glite_vm.snapshots.disk import SnapshotUnusableError
 from glite_vm.snapshots.export import export_snapshot
 from glite_vm.snapshots.store import SnapshotStore
+from glite_vm.units import GIB, MIB
 from glite_vm.vm.agent import GuestAgent
 from glite_vm.vm.domain_xml import DomainSpec, JobMetadata, build_domain_xml, with_serial_console
 from glite_vm.vm.lifecycle import VmHost
