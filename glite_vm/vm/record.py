@@ -215,11 +215,23 @@ ATTRIBUTES: Final = (
     Attribute("GliteVmLauncherError", "why glite-vm could not finish running the job"),
     Attribute("GliteVmHostFailures", "the reasons of earlier attempts that failed on hosts"),
     Attribute("GliteVmBootAttempts", "how many boots the VM took on this host"),
+    Attribute(
+        "GliteVmDebugUntil",
+        "while the VM is kept after a failed payload (`GliteVmDebugHold`): when the hold ends, "
+        "in seconds since the epoch",
+    ),
+    Attribute(
+        "GliteVmDebugHoldNote",
+        "what became of `GliteVmDebugHold`: not granted here, cut to the site's maximum, how "
+        "the hold ended",
+    ),
 )
 NAMES: Final = frozenset(a.name for a in ATTRIBUTES)
 PAYLOAD_SIGNAL: Final = "GliteVmPayloadSignal"
 LAUNCHER_ERROR: Final = "GliteVmLauncherError"
 HOST_FAILURES: Final = "GliteVmHostFailures"
+DEBUG_UNTIL: Final = "GliteVmDebugUntil"
+DEBUG_HOLD_NOTE: Final = "GliteVmDebugHoldNote"
 
 AdValue = str | bool | int | float
 
