@@ -67,8 +67,8 @@ class DebugHoldEnd:
 
 #: Why a debug hold ends: its time ran out, its owner released it (``glite-vm vms release``),
 #: the VM was torn down (``condor_rm``, the reaper), or the service stopped waiting (its caller
-#: hung up, or it shuts down).
-DEBUG_HOLD_ENDS = ("expired", "released", "torn_down", "stopped")
+#: hung up, or it shuts down); ``not_held`` answers a wait for a VM that was never held.
+DEBUG_HOLD_ENDS = ("expired", "released", "torn_down", "stopped", "not_held")
 
 
 @dataclasses.dataclass(frozen=True)

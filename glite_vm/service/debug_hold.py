@@ -21,8 +21,10 @@ import time
 from collections.abc import Callable
 
 from glite_vm.request import DebugHoldGrant
+from glite_vm.service.api import DEBUG_HOLD_ENDS
 
-EXPIRED, RELEASED, TORN_DOWN, STOPPED = "expired", "released", "torn_down", "stopped"
+#: Why a hold ended (the contract's names: :data:`glite_vm.service.api.DEBUG_HOLD_ENDS`).
+EXPIRED, RELEASED, TORN_DOWN, STOPPED, NOT_HELD = DEBUG_HOLD_ENDS
 #: Seconds between looks at a waiting caller's connection.
 _POLL = 1.0
 
@@ -76,7 +78,7 @@ class DebugHoldState:
         while True:
             until = self.until
             if until is None:
-                return self.ended or EXPIRED
+                return self.ended or NOT_HELD
             remaining = until - clock()
             if remaining <= 0:
                 self.end(EXPIRED)
@@ -86,4 +88,4 @@ class DebugHoldState:
                 self._end.wait(min(remaining, _POLL))
 
 
-__all__ = ["EXPIRED", "RELEASED", "STOPPED", "TORN_DOWN", "DebugHoldState"]
+__all__ = ["EXPIRED", "NOT_HELD", "RELEASED", "STOPPED", "TORN_DOWN", "DebugHoldState"]

@@ -212,9 +212,6 @@ ATTRIBUTES: Final = (
     Attribute("GliteVmTimeTransferOut", "seconds copying the output files out"),
     Attribute("GliteVmTimeTeardown", "seconds tearing the VM down"),
     Attribute("GliteVmPayloadSignal", "the signal that ended the program, if one did"),
-    Attribute("GliteVmLauncherError", "why glite-vm could not finish running the job"),
-    Attribute("GliteVmHostFailures", "the reasons of earlier attempts that failed on hosts"),
-    Attribute("GliteVmBootAttempts", "how many boots the VM took on this host"),
     Attribute(
         "GliteVmDebugUntil",
         "while the VM is kept after a failed payload (`GliteVmDebugHold`): when the hold ends, "
@@ -225,6 +222,9 @@ ATTRIBUTES: Final = (
         "what became of `GliteVmDebugHold`: not granted here, cut to the site's maximum, how "
         "the hold ended",
     ),
+    Attribute("GliteVmLauncherError", "why glite-vm could not finish running the job"),
+    Attribute("GliteVmHostFailures", "the reasons of earlier attempts that failed on hosts"),
+    Attribute("GliteVmBootAttempts", "how many boots the VM took on this host"),
 )
 NAMES: Final = frozenset(a.name for a in ATTRIBUTES)
 PAYLOAD_SIGNAL: Final = "GliteVmPayloadSignal"
