@@ -59,6 +59,7 @@ from glite_vm.condor.under_starter import (
 )
 from glite_vm.config import Settings
 from glite_vm.errors import GliteVmError, HostError, RequestError
+from glite_vm.request import DEBUG_HOLD_FIELD
 from glite_vm.service.api import ExecOutcome, TeardownOutcome, VmService
 from glite_vm.vm.record import (
     DEBUG_HOLD_NOTE,
@@ -415,7 +416,7 @@ def run(ctx: LauncherContext, args: LauncherArgs) -> int:
         if outcome.signal is not None:
             timings[PAYLOAD_SIGNAL] = outcome.signal
         chirp.set_attributes(timings)
-        if outcome.exit_code != 0 or outcome.signal is not None:
+        if (outcome.exit_code != 0 or outcome.signal is not None) and asks_debug_hold(job_ad):
             debug_hold(service, args.vm, chirp)
     except Stopped as stop:
         stop_chirp = ctx.chirp or HTChirpSender(ctx.say, timeout=STOP_CHIRP_TIMEOUT)
@@ -431,6 +432,16 @@ def run(ctx: LauncherContext, args: LauncherArgs) -> int:
             return die_by_signal(stop.signum)
         return LAUNCHER_FAILURE_EXIT
     return die_like(outcome)
+
+
+def asks_debug_hold(job_ad: Mapping[str, object]) -> bool:
+    """Whether the job asked for a debug hold (the hook held a malformed ask; how long it
+    gets is the service's to say)."""
+    try:
+        value = job_ad.get(DEBUG_HOLD_FIELD)
+    except Exception:
+        return False
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
 
 
 def debug_hold(service: VmService, vm: str, chirp: Chirp) -> None:

@@ -576,6 +576,11 @@ def _failing_service(**debug: object) -> ScriptedService:
     )
 
 
+def asks_for_a_hold(scratch: Path, seconds: int = 60) -> None:
+    with (scratch / ".job.ad").open("a") as ad:
+        ad.write(f"GliteVmDebugHold = {seconds}\n")
+
+
 def _sandbox(scratch: Path) -> dict[str, bytes]:
     return {
         str(p.relative_to(scratch)): p.read_bytes()
@@ -591,10 +596,11 @@ def test_a_debug_hold_keeps_the_job_running_and_then_ends_it_as_without(
     one waited for the hold, and its ad says until when and how the hold ended."""
     plain_dir = tmp_path / "plain"
     shutil.copytree(running, plain_dir)
-    plain = _failing_service()
+    plain = _failing_service(debug_seconds=60)
     plain_code, plain_out, plain_err = launch(plain_dir, plain, RecordingChirp())
-    assert ("debug_hold", VM) in plain.calls  # asked; the service said no hold
-    assert ("debug_wait", VM) not in plain.calls
+    assert not [c for c, _ in plain.calls if c.startswith("debug")]  # the job asked for none
+
+    asks_for_a_hold(running)
 
     waited = threading.Event()
     held = _failing_service(debug_seconds=60, debug_end="released", debug_wait_action=waited.set)
@@ -604,7 +610,10 @@ def test_a_debug_hold_keeps_the_job_running_and_then_ends_it_as_without(
     assert waited.is_set()
     assert [c for c, _ in held.calls][-3:] == ["pull", "debug_hold", "debug_wait"]
     assert (code, out, err) == (plain_code, plain_out, plain_err) == (3, b"partial\n", b"boom\n")
-    assert _sandbox(running) == _sandbox(plain_dir)
+    assert _sandbox(running) == {
+        **_sandbox(plain_dir),
+        ".job.ad": (running / ".job.ad").read_bytes(),
+    }
     # the end of the hold as it happened (released early), and why
     until = chirp.attributes["GliteVmDebugUntil"]
     assert isinstance(until, int)  # epoch seconds, as condor_q -af shows them
@@ -614,6 +623,7 @@ def test_a_debug_hold_keeps_the_job_running_and_then_ends_it_as_without(
 
 
 def test_a_debug_hold_puts_its_end_into_the_ad_before_waiting(running: Path) -> None:
+    asks_for_a_hold(running)
     seen: dict[str, AdValue] = {}
     chirp = RecordingChirp()
     service = _failing_service(
@@ -630,6 +640,7 @@ def test_a_debug_hold_puts_its_end_into_the_ad_before_waiting(running: Path) -> 
 
 
 def test_a_payload_that_succeeded_is_never_held(running: Path) -> None:
+    asks_for_a_hold(running)
     service = ScriptedService(debug_seconds=60)
     chirp = RecordingChirp()
     code, _out, _err = launch(running, service, chirp)
@@ -639,6 +650,7 @@ def test_a_payload_that_succeeded_is_never_held(running: Path) -> None:
 
 
 def test_a_hold_the_site_did_not_grant_is_a_note_in_the_ad_not_a_wait(running: Path) -> None:
+    asks_for_a_hold(running)
     note = "GliteVmDebugHold = 600 was not granted: debug holds are off on this host"
     service = _failing_service(debug_note=note)
     chirp = RecordingChirp()
@@ -651,6 +663,7 @@ def test_a_hold_the_site_did_not_grant_is_a_note_in_the_ad_not_a_wait(running: P
 
 
 def test_a_debug_hold_that_fails_leaves_the_jobs_end_alone(running: Path) -> None:
+    asks_for_a_hold(running)
     service = _failing_service(debug_error=AgentError("the service went away"))
     chirp = RecordingChirp()
     code, out, err = launch(running, service, chirp)

@@ -110,6 +110,7 @@ class Job:
         ad_text = (
             f'ClusterId = {h.jobs}\nProcId = 0\nOwner = "{who.name}"\nCmd = "/bin/sh"\n'
             f"Arguments = \"-c '{script}'\"\nTransferExecutable = false\n"
+            + "".join(f"{name} = {value}\n" for name, value in ad.items())
         )
         self.h = h
         self.who = who
@@ -325,6 +326,10 @@ def test_a_launcher_killed_outright_during_the_hold_leaves_no_vm(
         60,
     )
     starter.stop()
-    wait_for("the reaper tears the VM down", lambda: not domain_running(job.vm), 120)
+    wait_for(
+        "the reaper tears the VM down",
+        lambda: any(event == "reaped" for event, _ in job.events()),
+        120,
+    )
+    assert not domain_running(job.vm)
     assert domains_under(held.root) == []
-    assert any(event == "reaped" for event, _ in job.events())
