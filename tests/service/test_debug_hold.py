@@ -333,3 +333,22 @@ def test_a_launcher_killed_outright_during_the_hold_leaves_no_vm(
     )
     assert not domain_running(job.vm)
     assert domains_under(held.root) == []
+
+
+def test_a_payload_killed_by_a_signal_is_held_and_the_job_still_dies_by_it(
+    held: Held, alice: Account
+) -> None:
+    starter = held.starter()
+    try:
+        job = Job(held, alice, starter, "echo partial; kill -SEGV $$", GliteVmDebugHold=600)
+        proc = job.launch()
+        job.held_until()
+        assert proc.poll() is None and domain_running(job.vm)
+        ok(call(held.svc, alice, "debug_release", vm=job.vm))
+        # the launcher ends as the payload did: by its signal, as HTCondor's ExitSignal shows
+        assert proc.wait(timeout=BOUND) == -signal.SIGSEGV
+        assert job.ad()["GliteVmPayloadSignal"] == signal.SIGSEGV
+        assert job.ad()["GliteVmDebugHoldNote"] == "the debug hold ended: released"
+        job.teardown()
+    finally:
+        starter.stop()
