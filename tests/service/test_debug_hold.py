@@ -7,7 +7,8 @@ then run by the real launcher as ``gvm-alice``, in the background, as the starte
 chirps go to a file the test reads while it runs. What is checked is what the job's owner sees:
 the job stays running while its VM is held, the ad says until when, the job ends with the same
 exit status and output files as without the hold, the owner (and nobody else) ends the hold
-early, and a launcher killed during the hold leaves no VM behind.
+early, and a launcher killed during the hold leaves no VM behind. The last test uses the
+session's service, where holds are off (the default), to see what a job that asks is told.
 """
 
 from __future__ import annotations
@@ -349,6 +350,30 @@ def test_a_payload_killed_by_a_signal_is_held_and_the_job_still_dies_by_it(
         assert proc.wait(timeout=BOUND) == -signal.SIGSEGV
         assert job.ad()["GliteVmPayloadSignal"] == signal.SIGSEGV
         assert job.ad()["GliteVmDebugHoldNote"] == "the debug hold ended: released"
+        job.teardown()
+    finally:
+        starter.stop()
+
+
+def test_where_holds_are_off_a_job_that_asks_gets_a_note_and_ends_at_once(
+    service: ServiceProcess, svc_root: Path, fake_starter: Path, alice: Account
+) -> None:
+    """The session's service runs with the default GLITE_VM_MAX_DEBUG_HOLD = 0."""
+    assert "GLITE_VM_MAX_DEBUG_HOLD" not in service.env
+    off = Held(service, svc_root, svc_root / "state", fake_starter, port=0)
+    off.jobs = 900  # job numbers of their own beside the other tests' in this directory
+    starter = off.starter()
+    try:
+        job = Job(off, alice, starter, FAILING, GliteVmDebugHold=600)
+        result = finished(job.launch())
+        assert (result["status"], result["stdout"]) == (3, "partial\n")
+        note = job.ad()["GliteVmDebugHoldNote"]
+        assert note == (
+            "GliteVmDebugHold = 600 was not granted: debug holds are off on this host "
+            "(GLITE_VM_MAX_DEBUG_HOLD = 0)"
+        )
+        assert "GliteVmDebugUntil" not in job.ad()
+        assert ("debug_not_held", note) in job.events()
         job.teardown()
     finally:
         starter.stop()
