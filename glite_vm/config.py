@@ -272,6 +272,9 @@ class Settings:
     max_unmanaged_vms_per_user: int = _count(4, 0)  # VMs started outside HTCondor, per user
     # seconds such a VM may live (0: no limit)
     unmanaged_vm_lifetime: float = _seconds(12 * 3600.0, zero_ok=True)
+    # the longest a job's VM is kept running after its payload failed, for its owner to look
+    # inside (the job's +GliteVmDebugHold asks; docs/admin.md, "Debug holds"); 0: off
+    max_debug_hold: float = _seconds(0.0, zero_ok=True)
     service_connect_timeout: float = _seconds(5.0)  # a client waits to connect to the service
     service_idle_timeout: float = _seconds(30.0)  # a client waits for any sign of life mid-call
     # Prometheus metrics of the service (docs/admin.md, "Metrics"): an HTTP endpoint on a

@@ -1,4 +1,5 @@
-"""`glite-vm vms list|destroy`: the VMs this tool made on this host, and removing them by name."""
+"""`glite-vm vms list|destroy|release`: the VMs this tool made on this host, removing them by
+name, and ending a job's debug hold (through the service, as the VM's owner)."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import argparse
 import json
 import sys
 import time
+from pathlib import Path
 
 import libvirt
 
@@ -38,6 +40,18 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     destroy.add_argument("--yes", action="store_true", help="do not ask; destroy them")
     destroy.add_argument("--dry-run", action="store_true", help="only show what would go")
     destroy.set_defaults(handler=cmd_vms_destroy)
+    release = vms_sub.add_parser(
+        "release",
+        help="end a job's debug hold now (+GliteVmDebugHold)",
+        description="A job whose payload failed and that asked for +GliteVmDebugHold keeps its "
+        "VM running, and stays running in HTCondor, until GliteVmDebugUntil. This ends the hold "
+        "now: the VM is torn down and the job ends as it would have without the hold (same exit "
+        "status and output files). Only the job's owner (or root) may; the VM is the job's "
+        "GliteVmDomain. Exits 125 when the service cannot be reached.",
+    )
+    release.add_argument("name", metavar="VM", help="the VM (the job's GliteVmDomain)")
+    release.add_argument("--socket", type=Path, metavar="PATH", help="the service's socket")
+    release.set_defaults(handler=cmd_vms_release)
 
 
 def _vm_rows(host: VmHost) -> list[dict[str, object]]:
@@ -113,3 +127,14 @@ def cmd_vms_destroy(args: argparse.Namespace, settings: Settings) -> int:
         destroy_domain(ours[name])
         print(f"destroyed {name}")
     return EXIT_PROBLEMS if unknown else 0
+
+
+def cmd_vms_release(args: argparse.Namespace, settings: Settings) -> int:
+    from glite_vm.service.client import ServiceClient  # noqa: PLC0415
+
+    client = ServiceClient.from_settings(settings)
+    if args.socket is not None:
+        client.socket_path = str(args.socket)
+    client.debug_release(args.name)
+    print(f"released {args.name}: its job now ends as it would have without the hold")
+    return 0

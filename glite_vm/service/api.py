@@ -47,6 +47,31 @@ class TeardownOutcome:
 
 
 @dataclasses.dataclass(frozen=True)
+class DebugHold:
+    """The answer to ``debug_hold``: the VM is kept running until ``until`` (seconds since the
+    epoch; ``None``: it is not held) for its owner to look inside; ``note`` says why not, or
+    what the site changed of what the job asked (empty when there is nothing to say)."""
+
+    vm: str
+    until: float | None
+    note: str
+
+
+@dataclasses.dataclass(frozen=True)
+class DebugHoldEnd:
+    """How a debug hold ended: ``reason`` is one of :data:`DEBUG_HOLD_ENDS`."""
+
+    vm: str
+    reason: str
+
+
+#: Why a debug hold ends: its time ran out, its owner released it (``glite-vm vms release``),
+#: the VM was torn down (``condor_rm``, the reaper), or the service stopped waiting (its caller
+#: hung up, or it shuts down); ``not_held`` answers a wait for a VM that was never held.
+DEBUG_HOLD_ENDS = ("expired", "released", "torn_down", "stopped", "not_held")
+
+
+@dataclasses.dataclass(frozen=True)
 class VmSummary:
     vm: str
     owner: str
@@ -109,5 +134,18 @@ class VmService(Protocol):
     def pull(self, vm: str, dest_dir: str, *, unchanged_from: str | None = None) -> list[str]: ...
 
     def teardown(self, vm: str, *, failed: bool) -> TeardownOutcome: ...
+
+    def debug_hold(self, vm: str) -> DebugHold:
+        """Keep the VM running after its payload failed, for as long as the site granted the
+        job's ``GliteVmDebugHold`` (nothing after a payload that succeeded)."""
+        ...
+
+    def debug_wait(self, vm: str) -> DebugHoldEnd:
+        """Wait until the VM's debug hold ends (at once when it is not held)."""
+        ...
+
+    def debug_release(self, vm: str) -> DebugHoldEnd:
+        """End the VM's debug hold now (its owner's, or root's, word)."""
+        ...
 
     def list_vms(self) -> list[VmSummary]: ...

@@ -31,6 +31,8 @@ if TYPE_CHECKING:
     from glite_vm.slots import SlotFacts
 from glite_vm.service import protocol
 from glite_vm.service.api import (
+    DebugHold,
+    DebugHoldEnd,
     ExecOutcome,
     OutputSink,
     PrepareResult,
@@ -51,6 +53,9 @@ DEFAULT_DEADLINES: Mapping[str, float | None] = {
     "pull": 3600.0,
     "teardown": 300.0,
     "exec": None,
+    "debug_hold": 30.0,
+    "debug_release": 30.0,
+    "debug_wait": None,  # as long as the hold: bounded by the service (GLITE_VM_MAX_DEBUG_HOLD)
 }
 
 
@@ -138,6 +143,16 @@ class ServiceClient:
     def teardown(self, vm: str, *, failed: bool) -> TeardownOutcome:
         result = self._call("teardown", {"vm": vm, "failed": bool(failed)})
         return protocol.result_from_wire(TeardownOutcome, result)
+
+    def debug_hold(self, vm: str) -> DebugHold:
+        return protocol.result_from_wire(DebugHold, self._call("debug_hold", {"vm": vm}))
+
+    def debug_wait(self, vm: str) -> DebugHoldEnd:
+        """Wait (heartbeats keep the call alive) until the VM's debug hold ends."""
+        return protocol.result_from_wire(DebugHoldEnd, self._call("debug_wait", {"vm": vm}))
+
+    def debug_release(self, vm: str) -> DebugHoldEnd:
+        return protocol.result_from_wire(DebugHoldEnd, self._call("debug_release", {"vm": vm}))
 
     def list_vms(self) -> list[VmSummary]:
         vms = self._call("list_vms", {})["vms"]

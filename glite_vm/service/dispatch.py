@@ -60,6 +60,14 @@ def dispatch(service: LocalService, op: str, args: dict[str, Any], call: Call) -
     if op == "teardown":
         done = service.teardown(_arg(args, "vm", str), failed=bool(args.get("failed", True)))
         return protocol.result_to_wire(done)
+    if op == "debug_hold":
+        return protocol.result_to_wire(service.debug_hold(_arg(args, "vm", str)))
+    if op == "debug_wait":
+        return protocol.result_to_wire(
+            service.debug_wait(_arg(args, "vm", str), cancel=call.cancel)
+        )
+    if op == "debug_release":
+        return protocol.result_to_wire(service.debug_release(_arg(args, "vm", str)))
     if op == "list_vms":
         return {"vms": [protocol.result_to_wire(v) for v in service.list_vms()]}
     if op == "reap":

@@ -31,8 +31,10 @@ from glite_vm.config import Settings
 from glite_vm.errors import AccessDeniedError, HostError, RequestError
 from glite_vm.images.download import Progress
 from glite_vm.request import JobRequest
-from glite_vm.service import protocol, sandbox
+from glite_vm.service import debug_hold, events, protocol, sandbox
 from glite_vm.service.api import (
+    DebugHold,
+    DebugHoldEnd,
     ExecOutcome,
     OutputSink,
     PrepareResult,
@@ -172,6 +174,7 @@ class LocalService:
                 timeout=timeout,
             )
         self.registry.persist(record)
+        record.debug.payload_failed = result.exit_code != 0 or result.signal is not None
         return ExecOutcome(result.exit_code, result.signal, result.seconds)
 
     def pull(self, vm: str, dest_dir: str, *, unchanged_from: str | None = None) -> list[str]:
@@ -193,6 +196,57 @@ class LocalService:
         outcome = self.registry.teardown(entry, failed=failed)
         log.info("tore down %s of uid %d (failed=%s)", vm, entry.owner_uid, failed)
         return outcome
+
+    # -- the debug hold (glite_vm.service.debug_hold) ------------------------------------------
+
+    def debug_hold(self, vm: str) -> DebugHold:
+        """Keep ``vm`` running after its payload failed, as long as the site granted its job's
+        ``GliteVmDebugHold``; the answer says until when, or why not."""
+        record = self._usable(vm)
+        until, note, started = record.debug.start(time.time())
+        job, uid = record.vm.request.job_id, record.owner_uid
+        if started:
+            seconds = record.debug.grant.seconds
+            reason = f"its payload failed; kept running for {seconds} s" + (
+                f" ({note})" if note else ""
+            )
+            log.info("%s of uid %d: %s", vm, uid, reason)
+            self.registry.events.record(events.DEBUG_HELD, vm, job=job, uid=uid, reason=reason)
+        elif until is None and record.debug.grant.note and record.debug.payload_failed:
+            self.registry.events.record(events.DEBUG_NOT_HELD, vm, job=job, uid=uid, reason=note)
+        return DebugHold(vm=vm, until=until, note=note)
+
+    def debug_wait(self, vm: str, *, cancel: threading.Event | None = None) -> DebugHoldEnd:
+        """Wait while ``vm`` is held (at once when it is not); why the hold ended."""
+        entry = self._own(vm)
+        if isinstance(entry, FinishedVm):
+            return DebugHoldEnd(vm=vm, reason=debug_hold.TORN_DOWN)
+        was_held = entry.debug.held
+        reason = entry.debug.wait(cancel)
+        if was_held and reason in (debug_hold.EXPIRED, debug_hold.STOPPED):
+            self._note_hold_ended(entry, reason)
+        return DebugHoldEnd(vm=vm, reason=reason)
+
+    def debug_release(self, vm: str) -> DebugHoldEnd:
+        """End ``vm``'s debug hold now (the VM's owner or root): its job then ends as it would
+        have without the hold."""
+        entry = self._own(vm)
+        if isinstance(entry, FinishedVm) or not entry.debug.end(debug_hold.RELEASED):
+            raise RequestError(
+                "vm", f"{vm} is not held for debugging (its job asked for no hold, or it ended)"
+            )
+        self._note_hold_ended(entry, debug_hold.RELEASED)
+        return DebugHoldEnd(vm=vm, reason=debug_hold.RELEASED)
+
+    def _note_hold_ended(self, record: VmRecord, reason: str) -> None:
+        log.info("the debug hold of %s ended: %s", record.name, reason)
+        self.registry.events.record(
+            events.DEBUG_HOLD_ENDED,
+            record.name,
+            job=record.vm.request.job_id,
+            uid=record.owner_uid,
+            reason=reason,
+        )
 
     def list_vms(self) -> list[VmSummary]:
         now = time.time()

@@ -38,7 +38,7 @@ from glite_vm.images.acquire import ImageLease, acquire_image
 from glite_vm.images.download import Progress
 from glite_vm.images.leases import process_start_time
 from glite_vm.images.sources import classify_ref
-from glite_vm.request import JobRequest, VMRequest, vm_request
+from glite_vm.request import DebugHoldGrant, JobRequest, VMRequest, grant_debug_hold, vm_request
 from glite_vm.service import events
 from glite_vm.service.api import PrepareResult
 from glite_vm.service.caller import Caller
@@ -100,7 +100,14 @@ class VmPreparer:
             root=request.root,
         )
         place = _Place(
-            scratch, owner_uid, facts.name or "slot1", starter_pid, starter_start, managed
+            scratch,
+            owner_uid,
+            facts.name or "slot1",
+            starter_pid,
+            starter_start,
+            managed,
+            # the site's rule, applied here: the hook checked only the request's form
+            grant_debug_hold(job.debug_hold, self.settings),
         )
         listeners = _Listeners(cancel, progress, started)
         with self.registry.admit(admission):
@@ -265,6 +272,7 @@ class VmPreparer:
             created=time.time(),
             lease=lease,
             managed=place.managed,
+            debug=place.debug,
         )
         try:
             self.registry.add(record, admission)  # from here on a restarted service adopts it
@@ -374,6 +382,7 @@ class _Place:
     starter_pid: int | None
     starter_start: int | None
     managed: bool
+    debug: DebugHoldGrant  # how long the VM may be kept after its payload failed
 
 
 def _custom_image(request: VMRequest, settings: Settings) -> bool:

@@ -36,7 +36,19 @@ MAX_REQUEST = 4 << 20  # bytes in one request line (a job ad, an argv of at most
 #: parse takes (a job ad has hundreds; a request of four million "[]," would take gigabytes).
 MAX_REQUEST_ITEMS = 200_000
 
-OPS = ("ping", "prepare", "push", "exec", "pull", "teardown", "list_vms", "reap")
+OPS = (
+    "ping",
+    "prepare",
+    "push",
+    "exec",
+    "pull",
+    "teardown",
+    "list_vms",
+    "reap",
+    "debug_hold",
+    "debug_wait",
+    "debug_release",
+)
 
 T = TypeVar("T")
 

@@ -37,7 +37,7 @@ from glite_vm.errors import AccessDeniedError, HypervisorError
 from glite_vm.images.acquire import release_job_leases
 from glite_vm.images.cache import ImageCache
 from glite_vm.images.leases import read_leases, write_lease
-from glite_vm.service import events, metrics
+from glite_vm.service import debug_hold, events, metrics
 from glite_vm.service.api import ReapedVm, TeardownOutcome
 from glite_vm.service.metrics import ServiceMetrics
 from glite_vm.service.reaper import owner_alive, reap_reason, sweep_half_made
@@ -114,6 +114,8 @@ class VmRegistry:
         for r in records:
             if r.state_lost:
                 state = metrics.TEARDOWN_ONLY
+            elif r.debug.held:
+                state = metrics.DEBUG_HELD
             else:
                 state = metrics.READY if r.ad_attributes else metrics.BOOTING
             facts.append((state, metrics.owner_class(managed=r.managed, root=r.vm.request.root)))
@@ -198,6 +200,14 @@ class VmRegistry:
         calls it (default: ``reaped`` with a reason, ``torn_down`` without)."""
         with self._lock:
             guard = self._teardown_locks.setdefault(record.name, threading.Lock())
+        if record.debug.end(debug_hold.TORN_DOWN):  # its owner's wait ends with it
+            self.events.record(
+                events.DEBUG_HOLD_ENDED,
+                record.name,
+                job=record.vm.request.job_id,
+                uid=record.owner_uid,
+                reason=debug_hold.TORN_DOWN,
+            )
         with guard:
             done = self.get(record.name)
             if isinstance(done, FinishedVm):

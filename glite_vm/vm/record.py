@@ -212,6 +212,16 @@ ATTRIBUTES: Final = (
     Attribute("GliteVmTimeTransferOut", "seconds copying the output files out"),
     Attribute("GliteVmTimeTeardown", "seconds tearing the VM down"),
     Attribute("GliteVmPayloadSignal", "the signal that ended the program, if one did"),
+    Attribute(
+        "GliteVmDebugUntil",
+        "while the VM is kept after a failed payload (`GliteVmDebugHold`): when the hold ends, "
+        "in seconds since the epoch",
+    ),
+    Attribute(
+        "GliteVmDebugHoldNote",
+        "what became of `GliteVmDebugHold`: not granted here, cut to the site's maximum, how "
+        "the hold ended",
+    ),
     Attribute("GliteVmLauncherError", "why glite-vm could not finish running the job"),
     Attribute("GliteVmHostFailures", "the reasons of earlier attempts that failed on hosts"),
     Attribute("GliteVmBootAttempts", "how many boots the VM took on this host"),
@@ -220,6 +230,8 @@ NAMES: Final = frozenset(a.name for a in ATTRIBUTES)
 PAYLOAD_SIGNAL: Final = "GliteVmPayloadSignal"
 LAUNCHER_ERROR: Final = "GliteVmLauncherError"
 HOST_FAILURES: Final = "GliteVmHostFailures"
+DEBUG_UNTIL: Final = "GliteVmDebugUntil"
+DEBUG_HOLD_NOTE: Final = "GliteVmDebugHoldNote"
 
 AdValue = str | bool | int | float
 

@@ -66,6 +66,8 @@ CASES: list[tuple[list[str], dict[str, str]]] = [
     (["vms", "list"], {"GLITE_VM_LIBVIRT_URI": "nosuchdriver:///x"}),
     (["vms", "destroy", "nope"], {"GLITE_VM_LIBVIRT_URI": "nosuchdriver:///x"}),
     (["vms", "destroy"], {}),
+    (["vms", "release", "glite-vm-nope"], {}),
+    (["vms", "release"], {}),
     (["images", "list"], {"GLITE_VM_CATALOGUE": BAD_URL}),
     (["images", "list"], {"GLITE_VM_CATALOGUE": "file:///nonexistent/catalogue.json"}),
     (["images", "pull", BAD_URL], {}),
