@@ -9,6 +9,9 @@ Every choice here is deliberate:
   for an interactive session (``glite-vm snapshots boot``) it becomes a pty that libvirt's
   console streams attach to, still logged to the same file from the first byte;
 * the guest agent gets the standard channel ``org.qemu.guest_agent.0``;
+* a job's VM gets a second serial port for ``glite-vm shell`` (:data:`SHELL_SERIAL`): a pty
+  on the host that only libvirt's console stream attaches to (for the root service), a real
+  terminal in the guest (``/dev/ttyS1``, see :mod:`glite_vm.vm.guest_shell`);
 * there is **no network** unless asked for, ``on_crash`` destroys, and libvirt ``<metadata>``
   names the job and its owner so a reaper can find the owner of any domain later.
 """
@@ -25,6 +28,8 @@ XFER_SERIAL = "glitevm-xfer"
 AGENT_CHANNEL = "org.qemu.guest_agent.0"
 DOMAIN_PREFIX = "glite-vm-"
 SERIAL_CONSOLES = ("file", "pty")
+#: libvirt's alias of the shell's serial port (``virDomainOpenConsole`` names it so).
+SHELL_SERIAL = "serial1"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +102,9 @@ class DomainSpec:
     # "file": the serial console only writes the boot log (jobs). "pty": an interactive console
     # (libvirt's virDomainOpenConsole attaches to it) whose output is still logged to boot_log.
     serial_console: str = "file"
+    # A second serial port for `glite-vm shell` (jobs' VMs; not the throw-away VMs of a kept
+    # snapshot, whose console is interactive already).
+    shell_port: bool = False
 
 
 def build_domain_xml(spec: DomainSpec) -> str:
@@ -150,6 +158,9 @@ def build_domain_xml(spec: DomainSpec) -> str:
     _network(devices, spec.network)
 
     _serial_console(devices, spec.boot_log, spec.serial_console)
+    if spec.shell_port:
+        shell = ET.SubElement(devices, "serial", type="pty")
+        ET.SubElement(shell, "target", port=SHELL_SERIAL.removeprefix("serial"))
 
     channel = ET.SubElement(devices, "channel", type="unix")
     ET.SubElement(channel, "source", mode="bind")

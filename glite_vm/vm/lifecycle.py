@@ -180,6 +180,7 @@ class VmHost:
                 cmdline=image.cmdline,
                 network=request.network,
                 base_chain=base_chain,
+                shell_port=True,
             )
             xml = build_domain_xml(spec)
             with os.fdopen(create_private(vm.files.domain_xml), "w") as f:
