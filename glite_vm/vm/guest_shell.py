@@ -5,8 +5,8 @@ the guest; :mod:`glite_vm.vm.domain_xml` adds it to every job's domain): a real 
 device in the guest, so line editing, Ctrl-C, job control, the window size and full-screen
 programs work with nothing in the guest but what every base system has (``sh``, ``setsid``,
 ``stty``, ``su``, ``kill``, ``stat``, ``ls``, ``sort``): no sshd, no python, no ``script``.
-The guest agent's ``guest-exec`` cannot carry a terminal's input (it takes stdin once, at the start), so the
-agent only starts the session (:data:`GUEST_SHELL`), changes its window size
+The guest agent's ``guest-exec`` cannot carry a terminal's input (it takes stdin once, at the
+start), so the agent only starts the session (:data:`GUEST_SHELL`), changes its window size
 (:data:`GUEST_RESIZE`) and ends it (:data:`GUEST_HANGUP`); the keys and the screen travel
 through the serial port.
 
