@@ -104,8 +104,10 @@ if [ ! -c "$tty" ]; then
 fi
 id -u "$user" >/dev/null 2>&1 || { echo "no account $user in this guest" >&2; exit 125; }
 hangup_tty "$tty"
+# Held open from here on: a terminal that nothing holds forgets its window size.
+exec 3<>"$tty" || exit 125
 if [ "$mode" = pipe ]; then echo=-echo; nl=-onlcr; else echo=echo; nl=onlcr; fi
-stty -F "$tty" sane clocal 115200 $echo $nl rows "$rows" cols "$cols" || exit 125
+stty sane clocal 115200 $echo $nl rows "$rows" cols "$cols" <&3 || exit 125
 if [ "$user" != root ]; then
     # as login(1) does: the session's terminal is its user's, and only theirs
     chown "$user" "$tty" && chmod 0600 "$tty" || exit 125
@@ -113,10 +115,13 @@ fi
 TERM=$term
 export TERM
 if [ $# -eq 0 ]; then
-    setsid -c su -l -c 'cd WORKDIR 2>/dev/null; exec "$SHELL" -l' -- "$user" <>"$tty" >&0 2>&0 &
+    setsid -c su -l -c 'cd WORKDIR 2>/dev/null; exec "$SHELL" -l' -- "$user" \
+        <>"$tty" >&0 2>&0 3>&- &
 else
-    setsid -c su -l -c 'cd WORKDIR 2>/dev/null; exec "$0" "$@"' -- "$user" "$@" <>"$tty" >&0 2>&0 &
+    setsid -c su -l -c 'cd WORKDIR 2>/dev/null; exec "$0" "$@"' -- "$user" "$@" \
+        <>"$tty" >&0 2>&0 3>&- &
 fi
+exec 3>&-
 wait $!
 """.replace("WORKDIR", GUEST_WORKDIR)
 )
