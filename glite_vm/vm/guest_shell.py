@@ -91,7 +91,7 @@ hangup_tty() {
 # [CMD ARGS...], MODE "tty" (a terminal at the other end: echo, CR before LF) or "pipe"
 # (input from a pipe or a file: no echo, output bytes as the command writes them). Without CMD
 # the user's login shell starts in the job's working directory; with one, CMD runs there.
-# The session runs in the background of this script, which waits for it and exits with its
+# The session runs in a subshell of this script, which waits for it and exits with its
 # status: so `setsid` never has to fork (this script's children lead no process group), and
 # the agent's guest-exec status is the session's own.
 GUEST_SHELL = (
@@ -114,15 +114,15 @@ if [ "$user" != root ]; then
 fi
 TERM=$term
 export TERM
+# A subshell in the foreground, not "&": an asynchronous command of a script starts with
+# SIGINT and SIGQUIT ignored, and the session would inherit that (Ctrl-C would do nothing).
 if [ $# -eq 0 ]; then
-    setsid -c su -l -c 'cd WORKDIR 2>/dev/null; exec "$SHELL" -l' -- "$user" \
-        <>"$tty" >&0 2>&0 3>&- &
+    (exec setsid -c su -l -c 'cd WORKDIR 2>/dev/null; exec "$SHELL" -l' -- "$user" \
+        <&3 >&3 2>&3 3>&-)
 else
-    setsid -c su -l -c 'cd WORKDIR 2>/dev/null; exec "$0" "$@"' -- "$user" "$@" \
-        <>"$tty" >&0 2>&0 3>&- &
+    (exec setsid -c su -l -c 'cd WORKDIR 2>/dev/null; exec "$0" "$@"' -- "$user" "$@" \
+        <&3 >&3 2>&3 3>&-)
 fi
-exec 3>&-
-wait $!
 """.replace("WORKDIR", GUEST_WORKDIR)
 )
 

@@ -348,7 +348,7 @@ def test_a_session_starts_as_the_user_on_the_terminal_and_reports_its_status(
     os.close(slave)  # the script opens the terminal itself, as in a guest
     try:
         script = guest_shell.GUEST_SHELL
-        command = "id -u; tty; stty size; echo TERM=$TERM; exit 7"
+        command = "id -u; tty; stty size; echo TERM=$TERM; grep SigIgn /proc/$$/status; exit 7"
         args = [tty_path, user, "xterm", "33", "101", "tty", "/bin/sh", "-c", command]
         proc = subprocess.Popen(
             [sh, "-c", script, "glite-vm-shell", *args],
@@ -363,6 +363,9 @@ def test_a_session_starts_as_the_user_on_the_terminal_and_reports_its_status(
         assert f"{tty_path}\r\n" in text
         assert "33 101\r\n" in text
         assert "TERM=xterm\r\n" in text
+        # Ctrl-C and Ctrl-\ work: the session does not start with SIGINT or SIGQUIT ignored
+        ignored = int(text.split("SigIgn:")[1].split()[0], 16)
+        assert not ignored & (1 << (signal.SIGINT - 1) | 1 << (signal.SIGQUIT - 1)), hex(ignored)
         st = os.stat(tty_path)
         assert (st.st_uid, st.st_mode & 0o777) == (entry.pw_uid, 0o600)  # as login(1) makes it
     finally:
