@@ -32,7 +32,7 @@ from tests.service.svc_support import (
 pytestmark = pytest.mark.vm
 
 GUEST_UID = "1000"  # the test guests' job account (tests/guest/build.sh)
-DENIED = "AccessDeniedError error: no VM named"
+DENIED = "request error: no VM named"  # AccessDeniedError, as for every other call
 
 
 def cli_env(service: ServiceProcess) -> dict[str, str]:
