@@ -69,6 +69,36 @@ def check_image_ref(image: str) -> str:
     return image
 
 
+def _check_job_fields(
+    root: object,
+    keep_snapshot: KeepSnapshot | str,
+    image_sha256: object,
+    job_id: object,
+    owner: object,
+) -> tuple[KeepSnapshot, str | None]:
+    """The checks a job's request and its VM's share: root a boolean, the snapshot policy, the
+    digest (normalised), the job id and the owner's name. Returns the policy and the digest."""
+    if not isinstance(root, bool):
+        raise RequestError("GliteVmRoot", f"must be True or False, got {root!r}")
+    keep = (
+        keep_snapshot
+        if isinstance(keep_snapshot, KeepSnapshot)
+        else KeepSnapshot.parse(keep_snapshot)
+    )
+    digest = None
+    if image_sha256 is not None:
+        if not isinstance(image_sha256, str):
+            raise RequestError("GliteVmImageSha256", "must be 64 hexadecimal digits")
+        digest = image_sha256.strip().lower()
+        if not _SHA256.match(digest):
+            raise RequestError("GliteVmImageSha256", "must be 64 hexadecimal digits")
+    if not isinstance(job_id, str) or not _JOB_ID.match(job_id):
+        raise RequestError("job id", f"{job_id!r} is not a valid job identifier")
+    if not isinstance(owner, str) or not _OWNER.match(owner):
+        raise RequestError("Owner", f"{owner!r} is not a valid user name")
+    return keep, digest
+
+
 @dataclasses.dataclass(frozen=True)
 class VMRequest:
     """One VM for one job. Build with :meth:`create`, which validates and bounds every field."""
@@ -116,22 +146,8 @@ class VMRequest:
                 f"{format_size(disk_bytes)} is outside 64.0 MiB .. "
                 f"{format_size(settings.max_disk_bytes)}",
             )
-        if not isinstance(root, bool):
-            raise RequestError("GliteVmRoot", f"must be True or False, got {root!r}")
-        keep = (
-            keep_snapshot
-            if isinstance(keep_snapshot, KeepSnapshot)
-            else (KeepSnapshot.parse(keep_snapshot))
-        )
-        if image_sha256 is not None:
-            image_sha256 = image_sha256.strip().lower()
-            if not _SHA256.match(image_sha256):
-                raise RequestError("GliteVmImageSha256", "must be 64 hexadecimal digits")
+        keep, image_sha256 = _check_job_fields(root, keep_snapshot, image_sha256, job_id, owner)
         network = check_network(settings, network)
-        if not isinstance(job_id, str) or not _JOB_ID.match(job_id):
-            raise RequestError("job id", f"{job_id!r} is not a valid job identifier")
-        if not isinstance(owner, str) or not _OWNER.match(owner):
-            raise RequestError("Owner", f"{owner!r} is not a valid user name")
         return cls(
             image=image,
             cpus=cpus,
@@ -200,23 +216,7 @@ class JobRequest:
         disk_bytes = None if disk is None else parse_size(disk, "RequestDisk")
         if disk_bytes is not None and disk_bytes < 1:
             raise RequestError("RequestDisk", f"must be positive, got {disk_bytes} bytes")
-        if not isinstance(root, bool):
-            raise RequestError("GliteVmRoot", f"must be True or False, got {root!r}")
-        keep = (
-            keep_snapshot
-            if isinstance(keep_snapshot, KeepSnapshot)
-            else KeepSnapshot.parse(keep_snapshot)
-        )
-        if image_sha256 is not None:
-            if not isinstance(image_sha256, str):
-                raise RequestError("GliteVmImageSha256", "must be 64 hexadecimal digits")
-            image_sha256 = image_sha256.strip().lower()
-            if not _SHA256.match(image_sha256):
-                raise RequestError("GliteVmImageSha256", "must be 64 hexadecimal digits")
-        if not isinstance(job_id, str) or not _JOB_ID.match(job_id):
-            raise RequestError("job id", f"{job_id!r} is not a valid job identifier")
-        if not isinstance(owner, str) or not _OWNER.match(owner):
-            raise RequestError("Owner", f"{owner!r} is not a valid user name")
+        keep, image_sha256 = _check_job_fields(root, keep_snapshot, image_sha256, job_id, owner)
         if hostname is not None:
             if not isinstance(hostname, str):
                 raise RequestError("GliteVmHostname", f"must be a string, got {hostname!r}")
