@@ -261,7 +261,7 @@ class ServiceServer:
             except Exception as exc:
                 if not isinstance(exc, GliteVmError):
                     log.exception("%s for uid %d failed unexpectedly", op, peer.uid)
-                if self._stopping.is_set() and op in ("exec", "shell"):
+                if self._stopping.is_set() and op == "exec":
                     exc = ServiceUnavailableError(
                         "the glite-vm service is stopping; the payload may still be running "
                         "in the VM, which the service adopts when it starts again"

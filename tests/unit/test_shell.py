@@ -12,7 +12,9 @@ import select
 import shutil
 import signal
 import socket
+import stat
 import subprocess
+import tempfile
 import threading
 import time
 import xml.etree.ElementTree as ET
@@ -23,13 +25,14 @@ from typing import Any
 import pytest
 
 from glite_vm.cli.shell import split_words
-from glite_vm.errors import RequestError
+from glite_vm.config import Settings
+from glite_vm.errors import HypervisorError, RequestError
 from glite_vm.service import protocol
 from glite_vm.service.api import VmSummary
 from glite_vm.service.connection import Call, ShellLink, read_request
 from glite_vm.service.terminal import choose_vm, follow_console, terminal_type
-from glite_vm.vm import guest_shell
-from glite_vm.vm.domain_xml import SHELL_SERIAL, build_domain_xml, with_serial_console
+from glite_vm.vm import guest_shell, shell_port
+from glite_vm.vm.domain_xml import build_domain_xml, shell_socket_of, with_serial_console
 from tests.unit.test_domain_xml import spec
 
 GUESTS = Path(__file__).resolve().parents[1] / "guest" / "build"
@@ -213,19 +216,83 @@ def test_the_console_follows_the_boot_log_until_the_vm_stops(tmp_path: Path) -> 
 # -- the domain -----------------------------------------------------------------------------
 
 
-def test_a_jobs_domain_has_a_shell_port_only_libvirt_reaches() -> None:
-    root = parsed(build_domain_xml(spec(shell_port=True)))
+def test_a_jobs_domain_has_a_shell_port_on_a_socket_libvirt_binds() -> None:
+    sock = Path("/var/lib/glite-vm/run/shells/0f2e9a553c1b4d6e8f00123456789abc")
+    root = parsed(build_domain_xml(spec(shell_socket=sock)))
     serials = root.findall("./devices/serial")
     assert [port_of(s) for s in serials] == ["0", "1"]
     shell = serials[1]
-    # a pty: libvirt's console stream attaches to it; no socket path anyone could connect to
-    assert shell.get("type") == "pty" and shell.find("source") is None
-    assert SHELL_SERIAL == "serial1"
+    # a Unix socket libvirtd binds (mode='bind') and the service connects to; no pty, no stream
+    assert shell.get("type") == "unix"
+    assert shell.find("source").attrib == {"mode": "bind", "path": str(sock)}  # type: ignore[union-attr]
+    assert shell_socket_of(build_domain_xml(spec(shell_socket=sock))) == sock
     assert len(parsed(build_domain_xml(spec())).findall("./devices/serial")) == 1
+    assert shell_socket_of(build_domain_xml(spec())) is None
+    # a socket's name has 108 bytes with its NUL; a relative path is no socket of ours
+    for bad in (Path("/" + "d" * 100 + "/shells/x"), Path("run/shells/x")):
+        with pytest.raises(ValueError, match="at most 107 bytes"):
+            build_domain_xml(spec(shell_socket=bad))
     # the throw-away VM of a kept snapshot gets its interactive console instead
-    xml = build_domain_xml(spec(shell_port=True))
+    xml = build_domain_xml(spec(shell_socket=sock))
     again = parsed(with_serial_console(xml, Path("/x/boot.log"), "pty"))
     assert [port_of(s) for s in again.findall("./devices/serial")] == ["0"]
+
+
+@pytest.fixture
+def short_dir() -> Iterator[Path]:
+    """A directory with a short path (pytest's own can be too long for a socket's name)."""
+    path = Path(tempfile.mkdtemp(prefix="gvm-sh-"))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path)
+
+
+def test_the_shell_socket_directory_is_private_and_sockets_of_gone_domains_are_swept(
+    short_dir: Path,
+) -> None:
+    settings = Settings(state_dir=short_dir / "state")
+    path = shell_port.prepare_socket(settings, "0f2e9a55-3c1b-4d6e-8f00-123456789abc")
+    assert path == short_dir / "state/run/shells/0f2e9a553c1b4d6e8f00123456789abc"
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    path.parent.chmod(0o755)  # loosened by hand: made private again before use
+    shell_port.prepare_socket(settings, "0f2e9a55-3c1b-4d6e-8f00-123456789abc")
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    too_deep = Settings(state_dir=short_dir / ("d" * 120))
+    with pytest.raises(HypervisorError, match="GLITE_VM_RUN_DIR"):
+        shell_port.prepare_socket(too_deep, "0f2e9a55-3c1b-4d6e-8f00-123456789abc")
+    # the sweep takes sockets of domains that are gone, and nothing else
+    live, stale = "11111111-2222-3333-4444-555555555555", "66666666-7777-8888-9999-000000000000"
+    for uuid in (live, stale):
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(str(shell_port.prepare_socket(settings, uuid)))
+        listener.close()
+    (path.parent / "notes.txt").write_text("not a socket")
+    conn = _Domains({"glite-vm-a-1.0-abc": live})
+    removed = shell_port.sweep_sockets(settings, conn)
+    assert removed == [path.parent / stale.replace("-", "")]
+    assert sorted(os.listdir(path.parent)) == [live.replace("-", ""), "notes.txt"]
+
+
+class _Domains:
+    """A libvirt connection's domain list (what the sweep asks of libvirt)."""
+
+    def __init__(self, domains: dict[str, str]) -> None:
+        self.domains = domains
+
+    def listAllDomains(self, _flags: int) -> list[_Domain]:
+        return [_Domain(name, uuid) for name, uuid in self.domains.items()]
+
+
+class _Domain:
+    def __init__(self, name: str, uuid: str) -> None:
+        self._name, self._uuid = name, uuid
+
+    def name(self) -> str:
+        return self._name
+
+    def UUIDString(self) -> str:
+        return self._uuid
 
 
 def parsed(xml: str) -> ET.Element:
