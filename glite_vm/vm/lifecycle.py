@@ -119,8 +119,10 @@ class VmHost:
         scratch_dir: Path | None = None,
         fetch_seconds: float | None = None,
         base_chain: tuple[tuple[Path, str], ...] = (),
+        with_shell: bool = True,
     ) -> Vm:
         """Create the overlay, define and start the domain. Call :meth:`Vm.wait_ready` next.
+        ``with_shell``: the domain gets the shell's serial port (:mod:`glite_vm.vm.shell_port`).
 
         On any failure everything created so far is removed again.
         """
@@ -151,7 +153,8 @@ class VmHost:
             cache_blobs = self.settings.effective_cache_dir / "blobs"
             let_qemu_read(self.conn, self.hypervisor.kind, bases, cache_blobs=cache_blobs)
             domain_uuid = str(uuid.uuid4())
-            vm.shell_socket = shell_port.prepare_socket(self.settings, domain_uuid)
+            if with_shell:
+                vm.shell_socket = shell_port.prepare_socket(self.settings, domain_uuid)
             metadata = JobMetadata(
                 job_id=request.job_id,
                 owner=request.owner,

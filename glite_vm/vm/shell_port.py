@@ -7,11 +7,12 @@ descriptor; the service connects to it and relays bytes (:mod:`glite_vm.service.
 libvirt console stream is involved: destroying a domain under an open stream deadlocked
 libvirtd 9.0 here, while a socket connection simply ends (the peer reads end-of-file).
 
-Invariants. The sockets live in :func:`shell_dir` (``<run dir>/shells``), a directory of the
-service's own user, mode 0700, checked (not a link, owned by us, no access for others) before a
-socket is put in it: no other local user can reach a socket in it, whatever the socket's own
-mode. A socket is named after its domain's UUID, so a path is short (the run directory's plus
-39 bytes, at most :data:`~glite_vm.vm.domain_xml.MAX_SOCKET_PATH` in all) and never reused. A
+Invariants. The sockets live in :func:`shell_dir` (``<run dir>/shells``, or a directory in
+``/run`` when that path is too deep for a socket's name), a directory of the service's own
+user, mode 0700, checked (not a link, owned by us, no access for others) before a socket is put
+in it: no other local user can reach a socket in it, whatever the socket's own mode. A socket
+is named after its domain's UUID, so its path is short (at most
+:data:`~glite_vm.vm.domain_xml.MAX_SOCKET_PATH` bytes) and never reused. A
 path is believed only when it lies directly in that directory (:func:`socket_of_domain`).
 Sockets whose domain is gone (libvirtd removes a socket when its domain stops; a libvirtd
 that died could not) are swept by :func:`sweep_sockets`, which removes only sockets.
@@ -19,6 +20,7 @@ that died could not) are swept by :func:`sweep_sockets`, which removes only sock
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import os
 import socket
@@ -37,8 +39,21 @@ SHELLS = "shells"
 CONNECT_TIMEOUT = 10.0  # seconds to connect to a VM's shell socket
 
 
+NAME_LENGTH = 32  # a socket's name: its domain's UUID in hex
+
+
 def shell_dir(settings: Settings) -> Path:
-    return settings.effective_run_dir / SHELLS
+    """``<run dir>/shells``, or when that leaves no room for a socket's name (a deep run
+    directory), a directory named after it in the runtime directory: ``/run`` for root (only
+    root may make names there), ``$XDG_RUNTIME_DIR`` (the user's own, 0700) for anyone else."""
+    preferred = settings.effective_run_dir / SHELLS
+    if len(os.fsencode(preferred)) + 1 + NAME_LENGTH <= MAX_SOCKET_PATH:
+        return preferred
+    runtime = "/run" if os.geteuid() == 0 else os.environ.get("XDG_RUNTIME_DIR", "")
+    if not os.path.isabs(runtime):
+        return preferred  # nowhere shorter: prepare_socket says what to change
+    tag = hashlib.sha256(os.fsencode(preferred)).hexdigest()[:12]
+    return Path(runtime) / f"glite-vm-shells-{tag}"
 
 
 def socket_name(uuid: str) -> str:

@@ -249,7 +249,7 @@ def short_dir() -> Iterator[Path]:
 
 
 def test_the_shell_socket_directory_is_private_and_sockets_of_gone_domains_are_swept(
-    short_dir: Path,
+    short_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     settings = Settings(state_dir=short_dir / "state")
     path = shell_port.prepare_socket(settings, "0f2e9a55-3c1b-4d6e-8f00-123456789abc")
@@ -258,9 +258,24 @@ def test_the_shell_socket_directory_is_private_and_sockets_of_gone_domains_are_s
     path.parent.chmod(0o755)  # loosened by hand: made private again before use
     shell_port.prepare_socket(settings, "0f2e9a55-3c1b-4d6e-8f00-123456789abc")
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
-    too_deep = Settings(state_dir=short_dir / ("d" * 120))
-    with pytest.raises(HypervisorError, match="GLITE_VM_RUN_DIR"):
-        shell_port.prepare_socket(too_deep, "0f2e9a55-3c1b-4d6e-8f00-123456789abc")
+    # a run directory too deep for a socket's name: a private directory in the runtime one
+    deep = Settings(state_dir=short_dir / ("d" * 120))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(short_dir / "xdg"))
+    (short_dir / "xdg").mkdir(mode=0o700)
+    elsewhere = shell_port.prepare_socket(deep, "0f2e9a55-3c1b-4d6e-8f00-123456789abc")
+    runtime = Path("/run") if os.geteuid() == 0 else short_dir / "xdg"
+    try:
+        assert elsewhere.parent.parent == runtime
+        assert elsewhere.parent.name.startswith("glite-vm-shells-")
+        assert stat.S_IMODE(elsewhere.parent.stat().st_mode) == 0o700
+        assert shell_port.shell_dir(deep) == elsewhere.parent  # found again, the same
+    finally:
+        if os.geteuid() == 0:
+            elsewhere.parent.rmdir()
+    if os.geteuid() != 0:  # no runtime directory either: say what to change
+        monkeypatch.delenv("XDG_RUNTIME_DIR")
+        with pytest.raises(HypervisorError, match="GLITE_VM_RUN_DIR"):
+            shell_port.prepare_socket(deep, "0f2e9a55-3c1b-4d6e-8f00-123456789abc")
     # the sweep takes sockets of domains that are gone, and nothing else
     live, stale = "11111111-2222-3333-4444-555555555555", "66666666-7777-8888-9999-000000000000"
     for uuid in (live, stale):
