@@ -1,7 +1,7 @@
 """An interactive terminal in a running guest: the guest's side of ``glite-vm shell``.
 
-The byte path is the VM's second serial port (``serial1`` on the host, :data:`SHELL_TTY` in
-the guest; :mod:`glite_vm.vm.domain_xml` adds it to every job's domain): a real terminal
+The byte path is the VM's second serial port (a Unix socket on the host,
+:mod:`glite_vm.vm.shell_port`; :data:`SHELL_TTY` in the guest): a real terminal
 device in the guest, so line editing, Ctrl-C, job control, the window size and full-screen
 programs work with nothing in the guest but what every base system has (``sh``, ``setsid``,
 ``stty``, ``su``, ``kill``, ``stat``, ``ls``, ``sort``): no sshd, no python, no ``script``.

@@ -25,6 +25,7 @@ import pytest
 
 from glite_vm.slots import SlotLayout
 from glite_vm.units import GIB
+from glite_vm.vm.guest_run import GUEST_WORKDIR
 from tests.condor.pool import (
     PersonalPool,
     glite_vm_pool,
@@ -213,7 +214,8 @@ def test_an_interactive_shell_through_condor_ssh_to_job_in_tmux(
         tmux.start(f"condor_ssh_to_job {cluster}.0", rows=40, cols=120)
         tmux.wait_for(lambda s: prompts(s) == 1, "the sandbox's shell prompt")
         tmux.type(shell_command(service))
-        tmux.wait_for(lambda s: prompts(s) == 2, "the guest's prompt")
+        # the guest's login shell starts in the job's working directory
+        tmux.wait_for(lambda s: f"{GUEST_WORKDIR} $" in s, "the guest's prompt")
         tmux.type("echo size=$(stty size) uid=$(id -u) tty=$(tty)")
         tmux.wait_for(
             lambda s: f"size=40 120 uid={GUEST_UID} tty=/dev/ttyS1" in s, "the guest's answer"
@@ -235,7 +237,7 @@ def test_an_interactive_shell_through_condor_ssh_to_job_in_tmux(
 
 
 def prompts(screen: str) -> int:
-    """Shell prompts on the screen (the sandbox's and the guest's shells both show ``$ ``)."""
+    """Shell prompts waiting on the screen (lines that end with ``$``)."""
     return sum(1 for line in screen.splitlines() if line.rstrip().endswith("$"))
 
 
