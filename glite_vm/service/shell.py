@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 STATUS_INTERVAL = 0.5  # seconds between looks at whether the session's process ended
 RESIZE_INTERVAL = 0.2  # seconds between two window-size changes applied to the guest
 DRAIN_SECONDS = 1.0  # at most this long for the last output after the session ended
+STOP_WAIT = 10.0  # seconds an agent failure may take to turn out to be the VM stopping
 OUTPUT_CHUNK = 16 << 10  # bytes of the guest's output read (and sent on) at once
 
 
@@ -168,6 +169,10 @@ def _torn_down(vm: Vm) -> HostError:
     )
 
 
+def _stopped(vm: Vm) -> HostError:
+    return HostError(f"the VM {vm.name} stopped during the shell session")
+
+
 def _relay(
     vm: Vm,
     pid: int,
@@ -206,7 +211,14 @@ def _relay(
             size, next_resize = None, now + RESIZE_INTERVAL
         if pump.ended.is_set() or now >= next_status:
             next_status = now + STATUS_INTERVAL
-            status = agent.status(pid)
+            if pump.ended.is_set() and not _active(vm):  # its port closed: QEMU is gone
+                raise _stopped(vm)
+            try:
+                status = agent.status(pid)
+            except AgentError as exc:
+                if _going(vm):  # stopped before its port's end was seen
+                    raise _stopped(vm) from exc
+                raise
             if status.exited:
                 if status.stderr.strip():  # the start script's complaint; the session's
                     # own stderr went to its terminal
@@ -217,8 +229,6 @@ def _relay(
                 if status.signal is not None:
                     return 128 + status.signal
                 return status.exitcode
-            if pump.ended.is_set() and not _active(vm):
-                raise HostError(f"the VM {vm.name} stopped during the shell session")
     return None
 
 
@@ -237,6 +247,17 @@ def _send_all(sock: socket.socket, data: bytes, name: str, stopped: Callable[[],
         except OSError as exc:
             raise HostError(f"the shell port of {name} closed: {exc}") from exc
         view = view[sent:]
+
+
+def _going(vm: Vm, wait: float = STOP_WAIT) -> bool:
+    """Whether ``vm`` stops within ``wait`` seconds (libvirt refuses agent commands as soon as
+    a destroy begins, and calls the domain inactive only once it ended)."""
+    deadline = time.monotonic() + wait
+    while _active(vm):
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.2)
+    return True
 
 
 def _active(vm: Vm) -> bool:

@@ -81,6 +81,40 @@ def test_a_vm_torn_down_under_a_shell_ends_it_with_a_clear_error(
             term.close()
 
 
+def test_a_vm_destroyed_from_outside_under_a_shell_ends_it_and_is_reaped(
+    service: ServiceProcess, svc_root: Path, alice: Account
+) -> None:
+    scratch = make_scratch(svc_root, alice, "shell-destroyed")
+    vm = prepare(service, alice, scratch)["vm"]
+    path = socket_of(svc_root / "state", vm)
+    term = Terminal(service, alice, "shell", vm, cwd="/")
+    try:
+        term.expect(b"$ ")
+        # an administrator (or a crash) ends the VM behind the service's back
+        subprocess.run(["virsh", "-c", "qemu:///system", "destroy", vm], check=True, timeout=60)
+        assert term.wait(timeout=60) == 125
+        assert b"stopped during the shell session" in term.screen, term.screen
+        assert libvirtd_answers()
+        # the reaper finishes it: no domain, no socket
+        wait_for("the reaper tears it down", lambda: not domains_named(vm), timeout=120)
+        assert not path.exists()
+    finally:
+        if term.proc.poll() is None:
+            term.close()
+        call(service, alice, "teardown", vm=vm, failed=True)
+
+
+def domains_named(name: str) -> list[str]:
+    listed = subprocess.run(
+        ["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=60,
+    )
+    return [n for n in listed.stdout.split() if n == name]
+
+
 def test_the_shell_socket_is_out_of_every_local_users_reach(
     service: ServiceProcess, svc_root: Path, alice: Account, bob: Account
 ) -> None:
