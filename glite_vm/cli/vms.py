@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
 from pathlib import Path
@@ -46,10 +47,16 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         description="A job whose payload failed and that asked for +GliteVmDebugHold keeps its "
         "VM running, and stays running in HTCondor, until GliteVmDebugUntil. This ends the hold "
         "now: the VM is torn down and the job ends as it would have without the hold (same exit "
-        "status and output files). Only the job's owner (or root) may; the VM is the job's "
-        "GliteVmDomain. Exits 125 when the service cannot be reached.",
+        "status and output files). Only the job's owner (or root) may. With no VM named, the "
+        "VM of the job whose sandbox you are in (where condor_ssh_to_job leaves you). Exits 125 "
+        "when the service cannot be reached.",
     )
-    release.add_argument("name", metavar="VM", help="the VM (the job's GliteVmDomain)")
+    release.add_argument(
+        "name",
+        nargs="?",
+        metavar="VM|JOB",
+        help="the VM (the job's GliteVmDomain) or its job id (12.0); default: this sandbox's job",
+    )
     release.add_argument("--socket", type=Path, metavar="PATH", help="the service's socket")
     release.set_defaults(handler=cmd_vms_release)
 
@@ -131,10 +138,12 @@ def cmd_vms_destroy(args: argparse.Namespace, settings: Settings) -> int:
 
 def cmd_vms_release(args: argparse.Namespace, settings: Settings) -> int:
     from glite_vm.service.client import ServiceClient  # noqa: PLC0415
+    from glite_vm.service.terminal import choose_vm, scratch_dir_of_job  # noqa: PLC0415
 
     client = ServiceClient.from_settings(settings)
     if args.socket is not None:
         client.socket_path = str(args.socket)
-    client.debug_release(args.name)
-    print(f"released {args.name}: its job now ends as it would have without the hold")
+    vm = choose_vm(client.list_vms(), args.name, os.getcwd(), scratch_dir_of_job())
+    client.debug_release(vm)
+    print(f"released {vm}: its job now ends as it would have without the hold")
     return 0

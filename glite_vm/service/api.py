@@ -80,6 +80,28 @@ class VmSummary:
     image: str
     age_seconds: float
     running: bool
+    #: the job's scratch directory (where ``condor_ssh_to_job`` lands), when it has one; a
+    #: service older than ``glite-vm shell`` does not say
+    scratch_dir: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ShellOutcome:
+    """How a ``shell`` session ended: its exit status (128 + N after signal N, as a shell
+    reports it), and how long it lasted."""
+
+    exit_code: int | None
+    seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
+class ConsoleInfo:
+    """Where a running VM's serial console is recorded (from its first byte): the boot log,
+    which belongs to the VM's owner, who reads and follows it with their own rights."""
+
+    vm: str
+    boot_log_path: str
+    running: bool
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +123,21 @@ class ServiceInfo:
     uptime_seconds: float
     caller_uid: int
     vms: int  # the caller's VMs (all of them for root)
+
+
+class ShellTerminal(Protocol):
+    """The user's end of a ``shell`` session, as the engine sees it (the server's is the
+    caller's connection)."""
+
+    def ready(self) -> None:
+        """The session started in the guest: from now on keys are read."""
+
+    def output(self, data: bytes) -> bool:
+        """Show what the guest's terminal wrote; ``False`` once the user is gone."""
+
+    def events(self, timeout: float) -> list[tuple[str, bytes | tuple[int, int]]] | None:
+        """What the user did within ``timeout`` seconds: ``("in", keys)`` and
+        ``("size", (rows, cols))``, in order (``[]``: nothing); ``None`` once the user is gone."""
 
 
 class VmService(Protocol):

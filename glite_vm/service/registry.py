@@ -41,6 +41,7 @@ from glite_vm.service import debug_hold, events, metrics
 from glite_vm.service.api import ReapedVm, TeardownOutcome
 from glite_vm.service.metrics import ServiceMetrics
 from glite_vm.service.reaper import owner_alive, reap_reason, sweep_half_made
+from glite_vm.service.shell import SESSIONS
 from glite_vm.service.vm_state import (
     FinishedVm,
     StateDir,
@@ -52,6 +53,7 @@ from glite_vm.service.vm_state import (
 from glite_vm.vm.domains import destroy_domain, qemu_pid
 from glite_vm.vm.lifecycle import TeardownResult, VmHost
 from glite_vm.vm.record import ad_attributes
+from glite_vm.vm.shell_port import sweep_sockets
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +214,9 @@ class VmRegistry:
             done = self.get(record.name)
             if isinstance(done, FinishedVm):
                 return done.outcome
+            # A shell never holds up a teardown: its connection is shut, it ends by itself.
+            if SESSIONS.end(record.name):
+                log.info("%s: ending its shell session for the teardown", record.name)
             if _handed_over(record):
                 result = _finish_handed_over(record)
             else:
@@ -305,6 +310,8 @@ class VmRegistry:
             self.settings, self.host.conn, lambda name: self.get(name) is not None, self.events
         )
         self.drop_dead_leases()
+        for path in sweep_sockets(self.settings, self.host.conn):
+            log.info("removed the shell socket %s of a domain that is gone", path.name)
         return reaped
 
     def drop_dead_leases(self) -> int:

@@ -218,7 +218,7 @@ class ServiceServer:
     def _handle_call(self, conn: socket.socket, peer: Peer) -> None:
         with conn:
             try:
-                op, args = read_request(conn)
+                op, args, rest = read_request(conn)
             except (GliteVmError, OSError) as exc:
                 if not isinstance(exc, GliteVmError):
                     exc = protocol.ProtocolError(f"no valid request: {exc}")
@@ -230,7 +230,7 @@ class ServiceServer:
                     )
                 return
             conn.settimeout(SEND_TIMEOUT)
-            call = Call(conn)
+            call = Call(conn, rest)
             name = account_name(peer.uid)
             groups = peer.groups
             if groups is None:  # the kernel could not say: the user database's groups
@@ -250,8 +250,10 @@ class ServiceServer:
                 self._calls.add(call)
             if self._stopping.is_set():
                 call.cancel.set()
-            watcher = threading.Thread(target=call.watch, daemon=True)
-            watcher.start()
+            # A shell's client keeps talking: its link reads the connection and sends the beats.
+            watcher = None if op == "shell" else threading.Thread(target=call.watch, daemon=True)
+            if watcher is not None:
+                watcher.start()
             started = time.monotonic()
             try:
                 result = dispatch(service, op, args, call)
@@ -273,7 +275,8 @@ class ServiceServer:
                 call.finish()
                 with self._calls_lock:
                     self._calls.discard(call)
-            watcher.join()  # before the socket closes: its descriptor number could be reused
+            if watcher is not None:
+                watcher.join()  # before the socket closes: its descriptor number could be reused
             call.close()
             delivered = call.send(reply)
             log.debug(

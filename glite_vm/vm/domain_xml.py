@@ -9,6 +9,10 @@ Every choice here is deliberate:
   for an interactive session (``glite-vm snapshots boot``) it becomes a pty that libvirt's
   console streams attach to, still logged to the same file from the first byte;
 * the guest agent gets the standard channel ``org.qemu.guest_agent.0``;
+* a job's VM gets a second serial port for ``glite-vm shell`` (:data:`SHELL_PORT`): on the
+  host a Unix socket that libvirt binds (and hands to QEMU) at a short path in a directory
+  only the service may enter, which the service connects to itself; a real terminal in the
+  guest (``/dev/ttyS1``, see :mod:`glite_vm.vm.guest_shell`);
 * there is **no network** unless asked for, ``on_crash`` destroys, and libvirt ``<metadata>``
   names the job and its owner so a reaper can find the owner of any domain later.
 """
@@ -16,6 +20,7 @@ Every choice here is deliberate:
 from __future__ import annotations
 
 import dataclasses
+import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -25,6 +30,10 @@ XFER_SERIAL = "glitevm-xfer"
 AGENT_CHANNEL = "org.qemu.guest_agent.0"
 DOMAIN_PREFIX = "glite-vm-"
 SERIAL_CONSOLES = ("file", "pty")
+#: The shell's serial port (the guest's second UART, ``/dev/ttyS1``).
+SHELL_PORT = "1"
+#: The longest path of a Unix socket (``sun_path`` holds 108 bytes with the final NUL).
+MAX_SOCKET_PATH = 107
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +106,9 @@ class DomainSpec:
     # "file": the serial console only writes the boot log (jobs). "pty": an interactive console
     # (libvirt's virDomainOpenConsole attaches to it) whose output is still logged to boot_log.
     serial_console: str = "file"
+    # The Unix socket of a second serial port for `glite-vm shell` (jobs' VMs; not the
+    # throw-away VMs of a kept snapshot, whose console is interactive already); None: no port.
+    shell_socket: Path | None = None
 
 
 def build_domain_xml(spec: DomainSpec) -> str:
@@ -104,6 +116,8 @@ def build_domain_xml(spec: DomainSpec) -> str:
         raise ValueError(f"serial console must be 'file' or 'pty', not {spec.serial_console!r}")
     if spec.domain_type not in ("kvm", "qemu"):
         raise ValueError(f"domain type must be 'kvm' or 'qemu', not {spec.domain_type!r}")
+    if spec.shell_socket is not None:
+        check_socket_path(spec.shell_socket)
     for fmt in (spec.base_format, *(f for _p, f in spec.base_chain)):
         if fmt not in ("qcow2", "raw"):
             raise ValueError(f"base image format must be qcow2 or raw, not {fmt!r}")
@@ -150,6 +164,12 @@ def build_domain_xml(spec: DomainSpec) -> str:
     _network(devices, spec.network)
 
     _serial_console(devices, spec.boot_log, spec.serial_console)
+    if spec.shell_socket is not None:
+        # mode='bind': libvirtd binds the socket itself and passes it to QEMU, so the
+        # directory may be one that only root (the service) can enter.
+        shell = ET.SubElement(devices, "serial", type="unix")
+        ET.SubElement(shell, "source", mode="bind", path=str(spec.shell_socket))
+        ET.SubElement(shell, "target", port=SHELL_PORT)
 
     channel = ET.SubElement(devices, "channel", type="unix")
     ET.SubElement(channel, "source", mode="bind")
@@ -160,6 +180,32 @@ def build_domain_xml(spec: DomainSpec) -> str:
     ET.SubElement(devices, "memballoon", model="none")
     ET.indent(dom)
     return ET.tostring(dom, encoding="unicode")
+
+
+def check_socket_path(path: Path) -> None:
+    """Refuse a socket path that is relative or longer than a Unix socket's name can be."""
+    if not path.is_absolute() or len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        raise ValueError(
+            f"the shell socket {path} must be an absolute path of at most {MAX_SOCKET_PATH} bytes"
+        )
+
+
+def shell_socket_of(xml: str) -> Path | None:
+    """The Unix socket of the shell's serial port in a domain's XML (libvirt's, of one of
+    ours); ``None`` when it has none (a VM started before ``glite-vm shell`` had sockets)."""
+    dom = ET.fromstring(xml)  # noqa: S314 - libvirt's output of a domain we defined
+    for serial in dom.iterfind("devices/serial"):
+        target, source = serial.find("target"), serial.find("source")
+        if (
+            serial.get("type") == "unix"
+            and target is not None
+            and target.get("port") == SHELL_PORT
+            and source is not None
+            and source.get("mode") == "bind"
+            and source.get("path")
+        ):
+            return Path(str(source.get("path")))
+    return None
 
 
 def _root_disk(devices: ET.Element, spec: DomainSpec) -> None:

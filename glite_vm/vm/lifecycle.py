@@ -33,7 +33,7 @@ import libvirt
 from glite_vm.config import Settings
 from glite_vm.errors import AgentError, HypervisorError, RequestError
 from glite_vm.request import VMRequest
-from glite_vm.vm import transfer
+from glite_vm.vm import shell_port, transfer
 from glite_vm.vm.agent import GuestAgent
 from glite_vm.vm.boot_watch import watch_boot
 from glite_vm.vm.domain_xml import (
@@ -119,8 +119,10 @@ class VmHost:
         scratch_dir: Path | None = None,
         fetch_seconds: float | None = None,
         base_chain: tuple[tuple[Path, str], ...] = (),
+        with_shell: bool = True,
     ) -> Vm:
         """Create the overlay, define and start the domain. Call :meth:`Vm.wait_ready` next.
+        ``with_shell``: the domain gets the shell's serial port (:mod:`glite_vm.vm.shell_port`).
 
         On any failure everything created so far is removed again.
         """
@@ -150,6 +152,9 @@ class VmHost:
             bases = [image.path, *dict(base_chain)]
             cache_blobs = self.settings.effective_cache_dir / "blobs"
             let_qemu_read(self.conn, self.hypervisor.kind, bases, cache_blobs=cache_blobs)
+            domain_uuid = str(uuid.uuid4())
+            if with_shell:
+                vm.shell_socket = shell_port.prepare_socket(self.settings, domain_uuid)
             metadata = JobMetadata(
                 job_id=request.job_id,
                 owner=request.owner,
@@ -164,7 +169,7 @@ class VmHost:
             )
             spec = DomainSpec(
                 name=name,
-                uuid=str(uuid.uuid4()),
+                uuid=domain_uuid,
                 domain_type=self.hypervisor.kind,
                 emulator=self.hypervisor.emulator,
                 cpus=request.cpus,
@@ -180,6 +185,7 @@ class VmHost:
                 cmdline=image.cmdline,
                 network=request.network,
                 base_chain=base_chain,
+                shell_socket=vm.shell_socket,
             )
             xml = build_domain_xml(spec)
             with os.fdopen(create_private(vm.files.domain_xml), "w") as f:
@@ -238,6 +244,9 @@ class Vm:
         self.snapshot = self.files.snapshot
         self.record = self.files.record
         self.domain: libvirt.virDomain | None = None
+        # the host's end of the shell's serial port (glite_vm.vm.shell_port); None: not known
+        # (a VM rebuilt after a restart: its domain's XML says)
+        self.shell_socket: Path | None = None
         self.timings = Timings()
         self.exec_result: ExecResult | None = None
         self.torn_down: TeardownResult | None = None
@@ -400,8 +409,11 @@ class Vm:
                 dom = self.host.conn.lookupByName(self.name)
             except libvirt.libvirtError:
                 dom = None
+        socket_path = self.shell_socket
         if dom is not None:
+            socket_path = socket_path or shell_port.socket_of_domain(self.host.settings, dom)
             destroy_domain(dom)
+        shell_port.remove_socket(socket_path)
         keep = self.request.keep_snapshot.keeps(failed) if keep_override is None else keep_override
         for scratch in (self.xfer, self.files.kernel, self.files.initrd):
             scratch.unlink(missing_ok=True)

@@ -176,8 +176,10 @@ def debug_held_vms(port: int) -> float:
     )
 
 
-def glite_vm_cli(who: Account, svc: ServiceProcess, *args: str) -> subprocess.CompletedProcess[str]:
-    """``glite-vm ARGS`` as ``who`` types it on the execute host."""
+def glite_vm_cli(
+    who: Account, svc: ServiceProcess, *args: str, cwd: Path = Path("/")
+) -> subprocess.CompletedProcess[str]:
+    """``glite-vm ARGS`` as ``who`` types it on the execute host, in ``cwd``."""
     return subprocess.run(
         [
             *as_user(who),
@@ -191,7 +193,7 @@ def glite_vm_cli(who: Account, svc: ServiceProcess, *args: str) -> subprocess.Co
         capture_output=True,
         text=True,
         timeout=120,
-        cwd="/",
+        cwd=cwd,
         check=False,
     )
 
@@ -274,7 +276,8 @@ def test_the_owner_ends_the_hold_early_and_nobody_else_can(
         assert "no VM named" in denied(call(held.svc, bob, "debug_hold", vm=job.vm))
         assert proc.poll() is None and domain_running(job.vm)  # still held
 
-        released = glite_vm_cli(alice, held.svc, "vms", "release", job.vm)
+        # in the job's sandbox, as condor_ssh_to_job leaves her, no VM needs naming
+        released = glite_vm_cli(alice, held.svc, "vms", "release", cwd=job.scratch)
         assert released.returncode == 0, released.stderr
         assert f"released {job.vm}" in released.stdout
         result = finished(proc)

@@ -86,6 +86,12 @@ CASES: list[tuple[list[str], dict[str, str]]] = [
     (["advertise"], {"GLITE_VM_CACHE_MAX_BYTES": "20"}),
     (["serve", "--socket", "/nonexistent/dir/s.sock"], {"GLITE_VM_LIBVIRT_URI": "nosuch:///x"}),
     (["reap", "--socket", "/nonexistent/dir/s.sock"], {}),
+    (["shell"], {}),  # no service at GLITE_VM_SOCKET_PATH
+    (["shell", "vm1", "vm2"], {}),
+    (["shell", "vm1", "--"], {}),
+    (["shell", "--socket", "/nonexistent/dir/s.sock", "vm1", "--", "id"], {}),
+    (["console"], {}),
+    (["console", "--socket", "/nonexistent/dir/s.sock", "vm1"], {}),
     (["events", "--since", "7"], {}),
     (["events", "--since", "yesterday"], {}),
     (["events", "-n", "many"], {}),
