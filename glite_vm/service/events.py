@@ -36,7 +36,9 @@ TORN_DOWN = "torn_down"  # the job's own teardown (JOB_EXIT, or the launcher's c
 REAPED = "reaped"  # torn down because its job is gone; ``reason`` says how the reaper knew
 ABANDONED = "abandoned"  # torn down because preparing it failed or its caller hung up
 SWEPT = "swept"  # a VM directory left half-made by a crash, cleaned up
-EVENTS = (STARTED, ADOPTED, TORN_DOWN, REAPED, ABANDONED, SWEPT)
+# a VM was to be restored from a template that failed; ``reason`` says how, and it booted cold
+WARM_FALLBACK = "warm_fallback"
+EVENTS = (STARTED, ADOPTED, TORN_DOWN, REAPED, ABANDONED, SWEPT, WARM_FALLBACK)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -63,9 +63,16 @@ from glite_vm.vm.vm_dir import (
     create_private,
     create_sparse,
     give_to_owner,
+    link_private,
     lock_vm_dir,
     make_vm_dir,
 )
+from glite_vm.vm.warm import TemplateFiles, new_mac, refresh_clone, restore_clone, warm_boot_log
+
+
+def _write_private(path: Path, text: str) -> None:
+    with os.fdopen(create_private(path), "w") as f:
+        f.write(text)
 
 
 class BaseImage(Protocol):
@@ -119,10 +126,15 @@ class VmHost:
         scratch_dir: Path | None = None,
         fetch_seconds: float | None = None,
         base_chain: tuple[tuple[Path, str], ...] = (),
+        template: TemplateFiles | None = None,
+        genid: bool = False,
     ) -> Vm:
         """Create the overlay, define and start the domain. Call :meth:`Vm.wait_ready` next.
 
-        On any failure everything created so far is removed again.
+        With ``template`` (a warm start, :mod:`glite_vm.vm.warm`) the domain is restored from
+        the template's saved state instead of booted, on an overlay over the template's disk
+        layer; ``genid`` gives a booted VM a generation ID device (what templates are made
+        with). On any failure everything created so far is removed again.
         """
         t0 = time.monotonic()
         token = secrets.token_hex(3)
@@ -130,6 +142,7 @@ class VmHost:
         vm_dir = make_vm_dir(self.settings.effective_snapshot_dir, name)
         vm = Vm(self, name, vm_dir, request, image, owner_uid=owner_uid)
         vm.timings.fetch = fetch_seconds
+        vm.template = template
         # Until the domain exists the directory is locked: a sweeper of half-made VM
         # directories (what a crash between mkdir and define leaves) must not take this one.
         held = lock_vm_dir(vm_dir, blocking=True)
@@ -137,7 +150,12 @@ class VmHost:
         try:
             t1 = time.monotonic()
             size = max(image.virtual_size, request.disk_bytes)
-            create_overlay(image.path, image.format, vm.overlay, size)
+            if template is None:
+                create_overlay(image.path, image.format, vm.overlay, size)
+            else:
+                link_private(template.layer, vm.files.template_layer)
+                create_overlay(vm.files.template_layer, "qcow2", vm.overlay, size)
+                warm_boot_log(template, vm.boot_log)
             vm.timings.overlay = time.monotonic() - t1
             create_sparse(vm.xfer, request.disk_bytes)
             # libvirt hands kernel and initrd to QEMU's user while the VM runs; per-VM copies
@@ -180,15 +198,19 @@ class VmHost:
                 cmdline=image.cmdline,
                 network=request.network,
                 base_chain=base_chain,
+                genid=genid,
             )
-            xml = build_domain_xml(spec)
-            with os.fdopen(create_private(vm.files.domain_xml), "w") as f:
-                f.write(xml)
-            try:
-                vm.domain = self.conn.defineXML(xml)
-                vm.domain.create()
-            except libvirt.libvirtError as exc:
-                raise HypervisorError(f"libvirt could not start {name}: {exc}") from exc
+            if template is None:
+                xml = build_domain_xml(spec)
+                _write_private(vm.files.domain_xml, xml)
+                try:
+                    vm.domain = self.conn.defineXML(xml)
+                    vm.domain.create()
+                except libvirt.libvirtError as exc:
+                    raise HypervisorError(f"libvirt could not start {name}: {exc}") from exc
+            else:
+                vm.mac = new_mac() if request.network != "none" else None
+                vm.domain = restore_clone(self.conn, template, spec, vm.files, vm.mac)
             vm.timings.boot = time.monotonic() - t0
         except BaseException:
             vm.teardown(failed=True, keep_override=False)
@@ -244,6 +266,8 @@ class Vm:
         self._started = time.monotonic()
         self._lock = threading.Lock()
         self._dir_lock: int | None = None  # the VM directory's flock while start holds it
+        self.template: TemplateFiles | None = None  # a warm start's template
+        self.mac: str | None = None  # a warm start's new MAC address (when it has a network)
 
     # -- readiness ---------------------------------------------------------------------------
 
@@ -280,6 +304,8 @@ class Vm:
             agent_timeout=settings.agent_timeout,
             cancel=cancel,
         )
+        if self.template is not None:  # before anything of the job's runs in the guest
+            refresh_clone(self.domain, mac=self.mac)
         if not self.request.root:  # an ordinary job's account: made if missing, never root
             ensure_guest_user(self.agent, self.guest_user)
         self.timings.ready = time.monotonic() - start
@@ -403,7 +429,7 @@ class Vm:
         if dom is not None:
             destroy_domain(dom)
         keep = self.request.keep_snapshot.keeps(failed) if keep_override is None else keep_override
-        for scratch in (self.xfer, self.files.kernel, self.files.initrd):
+        for scratch in (self.xfer, self.files.kernel, self.files.initrd, self.files.saved_state):
             scratch.unlink(missing_ok=True)
         snapshot: Path | None = None
         if keep and self.overlay.exists():
@@ -411,6 +437,7 @@ class Vm:
             snapshot = self.snapshot
         else:
             self.overlay.unlink(missing_ok=True)
+            self.files.template_layer.unlink(missing_ok=True)
         self.timings.teardown = time.monotonic() - t0
         self._write_record(failed, snapshot)
         give_to_owner(
@@ -444,6 +471,11 @@ class Vm:
             boot_log=str(self.boot_log),
             timings=self.timings.as_dict(),
             finished=time.time(),
+            template_layer=(
+                str(self.files.template_layer)
+                if snapshot and self.files.template_layer.exists()
+                else None
+            ),
         ).write(self.record)
 
 

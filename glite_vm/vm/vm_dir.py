@@ -62,6 +62,21 @@ def copy_private(src: Path, dest: Path) -> Path:
     return dest
 
 
+def link_private(src: Path, dest: Path) -> Path:
+    """``dest`` as a new name of the file ``src`` (a template's read-only disk layer: the VM
+    keeps it when the template is evicted), or a private copy where no hard link can be made
+    (another file system)."""
+    try:
+        os.link(src, dest, follow_symlinks=False)
+    except OSError as exc:
+        log.debug("copying %s: no hard link (%s)", src, exc)
+        copy_private(src, dest)
+        st = src.stat()  # QEMU reads it as it reads the template's (its group, read-only)
+        os.chown(dest, -1, st.st_gid, follow_symlinks=False)
+        os.chmod(dest, st.st_mode & 0o440)
+    return dest
+
+
 def lock_vm_dir(vm_dir: Path, *, blocking: bool) -> int | None:
     """An exclusive flock on a VM directory (start and teardown hold it while they change
     it); the descriptor to close, or ``None`` when the directory is gone or, not
