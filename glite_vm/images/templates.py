@@ -111,10 +111,14 @@ class TemplateStore:
     def find(self, key: TemplateKey, image_path: Path) -> Template | None:
         """The complete template for ``key`` whose layer backs onto ``image_path``, marked as
         used now; None when there is none. A template that no longer matches (its image gone,
-        files missing, another key) is removed on the way."""
+        files missing, another key) is removed on the way; one whose files no longer match
+        its record raises ``ValueError`` after it is removed (the caller says why it boots
+        cold)."""
         digest = key.digest
         found = self.load(digest)
         if found is None:
+            if (self.path(digest) / META).exists() and self.remove(digest, "files changed"):
+                raise ValueError(f"template {digest} was incomplete or changed; removed")
             return None
         meta = read_json_object(found.directory / META) or {}
         stale = meta.get("key") != dataclasses.asdict(key) or found.image_path != image_path

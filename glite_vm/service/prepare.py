@@ -291,7 +291,7 @@ class VmPreparer:
             try:
                 template = warm_start.find_template(self.settings, self.host, request, image)
             except (OSError, ValueError, GliteVmError) as exc:
-                log.warning("no warm start for %s: %s", image.name, exc)
+                self._warm_failed(request, place, None, None, exc)
         start = functools.partial(
             self.host.start,
             request,
@@ -313,13 +313,14 @@ class VmPreparer:
         self,
         request: VMRequest,
         place: _Place,
-        template: TemplateFiles,
+        template: TemplateFiles | None,
         name: str | None,
         exc: BaseException,
     ) -> None:
         """A template did not give a working VM: say so, drop it, boot cold (and rebuild it)."""
         first = str(exc).splitlines()[0] if str(exc) else repr(exc)
-        reason = f"warm start from template {template.key} failed, booting cold: {first}"
+        which = f"template {template.key}" if template is not None else "a template"
+        reason = f"warm start from {which} failed, booting cold: {first}"
         log.warning("%s", reason)
         self.registry.events.record(
             events.WARM_FALLBACK,
@@ -328,7 +329,8 @@ class VmPreparer:
             uid=place.owner_uid,
             reason=reason,
         )
-        warm_start.discard_template(self.settings, template.key, first)
+        if template is not None:
+            warm_start.discard_template(self.settings, template.key, first)
 
     def _lease(self, request: VMRequest, listeners: _Listeners, job_id: str) -> ImageLease:
         lease = acquire_image(
