@@ -28,7 +28,8 @@ from glite_vm.images.acquire import ResolvedImage, acquire_image
 from glite_vm.images.cache import ImageCache
 from glite_vm.images.cache_budget import release_reservation, reserve
 from glite_vm.images.templates import Template, TemplateKey, TemplateStore
-from glite_vm.request import KeepSnapshot, VMRequest
+from glite_vm.request import JobRequest, KeepSnapshot, VMRequest, vm_request
+from glite_vm.slots import SlotFacts, SlotLayout
 from glite_vm.vm.lifecycle import VmHost
 from glite_vm.vm.qemu_user import qemu_ids
 from glite_vm.vm.warm import TEMPLATE_FORMAT, save_template
@@ -119,6 +120,41 @@ def build_template(
     return store.load(digest)
 
 
+def shape_request(
+    settings: Settings, image_name: str, *, own: bool = False, network: str | None = None
+) -> VMRequest:
+    """The VM a job of ``image_name`` gets on this host, whose template to build ahead of
+    time: a HTCondor job's in slot 1 (its size is the slot's), or with ``own`` a VM of
+    ``glite-vm run`` (the default sizes)."""
+    job = JobRequest.create(
+        settings, image=image_name, job_id=TEMPLATE_JOB, owner=TEMPLATE_OWNER, network=network
+    )
+    slot = SlotFacts.own_vm() if own else SlotLayout.from_settings(settings).facts("slot1")
+    assert slot is not None  # every layout has a slot 1
+    return vm_request(job, slot, settings)
+
+
+def build_ahead(settings: Settings, host: VmHost) -> threading.Thread | None:
+    """Build the templates of ``GLITE_VM_WARM_IMAGES`` (catalogue names; ``*`` alone names
+    none ahead of time) in one background thread; the thread, or None when there are none."""
+    names = [n for n in settings.warm_images if n != "*"] if settings.warm_start else []
+    if not names:
+        return None
+
+    def run() -> None:
+        for name in names:
+            try:
+                request = shape_request(settings, name)
+                with acquire_image(settings, name, job_id=f"{TEMPLATE_JOB}/ahead") as lease:
+                    build_template(settings, host, request, lease.image)
+            except Exception as exc:
+                log.warning("building the warm-start template of %s failed: %s", name, exc)
+
+    thread = threading.Thread(target=run, name="warm-template ahead of time", daemon=True)
+    thread.start()
+    return thread
+
+
 def build_in_background(
     settings: Settings, host: VmHost, request: VMRequest, image_name: str, sha256: str
 ) -> threading.Thread | None:
@@ -156,10 +192,12 @@ def discard_template(settings: Settings, key: str, reason: str) -> None:
 
 
 __all__ = [
+    "build_ahead",
     "build_in_background",
     "build_template",
     "discard_template",
     "find_template",
+    "shape_request",
     "template_key",
     "wanted",
 ]

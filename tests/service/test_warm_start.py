@@ -114,18 +114,25 @@ def template_keys(service: LocalService) -> set[str]:
     return {e.sha256 for e in templates(service).entries()}
 
 
-def job(service: LocalService, n: int, **kw: object) -> JobRequest:
+def job(service: LocalService, n: int, memory_mib: int | None = None) -> JobRequest:
     return JobRequest.create(
-        service.settings, image=IMAGE, job_id=f"77.{n}", owner="root", keep_snapshot="never", **kw
-    )  # type: ignore[arg-type]
+        service.settings,
+        image=IMAGE,
+        job_id=f"77.{n}",
+        owner="root",
+        keep_snapshot="never",
+        memory_mib=memory_mib,
+    )
 
 
-def prepare(service: LocalService, scratch: Path, n: int, **kw: object) -> PrepareResult:
+def prepare(
+    service: LocalService, scratch: Path, n: int, memory_mib: int | None = None
+) -> PrepareResult:
     directory = scratch / f"job{n}"
     directory.mkdir(parents=True)
     slot = SlotFacts(name=f"slot1_{n}")
     return service.prepare(
-        job(service, n, **kw), scratch_dir=str(directory), starter_pid=None, slot=slot
+        job(service, n, memory_mib), scratch_dir=str(directory), starter_pid=None, slot=slot
     )
 
 
