@@ -18,6 +18,7 @@ hands the kept files to the job's owner.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import secrets
 import shutil
@@ -32,6 +33,7 @@ import libvirt
 
 from glite_vm.config import Settings
 from glite_vm.errors import AgentError, HypervisorError, RequestError
+from glite_vm.qemu_img import qemu_img
 from glite_vm.request import VMRequest
 from glite_vm.vm import transfer
 from glite_vm.vm.agent import GuestAgent
@@ -73,6 +75,9 @@ from glite_vm.vm.warm import TemplateFiles, new_mac, refresh_clone, restore_clon
 def _write_private(path: Path, text: str) -> None:
     with os.fdopen(create_private(path), "w") as f:
         f.write(text)
+
+
+log = logging.getLogger(__name__)
 
 
 class BaseImage(Protocol):
@@ -433,6 +438,8 @@ class Vm:
             scratch.unlink(missing_ok=True)
         snapshot: Path | None = None
         if keep and self.overlay.exists():
+            if self.files.template_layer.exists():
+                self._merge_template_layer()
             self.overlay.rename(self.snapshot)
             snapshot = self.snapshot
         else:
@@ -445,6 +452,20 @@ class Vm:
         )
         self.torn_down = TeardownResult(snapshot, self.boot_log, self.record, self.timings.teardown)
         return self.torn_down
+
+    def _merge_template_layer(self) -> None:
+        """A warm start's kept disk gets what its template's layer holds and backs onto the
+        base image alone, as any kept snapshot does (``glite-vm snapshots boot`` and export
+        know that chain); the link to the layer goes. If that fails the chain stays as it is
+        (base <- template layer <- snapshot) and the record names the layer."""
+        base = self.image.path
+        argv = ["rebase", "-q", "-f", "qcow2", "-b", str(base), "-F", self.image.format]
+        try:
+            qemu_img([*argv, str(self.overlay)], "merging the template layer", umask=0o077)
+        except HypervisorError as exc:
+            log.warning("%s keeps its template layer: %s", self.name, exc)
+            return
+        self.files.template_layer.unlink(missing_ok=True)
 
     def _write_record(self, failed: bool, snapshot: Path | None) -> None:
         r = self.exec_result

@@ -6,6 +6,10 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import json
+import os
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -25,6 +29,7 @@ from glite_vm.service.local import LocalService
 from glite_vm.service.warm_start import build_template, template_key
 from glite_vm.slots import SlotFacts
 from glite_vm.vm.connect import open_host
+from glite_vm.vm.guest_run import GUEST_WORKDIR
 from glite_vm.vm.lifecycle import VmHost
 from glite_vm.vm.save_image import HEADER_SIZE, read_header
 from tests.service.conftest import new_state_dir
@@ -114,25 +119,31 @@ def template_keys(service: LocalService) -> set[str]:
     return {e.sha256 for e in templates(service).entries()}
 
 
-def job(service: LocalService, n: int, memory_mib: int | None = None) -> JobRequest:
+def job(
+    service: LocalService, n: int, memory_mib: int | None = None, keep: str = "never"
+) -> JobRequest:
     return JobRequest.create(
         service.settings,
         image=IMAGE,
         job_id=f"77.{n}",
         owner="root",
-        keep_snapshot="never",
+        keep_snapshot=keep,
         memory_mib=memory_mib,
     )
 
 
 def prepare(
-    service: LocalService, scratch: Path, n: int, memory_mib: int | None = None
+    service: LocalService,
+    scratch: Path,
+    n: int,
+    memory_mib: int | None = None,
+    keep: str = "never",
 ) -> PrepareResult:
     directory = scratch / f"job{n}"
     directory.mkdir(parents=True)
     slot = SlotFacts(name=f"slot1_{n}")
     return service.prepare(
-        job(service, n, memory_mib), scratch_dir=str(directory), starter_pid=None, slot=slot
+        job(service, n, memory_mib, keep), scratch_dir=str(directory), starter_pid=None, slot=slot
     )
 
 
@@ -272,3 +283,62 @@ def test_a_template_whose_files_changed_boots_cold(warm: LocalService, svc_root:
     assert f"template {old.sha256} was incomplete or changed; removed" in (fallback.reason or "")
     wait_for_builds(warm.host)
     assert template_keys(warm) == {old.sha256}
+
+
+def test_the_snapshot_of_a_warm_start_boots_and_exports(warm: LocalService, svc_root: Path) -> None:
+    """Its kept disk holds the template's layer too and backs onto the cached image alone, so
+    `glite-vm snapshots boot` and `export` treat it as any other."""
+    scratch = svc_root / "warm-snapshot"
+    cold_then_template(warm, scratch)
+    prepared = prepare(warm, scratch, 1, keep="always")
+    try:
+        assert prepared.ad_attributes["GliteVmWarmStart"] is True
+        done = warm.exec(prepared.vm, ["sh", "-c", "echo kept-by-77.1 > marker && sync"])
+        assert done.exit_code == 0
+    finally:
+        outcome = warm.teardown(prepared.vm, failed=False)
+    snapshot = Path(str(outcome.snapshot_path))
+    info = json.loads(
+        subprocess.run(
+            ["qemu-img", "info", "-U", "--output=json", str(snapshot)],
+            capture_output=True,
+            check=True,
+            text=True,
+        ).stdout
+    )
+    with acquire_image(warm.settings, IMAGE, job_id="t/2") as lease:
+        assert info["backing-filename"] == str(lease.image.path)
+    assert not (snapshot.parent / "template-layer.qcow2").exists()
+    env = {
+        "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
+        "GLITE_VM_STATE_DIR": str(warm.settings.state_dir),
+        "GLITE_VM_CATALOGUE": warm.settings.catalogue,
+        "GLITE_VM_CONFIG": "/nonexistent",
+        "GLITE_VM_BOOT_TIMEOUT": "180",
+    }
+    cli = [sys.executable, "-m", "glite_vm", "snapshots"]
+    booted = subprocess.run(
+        [*cli, "boot", prepared.vm, "--", "cat", f"{GUEST_WORKDIR}/marker"],
+        capture_output=True,
+        env=env,
+        timeout=400,
+        check=False,
+    )
+    assert (booted.returncode, booted.stdout) == (0, b"kept-by-77.1\n"), booted.stderr
+    dest = scratch / "export.qcow2"
+    exported = subprocess.run(
+        [*cli, "export", prepared.vm, str(dest)],
+        capture_output=True,
+        env=env,
+        timeout=400,
+        check=False,
+    )
+    assert exported.returncode == 0, exported.stderr
+    assert "backing-filename" not in json.loads(
+        subprocess.run(
+            ["qemu-img", "info", "--output=json", str(dest)],
+            capture_output=True,
+            check=True,
+            text=True,
+        ).stdout
+    )
