@@ -184,13 +184,13 @@ def images_warm(args: argparse.Namespace, settings: Settings) -> int:
     from glite_vm.vm.connect import open_host  # noqa: PLC0415
 
     request = warm_start.shape_request(settings, args.name, own=args.own, network=args.network)
-    host = open_host(settings)
-    try:
-        with acquire_image(settings, args.name, job_id=f"cli-warm-{os.getpid()}") as lease:
+    with acquire_image(settings, args.name, job_id=f"cli-warm-{os.getpid()}") as lease:
+        host = open_host(settings)
+        try:
             started = time.monotonic()
             template = warm_start.build_template(settings, host, request, lease.image)
-    finally:
-        host.conn.close()
+        finally:
+            host.conn.close()
     if template is None:
         raise GliteVmError(f"another process is building the template of {args.name} right now")
     seconds = time.monotonic() - started
