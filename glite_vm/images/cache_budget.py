@@ -3,7 +3,9 @@
 A download reserves its total size (``partial/<key>.reserve``, with its pid) before it writes;
 the cache counts verified files, interrupted downloads and live reservations against
 ``GLITE_VM_CACHE_MAX_BYTES``, and keeps ``GLITE_VM_CACHE_MIN_FREE_BYTES`` free on the disk.
-When room is short, interrupted downloads go first, then the least recently used files.
+When room is short, interrupted downloads go first, then the least recently used files and
+warm-start templates (:mod:`glite_vm.images.templates`; never leased: a template goes whenever
+its lock is free).
 
 Invariants kept here. Reservations and eviction run under ``locks/budget.lock``. Eviction takes
 other files' locks without waiting, so it cannot deadlock with downloads (which hold their
