@@ -62,20 +62,14 @@ from glite_vm.vm.record import JobRecord, Timings, VmFiles
 from glite_vm.vm.vm_dir import (
     copy_private,
     create_overlay,
-    create_private,
     create_sparse,
     give_to_owner,
     link_private,
     lock_vm_dir,
     make_vm_dir,
+    write_private,
 )
 from glite_vm.vm.warm import TemplateFiles, new_mac, refresh_clone, restore_clone, warm_boot_log
-
-
-def _write_private(path: Path, text: str) -> None:
-    with os.fdopen(create_private(path), "w") as f:
-        f.write(text)
-
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +201,7 @@ class VmHost:
             )
             if template is None:
                 xml = build_domain_xml(spec)
-                _write_private(vm.files.domain_xml, xml)
+                write_private(vm.files.domain_xml, xml)
                 try:
                     vm.domain = self.conn.defineXML(xml)
                     vm.domain.create()

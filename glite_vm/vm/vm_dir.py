@@ -49,6 +49,12 @@ def create_private(path: Path) -> int:
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
 
 
+def write_private(path: Path, text: str) -> None:
+    """A new private file at ``path`` holding ``text``."""
+    with os.fdopen(create_private(path), "w") as f:
+        f.write(text)
+
+
 def create_sparse(path: Path, size: int) -> None:
     """A new private file of ``size`` bytes, all holes (the transfer disk)."""
     with os.fdopen(create_private(path), "wb") as f:

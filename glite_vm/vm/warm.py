@@ -44,7 +44,7 @@ from glite_vm.vm.agent import GuestAgent
 from glite_vm.vm.domain_xml import DomainSpec, renamed_domain_xml, restored_domain_xml
 from glite_vm.vm.record import VmFiles
 from glite_vm.vm.save_image import read_header, rewrite_header
-from glite_vm.vm.vm_dir import copy_private, create_private
+from glite_vm.vm.vm_dir import copy_private, write_private
 
 log = logging.getLogger(__name__)
 
@@ -131,8 +131,7 @@ def restore_clone(
         # The header gets the job's identity only; libvirt checks the job's whole XML against
         # it (the saved machine's ABI) as it restores.
         rewrite_header(files.saved_state, header, renamed_domain_xml(header.xml, xml))
-        with os.fdopen(create_private(files.domain_xml), "w") as f:
-            f.write(xml)
+        write_private(files.domain_xml, xml)
         try:
             conn.restoreFlags(str(files.saved_state), xml, libvirt.VIR_DOMAIN_SAVE_RUNNING)
             domain = conn.lookupByName(spec.name)
