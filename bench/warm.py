@@ -12,9 +12,12 @@ hits both alike), then ``--jobs`` (default 16) at once, cold, then warm, each re
 instant t0 in threads sharing one libvirt connection. Reported: medians, the warm/cold ratios,
 and the 16-at-once medians and maxima. The last line is JSON.
 
-Guest: the direct-kernel test guest (tests/guest/build.sh), ``--memory`` MiB, 1 vCPU.
+Guest: the direct-kernel test guest (tests/guest/build.sh), ``--memory`` MiB, 1 vCPU; or, opt-in,
+``--debian DIR``: the Debian 12 systemd guest bench/debian_guest.sh makes in DIR (its stock boot
+takes 10-20 s under TCG, the case warm start is for).
 
-Usage: python bench/warm.py [--runs 3] [--jobs 16] [--memory 256]   (needs scripts/dev setup)
+Usage: python bench/warm.py [--runs 3] [--jobs 16] [--memory 256] [--debian DIR]
+       (needs scripts/dev setup; --debian needs bench/debian_guest.sh DIR first)
 """
 
 from __future__ import annotations
@@ -36,6 +39,8 @@ sys.path.insert(0, str(REPO))
 
 from glite_vm.config import Settings  # noqa: E402
 from glite_vm.images.acquire import acquire_image  # noqa: E402
+from glite_vm.images.build import build_catalogue, write_catalogue  # noqa: E402
+from glite_vm.images.inspect import Limits  # noqa: E402
 from glite_vm.request import JobRequest, vm_request  # noqa: E402
 from glite_vm.service.local import LocalService  # noqa: E402
 from glite_vm.service.registry import VmRegistry  # noqa: E402
@@ -108,6 +113,26 @@ def batch(service: LocalService, scratch: Path, jobs: int) -> list[Timing]:
     return results
 
 
+def debian_catalogue(guest: Path, repo: Path) -> Path:
+    """A ``file://`` repository listing the Debian guest as :data:`IMAGE`; the catalogue."""
+    facts = json.loads((guest / "guest.json").read_text())
+    repo.mkdir(mode=0o755)
+    for name in ("kernel", "initrd"):
+        shutil.copyfile(guest / facts[name], repo / facts[name])
+    shutil.copyfile(guest / facts["disk"], repo / f"{IMAGE}.qcow2")
+    sidecar = {
+        "name": IMAGE,
+        "guest_user": facts["guest_user"],
+        "boot": "kernel",
+        "kernel": facts["kernel"],
+        "initrd": facts["initrd"],
+        "cmdline": facts["cmdline"],
+    }
+    (repo / f"{IMAGE}.qcow2.json").write_text(json.dumps(sidecar))
+    doc = build_catalogue(repo, limits=Limits(max_virtual_bytes=64 << 30, max_file_bytes=4 << 30))
+    return write_catalogue(doc, repo / "catalogue.json")
+
+
 def summary(timings: list[Timing]) -> dict[str, float | int | None]:
     ok = [t for t in timings if t.error is None and t.ready is not None]
     ready = [t.ready for t in ok if t.ready is not None]
@@ -132,11 +157,15 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=3)
     parser.add_argument("--jobs", type=int, default=16)
     parser.add_argument("--memory", type=int, default=256, help="MiB per VM")
+    parser.add_argument("--debian", type=Path, help="the guest of bench/debian_guest.sh DIR")
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="glite-vm-bench-warm-", dir="/var/tmp"))
     root.chmod(0o711)
     try:
-        catalogue = guest_catalogue(GUESTS, root / "repo", direct={IMAGE: ""})
+        if args.debian is None:
+            catalogue = guest_catalogue(GUESTS, root / "repo", direct={IMAGE: ""})
+        else:
+            catalogue = debian_catalogue(args.debian, root / "repo")
         warm = Settings(
             state_dir=root / "state",
             catalogue=str(catalogue),
@@ -187,6 +216,7 @@ def run(args: argparse.Namespace, root: Path, host: VmHost, warm: Settings, cold
         print(f"{args.jobs} at once, {kind}: {together[kind]}", file=sys.stderr)
     one = {kind: summary(timings) for kind, timings in alone.items()}
     result = {
+        "guest": "debian" if args.debian else "test-direct",
         "memory_mib": args.memory,
         "template_build_seconds": round(build_seconds, 3),
         "template_bytes": template.size,

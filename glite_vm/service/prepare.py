@@ -72,6 +72,7 @@ class VmPreparer:
         self.host = host
         self.registry = registry
         self.caller = caller
+        self._rebuild = False  # a template failed here: build it again behind the cold boot
 
     def prepare(
         self,
@@ -234,10 +235,10 @@ class VmPreparer:
         warm: bool = True,
     ) -> VmRecord:
         """One boot attempt: lease the image, start the VM (restored from a template when
-        ``warm`` and one is usable, else booted; a warm start that fails boots cold), wait for
-        its agent. On
-        failure it leaves nothing behind: no domain, no overlay, no lease (the boot log
-        stays)."""
+        ``warm`` and one is usable, else booted; a warm start that fails boots cold within the
+        same ``timeout``), wait for its agent. On failure it leaves nothing behind: no domain,
+        no overlay, no lease (the boot log stays)."""
+        began = time.monotonic()
         lease_job_id = f"{request.job_id}/{secrets.token_hex(4)}"
         lease = self._lease(request, listeners, lease_job_id)
         cancel = listeners.cancel
@@ -265,7 +266,10 @@ class VmPreparer:
             self.registry.add(record, admission)  # from here on a restarted service adopts it
             _give_boot_log(vm, place.owner_uid)
             _bind_lease_to_qemu(lease, vm.name)
-            vm.wait_ready(timeout, cancel=cancel)
+            # A restored guest answers within a second or so: one that does not within the
+            # agent's grace (twice it, for a crowded host) boots cold in the time left.
+            wait = timeout if vm.template is None else min(timeout, 2 * self.settings.agent_timeout)
+            vm.wait_ready(wait, cancel=cancel)
         except BaseException as exc:
             template = vm.template
             warm_failed = template is not None and not (cancel is not None and cancel.is_set())
@@ -274,10 +278,12 @@ class VmPreparer:
                 raise
             assert template is not None
             self._warm_failed(request, place, template, vm.name, exc)
+            left = max(1.0, timeout - (time.monotonic() - began))
             return self._boot(  # the same attempt, booted cold this time
-                request, place, admission, listeners, timeout=timeout, attempt=attempt, warm=False
+                request, place, admission, listeners, timeout=left, attempt=attempt, warm=False
             )
-        if vm.template is None and warm_start.wanted(self.settings, lease.image.name):
+        wanted = self._rebuild or warm_start.wanted(self.settings, lease.image.name)
+        if vm.template is None and wanted:
             warm_start.build_in_background(
                 self.settings, self.host, request, request.image, lease.image.sha256
             )
@@ -331,6 +337,7 @@ class VmPreparer:
         )
         if template is not None:
             warm_start.discard_template(self.settings, template.key, first)
+            self._rebuild = True  # someone made it: it is built again after this boot
 
     def _lease(self, request: VMRequest, listeners: _Listeners, job_id: str) -> ImageLease:
         lease = acquire_image(

@@ -70,7 +70,8 @@ RESEED_PROGRAM = base64.b64decode(
 )
 
 # $1: the job's MAC address (or "-"). Installs the reseed program from stdin in a private
-# directory that allows execution, runs it, and removes it; then gives the first network
+# directory that allows execution, runs it, and removes it; gives the guest a machine id of its
+# own where it has one (the template's is every clone's); then gives the first network
 # interface the job's MAC and renews its lease with whichever DHCP client the image has.
 _REFRESH = r"""
 set -u
@@ -82,6 +83,10 @@ for dir in /run /dev/shm /tmp; do
     [ "$rc" -eq 0 ] && break
 done
 [ "${rc:-1}" -eq 0 ] || { echo "cannot reseed the kernel's random number generator" >&2; exit 3; }
+if [ -s /etc/machine-id ] && [ ! -L /etc/machine-id ]; then  # the template's: one of its own
+    id=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
+    printf '%s\n' "$id" > /etc/machine-id.glite-vm && mv /etc/machine-id.glite-vm /etc/machine-id
+fi
 [ "$1" = - ] && exit 0
 for path in /sys/class/net/*; do
     nic=${path##*/}
@@ -187,7 +192,10 @@ def save_template(
     ``qemu_gid`` where QEMU runs as a user of its own), its memory ``dest/state.sav``, its boot
     log ``dest/boot.log``. The domain is stopped afterwards (libvirt's save stops it)."""
     agent = GuestAgent(domain)
-    st = agent.run(["/bin/sh", "-c", "sync"], timeout=REFRESH_TIMEOUT)
+    # sync: the layer holds all the boot wrote; dropping clean caches shrinks the saved state
+    # (every restore reads it) by what the boot read from disk
+    quiesce = "sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null; true"
+    st = agent.run(["/bin/sh", "-c", quiesce], timeout=REFRESH_TIMEOUT)
     if st.exitcode != 0:
         raise AgentError("sync in the template's guest failed")
     state = dest / "state.sav"
