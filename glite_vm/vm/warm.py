@@ -69,12 +69,16 @@ RESEED_PROGRAM = base64.b64decode(
     "AAAAAAAAAAAAAAAAAAAAAAAAALUAAAAAAAAAEQAAAAAAAAAAAAAAAAAAAAEAAAAAAAAAAAAAAAAAAAA="
 )
 
-# $1: the job's MAC address (or "-"). Installs the reseed program from stdin in a private
-# directory that allows execution, runs it, and removes it; gives the guest a machine id of its
-# own where it has one (the template's is every clone's); then gives the first network
+# $1: the job's MAC address (or "-"), $2: the host's time (or "-"). Sets the clock; installs
+# the reseed program from stdin in a private directory that allows execution, runs it, and
+# removes it; gives the guest a machine id of its own where it has one (the template's is
+# every clone's); then gives the first network
 # interface the job's MAC and renews its lease with whichever DHCP client the image has.
 _REFRESH = r"""
 set -u
+# the host's clock, first, to the millisecond (coreutils' date; a date that takes whole
+# seconds only would be up to a second off: exit 5 and the host sets it through the agent)
+[ "$2" = - ] || date -u -s "@$2" >/dev/null 2>&1 || exit 5
 for dir in /run /dev/shm /tmp; do
     d=$(umask 077 && mktemp -d "$dir/glite-vm-reseed.XXXXXX" 2>/dev/null) || continue
     cat > "$d/reseed" && chmod 0700 "$d/reseed"
@@ -151,37 +155,32 @@ def restore_clone(
 def refresh_clone(domain: libvirt.virDomain, *, mac: str | None) -> None:
     """Make a just-restored guest its own (see the module docstring); AgentError on failure."""
     agent = GuestAgent(domain)
-    _set_clock(agent)
     handle = agent.open("/dev/urandom", "w")
     try:
         agent.write(handle, secrets.token_bytes(ENTROPY_BYTES))
     finally:
         agent.close(handle)
     st = agent.run(
-        ["/bin/sh", "-c", _REFRESH, "glite-vm-refresh", mac or "-"],
+        ["/bin/sh", "-c", _REFRESH, "glite-vm-refresh", mac or "-", f"{time.time():.3f}"],
         timeout=REFRESH_TIMEOUT,
         input_data=RESEED_PROGRAM,
     )
+    if st.exitcode == 5 and st.signal is None:  # no date that sets the clock: the agent's way
+        _set_clock(agent)
+        st = agent.run(
+            ["/bin/sh", "-c", _REFRESH, "glite-vm-refresh", mac or "-", "-"],
+            timeout=REFRESH_TIMEOUT,
+            input_data=RESEED_PROGRAM,
+        )
     if st.exitcode != 0 or st.signal is not None:
         detail = st.stderr.decode("utf-8", "replace").strip()[:500]
         raise AgentError(f"refreshing the restored guest failed (status {st.exitcode}): {detail}")
 
 
 def _set_clock(agent: GuestAgent) -> None:
-    """The host's time in the guest: ``guest-set-time``; else ``date`` when the agent cannot
-    write the hardware clock (it runs ``hwclock``, which small images lack)."""
-    try:
-        agent.command("guest-set-time", {"time": time.time_ns()}, timeout=10)
-        return
-    except AgentError as exc:
-        log.debug("guest-set-time failed, setting the clock with date: %s", exc)
-    st = agent.run(["/bin/sh", "-c", 'date -u -s "@$(cat)" >/dev/null'], input_data=_now())
-    if st.exitcode != 0:
-        raise AgentError("cannot set the restored guest's clock")
-
-
-def _now() -> bytes:
-    return f"{time.time():.3f}".encode()
+    """The host's time in the guest through the agent (``guest-set-time``, which also writes
+    the hardware clock with ``hwclock``: slower than ``date``, the refresh script's way)."""
+    agent.command("guest-set-time", {"time": time.time_ns()}, timeout=10)
 
 
 def save_template(
