@@ -12,6 +12,7 @@ import subprocess
 import sys
 import threading
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -359,3 +360,36 @@ def test_the_snapshot_of_a_warm_start_boots_and_exports(warm: LocalService, svc_
             text=True,
         ).stdout
     )
+
+
+def test_a_warm_start_on_a_network_gets_its_own_mac_address(
+    warm: LocalService, svc_root: Path
+) -> None:
+    """The template's guest knew the template's MAC; each restored guest's interface takes the
+    job's, which its DHCP lease then goes with."""
+    service = LocalService.for_this_user(
+        dataclasses.replace(warm.settings, network="user"), warm.host, registry=warm.registry
+    )
+    scratch = svc_root / "warm-network"
+    cold_then_template(service, scratch)
+    seen = []
+    for n in (1, 2):
+        prepared = prepare(service, scratch, n)
+        try:
+            assert prepared.ad_attributes["GliteVmWarmStart"] is True
+            live = ET.fromstring(warm.host.conn.lookupByName(prepared.vm).XMLDesc(0))  # noqa: S314
+            mac = live.find("devices/interface/mac").get("address")  # type: ignore[union-attr]
+            out = bytearray()
+            dhcp = "timeout 30 udhcpc -i eth0 -q -n -t 5 -T 1 -s /usr/share/udhcpc/default.script"
+            script = (
+                f"cat /sys/class/net/eth0/address; {dhcp} >/dev/null 2>&1; ip -4 addr show eth0"
+            )
+            outcome = service.exec(prepared.vm, ["sh", "-c", script], stdout=out.extend)
+            assert outcome.exit_code == 0
+            address, rest = out.decode().split("\n", 1)
+            assert address == mac
+            assert "inet 10.0.2.15/" in rest  # the user-mode network's lease, for this MAC
+            seen.append(mac)
+        finally:
+            service.teardown(prepared.vm, failed=False)
+    assert seen[0] != seen[1]
