@@ -245,6 +245,10 @@ class Settings:
     # a guest that reached its login prompt or boot target may take this long to start its agent
     agent_timeout: float = _seconds(25.0)
     teardown_timeout: float = _seconds(30.0)
+    # warm start (docs/vm.md): restore VMs from templates saved at agent-ready where one exists;
+    # the images whose templates the service builds ahead of time and after a cold boot ("*": all)
+    warm_start: bool = True
+    warm_images: tuple[str, ...] = ()
     snapshot_dir: Path | None = None  # default: state_dir/snapshots
     # kept snapshots: age and/or total bytes, e.g. "7d", "7d,50GB", "none" (docs/snapshots.md)
     snapshot_retention: Retention = dataclasses.field(default_factory=Retention)

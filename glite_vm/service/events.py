@@ -36,6 +36,8 @@ TORN_DOWN = "torn_down"  # the job's own teardown (JOB_EXIT, or the launcher's c
 REAPED = "reaped"  # torn down because its job is gone; ``reason`` says how the reaper knew
 ABANDONED = "abandoned"  # torn down because preparing it failed or its caller hung up
 SWEPT = "swept"  # a VM directory left half-made by a crash, cleaned up
+# a VM was to be restored from a template that failed; ``reason`` says how, and it booted cold
+WARM_FALLBACK = "warm_fallback"
 #: a job's VM kept running after its payload failed (``reason``: for how long, and what the site
 #: changed of what the job asked), or a job that asked for it and was not granted it
 DEBUG_HELD = "debug_held"
@@ -51,6 +53,7 @@ EVENTS = (
     DEBUG_HELD,
     DEBUG_NOT_HELD,
     DEBUG_HOLD_ENDED,
+    WARM_FALLBACK,
 )
 
 

@@ -34,7 +34,7 @@ from typing import Any
 
 from glite_vm.config import Settings
 from glite_vm.errors import GliteVmError, HostError, ServiceUnavailableError
-from glite_vm.service import events, protocol
+from glite_vm.service import events, protocol, warm_start
 from glite_vm.service.caller import account_name
 from glite_vm.service.claims import Claim, find_claim, process_uids
 from glite_vm.service.connection import Call, Peer, peer_of, read_request, refuse
@@ -121,6 +121,7 @@ class ServiceServer:
         self.exports.write()  # what adoption found, at once
         reaper = threading.Thread(target=self._reap_loop, args=(stop,), name="reaper", daemon=True)
         reaper.start()
+        warm_start.build_ahead(self.settings, self.host)  # GLITE_VM_WARM_IMAGES, in the background
         listener.settimeout(0.5)
         log.info("serving on %s", self.socket_path)
         try:

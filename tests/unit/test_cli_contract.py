@@ -72,6 +72,7 @@ CASES: list[tuple[list[str], dict[str, str]]] = [
     (["images", "list"], {"GLITE_VM_CATALOGUE": "file:///nonexistent/catalogue.json"}),
     (["images", "pull", BAD_URL], {}),
     (["images", "pull", "/nonexistent.qcow2", "--sha256", "xyz"], {}),
+    (["images", "warm", "no-such-image"], {"GLITE_VM_CATALOGUE": "file:///nonexistent/c.json"}),
     (["cache", "status"], {"GLITE_VM_CACHE_DIR": "/proc/version"}),
     (["cache", "prune", "--to", "20"], {}),
     (["cache", "prune", "--to", "-5GB"], {}),
