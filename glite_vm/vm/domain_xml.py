@@ -301,7 +301,8 @@ def restored_domain_xml(saved: str, spec: DomainSpec, layer: Path, *, genid: str
     needs); what belongs to the job becomes the job's: name, UUID, title, metadata, a new VM
     generation ID ``genid`` and MAC address ``mac``, the root disk (the job's overlay on the
     template's frozen ``layer``, on ``spec.base_image`` and its chain), the transfer disk, kernel
-    and initrd copies, and the boot log (appended to: it starts with the template's).
+    and initrd copies, the boot log (appended to: it starts with the template's) and the
+    socket of the shell's serial port.
     """
     ET.register_namespace(METADATA_PREFIX, METADATA_NS)
     dom = ET.fromstring(saved)  # noqa: S314 - libvirt's output of a template we made
@@ -349,12 +350,24 @@ def restored_domain_xml(saved: str, spec: DomainSpec, layer: Path, *, genid: str
             source.attrib = {"file": str(spec.xfer_disk)}
         else:
             raise ValueError(f"saved domain XML has an unexpected disk {dev!r}")
+    shell_ports = 0
     for el in (*devices.iterfind("serial"), *devices.iterfind("console")):
+        target = el.find("target")
+        if el.tag == "serial" and target is not None and target.get("port") == SHELL_PORT:
+            # the shell's port: the job's own socket (the template's went with its VM)
+            if spec.shell_socket is None:
+                raise ValueError("the template's VM has a shell port, the job's VM has none")
+            for source in el.iterfind("source"):
+                source.attrib = {"mode": "bind", "path": str(spec.shell_socket)}
+            shell_ports += 1
+            continue
         for source in el.iterfind("source"):
             if "path" in source.attrib:
                 source.attrib = {"path": str(spec.boot_log), "append": "on"}
         for log in el.iterfind("log"):
             log.attrib = {"file": str(spec.boot_log), "append": "on"}
+    if spec.shell_socket is not None and shell_ports != 1:
+        raise ValueError("the template's VM has no shell port (made before it had one)")
     for channel in devices.iterfind("channel"):
         for source in channel.iterfind("source"):
             source.attrib.pop("path", None)  # libvirt makes one per domain

@@ -49,7 +49,7 @@ from glite_vm.vm.vm_dir import copy_private, write_private
 log = logging.getLogger(__name__)
 
 #: Bump whenever what a template holds, or how a clone of one is refreshed, changes.
-TEMPLATE_FORMAT = 1
+TEMPLATE_FORMAT = 2  # 2: the VM has glite-vm shell's serial port
 REFRESH_TIMEOUT = 60.0
 ENTROPY_BYTES = 64
 

@@ -158,6 +158,32 @@ def probe(service: LocalService, vm: str) -> Seen:
     return Seen(before, after, int(clock), random, hostname, cert, boot_id, int(leftovers))
 
 
+class Collected:
+    """The user's end of a one-command shell: no keys, everything shown is kept."""
+
+    def __init__(self) -> None:
+        self.shown = bytearray()
+
+    def ready(self) -> None:
+        pass
+
+    def output(self, data: bytes) -> bool:
+        self.shown.extend(data)
+        return True
+
+    def events(self, timeout: float) -> list[tuple[str, bytes | tuple[int, int]]] | None:
+        time.sleep(min(timeout, 0.05))
+        return []
+
+
+def shell_hostname(service: LocalService, vm: str) -> str:
+    """``hostname`` through ``glite-vm shell``'s path: the VM's own second serial port."""
+    terminal = Collected()
+    outcome = service.shell(vm, terminal, argv=["hostname"], interactive=False)
+    assert outcome.exit_code == 0, terminal.shown
+    return terminal.shown.decode(errors="replace").strip()
+
+
 def cold_then_template(service: LocalService, scratch: Path) -> None:
     """A first job boots cold and has the template built behind it."""
     first = prepare(service, scratch, 0)
@@ -181,6 +207,8 @@ def test_warm_started_vms_are_guests_of_their_own(warm: LocalService, svc_root: 
             assert boot_log.startswith("glite-vm: warm start from template ")
             assert "Linux version" in boot_log  # the template's boot, as its guest logged it
             seen.append(probe(warm, prepared.vm))
+            # the restored VM's shell port is its own socket, not the template's
+            assert shell_hostname(warm, prepared.vm) == seen[-1].hostname
         finally:
             warm.teardown(prepared.vm, failed=False)
     a, b = seen

@@ -73,7 +73,7 @@ def test_anything_but_a_save_image_is_refused(tmp_path: Path, damage: object) ->
         read_header(path)
 
 
-def spec(directory: Path, name: str, *, network: str = "user") -> DomainSpec:
+def spec(directory: Path, name: str, *, network: str = "user", shell: bool = True) -> DomainSpec:
     meta = JobMetadata(
         job_id=name,
         owner="alice",
@@ -102,6 +102,7 @@ def spec(directory: Path, name: str, *, network: str = "user") -> DomainSpec:
         cmdline="console=ttyS0",
         network=network,
         genid=True,
+        shell_socket=Path(f"/run/gvm/shells/{name[-6:]}") if shell else None,
     )
 
 
@@ -137,8 +138,11 @@ def test_a_restored_domain_is_the_saved_machine_with_the_jobs_identity_and_files
     assert chain == [str(layer), str(job.base_image)]
     assert vda.find("address").get("slot") == "0x03"  # type: ignore[union-attr]
     assert vdb.find("source").get("file") == "/snap/job/xfer.img"  # type: ignore[union-attr]
-    for el in dom.iterfind("devices/serial/source"):
-        assert el.attrib == {"path": "/snap/job/boot.log", "append": "on"}
+    console, shell = dom.findall("devices/serial")
+    assert console.find("source").attrib == {"path": "/snap/job/boot.log", "append": "on"}  # type: ignore[union-attr]
+    # the shell's port: the job's socket, bound by libvirt, never the template's
+    assert shell.find("source").attrib == {"mode": "bind", "path": "/run/gvm/shells/bbbbbb"}  # type: ignore[union-attr]
+    assert "/run/gvm/shells/aaaaaa" not in xml
     assert dom.find("devices/interface/mac").get("address") == "52:54:00:12:34:56"  # type: ignore[union-attr]
     assert dom.findtext("os/kernel") == "/snap/job/vmlinuz"
 
@@ -146,6 +150,19 @@ def test_a_restored_domain_is_the_saved_machine_with_the_jobs_identity_and_files
     assert header.findtext("name") == job.name and header.findtext("uuid") == job.uuid
     assert header.find("devices/interface/mac").get("address") == "52:54:00:12:34:56"  # type: ignore[union-attr]
     assert "/snap/tmpl/overlay.qcow2" in ET.tostring(header, encoding="unicode")  # only identity
+
+
+def test_a_template_without_the_shell_port_is_refused_for_a_vm_with_one() -> None:
+    """A template saved before VMs had a shell port cannot become one that has (the saved
+    machine's devices are fixed): refused, so the job boots cold."""
+    old = saved_xml(spec(Path("/snap/tmpl"), "t-aaaaaa", shell=False))
+    with pytest.raises(ValueError, match="no shell port"):
+        restored_domain_xml(old, spec(Path("/j"), "j-bbbbbb"), Path("/l"), genid="g", mac="m")
+    new = saved_xml(spec(Path("/snap/tmpl"), "t-aaaaaa"))
+    with pytest.raises(ValueError, match="the job's VM has none"):
+        restored_domain_xml(
+            new, spec(Path("/j"), "j-bbbbbb", shell=False), Path("/l"), genid="g", mac="m"
+        )
 
 
 def test_a_saved_domain_with_disks_we_do_not_make_is_refused() -> None:
