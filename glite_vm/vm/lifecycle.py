@@ -33,7 +33,6 @@ import libvirt
 
 from glite_vm.config import Settings
 from glite_vm.errors import AgentError, HypervisorError, RequestError
-from glite_vm.qemu_img import qemu_img
 from glite_vm.request import VMRequest
 from glite_vm.vm import shell_port, transfer
 from glite_vm.vm.agent import GuestAgent
@@ -69,7 +68,14 @@ from glite_vm.vm.vm_dir import (
     make_vm_dir,
     write_private,
 )
-from glite_vm.vm.warm import TemplateFiles, new_mac, refresh_clone, restore_clone, warm_boot_log
+from glite_vm.vm.warm import (
+    TemplateFiles,
+    merge_template_layer,
+    new_mac,
+    refresh_clone,
+    restore_clone,
+    warm_boot_log,
+)
 
 log = logging.getLogger(__name__)
 
@@ -445,7 +451,9 @@ class Vm:
         snapshot: Path | None = None
         if keep and self.overlay.exists():
             if self.files.template_layer.exists():
-                self._merge_template_layer()
+                merge_template_layer(
+                    self.overlay, self.files.template_layer, self.image.path, self.image.format
+                )
             self.overlay.rename(self.snapshot)
             snapshot = self.snapshot
         else:
@@ -458,20 +466,6 @@ class Vm:
         )
         self.torn_down = TeardownResult(snapshot, self.boot_log, self.record, self.timings.teardown)
         return self.torn_down
-
-    def _merge_template_layer(self) -> None:
-        """A warm start's kept disk gets what its template's layer holds and backs onto the
-        base image alone, as any kept snapshot does (``glite-vm snapshots boot`` and export
-        know that chain); the link to the layer goes. If that fails the chain stays as it is
-        (base <- template layer <- snapshot) and the record names the layer."""
-        base = self.image.path
-        argv = ["rebase", "-q", "-f", "qcow2", "-b", str(base), "-F", self.image.format]
-        try:
-            qemu_img([*argv, str(self.overlay)], "merging the template layer", umask=0o077)
-        except HypervisorError as exc:
-            log.warning("%s keeps its template layer: %s", self.name, exc)
-            return
-        self.files.template_layer.unlink(missing_ok=True)
 
     def _write_record(self, failed: bool, snapshot: Path | None) -> None:
         r = self.exec_result

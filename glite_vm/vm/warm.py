@@ -40,6 +40,7 @@ from typing import Protocol
 import libvirt
 
 from glite_vm.errors import AgentError, HypervisorError
+from glite_vm.qemu_img import qemu_img
 from glite_vm.vm.agent import GuestAgent
 from glite_vm.vm.domain_xml import DomainSpec, renamed_domain_xml, restored_domain_xml
 from glite_vm.vm.record import VmFiles
@@ -150,6 +151,20 @@ def restore_clone(
     finally:
         files.saved_state.unlink(missing_ok=True)
     return domain
+
+
+def merge_template_layer(overlay: Path, layer: Path, base: Path, base_format: str) -> None:
+    """A warm start's kept disk ``overlay`` gets what its template's ``layer`` holds and backs
+    onto the ``base`` image alone, as any kept snapshot does (``glite-vm snapshots boot`` and
+    export know that chain); the link to the layer goes. If that fails the chain stays as it is
+    (base <- template layer <- snapshot) and the record names the layer."""
+    argv = ["rebase", "-q", "-f", "qcow2", "-b", str(base), "-F", base_format, str(overlay)]
+    try:
+        qemu_img(argv, "merging the template layer", umask=0o077)
+    except HypervisorError as exc:
+        log.warning("%s keeps its template layer: %s", overlay.parent.name, exc)
+        return
+    layer.unlink(missing_ok=True)
 
 
 def refresh_clone(domain: libvirt.virDomain, *, mac: str | None) -> None:
