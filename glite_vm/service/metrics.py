@@ -61,6 +61,8 @@ BOOT_OUTCOMES = ("ok", "image_fault", "host_fault")
 #: How one boot attempt ended: ready, failed in a way that is tried again (TransientBootError),
 #: or failed for good.
 ATTEMPT_OUTCOMES = ("ok", "transient", "failed")
+#: How a job's VM that had a template started: restored from it, or booted cold after it failed.
+WARM_OUTCOMES = ("restored", "fallback")
 
 OTHER = "other"
 UNEXPECTED = "unexpected"  # an exception that is none of glite-vm's errors
@@ -122,6 +124,13 @@ class ServiceMetrics:
         self.boot_attempts = Counter(
             f"{PREFIX}_boot_attempts",
             "Boot attempts (image lease, VM start, agent wait), by outcome",
+            ["outcome"],
+            registry=r,
+        )
+        self.warm_starts = Counter(
+            f"{PREFIX}_warm_starts",
+            "Jobs' VMs started from a warm-start template, by outcome (restored; fallback: the "
+            "template failed and the VM booted cold)",
             ["outcome"],
             registry=r,
         )
@@ -195,6 +204,8 @@ class ServiceMetrics:
             self.boots.labels(outcome)
         for outcome in ATTEMPT_OUTCOMES:
             self.boot_attempts.labels(outcome)
+        for outcome in WARM_OUTCOMES:
+            self.warm_starts.labels(outcome)
         for cache in ("hit", "miss"):
             self.time_to_ready.labels(cache)
         for reason in REAP_KINDS:
@@ -238,6 +249,9 @@ class ServiceMetrics:
 
     def note_boot_attempt(self, outcome: str) -> None:
         self.boot_attempts.labels(_bounded(outcome, ATTEMPT_OUTCOMES)).inc()
+
+    def note_warm_start(self, outcome: str) -> None:
+        self.warm_starts.labels(_bounded(outcome, WARM_OUTCOMES)).inc()
 
     def note_cache_lookup(self, *, hit: bool) -> None:
         (self.cache_hits if hit else self.cache_misses).inc()

@@ -223,6 +223,8 @@ class VmPreparer:
             (vm.timings.fetch or 0) + (vm.timings.boot or 0) + (vm.timings.ready or 0),
         )
         self.registry.metrics.note_ready(time.monotonic() - began, cache_hit=image.cache_hit)
+        if vm.template is not None:
+            self.registry.metrics.note_warm_start("restored")
         return PrepareResult(
             vm=vm.name,
             ad_attributes=dict(attributes),
@@ -336,6 +338,7 @@ class VmPreparer:
         which = f"template {template.key}" if template is not None else "a template"
         reason = f"warm start from {which} failed, booting cold: {first}"
         log.warning("%s", reason)
+        self.registry.metrics.note_warm_start("fallback")
         self.registry.events.record(
             events.WARM_FALLBACK,
             name or "-",

@@ -184,6 +184,15 @@ def shell_hostname(service: LocalService, vm: str) -> str:
     return terminal.shown.decode(errors="replace").strip()
 
 
+def warm_starts(service: LocalService) -> dict[str, float]:
+    """What the service's metrics say of its warm starts (what Prometheus would scrape)."""
+    registry = service.registry.metrics.registry
+    return {
+        o: registry.get_sample_value("glite_vm_warm_starts_total", {"outcome": o}) or 0.0
+        for o in ("restored", "fallback")
+    }
+
+
 def cold_then_template(service: LocalService, scratch: Path) -> None:
     """A first job boots cold and has the template built behind it."""
     first = prepare(service, scratch, 0)
@@ -211,6 +220,7 @@ def test_warm_started_vms_are_guests_of_their_own(warm: LocalService, svc_root: 
             assert shell_hostname(warm, prepared.vm) == seen[-1].hostname
         finally:
             warm.teardown(prepared.vm, failed=False)
+    assert warm_starts(warm) == {"restored": 2, "fallback": 0}
     a, b = seen
     for s in seen:  # the host's clock, not the clock of the template's save
         assert s.before - 1 <= s.clock <= s.after + 1, s
@@ -254,6 +264,7 @@ def test_a_corrupted_template_boots_cold_and_is_rebuilt(warm: LocalService, svc_
     log = events.event_log_path(warm.settings.state_dir)
     fallbacks = [e for e in events.read_events(log) if e.event == events.WARM_FALLBACK]
     assert len(fallbacks) == 1 and fallbacks[0].job == "77.1"
+    assert warm_starts(warm) == {"restored": 0, "fallback": 1}
     assert f"warm start from template {old.sha256} failed, booting cold" in (
         fallbacks[0].reason or ""
     )
