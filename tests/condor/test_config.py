@@ -10,10 +10,13 @@ import pytest
 
 from glite_vm.cli.main import main
 from glite_vm.condor.config import (
+    CACHED_IMAGE_WEIGHT,
     CRON_JOBS,
+    DEFAULT_PRE_JOB_RANK,
     HOOK_FILES,
     ExecuteHostConfig,
     render_execute_config,
+    render_negotiator_config,
 )
 from glite_vm.config import Settings
 from glite_vm.slots import SlotLayout
@@ -272,3 +275,23 @@ def test_the_command_prints_the_snippet(
     assert main(["config", "--memory", "lots"]) == 125
     assert main(["config", "--memory", "2048"]) == 125  # MiB? bytes? the unit is required
     assert "--memory: '2048' has no unit; write e.g. '2048MiB'" in capsys.readouterr().err
+
+
+def test_the_central_managers_rank_is_the_default_plus_the_cached_image_term(
+    htcondor_release: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    default = read_config(htcondor_release, tmp_path / "a", "# nothing\n")
+    assert default["NEGOTIATOR_PRE_JOB_RANK"] == DEFAULT_PRE_JOB_RANK
+    assert main(["config", "--central-manager"]) == 0
+    printed = capsys.readouterr().out
+    assert printed == render_negotiator_config()
+    ours = read_config(htcondor_release, tmp_path / "b", printed)["NEGOTIATOR_PRE_JOB_RANK"]
+    term = (
+        f" + ({CACHED_IMAGE_WEIGHT} * "
+        "(stringListMember(TARGET.GliteVmImage, MY.GliteVmCachedImages) =?= True))"
+    )
+    # the default's terms, in order, with ours between "idle first" and the size terms: the
+    # slot's own RANK and an idle slot still count for more than a cached image
+    head, sep, tail = DEFAULT_PRE_JOB_RANK.partition(" - (100000 * Cpus)")
+    assert ours == head + term + sep + tail
+    assert 1000000 > CACHED_IMAGE_WEIGHT > 4 * 100000
