@@ -283,7 +283,10 @@ def render_execute_config(cfg: ExecuteHostConfig) -> str:
         "GLITE_VM_NETWORK_OK = (TARGET.GliteVmNetwork =?= undefined || "
         'stringListsIntersect(TARGET.GliteVmNetwork, "$(GLITE_VM_NETWORK), '
         '$(GLITE_VM_JOB_NETWORKS)", ", "))',
-        "GLITE_VM_START = $(GLITE_VM_IMAGE_OK) && $(GLITE_VM_NETWORK_OK) && "
+        "# no new jobs while the host's service does not answer (`glite-vm advertise`)",
+        "GLITE_VM_SERVICE_OK = (MY.GliteVmServiceUp =!= False)",
+        "GLITE_VM_START = $(GLITE_VM_SERVICE_OK) && $(GLITE_VM_IMAGE_OK) && "
+        "$(GLITE_VM_NETWORK_OK) && "
         "ifThenElse($(GLITE_VM_ROOT_JOB), "
         "MY.GliteVmRootEnabled =?= True && $(GLITE_VM_ROOT_USER_OK), True)",
         "START = ($(START)) && $(GLITE_VM_START)",

@@ -197,6 +197,13 @@ class ExecuteHost:
             if str(ad.get("Name", "")).split("@")[1:2] == [self.name]
         ]
 
+    @property
+    def drain_target(self) -> str:
+        """What ``condor_drain`` takes for this host's startd: one of its slots' names (the
+        startd's own name, ``hosta@machine``, is not found by address; measured on 25.0)."""
+        (first, *_) = self.slot_ads()
+        return str(first["Name"])
+
     def cached_images(self) -> set[str]:
         """What this host's slot ads advertise in ``GliteVmCachedImages``."""
         found: set[str] = set()
@@ -251,9 +258,12 @@ class Site:
         *,
         settings: Mapping[str, str] | None = None,
         advertise_period: int = 5,
+        site_policy: str = "",
     ) -> ExecuteHost:
         """Set up execute host ``name`` (lower-case letters) by the documented steps and
-        start it; wait until its slots are in the collector."""
+        start it; wait until its slots are in the collector. ``settings``: further
+        ``GLITE_VM_*`` of the host; ``site_policy``: HTCondor configuration of the site's own,
+        after glite-vm's snippet."""
         if not re.fullmatch(r"[a-z][a-z0-9]{0,15}", name):
             raise ValueError(f"host name {name!r}")
         root = traversable(self.root / name)
@@ -303,7 +313,9 @@ class Site:
             return len(host.slot_ads()) == layout.slots
 
         pool.start(
-            f"DAEMON_LIST = MASTER STARTD\nMASTER_NAME = {name}\nSTARTD_NAME = {name}\n" + config,
+            f"DAEMON_LIST = MASTER STARTD\nMASTER_NAME = {name}\nSTARTD_NAME = {name}\n"
+            + config
+            + site_policy,
             collector_port=self.cm.port,
             ready=slots_up,
         )
@@ -317,6 +329,11 @@ class Site:
             (directory / file).write_text(text)
             os.chown(directory / file, self.user.pw_uid, self.user.pw_gid)
         return self.cm.submit(name, description)
+
+    def queue(self, cluster: int) -> list[JobAd]:
+        text = self.cm.run(["condor_q", "-json", str(cluster)]).stdout.strip()
+        ads: list[JobAd] = json.loads(text) if text else []
+        return ads
 
     def history(self, cluster: int) -> list[JobAd]:
         text = self.cm.run(["condor_history", "-json", str(cluster)]).stdout.strip()

@@ -142,6 +142,14 @@ def test_root_jobs_match_only_root_slots(htcondor_release: Path, tmp_path: Path)
     assert evaluate(start, USER_SLOT, user_job(GliteVmRoot=False)) is True
 
 
+def test_a_host_whose_service_is_down_takes_no_jobs(htcondor_release: Path, tmp_path: Path) -> None:
+    start, _ = policy(htcondor_release, tmp_path, snippet())
+    down = {**USER_SLOT, "GliteVmServiceUp": False}
+    assert evaluate(start, down, user_job()) is False
+    assert evaluate(start, {**USER_SLOT, "GliteVmServiceUp": True}, user_job()) is True
+    assert evaluate(start, USER_SLOT, user_job()) is True  # not reported yet: counts as up
+
+
 def test_root_users_narrow_who_matches_root_slots(htcondor_release: Path, tmp_path: Path) -> None:
     start, _ = policy(htcondor_release, tmp_path, snippet(root_users=("alice", "bob")))
     assert evaluate(start, ROOT_SLOT, root_job(Owner="bob")) is True
