@@ -15,7 +15,8 @@ expression of ``glite-vm config`` already keeps jobs off hosts that do not offer
 same knobs. ``GliteVmServiceUp = false`` keeps new jobs away while the host's service does not
 answer (the START expression of ``glite-vm config`` reads it; an unknown value counts as up, so a
 host is not shut out before its first report); jobs already running there end with the
-launcher's error and, with ``on_exit_remove`` as the templates show, run again elsewhere.
+launcher's error and, with ``max_retries``/``retry_until`` as the templates show, run again
+elsewhere.
 ``GliteVmRootEnabled`` is not here: it is per slot, from the configuration (``glite-vm config``).
 
 It must be cheap and bounded: it reads the cache's files and the *remembered* hypervisor

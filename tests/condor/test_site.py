@@ -21,7 +21,8 @@ from tests.condor.pool import JobAd, vm_job_description, wait_until
 from tests.condor.site import Site, host_of, running_site, site_repository
 from tests.support import domains_under, scratch_root
 
-pytestmark = [pytest.mark.condor, pytest.mark.vm]
+# VMs boot slowly under TCG on a machine shared with other VMs: every wait has its own bound
+pytestmark = [pytest.mark.condor, pytest.mark.vm, pytest.mark.timeout(1800)]
 
 LAYOUT = SlotLayout(slots=2, root_slots=0, cpus=1, memory_mib=256, disk_bytes=2 * GIB)
 IMAGES = ("img-a", "img-b")
