@@ -148,7 +148,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
             len(registry.active()),
             socket_path,
         )
-        prefetcher = Prefetcher(settings)
+        prefetcher = Prefetcher(settings, registry.metrics)
         prefetcher.start()  # the warm set, in the background (GLITE_VM_PREFETCH)
         try:
             server.serve(stop)

@@ -26,6 +26,7 @@ from glite_vm.config import Settings
 from glite_vm.errors import GliteVmError, UnknownImageError
 from glite_vm.images.acquire import acquire_image
 from glite_vm.images.cache import ImageCache
+from glite_vm.images.cache_observer import CacheObserver
 from glite_vm.images.catalogue import Catalogue, CatalogueEntry, FileRef, load_catalogue
 from glite_vm.images.throttle import RateLimit
 from glite_vm.images.usage import most_used
@@ -60,8 +61,13 @@ def _files(entry: CatalogueEntry) -> list[FileRef]:
     return [f for f in (entry.image, entry.kernel, entry.initrd) if f is not None]
 
 
-def prefetch_once(settings: Settings, stop: threading.Event | None = None) -> list[Prefetched]:
-    """One pass over the warm set; never raises for one image's trouble."""
+def prefetch_once(
+    settings: Settings,
+    stop: threading.Event | None = None,
+    observer: CacheObserver | None = None,
+) -> list[Prefetched]:
+    """One pass over the warm set; never raises for one image's trouble. ``observer`` hears of
+    its downloads (the service's metrics count them with the jobs')."""
     stop = stop or threading.Event()
     cache = ImageCache(settings)
     names = warm_set(settings, cache)
@@ -76,7 +82,7 @@ def prefetch_once(settings: Settings, stop: threading.Event | None = None) -> li
         for name in names:
             if stop.is_set():
                 break
-            done.append(_prefetch(settings, cache, catalogue, name, session, stop))
+            done.append(_prefetch(settings, catalogue, name, session, stop, observer))
     for result in done:
         level = logging.WARNING if result.outcome in ("failed", "skipped") else logging.INFO
         log.log(level, "pre-staging %s: %s%s", result.name, result.outcome, _sep(result.detail))
@@ -89,12 +95,13 @@ def _sep(detail: str) -> str:
 
 def _prefetch(  # noqa: PLR0917 - one call site, all of them needed
     settings: Settings,
-    cache: ImageCache,
     catalogue: Catalogue,
     name: str,
     session: requests.Session,
     stop: threading.Event,
+    observer: CacheObserver | None,
 ) -> Prefetched:
+    cache = ImageCache(settings)
     try:
         entry = catalogue.get(name)
     except UnknownImageError:
@@ -124,6 +131,7 @@ def _prefetch(  # noqa: PLR0917 - one call site, all of them needed
             job_id=PREFETCH_JOB_ID,
             progress=limit,
             session=session,
+            observer=observer,
             count_use=False,
         )
     except GliteVmError as exc:
@@ -145,8 +153,9 @@ def _rate(rate: int | None) -> str:
 class Prefetcher:
     """The service's pre-staging thread: a pass at start, then every interval, until stopped."""
 
-    def __init__(self, settings: Settings) -> None:
+    def __init__(self, settings: Settings, observer: CacheObserver | None = None) -> None:
         self.settings = settings
+        self.observer = observer
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="prefetch", daemon=True)
 
@@ -157,7 +166,7 @@ class Prefetcher:
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
-                prefetch_once(self.settings, self._stop)
+                prefetch_once(self.settings, self._stop, self.observer)
             except Exception:  # a pass must never end the thread (or the service)
                 log.exception("pre-staging pass failed")
             self._stop.wait(self.settings.prefetch_interval)

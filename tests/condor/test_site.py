@@ -80,6 +80,9 @@ def test_each_host_advertises_its_images_and_hostb_prestaged_img_b(site: Site) -
     wait_until("hostb to pre-stage img-b", lambda: "img-b" in hostb.cached_images(), 180)
     assert hosta.cached_images() == {"img-a"}
     assert hostb.cached_images() == {"img-b"}
+    # the advertiser (user condor) reaches each host's service: its slots take jobs
+    for host in (hosta, hostb):
+        assert {ad.get("GliteVmServiceUp") for ad in host.slot_ads()} == {True}
     # one download each: img-a by hosta's admin, img-b by hostb's service on its own
     assert len(site.repository.gets("img-a.qcow2")) == 1
     assert len(site.repository.gets("img-b.qcow2")) == 1
