@@ -317,6 +317,10 @@ class Settings:
     # a guest that reached its login prompt or boot target may take this long to start its agent
     agent_timeout: float = _seconds(25.0)
     teardown_timeout: float = _seconds(30.0)
+    # warm start (docs/vm.md): restore VMs from templates saved at agent-ready where one exists;
+    # the images whose templates the service builds ahead of time and after a cold boot ("*": all)
+    warm_start: bool = True
+    warm_images: tuple[str, ...] = ()
     snapshot_dir: Path | None = None  # default: state_dir/snapshots
     # kept snapshots: age and/or total bytes, e.g. "7d", "7d,50GB", "none" (docs/snapshots.md)
     snapshot_retention: Retention = dataclasses.field(default_factory=Retention)
@@ -344,6 +348,9 @@ class Settings:
     max_unmanaged_vms_per_user: int = _count(4, 0)  # VMs started outside HTCondor, per user
     # seconds such a VM may live (0: no limit)
     unmanaged_vm_lifetime: float = _seconds(12 * 3600.0, zero_ok=True)
+    # the longest a job's VM is kept running after its payload failed, for its owner to look
+    # inside (the job's +GliteVmDebugHold asks; docs/admin.md, "Debug holds"); 0: off
+    max_debug_hold: float = _seconds(0.0, zero_ok=True)
     service_connect_timeout: float = _seconds(5.0)  # a client waits to connect to the service
     service_idle_timeout: float = _seconds(30.0)  # a client waits for any sign of life mid-call
     # Prometheus metrics of the service (docs/admin.md, "Metrics"): an HTTP endpoint on a

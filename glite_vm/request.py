@@ -29,6 +29,10 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _JOB_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._@:-]{0,127}$")
 _OWNER = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,63}$")
 MAX_IMAGE_REF = 2048
+#: The longest debug hold a job may ask for (``GliteVmDebugHold``), whatever the site allows: a
+#: larger number is a mistake (milliseconds? minutes?) better refused than silently capped.
+MAX_DEBUG_HOLD_ASKED = 7 * 24 * 3600
+DEBUG_HOLD_FIELD = "GliteVmDebugHold"
 
 
 class KeepSnapshot(enum.Enum):
@@ -97,6 +101,60 @@ def _check_job_fields(
     if not isinstance(owner, str) or not _OWNER.match(owner):
         raise RequestError("Owner", f"{owner!r} is not a valid user name")
     return keep, digest
+
+
+def check_debug_hold(value: object) -> int | None:
+    """The seconds a job asks its VM to be kept after its payload failed (``GliteVmDebugHold``):
+    ``None`` (or 0) for no hold, else a whole number of seconds up to
+    :data:`MAX_DEBUG_HOLD_ASKED`. How long it is really kept is the site's rule
+    (:func:`grant_debug_hold`)."""
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise RequestError(
+            DEBUG_HOLD_FIELD,
+            f"must be a whole number of seconds (e.g. +{DEBUG_HOLD_FIELD} = 1800), "
+            f"got {value!r:.60}",
+        )
+    if value < 0:
+        raise RequestError(DEBUG_HOLD_FIELD, f"must not be negative, got {value}")
+    if value > MAX_DEBUG_HOLD_ASKED:
+        raise RequestError(
+            DEBUG_HOLD_FIELD,
+            f"asks for {value} s; at most {MAX_DEBUG_HOLD_ASKED} s (a week) may be asked "
+            "(the value is in seconds)",
+        )
+    return value or None
+
+
+@dataclasses.dataclass(frozen=True)
+class DebugHoldGrant:
+    """How long a job's VM is kept after its payload failed (``seconds``, 0: not at all), and
+    ``note``, what the job's owner reads about it when the site changed what was asked."""
+
+    seconds: int = 0
+    note: str = ""
+
+
+def grant_debug_hold(asked: int | None, settings: Settings) -> DebugHoldGrant:
+    """The site's rule for a job's debug hold: what the job asked, at most
+    ``GLITE_VM_MAX_DEBUG_HOLD``; nothing while that is 0 (a note says so)."""
+    if not asked:
+        return DebugHoldGrant()
+    cap = int(settings.max_debug_hold)
+    if cap <= 0:
+        return DebugHoldGrant(
+            0,
+            f"{DEBUG_HOLD_FIELD} = {asked} was not granted: debug holds are off on this host "
+            "(GLITE_VM_MAX_DEBUG_HOLD = 0)",
+        )
+    if asked > cap:
+        return DebugHoldGrant(
+            cap,
+            f"{DEBUG_HOLD_FIELD} = {asked} was cut to {cap} s, the most this host allows "
+            "(GLITE_VM_MAX_DEBUG_HOLD)",
+        )
+    return DebugHoldGrant(asked)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -180,6 +238,7 @@ class JobRequest:
     image_sha256: str | None = None
     hostname: str | None = None  # resolved and checked against the site's hostname policy
     network: str | None = None  # None: the host's default network
+    debug_hold: int | None = None  # seconds asked (GliteVmDebugHold); the site grants them
 
     @classmethod
     def create(
@@ -197,6 +256,7 @@ class JobRequest:
         image_sha256: str | None = None,
         hostname: str | None = None,
         network: str | None = None,
+        debug_hold: int | None = None,
         site_policy: bool = True,
     ) -> JobRequest:
         """Validate and bound what a job asks. With ``site_policy`` the site's rules in
@@ -243,12 +303,15 @@ class JobRequest:
             image_sha256=image_sha256,
             hostname=hostname,
             network=network,
+            debug_hold=check_debug_hold(debug_hold),
         )
 
     def to_wire(self) -> dict[str, object]:
         """Plain JSON values; :meth:`from_wire` takes them back (and validates them again)."""
         wire = dataclasses.asdict(self)
         wire["keep_snapshot"] = self.keep_snapshot.value
+        if self.debug_hold is None:
+            del wire["debug_hold"]  # a request without one reads as before it existed
         return wire
 
     @classmethod

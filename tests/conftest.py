@@ -16,7 +16,13 @@ import pytest
 from glite_vm.config import Settings
 from glite_vm.vm.connect import open_host
 from glite_vm.vm.lifecycle import VmHost
-from tests.support import LocalImage, direct_image_in, install_guests, local_image
+from tests.support import (
+    LocalImage,
+    direct_image_in,
+    install_guests,
+    local_image,
+    shell_sockets_left,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 GUEST_DIR = Path(os.environ.get("GLITE_VM_TEST_GUESTS", REPO / "tests" / "guest" / "build"))
@@ -83,6 +89,8 @@ def vm_host(vm_settings: Settings) -> Iterator[VmHost]:
         if m is None or Path(m.vm_dir).is_relative_to(vm_settings.state_dir)
     ]
     overlays = list(vm_settings.effective_snapshot_dir.glob("*/overlay.qcow2"))
+    sockets = shell_sockets_left(vm_settings.state_dir)
     host.conn.close()
     assert not leftovers, f"domains left behind: {leftovers}"
     assert not overlays, f"overlays left outside kept snapshots: {overlays}"
+    assert not sockets, f"shell sockets left behind: {sockets}"

@@ -14,7 +14,9 @@ from collections.abc import Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
+from glite_vm.config import Settings
 from glite_vm.vm.domain_xml import DOMAIN_PREFIX
+from glite_vm.vm.shell_port import shell_dir
 
 
 @dataclasses.dataclass(frozen=True)
@@ -119,6 +121,17 @@ def traversable(path: Path) -> Path:
     path.mkdir(mode=0o711, exist_ok=True)
     path.chmod(0o711)
     return path
+
+
+def shell_sockets_left(state: Path) -> list[str]:
+    """The shell sockets that VMs of a state directory ``state`` left (none once every VM is
+    torn down); a directory for them outside ``state`` (a deep state directory's, in /run) is
+    removed when empty, as the state directory will be."""
+    directory = shell_dir(Settings(state_dir=state))
+    left = sorted(os.listdir(directory)) if directory.is_dir() else []
+    if not left and directory.is_dir() and not directory.is_relative_to(state):
+        directory.rmdir()
+    return left
 
 
 @contextlib.contextmanager

@@ -23,6 +23,7 @@ log = logging.getLogger("glite_vm.cli")
 _COMMAND_MODULES = (
     "glite_vm.cli.vm",
     "glite_vm.cli.vms",
+    "glite_vm.cli.shell",
     "glite_vm.cli.images",
     "glite_vm.cli.condor",
     "glite_vm.cli.service",

@@ -1,11 +1,14 @@
-"""`glite-vm vms list|destroy`: the VMs this tool made on this host, and removing them by name."""
+"""`glite-vm vms list|destroy|release`: the VMs this tool made on this host, removing them by
+name, and ending a job's debug hold (through the service, as the VM's owner)."""
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 import time
+from pathlib import Path
 
 import libvirt
 
@@ -38,6 +41,24 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     destroy.add_argument("--yes", action="store_true", help="do not ask; destroy them")
     destroy.add_argument("--dry-run", action="store_true", help="only show what would go")
     destroy.set_defaults(handler=cmd_vms_destroy)
+    release = vms_sub.add_parser(
+        "release",
+        help="end a job's debug hold now (+GliteVmDebugHold)",
+        description="A job whose payload failed and that asked for +GliteVmDebugHold keeps its "
+        "VM running, and stays running in HTCondor, until GliteVmDebugUntil. This ends the hold "
+        "now: the VM is torn down and the job ends as it would have without the hold (same exit "
+        "status and output files). Only the job's owner (or root) may. With no VM named, the "
+        "VM of the job whose sandbox you are in (where condor_ssh_to_job leaves you). Exits 125 "
+        "when the service cannot be reached.",
+    )
+    release.add_argument(
+        "name",
+        nargs="?",
+        metavar="VM|JOB",
+        help="the VM (the job's GliteVmDomain) or its job id (12.0); default: this sandbox's job",
+    )
+    release.add_argument("--socket", type=Path, metavar="PATH", help="the service's socket")
+    release.set_defaults(handler=cmd_vms_release)
 
 
 def _vm_rows(host: VmHost) -> list[dict[str, object]]:
@@ -113,3 +134,16 @@ def cmd_vms_destroy(args: argparse.Namespace, settings: Settings) -> int:
         destroy_domain(ours[name])
         print(f"destroyed {name}")
     return EXIT_PROBLEMS if unknown else 0
+
+
+def cmd_vms_release(args: argparse.Namespace, settings: Settings) -> int:
+    from glite_vm.service.client import ServiceClient  # noqa: PLC0415
+    from glite_vm.service.terminal import choose_vm, scratch_dir_of_job  # noqa: PLC0415
+
+    client = ServiceClient.from_settings(settings)
+    if args.socket is not None:
+        client.socket_path = str(args.socket)
+    vm = choose_vm(client.list_vms(), args.name, os.getcwd(), scratch_dir_of_job())
+    client.debug_release(vm)
+    print(f"released {vm}: its job now ends as it would have without the hold")
+    return 0

@@ -104,6 +104,7 @@ class ExecuteHostConfig:
     max_host_failures: int = 3
     network: str = "none"  # the VMs' network when a job asks for none
     job_networks: tuple[str, ...] = ()  # further networks a job may ask for
+    max_debug_hold: int = 0  # seconds a failed job's VM may be kept (+GliteVmDebugHold); 0: off
     job_exit_timeout: int = 60  # seconds; HTCondor's default is 30
     advertise_period: int = 60
     reap_period: int = 30
@@ -148,6 +149,8 @@ class ExecuteHostConfig:
         ):
             if seconds < 1:
                 raise ValueError(f"{label} must be at least 1 s, got {seconds}")
+        if self.max_debug_hold < 0:
+            raise ValueError(f"max debug hold must not be negative, got {self.max_debug_hold}")
         if self.max_host_failures < 0:
             raise ValueError(
                 f"max host failures must not be negative, got {self.max_host_failures}"
@@ -166,6 +169,7 @@ class ExecuteHostConfig:
             max_host_failures=settings.max_host_failures,
             network=settings.network,
             job_networks=settings.job_networks,
+            max_debug_hold=math.ceil(settings.max_debug_hold),
             # teardown is bounded by teardown_timeout; leave room for the hook's own start-up
             job_exit_timeout=math.ceil(settings.teardown_timeout) + 15,
             state_dir=settings.state_dir,
@@ -247,6 +251,9 @@ def render_execute_config(cfg: ExecuteHostConfig) -> str:
         "# the VMs' network, and the others a job may ask for (+GliteVmNetwork)",
         f"GLITE_VM_NETWORK = {cfg.network}",
         f"GLITE_VM_JOB_NETWORKS = {', '.join(cfg.job_networks)}",
+        "# seconds a job's VM may be kept running after its program failed (+GliteVmDebugHold);",
+        "# the slot stays taken meanwhile; 0: off. The service reads it (serve --condor-config).",
+        f"GLITE_VM_MAX_DEBUG_HOLD = {cfg.max_debug_hold}",
         *_location_knobs(cfg),
         "",
         f"# --- {layout.slots} static VM slots of {layout.cpus} CPU(s), "

@@ -51,7 +51,7 @@ from glite_vm.errors import (
     UserError,
 )
 from glite_vm.images.sources import classify_ref
-from glite_vm.request import JobRequest, KeepSnapshot
+from glite_vm.request import DEBUG_HOLD_FIELD, JobRequest, KeepSnapshot, check_debug_hold
 from glite_vm.vm.record import HOST_FAILURES
 
 # --- hook status codes (HoldReasonSubCode of held jobs; periodic_release can key on them) ------
@@ -201,6 +201,17 @@ def _literal_int(ad: _Ad, name: str) -> int:
     return value
 
 
+def _literal_value(ad: _Ad, name: str, what: str) -> object:
+    """The attribute as written, ``None`` when absent; an expression is refused (``what`` says
+    what to write instead). The value's type is the request's to check."""
+    value = ad.raw(name)
+    if value is _MISSING:
+        return None
+    if _is_expression(value):
+        raise RequestError(name, f"must be {what}, not the expression {_shown(value)}")
+    return value
+
+
 def _whole_number(value: object) -> int | None:
     """``value`` as an int if it is a finite whole number (ints or integral floats)."""
     if isinstance(value, bool):
@@ -271,6 +282,9 @@ def request_from_job_ad(
         image_sha256=_literal_string(ad, "GliteVmImageSha256"),
         hostname=_literal_string(ad, "GliteVmHostname"),
         network=_literal_string(ad, "GliteVmNetwork"),
+        debug_hold=check_debug_hold(
+            _literal_value(ad, DEBUG_HOLD_FIELD, "a whole number of seconds")
+        ),
         site_policy=site_policy,
     )
 

@@ -12,8 +12,10 @@ as the job owner in the scratch directory. The launcher
    streaming its stdout/stderr into its own as they arrive;
 4. copies new and changed files back into the scratch directory, where HTCondor's output
    transfer finds them (never over HTCondor's own files);
-5. chirps its timings and exits with the payload's exit code, or kills itself with the
-   payload's signal, so that ``ExitCode``/``ExitSignal`` are the payload's.
+5. chirps its timings; after a payload that failed, keeps the job running while the service
+   holds its VM for debugging (``+GliteVmDebugHold``, :func:`debug_hold`);
+6. exits with the payload's exit code, or kills itself with the payload's signal, so that
+   ``ExitCode``/``ExitSignal`` are the payload's (with or without a debug hold).
 
 ``condor_rm``, hold and vacate reach it as SIGTERM (measured; SIGQUIT, SIGINT, SIGHUP are
 treated alike): it asks the service to tear the VM down at once (``failed=True``, so the
@@ -43,7 +45,7 @@ from typing import Final
 
 import classad2
 
-from glite_vm.condor.jobad import AdValue
+from glite_vm.condor.jobad import AdValue, ad_safe_text
 from glite_vm.condor.under_starter import (
     CLEANUP_MARGIN,
     Chirp,
@@ -57,8 +59,16 @@ from glite_vm.condor.under_starter import (
 )
 from glite_vm.config import Settings
 from glite_vm.errors import GliteVmError, HostError, RequestError
+from glite_vm.request import DEBUG_HOLD_FIELD
 from glite_vm.service.api import ExecOutcome, TeardownOutcome, VmService
-from glite_vm.vm.record import LAUNCHER_ERROR, NAMES, PAYLOAD_SIGNAL, ad_attributes
+from glite_vm.vm.record import (
+    DEBUG_HOLD_NOTE,
+    DEBUG_UNTIL,
+    LAUNCHER_ERROR,
+    NAMES,
+    PAYLOAD_SIGNAL,
+    ad_attributes,
+)
 
 #: Exit status when glite-vm (not the payload) failed; 125 as env(1) and timeout(1) use it.
 LAUNCHER_FAILURE_EXIT: Final = 125
@@ -406,6 +416,8 @@ def run(ctx: LauncherContext, args: LauncherArgs) -> int:
         if outcome.signal is not None:
             timings[PAYLOAD_SIGNAL] = outcome.signal
         chirp.set_attributes(timings)
+        if (outcome.exit_code != 0 or outcome.signal is not None) and asks_debug_hold(job_ad):
+            debug_hold(service, args.vm, chirp)
     except Stopped as stop:
         stop_chirp = ctx.chirp or HTChirpSender(ctx.say, timeout=STOP_CHIRP_TIMEOUT)
         _stop_vm(ctx, args.vm, stop, stop_chirp)
@@ -420,6 +432,42 @@ def run(ctx: LauncherContext, args: LauncherArgs) -> int:
             return die_by_signal(stop.signum)
         return LAUNCHER_FAILURE_EXIT
     return die_like(outcome)
+
+
+def asks_debug_hold(job_ad: Mapping[str, object]) -> bool:
+    """Whether the job asked for a debug hold (the hook held a malformed ask; how long it
+    gets is the service's to say)."""
+    try:
+        value = job_ad.get(DEBUG_HOLD_FIELD)
+    except Exception:
+        return False
+    return isinstance(value, int) and not isinstance(value, bool) and value > 0
+
+
+def debug_hold(service: VmService, vm: str, chirp: Chirp) -> None:
+    """After a payload that failed: if the service holds the VM for debugging, put the hold's
+    end into the job ad (``GliteVmDebugUntil``) and wait until it ends (its time, the owner's
+    ``glite-vm vms release``, or ``condor_rm``/``condor_vacate_job``, which arrive as
+    :class:`Stopped` and tear the VM down as ever). Whatever happens here goes to the job ad
+    only: the job's output files and exit status stay what they would have been without it."""
+    try:
+        hold = service.debug_hold(vm)
+    except Exception as exc:
+        chirp.set_attributes({DEBUG_HOLD_NOTE: ad_safe_text(f"no debug hold: {exc}")})
+        return
+    if hold.until is None:
+        if hold.note:
+            chirp.set_attributes({DEBUG_HOLD_NOTE: ad_safe_text(hold.note)})
+        return
+    held: dict[str, AdValue] = {DEBUG_UNTIL: int(hold.until)}
+    if hold.note:
+        held[DEBUG_HOLD_NOTE] = ad_safe_text(hold.note)
+    chirp.set_attributes(held)
+    try:
+        ended = f"the debug hold ended: {service.debug_wait(vm).reason}"
+    except Exception as exc:
+        ended = f"the debug hold ended: {exc}"
+    chirp.set_attributes({DEBUG_UNTIL: int(time.time()), DEBUG_HOLD_NOTE: ad_safe_text(ended)})
 
 
 def _stop_vm(ctx: LauncherContext, vm: str, stop: Stopped, chirp: Chirp) -> None:

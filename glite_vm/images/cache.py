@@ -13,7 +13,9 @@ invariants it keeps next to the code that keeps them:
   lock; other files' locks taken without waiting, so no deadlock with downloads; a leased file
   is never evicted, and a blob is removed only under its lock);
 - :mod:`glite_vm.images.leases`: one file per lease, dead leases recognised by pid and start
-  time.
+  time;
+- :mod:`glite_vm.images.templates`: warm-start templates (a frozen disk layer and a saved
+  memory state per key), complete or invisible, counted in the budget, evicted LRU.
 
 Here: the facade, and the administration of the whole cache (status, prune, verify, releasing
 leases). Verification removes a changed blob only under its lock, and only if it is still the

@@ -3,7 +3,9 @@
 A download reserves its total size (``partial/<key>.reserve``, with its pid) before it writes;
 the cache counts verified files, interrupted downloads and live reservations against
 ``GLITE_VM_CACHE_MAX_BYTES``, and keeps ``GLITE_VM_CACHE_MIN_FREE_BYTES`` free on the disk.
-When room is short, interrupted downloads go first, then the least recently used files.
+When room is short, interrupted downloads go first, then the least recently used files and
+warm-start templates (:mod:`glite_vm.images.templates`; never leased: a template goes whenever
+its lock is free).
 
 Invariants kept here. Reservations and eviction run under ``locks/budget.lock``. Eviction takes
 other files' locks without waiting, so it cannot deadlock with downloads (which hold their
@@ -32,6 +34,7 @@ from glite_vm.images._fsutil import (
 )
 from glite_vm.images.cache_store import CacheEntry, CacheStore
 from glite_vm.images.download import discard_part
+from glite_vm.images.templates import TemplateStore
 from glite_vm.units import format_size
 
 log = logging.getLogger(__name__)
@@ -169,8 +172,13 @@ def part_size(store: CacheStore, key: str) -> int:
         return 0
 
 
+def budgeted(store: CacheStore) -> list[CacheEntry]:
+    """Everything the budget counts and eviction may take: images and warm-start templates."""
+    return [*store.entries(), *TemplateStore(store).entries()]
+
+
 def _usage(store: CacheStore, exclude: str | None = None) -> _Usage:
-    used = sum(e.size for e in store.entries())
+    used = sum(e.size for e in budgeted(store))
     pending = 0
     for key in partial_keys(store):
         if key == exclude:
@@ -202,7 +210,7 @@ def evict(
         if freed >= amount:
             return freed, removed
         freed += _drop_partial(store, key) or 0
-    for entry in sorted(store.entries(), key=lambda e: e.last_used):
+    for entry in sorted(budgeted(store), key=lambda e: e.last_used):
         if freed >= amount:
             break
         if entry.sha256 == exclude:
@@ -234,6 +242,8 @@ def _drop_partial(store: CacheStore, key: str) -> int | None:
 
 def _drop_entry(store: CacheStore, entry: CacheEntry) -> CacheEntry | None:
     """Remove an entry unless it is leased or locked by someone; the removed entry or None."""
+    if entry.kind == "template":  # never leased: a restored VM holds links of its own
+        return entry if TemplateStore(store).remove(entry.sha256, "evicted") else None
     lock = store.try_lock(entry.sha256)
     if lock is None:
         return None
@@ -265,7 +275,7 @@ def plan_prune(store: CacheStore, target: int) -> PrunePlan:
         for record in lease_files.read_leases(store.leases, sha)
         if not record.alive
     )
-    entries = sorted(store.entries(), key=lambda e: e.last_used)
+    entries = sorted(budgeted(store), key=lambda e: e.last_used)
     used = sum(e.size for e in entries)
     evicted: list[CacheEntry] = []
     left = used
@@ -292,7 +302,7 @@ def shrink(store: CacheStore, target: int) -> Shrunk:
     cache holds at most ``target`` bytes."""
     with store.locked(BUDGET_LOCK, what="the cache budget"):
         partials = sum(1 for key in partial_keys(store) if _drop_partial(store, key) is not None)
-        used = sum(e.size for e in store.entries())
+        used = sum(e.size for e in budgeted(store))
         freed, removed = evict(store, used - target) if used > target else (0, [])
         kept = 0
         if used - freed > target:

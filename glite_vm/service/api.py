@@ -47,6 +47,31 @@ class TeardownOutcome:
 
 
 @dataclasses.dataclass(frozen=True)
+class DebugHold:
+    """The answer to ``debug_hold``: the VM is kept running until ``until`` (seconds since the
+    epoch; ``None``: it is not held) for its owner to look inside; ``note`` says why not, or
+    what the site changed of what the job asked (empty when there is nothing to say)."""
+
+    vm: str
+    until: float | None
+    note: str
+
+
+@dataclasses.dataclass(frozen=True)
+class DebugHoldEnd:
+    """How a debug hold ended: ``reason`` is one of :data:`DEBUG_HOLD_ENDS`."""
+
+    vm: str
+    reason: str
+
+
+#: Why a debug hold ends: its time ran out, its owner released it (``glite-vm vms release``),
+#: the VM was torn down (``condor_rm``, the reaper), or the service stopped waiting (its caller
+#: hung up, or it shuts down); ``not_held`` answers a wait for a VM that was never held.
+DEBUG_HOLD_ENDS = ("expired", "released", "torn_down", "stopped", "not_held")
+
+
+@dataclasses.dataclass(frozen=True)
 class VmSummary:
     vm: str
     owner: str
@@ -54,6 +79,28 @@ class VmSummary:
     job_id: str
     image: str
     age_seconds: float
+    running: bool
+    #: the job's scratch directory (where ``condor_ssh_to_job`` lands), when it has one; a
+    #: service older than ``glite-vm shell`` does not say
+    scratch_dir: str | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class ShellOutcome:
+    """How a ``shell`` session ended: its exit status (128 + N after signal N, as a shell
+    reports it), and how long it lasted."""
+
+    exit_code: int | None
+    seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
+class ConsoleInfo:
+    """Where a running VM's serial console is recorded (from its first byte): the boot log,
+    which belongs to the VM's owner, who reads and follows it with their own rights."""
+
+    vm: str
+    boot_log_path: str
     running: bool
 
 
@@ -76,6 +123,21 @@ class ServiceInfo:
     uptime_seconds: float
     caller_uid: int
     vms: int  # the caller's VMs (all of them for root)
+
+
+class ShellTerminal(Protocol):
+    """The user's end of a ``shell`` session, as the engine sees it (the server's is the
+    caller's connection)."""
+
+    def ready(self) -> None:
+        """The session started in the guest: from now on keys are read."""
+
+    def output(self, data: bytes) -> bool:
+        """Show what the guest's terminal wrote; ``False`` once the user is gone."""
+
+    def events(self, timeout: float) -> list[tuple[str, bytes | tuple[int, int]]] | None:
+        """What the user did within ``timeout`` seconds: ``("in", keys)`` and
+        ``("size", (rows, cols))``, in order (``[]``: nothing); ``None`` once the user is gone."""
 
 
 class VmService(Protocol):
@@ -109,5 +171,18 @@ class VmService(Protocol):
     def pull(self, vm: str, dest_dir: str, *, unchanged_from: str | None = None) -> list[str]: ...
 
     def teardown(self, vm: str, *, failed: bool) -> TeardownOutcome: ...
+
+    def debug_hold(self, vm: str) -> DebugHold:
+        """Keep the VM running after its payload failed, for as long as the site granted the
+        job's ``GliteVmDebugHold`` (nothing after a payload that succeeded)."""
+        ...
+
+    def debug_wait(self, vm: str) -> DebugHoldEnd:
+        """Wait until the VM's debug hold ends (at once when it is not held)."""
+        ...
+
+    def debug_release(self, vm: str) -> DebugHoldEnd:
+        """End the VM's debug hold now (its owner's, or root's, word)."""
+        ...
 
     def list_vms(self) -> list[VmSummary]: ...

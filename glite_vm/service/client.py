@@ -31,11 +31,15 @@ if TYPE_CHECKING:
     from glite_vm.slots import SlotFacts
 from glite_vm.service import protocol
 from glite_vm.service.api import (
+    ConsoleInfo,
+    DebugHold,
+    DebugHoldEnd,
     ExecOutcome,
     OutputSink,
     PrepareResult,
     ReapedVm,
     ServiceInfo,
+    ShellOutcome,
     TeardownOutcome,
     VmSummary,
 )
@@ -51,7 +55,14 @@ DEFAULT_DEADLINES: Mapping[str, float | None] = {
     "pull": 3600.0,
     "teardown": 300.0,
     "exec": None,
+    "debug_hold": 30.0,
+    "debug_release": 30.0,
+    "debug_wait": None,  # as long as the hold: bounded by the service (GLITE_VM_MAX_DEBUG_HOLD)
+    "console": 30.0,
+    "shell": None,  # a session lasts as long as its user likes
 }
+#: Seconds a shell may take to start in the guest (the agent runs the start script).
+SHELL_START_TIMEOUT = 120.0
 
 
 class ServiceClient:
@@ -139,6 +150,16 @@ class ServiceClient:
         result = self._call("teardown", {"vm": vm, "failed": bool(failed)})
         return protocol.result_from_wire(TeardownOutcome, result)
 
+    def debug_hold(self, vm: str) -> DebugHold:
+        return protocol.result_from_wire(DebugHold, self._call("debug_hold", {"vm": vm}))
+
+    def debug_wait(self, vm: str) -> DebugHoldEnd:
+        """Wait (heartbeats keep the call alive) until the VM's debug hold ends."""
+        return protocol.result_from_wire(DebugHoldEnd, self._call("debug_wait", {"vm": vm}))
+
+    def debug_release(self, vm: str) -> DebugHoldEnd:
+        return protocol.result_from_wire(DebugHoldEnd, self._call("debug_release", {"vm": vm}))
+
     def list_vms(self) -> list[VmSummary]:
         vms = self._call("list_vms", {})["vms"]
         return [protocol.result_from_wire(VmSummary, v) for v in vms]
@@ -148,6 +169,47 @@ class ServiceClient:
         for root)."""
         reaped = self._call("reap", {})["reaped"]
         return [protocol.result_from_wire(ReapedVm, r) for r in reaped]
+
+    def console(self, vm: str) -> ConsoleInfo:
+        """Where ``vm``'s serial console is recorded (its boot log, which you may read)."""
+        return protocol.result_from_wire(ConsoleInfo, self._call("console", {"vm": vm}))
+
+    def open_shell(
+        self,
+        vm: str,
+        *,
+        argv: Sequence[str] | None = None,
+        term: str = "vt100",
+        rows: int = 24,
+        cols: int = 80,
+        interactive: bool = True,
+    ) -> ShellSession:
+        """Start a terminal session in ``vm`` (``argv``: one command, else the login shell);
+        returns once it runs in the guest. Feed it keys and read its screen with the
+        :class:`ShellSession`; the terminal on this side is the caller's business."""
+        args = {
+            "vm": vm,
+            "argv": list(argv) if argv is not None else None,
+            "term": term,
+            "rows": rows,
+            "cols": cols,
+            "interactive": interactive,
+        }
+        request = protocol.encode({"op": "shell", "args": args})
+        if len(request) > protocol.MAX_REQUEST:
+            raise protocol.ProtocolError("the shell request is larger than the protocol allows")
+        sock = self._connect()
+        try:
+            try:
+                sock.sendall(request)
+            except OSError as exc:
+                raise self._unavailable(f"could not send the shell request: {exc}") from exc
+            session = ShellSession(self, sock)
+            session._wait_ready(SHELL_START_TIMEOUT)
+        except BaseException:
+            sock.close()
+            raise
+        return session
 
     # -- plumbing ----------------------------------------------------------------------------
 
@@ -240,6 +302,116 @@ class ServiceClient:
         return ServiceUnavailableError(f"glite-vm service at {self.socket_path}: {detail}")
 
 
+class ShellSession:
+    """A running ``shell`` session: keys in (:meth:`send`), the window size (:meth:`resize`),
+    the guest terminal's output and the end (:meth:`read`). Select on :meth:`fileno` to wait
+    for output. Close it to hang up (the service then ends the session in the guest)."""
+
+    def __init__(self, client: ServiceClient, sock: socket.socket) -> None:
+        self._client = client
+        self._sock = sock
+        self._lines = _Lines(sock)
+        self._heard = time.monotonic()
+        self.outcome: ShellOutcome | None = None
+
+    def fileno(self) -> int:
+        return self._sock.fileno()
+
+    def send(self, keys: bytes) -> None:
+        for start in range(0, len(keys), protocol.SHELL_INPUT_CHUNK):
+            chunk = keys[start : start + protocol.SHELL_INPUT_CHUNK]
+            self._send_line({"in": base64.b64encode(chunk).decode()})
+
+    def resize(self, rows: int, cols: int) -> None:
+        self._send_line({"size": [rows, cols]})
+
+    def read(self, timeout: float) -> bytes:
+        """The output that arrived within ``timeout`` seconds (``b""``: none yet). Once the
+        session ended, :attr:`outcome` is set; an error of the service is raised as its class,
+        a vanished or silent service as ServiceUnavailableError."""
+        out = bytearray()
+        wait = timeout
+        while self.outcome is None:
+            try:
+                line = self._lines.next(wait)
+            except TimeoutError:
+                break
+            except OSError as exc:
+                raise self._client._unavailable(f"connection lost during shell: {exc}") from exc
+            wait = 0.0
+            if line is None:
+                raise self._client._unavailable("the service closed the connection during shell")
+            self._heard = time.monotonic()
+            message = protocol.decode(line)
+            if message.get("beat") or message.get("ready"):
+                continue
+            if message.get("out") == "tty":
+                out += _chunk(message.get("data"))
+                continue
+            if message.get("ok") is True:
+                self.outcome = protocol.result_from_wire(ShellOutcome, message.get("result"))
+            elif message.get("ok") is False:
+                raise protocol.error_from_wire(message.get("error"))
+            else:
+                raise protocol.ProtocolError(f"unexpected message during shell: {sorted(message)}")
+        if self.outcome is None and time.monotonic() - self._heard > self._client.idle_timeout:
+            raise self._client._unavailable(
+                f"the service went silent for {self._client.idle_timeout:.0f} s during shell"
+            )
+        return bytes(out)
+
+    def close(self) -> None:
+        self._sock.close()
+
+    def __enter__(self) -> ShellSession:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()
+
+    def _wait_ready(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            left = min(deadline - time.monotonic(), self._client.idle_timeout)
+            if left <= 0:
+                raise self._client._unavailable(f"the shell did not start within {timeout:g} s")
+            try:
+                line = self._lines.next(left)
+            except TimeoutError:
+                continue
+            except OSError as exc:
+                raise self._client._unavailable(f"connection lost during shell: {exc}") from exc
+            if line is None:
+                raise self._client._unavailable("the service closed the connection during shell")
+            message = protocol.decode(line)
+            if message.get("ready"):
+                self._heard = time.monotonic()
+                return
+            if message.get("beat"):
+                continue
+            if message.get("ok") is False:
+                raise protocol.error_from_wire(message.get("error"))
+            raise protocol.ProtocolError(
+                f"unexpected message before the shell started: {sorted(message)}"
+            )
+
+    def _send_line(self, message: Mapping[str, Any]) -> None:
+        try:
+            self._sock.settimeout(self._client.idle_timeout)
+            self._sock.sendall(protocol.encode(message))
+        except OSError as exc:
+            raise self._client._unavailable(f"could not send to the shell: {exc}") from exc
+
+
+def _chunk(data: object) -> bytes:
+    if not isinstance(data, str):
+        raise protocol.ProtocolError("malformed output message from the service")
+    try:
+        return base64.b64decode(data, validate=True)
+    except (binascii.Error, ValueError):
+        raise protocol.ProtocolError("malformed output chunk from the service") from None
+
+
 def _timeval(seconds: float) -> bytes:
     whole = int(seconds)
     return struct.pack("ll", whole, int((seconds - whole) * 1_000_000))
@@ -295,4 +467,4 @@ def _absolute(path: str | os.PathLike[str]) -> str:
     return os.path.abspath(os.fspath(path))
 
 
-__all__ = ["DEFAULT_DEADLINES", "ServiceClient"]
+__all__ = ["DEFAULT_DEADLINES", "ServiceClient", "ShellSession"]

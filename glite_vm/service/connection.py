@@ -8,6 +8,8 @@ however slowly it trickles in, and within :data:`~glite_vm.service.protocol.MAX_
 (:func:`read_request`). While a call runs, :meth:`Call.watch` sends a heartbeat every
 :data:`~glite_vm.service.protocol.HEARTBEAT_SECONDS` and notices the client hanging up, which
 sets :attr:`Call.cancel`; replies are sent whole, one at a time, and none after the client went.
+A ``shell`` call has no watch: its :class:`ShellLink` reads what the client sends after the
+request (bounded lines, :func:`~glite_vm.service.protocol.shell_input`) and sends the heartbeats.
 """
 
 from __future__ import annotations
@@ -55,10 +57,12 @@ def peer_of(sock: socket.socket) -> Peer:
 
 
 class Call:
-    """One connection's replies (thread-safe) and the watch on its client."""
+    """One connection's replies (thread-safe) and the watch on its client. ``rest``: what
+    the client sent after its request line (only a ``shell`` client may send more)."""
 
-    def __init__(self, conn: socket.socket) -> None:
+    def __init__(self, conn: socket.socket, rest: bytes = b"") -> None:
         self.conn = conn
+        self.rest = rest
         self.cancel = threading.Event()
         self.gone = False
         self._lock = threading.Lock()
@@ -133,10 +137,71 @@ class Call:
         self.cancel.set()
 
 
-def read_request(conn: socket.socket) -> tuple[str, dict[str, Any]]:
+class ShellLink:
+    """The user's end of a ``shell`` session: a :class:`~glite_vm.service.api.ShellTerminal`
+    over a call's connection (the protocol's ``ready``, ``out`` and input lines)."""
+
+    def __init__(self, call: Call) -> None:
+        self.call = call
+        self._buffer = bytearray(call.rest)
+        self._eof = False
+        self._last_beat = time.monotonic()
+
+    def ready(self) -> None:
+        self.call.send({"ready": True})
+
+    def output(self, data: bytes) -> bool:
+        return self.call.send({"out": "tty", "data": base64.b64encode(data).decode()})
+
+    def events(self, timeout: float) -> list[tuple[str, bytes | tuple[int, int]]] | None:
+        if self.call.gone or self.call.cancel.is_set():
+            return None
+        if time.monotonic() - self._last_beat >= protocol.HEARTBEAT_SECONDS:
+            self._last_beat = time.monotonic()
+            if not self.call.send({"beat": True}):
+                return None
+        if b"\n" not in self._buffer and not self._eof:
+            self._receive(timeout)
+        found: list[tuple[str, bytes | tuple[int, int]]] = []
+        while b"\n" in self._buffer:
+            end = self._buffer.index(b"\n")
+            line = bytes(self._buffer[:end])
+            del self._buffer[: end + 1]
+            found.append(protocol.shell_input(line))
+        if len(self._buffer) > protocol.MAX_SHELL_LINE:
+            raise protocol.ProtocolError(
+                f"a shell input line is longer than {protocol.MAX_SHELL_LINE} bytes"
+            )
+        if self._eof and not found:
+            self.call.gone = True
+            return None
+        return found
+
+    def _receive(self, timeout: float) -> None:
+        poller = select.poll()  # not select: descriptors of a busy service pass 1024
+        try:
+            poller.register(self.call.conn.fileno(), select.POLLIN)
+            ready = poller.poll(timeout * 1000)
+        except (OSError, ValueError):
+            self._eof = True
+            return
+        if not ready:
+            return
+        try:
+            data = self.call.conn.recv(protocol.MAX_SHELL_LINE, socket.MSG_DONTWAIT)
+        except BlockingIOError:
+            return
+        except OSError:
+            data = b""
+        if not data:
+            self._eof = True
+        self._buffer += data
+
+
+def read_request(conn: socket.socket) -> tuple[str, dict[str, Any], bytes]:
     """The request line (its operation and arguments), which must arrive whole within
     :data:`REQUEST_TIMEOUT` seconds from now (however it trickles in) and within
-    :data:`~glite_vm.service.protocol.MAX_REQUEST` bytes."""
+    :data:`~glite_vm.service.protocol.MAX_REQUEST` bytes; and what came after it."""
     deadline = time.monotonic() + REQUEST_TIMEOUT
     buffer = bytearray()
     while b"\n" not in buffer:
@@ -157,7 +222,9 @@ def read_request(conn: socket.socket) -> tuple[str, dict[str, Any]]:
         if not data:
             raise protocol.ProtocolError("the connection closed before a whole request arrived")
         buffer += data
-    line = bytes(buffer[: buffer.index(b"\n")])
+    end = buffer.index(b"\n")
+    line = bytes(buffer[:end])
+    rest = bytes(buffer[end + 1 :])
     message = protocol.decode_request(line)
     op = message.get("op")
     args = message.get("args", {})
@@ -165,7 +232,7 @@ def read_request(conn: socket.socket) -> tuple[str, dict[str, Any]]:
         raise protocol.ProtocolError(f"unknown operation {op!r}")
     if not isinstance(args, dict):
         raise protocol.ProtocolError("the request's args must be an object")
-    return str(op), args
+    return str(op), args, rest
 
 
 def refuse(conn: socket.socket, message: str) -> None:
@@ -177,4 +244,4 @@ def refuse(conn: socket.socket, message: str) -> None:
             conn.sendall(protocol.encode({"ok": False, "error": error}))
 
 
-__all__ = ["REQUEST_TIMEOUT", "Call", "Peer", "peer_of", "read_request", "refuse"]
+__all__ = ["REQUEST_TIMEOUT", "Call", "Peer", "ShellLink", "peer_of", "read_request", "refuse"]

@@ -5,7 +5,8 @@ Invariants. Every argument is checked for its type before it is used (a wrong on
 :class:`~glite_vm.service.protocol.ProtocolError` naming it); a job's request is re-validated
 against this service's settings (:meth:`~glite_vm.request.JobRequest.from_wire`); a slot is read
 from the request only for a trusted caller (root, or the service's own process): anyone else's
-is the one its claim names. Output of ``exec`` streams to the caller as it comes.
+is the one its claim names. Output of ``exec`` streams to the caller as it comes; a ``shell``
+talks both ways over the call's connection (:class:`~glite_vm.service.connection.ShellLink`).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from typing import Any, TypeVar
 
 from glite_vm.request import JobRequest
 from glite_vm.service import protocol
-from glite_vm.service.connection import Call
+from glite_vm.service.connection import Call, ShellLink
 from glite_vm.service.local import LocalService
 from glite_vm.slots import SlotFacts
 
@@ -60,6 +61,28 @@ def dispatch(service: LocalService, op: str, args: dict[str, Any], call: Call) -
     if op == "teardown":
         done = service.teardown(_arg(args, "vm", str), failed=bool(args.get("failed", True)))
         return protocol.result_to_wire(done)
+    if op == "debug_hold":
+        return protocol.result_to_wire(service.debug_hold(_arg(args, "vm", str)))
+    if op == "debug_wait":
+        return protocol.result_to_wire(
+            service.debug_wait(_arg(args, "vm", str), cancel=call.cancel)
+        )
+    if op == "debug_release":
+        return protocol.result_to_wire(service.debug_release(_arg(args, "vm", str)))
+    if op == "shell":
+        shell = service.shell(
+            _arg(args, "vm", str),
+            ShellLink(call),
+            argv=_optional(args, "argv", list),
+            term=_arg(args, "term", str),
+            rows=_arg(args, "rows", int),
+            cols=_arg(args, "cols", int),
+            interactive=bool(args.get("interactive", True)),
+            cancel=call.cancel,
+        )
+        return protocol.result_to_wire(shell)
+    if op == "console":
+        return protocol.result_to_wire(service.console(_arg(args, "vm", str)))
     if op == "list_vms":
         return {"vms": [protocol.result_to_wire(v) for v in service.list_vms()]}
     if op == "reap":

@@ -36,7 +36,25 @@ TORN_DOWN = "torn_down"  # the job's own teardown (JOB_EXIT, or the launcher's c
 REAPED = "reaped"  # torn down because its job is gone; ``reason`` says how the reaper knew
 ABANDONED = "abandoned"  # torn down because preparing it failed or its caller hung up
 SWEPT = "swept"  # a VM directory left half-made by a crash, cleaned up
-EVENTS = (STARTED, ADOPTED, TORN_DOWN, REAPED, ABANDONED, SWEPT)
+# a VM was to be restored from a template that failed; ``reason`` says how, and it booted cold
+WARM_FALLBACK = "warm_fallback"
+#: a job's VM kept running after its payload failed (``reason``: for how long, and what the site
+#: changed of what the job asked), or a job that asked for it and was not granted it
+DEBUG_HELD = "debug_held"
+DEBUG_NOT_HELD = "debug_not_held"
+DEBUG_HOLD_ENDED = "debug_hold_ended"  # ``reason``: expired, released, torn_down, stopped
+EVENTS = (
+    STARTED,
+    ADOPTED,
+    TORN_DOWN,
+    REAPED,
+    ABANDONED,
+    SWEPT,
+    DEBUG_HELD,
+    DEBUG_NOT_HELD,
+    DEBUG_HOLD_ENDED,
+    WARM_FALLBACK,
+)
 
 
 @dataclasses.dataclass(frozen=True)

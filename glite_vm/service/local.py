@@ -7,11 +7,13 @@ against ``qemu:///session`` (``glite-vm run``, which states its own VM's slot,
 
 * ``prepare`` is :class:`~glite_vm.service.prepare.VmPreparer`'s: request -> image -> VM ->
   agent ready, for the slot the caller may have (the rules are in :mod:`glite_vm.service.prepare`).
-* every other call (here: push, exec, pull, teardown, list, reap, ping) acts only on the
+* every other call (here: push, exec, pull, teardown, list, reap, ping, shell, console) acts
+  only on the
   caller's own VMs (root: on all; someone else's VM gets the same answer as none at all), and
   moves files with the caller's rights (:mod:`glite_vm.service.sandbox`). Push, exec and pull
-  of one VM take turns (they share its transfer disk); a VM the service adopted without its
-  state, or one already torn down, is refused for them with the reason.
+  of one VM take turns (they share its transfer disk); a shell runs beside them (it has a
+  byte path of its own, :mod:`glite_vm.service.shell`), one per VM. A VM the service adopted
+  without its state, or one already torn down, is refused for them with the reason.
 
 Who the caller is, and how far its word is taken, is :class:`~glite_vm.service.caller.Caller`'s
 business.
@@ -31,13 +33,18 @@ from glite_vm.config import Settings
 from glite_vm.errors import AccessDeniedError, HostError, RequestError
 from glite_vm.images.download import Progress
 from glite_vm.request import JobRequest
-from glite_vm.service import protocol, sandbox
+from glite_vm.service import debug_hold, events, protocol, sandbox
 from glite_vm.service.api import (
+    ConsoleInfo,
+    DebugHold,
+    DebugHoldEnd,
     ExecOutcome,
     OutputSink,
     PrepareResult,
     ReapedVm,
     ServiceInfo,
+    ShellOutcome,
+    ShellTerminal,
     TeardownOutcome,
     VmSummary,
 )
@@ -46,8 +53,10 @@ from glite_vm.service.children import Identity
 from glite_vm.service.claims import Claim
 from glite_vm.service.prepare import VmPreparer
 from glite_vm.service.registry import VmRegistry
+from glite_vm.service.shell import run_shell
 from glite_vm.service.vm_state import FinishedVm, VmRecord
 from glite_vm.slots import SlotFacts
+from glite_vm.vm.guest_shell import DEFAULT_TERM
 from glite_vm.vm.lifecycle import VmHost
 
 log = logging.getLogger(__name__)
@@ -172,6 +181,7 @@ class LocalService:
                 timeout=timeout,
             )
         self.registry.persist(record)
+        record.debug.payload_failed = result.exit_code != 0 or result.signal is not None
         return ExecOutcome(result.exit_code, result.signal, result.seconds)
 
     def pull(self, vm: str, dest_dir: str, *, unchanged_from: str | None = None) -> list[str]:
@@ -185,6 +195,44 @@ class LocalService:
             log.info("%s: not copied out: %s", vm, problem)
         return files
 
+    def shell(
+        self,
+        vm: str,
+        terminal: ShellTerminal,
+        *,
+        argv: Sequence[str] | None = None,
+        term: str = DEFAULT_TERM,
+        rows: int = 24,
+        cols: int = 80,
+        interactive: bool = True,
+        cancel: threading.Event | None = None,
+    ) -> ShellOutcome:
+        """A terminal in the guest as the job's guest user (root only for a root job), joined
+        to ``terminal`` until the session ends: the login shell in the job's working
+        directory, or the one command ``argv``. ``interactive``: a person types (echo, CR
+        before LF); else input comes from a pipe and output goes out as written."""
+        record = self._usable(vm)
+        if argv is not None:
+            _check_command(argv, None)
+        return run_shell(
+            record.vm,
+            record.vm.guest_user,
+            list(argv) if argv is not None else None,
+            terminal,
+            term=term,
+            rows=rows,
+            cols=cols,
+            interactive=interactive,
+            cancel=cancel,
+        )
+
+    def console(self, vm: str) -> ConsoleInfo:
+        """Where the running VM's serial console is recorded, for its owner to follow."""
+        record = self._usable(vm)
+        return ConsoleInfo(
+            vm=record.name, boot_log_path=str(record.vm.boot_log), running=record.running()
+        )
+
     def teardown(self, vm: str, *, failed: bool) -> TeardownOutcome:
         self.registry.ensure_connection()
         entry = self._own(vm)
@@ -193,6 +241,57 @@ class LocalService:
         outcome = self.registry.teardown(entry, failed=failed)
         log.info("tore down %s of uid %d (failed=%s)", vm, entry.owner_uid, failed)
         return outcome
+
+    # -- the debug hold (glite_vm.service.debug_hold) ------------------------------------------
+
+    def debug_hold(self, vm: str) -> DebugHold:
+        """Keep ``vm`` running after its payload failed, as long as the site granted its job's
+        ``GliteVmDebugHold``; the answer says until when, or why not."""
+        record = self._usable(vm)
+        until, note, started = record.debug.start(time.time())
+        job, uid = record.vm.request.job_id, record.owner_uid
+        if started:
+            seconds = record.debug.grant.seconds
+            reason = f"its payload failed; kept running for {seconds} s" + (
+                f" ({note})" if note else ""
+            )
+            log.info("%s of uid %d: %s", vm, uid, reason)
+            self.registry.events.record(events.DEBUG_HELD, vm, job=job, uid=uid, reason=reason)
+        elif until is None and record.debug.grant.note and record.debug.payload_failed:
+            self.registry.events.record(events.DEBUG_NOT_HELD, vm, job=job, uid=uid, reason=note)
+        return DebugHold(vm=vm, until=until, note=note)
+
+    def debug_wait(self, vm: str, *, cancel: threading.Event | None = None) -> DebugHoldEnd:
+        """Wait while ``vm`` is held (at once when it is not); why the hold ended."""
+        entry = self._own(vm)
+        if isinstance(entry, FinishedVm):
+            return DebugHoldEnd(vm=vm, reason=debug_hold.TORN_DOWN)
+        was_held = entry.debug.held
+        reason = entry.debug.wait(cancel)
+        if was_held and reason in (debug_hold.EXPIRED, debug_hold.STOPPED):
+            self._note_hold_ended(entry, reason)
+        return DebugHoldEnd(vm=vm, reason=reason)
+
+    def debug_release(self, vm: str) -> DebugHoldEnd:
+        """End ``vm``'s debug hold now (the VM's owner or root): its job then ends as it would
+        have without the hold."""
+        entry = self._own(vm)
+        if isinstance(entry, FinishedVm) or not entry.debug.end(debug_hold.RELEASED):
+            raise RequestError(
+                "vm", f"{vm} is not held for debugging (its job asked for no hold, or it ended)"
+            )
+        self._note_hold_ended(entry, debug_hold.RELEASED)
+        return DebugHoldEnd(vm=vm, reason=debug_hold.RELEASED)
+
+    def _note_hold_ended(self, record: VmRecord, reason: str) -> None:
+        log.info("the debug hold of %s ended: %s", record.name, reason)
+        self.registry.events.record(
+            events.DEBUG_HOLD_ENDED,
+            record.name,
+            job=record.vm.request.job_id,
+            uid=record.owner_uid,
+            reason=reason,
+        )
 
     def list_vms(self) -> list[VmSummary]:
         now = time.time()
@@ -205,6 +304,7 @@ class LocalService:
                 image=r.vm.image.name,
                 age_seconds=round(max(0.0, now - r.created), 3),
                 running=r.running(),
+                scratch_dir=r.scratch_dir,
             )
             for r in sorted(self.registry.active(), key=lambda r: r.created)
             if self.caller.sees(r.owner_uid)

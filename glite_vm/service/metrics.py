@@ -48,9 +48,11 @@ OWNER_CLASSES = (ROOT_JOB, USER_JOB, UNMANAGED)
 
 #: Where a VM is in its life: admitted and fetching its image (no domain yet), booting (domain
 #: defined, agent not ready), ready (prepared, serving its job), teardown-only (adopted after a
-#: restart without its state: it can only be torn down).
+#: restart without its state: it can only be torn down), debug-held (its payload failed and it
+#: is kept running for its owner to look inside: +GliteVmDebugHold).
 PREPARING, BOOTING, READY, TEARDOWN_ONLY = "preparing", "booting", "ready", "teardown-only"
-VM_STATES = (PREPARING, BOOTING, READY, TEARDOWN_ONLY)
+DEBUG_HELD = "debug-held"
+VM_STATES = (PREPARING, BOOTING, READY, TEARDOWN_ONLY, DEBUG_HELD)
 
 #: How a job's boot (one prepare call past admission, all its attempts) ended: its VM is ready,
 #: the job's image or request is at fault (a hold-class error: the job is held), or the host is

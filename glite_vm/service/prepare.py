@@ -22,6 +22,7 @@ no overlay, no lease (the boot log stays).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import os
 import secrets
@@ -33,13 +34,19 @@ from collections.abc import Callable
 from pathlib import Path
 
 from glite_vm.config import Settings
-from glite_vm.errors import AccessDeniedError, HostError, RequestError, TransientBootError
-from glite_vm.images.acquire import ImageLease, acquire_image
+from glite_vm.errors import (
+    AccessDeniedError,
+    GliteVmError,
+    HostError,
+    RequestError,
+    TransientBootError,
+)
+from glite_vm.images.acquire import ImageLease, ResolvedImage, acquire_image
 from glite_vm.images.download import Progress
 from glite_vm.images.leases import process_start_time
 from glite_vm.images.sources import classify_ref
-from glite_vm.request import JobRequest, VMRequest, vm_request
-from glite_vm.service import events
+from glite_vm.request import DebugHoldGrant, JobRequest, VMRequest, grant_debug_hold, vm_request
+from glite_vm.service import events, warm_start
 from glite_vm.service.api import PrepareResult
 from glite_vm.service.caller import Caller
 from glite_vm.service.claims import process_uids
@@ -50,6 +57,7 @@ from glite_vm.vm.boot_attempts import boot_with_retries
 from glite_vm.vm.domains import qemu_pid
 from glite_vm.vm.lifecycle import Vm, VmHost
 from glite_vm.vm.record import ad_attributes
+from glite_vm.vm.warm import TemplateFiles
 
 log = logging.getLogger(__name__)
 
@@ -64,6 +72,7 @@ class VmPreparer:
         self.host = host
         self.registry = registry
         self.caller = caller
+        self._rebuild = False  # a template failed here: build it again behind the cold boot
 
     def prepare(
         self,
@@ -100,7 +109,14 @@ class VmPreparer:
             root=request.root,
         )
         place = _Place(
-            scratch, owner_uid, facts.name or "slot1", starter_pid, starter_start, managed
+            scratch,
+            owner_uid,
+            facts.name or "slot1",
+            starter_pid,
+            starter_start,
+            managed,
+            # the site's rule, applied here: the hook checked only the request's form
+            grant_debug_hold(job.debug_hold, self.settings),
         )
         listeners = _Listeners(cancel, progress, started)
         with self.registry.admit(admission):
@@ -188,6 +204,7 @@ class VmPreparer:
                 boot_log=vm.boot_log,
                 record=vm.record,
                 boot_attempts=attempts,
+                warm_start=vm.template is not None,
                 timings={
                     "fetch": vm.timings.fetch,
                     "boot": vm.timings.boot,
@@ -222,34 +239,20 @@ class VmPreparer:
         *,
         timeout: float,
         attempt: int,
+        warm: bool = True,
     ) -> VmRecord:
-        """One boot attempt: lease the image, start the VM, wait for its agent. On failure it
-        leaves nothing behind: no domain, no overlay, no lease (the boot log stays)."""
+        """One boot attempt: lease the image, start the VM (restored from a template when
+        ``warm`` and one is usable, else booted; a warm start that fails boots cold within the
+        same ``timeout``), wait for its agent. On failure it leaves nothing behind: no domain,
+        no overlay, no lease (the boot log stays)."""
+        began = time.monotonic()
         lease_job_id = f"{request.job_id}/{secrets.token_hex(4)}"
-        lease = acquire_image(
-            self.settings,
-            request.image,
-            sha256=request.image_sha256,
-            job_id=lease_job_id,
-            allow_local=not self.caller.over_socket,
-            reader=self.caller.identity,
-            progress=listeners.progress,
-            observer=self.registry.metrics,
-        )
-        self.registry.metrics.note_cache_lookup(hit=lease.image.cache_hit)
+        lease = self._lease(request, listeners, lease_job_id)
         cancel = listeners.cancel
         try:
             if cancel is not None and cancel.is_set():
                 raise HostError("the caller hung up while the image was fetched")
-            image = lease.image
-            vm = self.host.start(
-                request,
-                image,
-                owner_uid=place.owner_uid,
-                starter_pid=place.starter_pid,
-                scratch_dir=place.scratch,
-                fetch_seconds=image.fetch_seconds,
-            )
+            vm = self._start(request, lease.image, place, warm=warm)
         except BaseException:
             lease.release()
             raise
@@ -265,16 +268,98 @@ class VmPreparer:
             created=time.time(),
             lease=lease,
             managed=place.managed,
+            debug=place.debug,
         )
         try:
             self.registry.add(record, admission)  # from here on a restarted service adopts it
             _give_boot_log(vm, place.owner_uid)
             _bind_lease_to_qemu(lease, vm.name)
-            vm.wait_ready(timeout, cancel=cancel)
+            # A restored guest answers within a second or so: one that does not within the
+            # agent's grace (twice it, for a crowded host) boots cold in the time left.
+            wait = timeout if vm.template is None else min(timeout, 2 * self.settings.agent_timeout)
+            vm.wait_ready(wait, cancel=cancel)
         except BaseException as exc:
+            template = vm.template
+            warm_failed = template is not None and not (cancel is not None and cancel.is_set())
             self._abandon(record, exc, cancel, attempt)
-            raise
+            if not warm_failed or not isinstance(exc, Exception):
+                raise
+            assert template is not None
+            self._warm_failed(request, place, template, vm.name, exc)
+            left = max(1.0, timeout - (time.monotonic() - began))
+            return self._boot(  # the same attempt, booted cold this time
+                request, place, admission, listeners, timeout=left, attempt=attempt, warm=False
+            )
+        wanted = self._rebuild or warm_start.wanted(self.settings, lease.image.name)
+        if vm.template is None and wanted:
+            warm_start.build_in_background(
+                self.settings, self.host, request, request.image, lease.image.sha256
+            )
         return record
+
+    def _start(self, request: VMRequest, image: ResolvedImage, place: _Place, *, warm: bool) -> Vm:
+        """Start the VM: restored from a usable template (``warm``), else booted; a template
+        that fails is discarded and the VM boots cold."""
+        template = None
+        if warm:
+            try:
+                template = warm_start.find_template(self.settings, self.host, request, image)
+            except (OSError, ValueError, GliteVmError) as exc:
+                self._warm_failed(request, place, None, None, exc)
+        start = functools.partial(
+            self.host.start,
+            request,
+            image,
+            owner_uid=place.owner_uid,
+            starter_pid=place.starter_pid,
+            scratch_dir=place.scratch,
+            fetch_seconds=image.fetch_seconds,
+        )
+        if template is None:
+            return start()
+        try:
+            return start(template=template)
+        except (OSError, ValueError, GliteVmError) as exc:
+            self._warm_failed(request, place, template, None, exc)
+            return start()
+
+    def _warm_failed(
+        self,
+        request: VMRequest,
+        place: _Place,
+        template: TemplateFiles | None,
+        name: str | None,
+        exc: BaseException,
+    ) -> None:
+        """A template did not give a working VM: say so, drop it, boot cold (and rebuild it)."""
+        first = str(exc).splitlines()[0] if str(exc) else repr(exc)
+        which = f"template {template.key}" if template is not None else "a template"
+        reason = f"warm start from {which} failed, booting cold: {first}"
+        log.warning("%s", reason)
+        self.registry.events.record(
+            events.WARM_FALLBACK,
+            name or "-",
+            job=request.job_id,
+            uid=place.owner_uid,
+            reason=reason,
+        )
+        if template is not None:
+            warm_start.discard_template(self.settings, template.key, first)
+            self._rebuild = True  # someone made it: it is built again after this boot
+
+    def _lease(self, request: VMRequest, listeners: _Listeners, job_id: str) -> ImageLease:
+        lease = acquire_image(
+            self.settings,
+            request.image,
+            sha256=request.image_sha256,
+            job_id=job_id,
+            allow_local=not self.caller.over_socket,
+            reader=self.caller.identity,
+            progress=listeners.progress,
+            observer=self.registry.metrics,
+        )
+        self.registry.metrics.note_cache_lookup(hit=lease.image.cache_hit)
+        return lease
 
     def _abandon(
         self,
@@ -374,6 +459,7 @@ class _Place:
     starter_pid: int | None
     starter_start: int | None
     managed: bool
+    debug: DebugHoldGrant  # how long the VM may be kept after its payload failed
 
 
 def _custom_image(request: VMRequest, settings: Settings) -> bool:

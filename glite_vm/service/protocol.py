@@ -12,11 +12,20 @@ dead service; ``exec`` also streams the payload's output as it happens
 error carries the exception's class name, its disposition (``hold``/``requeue``), its message
 and its simple attributes, so the client raises the same :mod:`glite_vm.errors` class.
 
+``shell`` is the one call whose client keeps talking: once the service answered
+``{"v": 2, "ready": true}`` (the session started in the guest), the client sends lines of its
+own, each at most :data:`MAX_SHELL_LINE` bytes: ``{"v": 2, "in": "<base64>"}`` (keys typed, at
+most :data:`SHELL_INPUT_CHUNK` bytes) and ``{"v": 2, "size": [rows, cols]}`` (the window
+changed); the service sends the terminal's output as ``{"v": 2, "out": "tty", "data":
+"<base64>"}`` until the final line (:func:`shell_input` reads the client's lines).
+
 This module is imported by the hooks: standard library and :mod:`glite_vm.errors` only.
 """
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
 import json
 import math
@@ -36,7 +45,25 @@ MAX_REQUEST = 4 << 20  # bytes in one request line (a job ad, an argv of at most
 #: parse takes (a job ad has hundreds; a request of four million "[]," would take gigabytes).
 MAX_REQUEST_ITEMS = 200_000
 
-OPS = ("ping", "prepare", "push", "exec", "pull", "teardown", "list_vms", "reap")
+OPS = (
+    "ping",
+    "prepare",
+    "push",
+    "exec",
+    "pull",
+    "teardown",
+    "list_vms",
+    "reap",
+    "debug_hold",
+    "debug_wait",
+    "debug_release",
+    "shell",
+    "console",
+)
+#: Bytes of one line a ``shell`` client sends after its request (keys, a window size).
+MAX_SHELL_LINE = 64 << 10
+#: Bytes of input in one such line (base64 makes them a third longer on the wire).
+SHELL_INPUT_CHUNK = 16 << 10
 
 T = TypeVar("T")
 
@@ -77,6 +104,34 @@ def decode(line: bytes) -> dict[str, Any]:
             f"{VERSION}); are the service and its clients from the same glite-vm release?"
         )
     return message
+
+
+def shell_input(line: bytes) -> tuple[str, bytes | tuple[int, int]]:
+    """One line a ``shell`` client sent after its request: ``("in", keys)`` or
+    ``("size", (rows, cols))``; :class:`ProtocolError` for anything else (the numbers are
+    checked for their range where they are used)."""
+    if len(line) > MAX_SHELL_LINE:
+        raise ProtocolError(f"a shell input line is longer than {MAX_SHELL_LINE} bytes")
+    message = decode(line)
+    if "in" in message:
+        data = message["in"]
+        if not isinstance(data, str):
+            raise ProtocolError("malformed shell input: 'in' must be base64 text")
+        try:
+            keys = base64.b64decode(data, validate=True)
+        except (binascii.Error, ValueError):
+            raise ProtocolError("malformed shell input: 'in' is not base64") from None
+        if len(keys) > SHELL_INPUT_CHUNK:
+            raise ProtocolError(f"more than {SHELL_INPUT_CHUNK} bytes of shell input in a line")
+        return "in", keys
+    size = message.get("size")
+    if (
+        isinstance(size, list)
+        and len(size) == 2
+        and all(isinstance(n, int) and not isinstance(n, bool) for n in size)
+    ):
+        return "size", (size[0], size[1])
+    raise ProtocolError("malformed shell input: expected 'in' or 'size'")
 
 
 # -- errors ----------------------------------------------------------------------------------

@@ -37,10 +37,11 @@ from glite_vm.errors import AccessDeniedError, HypervisorError
 from glite_vm.images.acquire import release_job_leases
 from glite_vm.images.cache import ImageCache
 from glite_vm.images.leases import read_leases, write_lease
-from glite_vm.service import events, metrics
+from glite_vm.service import debug_hold, events, metrics
 from glite_vm.service.api import ReapedVm, TeardownOutcome
 from glite_vm.service.metrics import ServiceMetrics
 from glite_vm.service.reaper import owner_alive, reap_reason, sweep_half_made
+from glite_vm.service.shell import SESSIONS
 from glite_vm.service.vm_state import (
     FinishedVm,
     StateDir,
@@ -52,6 +53,7 @@ from glite_vm.service.vm_state import (
 from glite_vm.vm.domains import destroy_domain, qemu_pid
 from glite_vm.vm.lifecycle import TeardownResult, VmHost
 from glite_vm.vm.record import ad_attributes
+from glite_vm.vm.shell_port import sweep_sockets
 
 log = logging.getLogger(__name__)
 
@@ -114,6 +116,8 @@ class VmRegistry:
         for r in records:
             if r.state_lost:
                 state = metrics.TEARDOWN_ONLY
+            elif r.debug.held:
+                state = metrics.DEBUG_HELD
             else:
                 state = metrics.READY if r.ad_attributes else metrics.BOOTING
             facts.append((state, metrics.owner_class(managed=r.managed, root=r.vm.request.root)))
@@ -198,10 +202,21 @@ class VmRegistry:
         calls it (default: ``reaped`` with a reason, ``torn_down`` without)."""
         with self._lock:
             guard = self._teardown_locks.setdefault(record.name, threading.Lock())
+        if record.debug.end(debug_hold.TORN_DOWN):  # its owner's wait ends with it
+            self.events.record(
+                events.DEBUG_HOLD_ENDED,
+                record.name,
+                job=record.vm.request.job_id,
+                uid=record.owner_uid,
+                reason=debug_hold.TORN_DOWN,
+            )
         with guard:
             done = self.get(record.name)
             if isinstance(done, FinishedVm):
                 return done.outcome
+            # A shell never holds up a teardown: its connection is shut, it ends by itself.
+            if SESSIONS.end(record.name):
+                log.info("%s: ending its shell session for the teardown", record.name)
             if _handed_over(record):
                 result = _finish_handed_over(record)
             else:
@@ -295,6 +310,8 @@ class VmRegistry:
             self.settings, self.host.conn, lambda name: self.get(name) is not None, self.events
         )
         self.drop_dead_leases()
+        for path in sweep_sockets(self.settings, self.host.conn):
+            log.info("removed the shell socket %s of a domain that is gone", path.name)
         return reaped
 
     def drop_dead_leases(self) -> int:

@@ -34,7 +34,7 @@ from typing import Any
 
 from glite_vm.config import Settings
 from glite_vm.errors import GliteVmError, HostError, ServiceUnavailableError
-from glite_vm.service import events, protocol
+from glite_vm.service import events, protocol, warm_start
 from glite_vm.service.caller import account_name
 from glite_vm.service.claims import Claim, find_claim, process_uids
 from glite_vm.service.connection import Call, Peer, peer_of, read_request, refuse
@@ -121,6 +121,7 @@ class ServiceServer:
         self.exports.write()  # what adoption found, at once
         reaper = threading.Thread(target=self._reap_loop, args=(stop,), name="reaper", daemon=True)
         reaper.start()
+        warm_start.build_ahead(self.settings, self.host)  # GLITE_VM_WARM_IMAGES, in the background
         listener.settimeout(0.5)
         log.info("serving on %s", self.socket_path)
         try:
@@ -218,7 +219,7 @@ class ServiceServer:
     def _handle_call(self, conn: socket.socket, peer: Peer) -> None:
         with conn:
             try:
-                op, args = read_request(conn)
+                op, args, rest = read_request(conn)
             except (GliteVmError, OSError) as exc:
                 if not isinstance(exc, GliteVmError):
                     exc = protocol.ProtocolError(f"no valid request: {exc}")
@@ -230,7 +231,7 @@ class ServiceServer:
                     )
                 return
             conn.settimeout(SEND_TIMEOUT)
-            call = Call(conn)
+            call = Call(conn, rest)
             name = account_name(peer.uid)
             groups = peer.groups
             if groups is None:  # the kernel could not say: the user database's groups
@@ -250,8 +251,10 @@ class ServiceServer:
                 self._calls.add(call)
             if self._stopping.is_set():
                 call.cancel.set()
-            watcher = threading.Thread(target=call.watch, daemon=True)
-            watcher.start()
+            # A shell's client keeps talking: its link reads the connection and sends the beats.
+            watcher = None if op == "shell" else threading.Thread(target=call.watch, daemon=True)
+            if watcher is not None:
+                watcher.start()
             started = time.monotonic()
             try:
                 result = dispatch(service, op, args, call)
@@ -273,7 +276,8 @@ class ServiceServer:
                 call.finish()
                 with self._calls_lock:
                     self._calls.discard(call)
-            watcher.join()  # before the socket closes: its descriptor number could be reused
+            if watcher is not None:
+                watcher.join()  # before the socket closes: its descriptor number could be reused
             call.close()
             delivered = call.send(reply)
             log.debug(

@@ -30,8 +30,9 @@ from typing import Any
 import libvirt
 
 from glite_vm.images.acquire import ImageLease
-from glite_vm.request import KeepSnapshot, VMRequest
+from glite_vm.request import DebugHoldGrant, KeepSnapshot, VMRequest
 from glite_vm.service.api import TeardownOutcome
+from glite_vm.service.debug_hold import DebugHoldState
 from glite_vm.vm.domain_xml import JobMetadata
 from glite_vm.vm.lifecycle import BaseImage, Vm, VmHost
 from glite_vm.vm.record import Timings
@@ -107,6 +108,7 @@ class VmRecord:
         state_lost: bool = False,
         adopted: bool = False,
         managed: bool = True,
+        debug: DebugHoldGrant | None = None,
     ) -> None:
         self.vm = vm
         self.owner_uid = owner_uid
@@ -121,6 +123,7 @@ class VmRecord:
         self.managed = managed  # started for a HTCondor job (else: capped per user, and in age)
         self.ad_attributes: dict[str, object] = {}
         self.io_lock = threading.Lock()  # push, exec and pull share the transfer disk
+        self.debug = DebugHoldState(debug)  # kept running after a failed payload?
 
     @property
     def name(self) -> str:
@@ -156,6 +159,7 @@ class VmRecord:
             "image": StoredImage.of(self.vm.image).to_dict(),
             "timings": self.vm.timings.as_dict(),
             "ad_attributes": self.ad_attributes,
+            "debug_hold": {"seconds": self.debug.grant.seconds, "note": self.debug.grant.note},
             "finished": _finished_state(finished) if finished is not None else None,
         }
 
@@ -221,6 +225,10 @@ def record_from_state(
         managed=state.get("managed") is not False,
     )
     record.ad_attributes = dict(state.get("ad_attributes") or {})
+    debug = state.get("debug_hold")
+    if isinstance(debug, dict):  # absent in states of older releases
+        grant = DebugHoldGrant(int(debug.get("seconds") or 0), str(debug.get("note") or ""))
+        record.debug = DebugHoldState(grant)
     return record
 
 

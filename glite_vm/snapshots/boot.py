@@ -148,7 +148,11 @@ def boot_snapshot(
         )
         boot_host = VmHost(host.conn, settings, host.hypervisor)
         vm = boot_host.start(
-            request, image, base_chain=((base, entry.base_format),), starter_pid=os.getpid()
+            request,
+            image,
+            base_chain=((base, entry.base_format),),
+            starter_pid=os.getpid(),
+            with_shell=False,  # its console is interactive already; no service relays a shell
         )
         if console == "pty":
             _switch_to_pty(vm)

@@ -9,6 +9,10 @@ Every choice here is deliberate:
   for an interactive session (``glite-vm snapshots boot``) it becomes a pty that libvirt's
   console streams attach to, still logged to the same file from the first byte;
 * the guest agent gets the standard channel ``org.qemu.guest_agent.0``;
+* a job's VM gets a second serial port for ``glite-vm shell`` (:data:`SHELL_PORT`): on the
+  host a Unix socket that libvirt binds (and hands to QEMU) at a short path in a directory
+  only the service may enter, which the service connects to itself; a real terminal in the
+  guest (``/dev/ttyS1``, see :mod:`glite_vm.vm.guest_shell`);
 * there is **no network** unless asked for, ``on_crash`` destroys, and libvirt ``<metadata>``
   names the job and its owner so a reaper can find the owner of any domain later.
 """
@@ -16,6 +20,7 @@ Every choice here is deliberate:
 from __future__ import annotations
 
 import dataclasses
+import os
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -25,6 +30,10 @@ XFER_SERIAL = "glitevm-xfer"
 AGENT_CHANNEL = "org.qemu.guest_agent.0"
 DOMAIN_PREFIX = "glite-vm-"
 SERIAL_CONSOLES = ("file", "pty")
+#: The shell's serial port (the guest's second UART, ``/dev/ttyS1``).
+SHELL_PORT = "1"
+#: The longest path of a Unix socket (``sun_path`` holds 108 bytes with the final NUL).
+MAX_SOCKET_PATH = 107
 
 
 @dataclasses.dataclass(frozen=True)
@@ -97,6 +106,12 @@ class DomainSpec:
     # "file": the serial console only writes the boot log (jobs). "pty": an interactive console
     # (libvirt's virDomainOpenConsole attaches to it) whose output is still logged to boot_log.
     serial_console: str = "file"
+    # The Unix socket of a second serial port for `glite-vm shell` (jobs' VMs; not the
+    # throw-away VMs of a kept snapshot, whose console is interactive already); None: no port.
+    shell_socket: Path | None = None
+    # A VM generation ID device (``<genid/>``): a template's VMs get a new ID on each restore,
+    # which tells a guest kernel that has the driver (CONFIG_VMGENID) to reseed its RNG.
+    genid: bool = False
 
 
 def build_domain_xml(spec: DomainSpec) -> str:
@@ -104,6 +119,8 @@ def build_domain_xml(spec: DomainSpec) -> str:
         raise ValueError(f"serial console must be 'file' or 'pty', not {spec.serial_console!r}")
     if spec.domain_type not in ("kvm", "qemu"):
         raise ValueError(f"domain type must be 'kvm' or 'qemu', not {spec.domain_type!r}")
+    if spec.shell_socket is not None:
+        check_socket_path(spec.shell_socket)
     for fmt in (spec.base_format, *(f for _p, f in spec.base_chain)):
         if fmt not in ("qcow2", "raw"):
             raise ValueError(f"base image format must be qcow2 or raw, not {fmt!r}")
@@ -111,6 +128,8 @@ def build_domain_xml(spec: DomainSpec) -> str:
     dom = ET.Element("domain", type=spec.domain_type)
     ET.SubElement(dom, "name").text = spec.name
     ET.SubElement(dom, "uuid").text = spec.uuid
+    if spec.genid:
+        ET.SubElement(dom, "genid")
     ET.SubElement(dom, "title").text = f"glite-vm job {spec.metadata.job_id}"
     ET.SubElement(
         dom, "description"
@@ -150,6 +169,12 @@ def build_domain_xml(spec: DomainSpec) -> str:
     _network(devices, spec.network)
 
     _serial_console(devices, spec.boot_log, spec.serial_console)
+    if spec.shell_socket is not None:
+        # mode='bind': libvirtd binds the socket itself and passes it to QEMU, so the
+        # directory may be one that only root (the service) can enter.
+        shell = ET.SubElement(devices, "serial", type="unix")
+        ET.SubElement(shell, "source", mode="bind", path=str(spec.shell_socket))
+        ET.SubElement(shell, "target", port=SHELL_PORT)
 
     channel = ET.SubElement(devices, "channel", type="unix")
     ET.SubElement(channel, "source", mode="bind")
@@ -162,12 +187,43 @@ def build_domain_xml(spec: DomainSpec) -> str:
     return ET.tostring(dom, encoding="unicode")
 
 
+def check_socket_path(path: Path) -> None:
+    """Refuse a socket path that is relative or longer than a Unix socket's name can be."""
+    if not path.is_absolute() or len(os.fsencode(path)) > MAX_SOCKET_PATH:
+        raise ValueError(
+            f"the shell socket {path} must be an absolute path of at most {MAX_SOCKET_PATH} bytes"
+        )
+
+
+def shell_socket_of(xml: str) -> Path | None:
+    """The Unix socket of the shell's serial port in a domain's XML (libvirt's, of one of
+    ours); ``None`` when it has none (a VM started before ``glite-vm shell`` had sockets)."""
+    dom = ET.fromstring(xml)  # noqa: S314 - libvirt's output of a domain we defined
+    for serial in dom.iterfind("devices/serial"):
+        target, source = serial.find("target"), serial.find("source")
+        if (
+            serial.get("type") == "unix"
+            and target is not None
+            and target.get("port") == SHELL_PORT
+            and source is not None
+            and source.get("mode") == "bind"
+            and source.get("path")
+        ):
+            return Path(str(source.get("path")))
+    return None
+
+
 def _root_disk(devices: ET.Element, spec: DomainSpec) -> None:
     disk = ET.SubElement(devices, "disk", type="file", device="disk")
     ET.SubElement(disk, "driver", name="qemu", type="qcow2", discard="unmap")
     ET.SubElement(disk, "source", file=str(spec.overlay))
+    _backing_chain(disk, ((spec.base_image, spec.base_format), *spec.base_chain))
+    ET.SubElement(disk, "target", dev="vda", bus="virtio")
+
+
+def _backing_chain(disk: ET.Element, chain: tuple[tuple[Path, str], ...]) -> None:
     parent = disk
-    for path, fmt in ((spec.base_image, spec.base_format), *spec.base_chain):
+    for path, fmt in chain:
         backing = ET.SubElement(parent, "backingStore", type="file")
         ET.SubElement(backing, "format", type=fmt)
         source = ET.SubElement(backing, "source", file=str(path))
@@ -176,7 +232,6 @@ def _root_disk(devices: ET.Element, spec: DomainSpec) -> None:
         ET.SubElement(source, "seclabel", model="dac", relabel="no")
         parent = backing
     ET.SubElement(parent, "backingStore")  # the chain ends here: no further probing
-    ET.SubElement(disk, "target", dev="vda", bus="virtio")
 
 
 def _serial_console(devices: ET.Element, boot_log: Path, mode: str, at: int | None = None) -> None:
@@ -236,3 +291,99 @@ def domain_name(job_id: str, owner: str, token: str) -> str:
     """A libvirt-safe, recognisable, unique name: glite-vm-<owner>-<job>-<token>."""
     safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in f"{owner}-{job_id}")
     return f"{DOMAIN_PREFIX}{safe[:64]}-{token}"
+
+
+def restored_domain_xml(saved: str, spec: DomainSpec, layer: Path, *, genid: str, mac: str) -> str:
+    """The domain XML of one job's VM restored from a template whose save image holds the
+    domain XML ``saved`` (libvirt's migratable XML of the template's VM).
+
+    The machine stays the saved one (devices, their addresses, CPU model: what the saved state
+    needs); what belongs to the job becomes the job's: name, UUID, title, metadata, a new VM
+    generation ID ``genid`` and MAC address ``mac``, the root disk (the job's overlay on the
+    template's frozen ``layer``, on ``spec.base_image`` and its chain), the transfer disk, kernel
+    and initrd copies, and the boot log (appended to: it starts with the template's).
+    """
+    ET.register_namespace(METADATA_PREFIX, METADATA_NS)
+    dom = ET.fromstring(saved)  # noqa: S314 - libvirt's output of a template we made
+    _set_text(dom, "name", spec.name)
+    _set_text(dom, "uuid", spec.uuid)
+    _set_text(dom, "genid", genid)
+    _set_text(dom, "title", f"glite-vm job {spec.metadata.job_id}")
+    _set_text(
+        dom,
+        "description",
+        f"job {spec.metadata.job_id} of {spec.metadata.owner}, image {spec.metadata.image}",
+    )
+    metadata = dom.find("metadata")
+    if metadata is None:
+        metadata = ET.SubElement(dom, "metadata")
+    for child in list(metadata):
+        metadata.remove(child)
+    metadata.append(spec.metadata.to_element())
+    for tag, path in (("kernel", spec.kernel), ("initrd", spec.initrd)):
+        el = dom.find(f"os/{tag}")
+        if el is not None:
+            if path is None:
+                raise ValueError(f"the template boots a {tag} but the job has none")
+            el.text = str(path)
+    devices = dom.find("devices")
+    if devices is None:
+        raise ValueError("saved domain XML without <devices>")
+    for disk in devices.iterfind("disk"):
+        target = disk.find("target")
+        dev = target.get("dev") if target is not None else None
+        source = disk.find("source")
+        if source is None or target is None:
+            raise ValueError("saved domain XML has a disk without source or target")
+        for old in disk.findall("backingStore"):
+            disk.remove(old)
+        if dev == "vda":
+            source.attrib = {"file": str(spec.overlay)}
+            chain = ((layer, "qcow2"), (spec.base_image, spec.base_format), *spec.base_chain)
+            position = list(disk).index(target)
+            scratch = ET.Element("scratch")
+            _backing_chain(scratch, chain)
+            for i, el in enumerate(scratch):
+                disk.insert(position + i, el)
+        elif dev == "vdb" and spec.xfer_disk is not None:
+            source.attrib = {"file": str(spec.xfer_disk)}
+        else:
+            raise ValueError(f"saved domain XML has an unexpected disk {dev!r}")
+    for el in (*devices.iterfind("serial"), *devices.iterfind("console")):
+        for source in el.iterfind("source"):
+            if "path" in source.attrib:
+                source.attrib = {"path": str(spec.boot_log), "append": "on"}
+        for log in el.iterfind("log"):
+            log.attrib = {"file": str(spec.boot_log), "append": "on"}
+    for channel in devices.iterfind("channel"):
+        for source in channel.iterfind("source"):
+            source.attrib.pop("path", None)  # libvirt makes one per domain
+    for iface in devices.iterfind("interface"):
+        address = iface.find("mac")
+        if address is None:
+            address = ET.SubElement(iface, "mac")
+        address.attrib = {"address": mac}
+    ET.indent(dom)
+    return ET.tostring(dom, encoding="unicode")
+
+
+def _set_text(dom: ET.Element, tag: str, text: str) -> None:
+    el = dom.find(tag)
+    if el is None:
+        raise ValueError(f"saved domain XML has no <{tag}>")
+    el.text = text
+
+
+def renamed_domain_xml(saved: str, job_xml: str) -> str:
+    """``saved`` with the identity of ``job_xml`` (name, UUID, VM generation ID, MAC addresses)
+    and nothing else of it: what a save image's header must say for libvirt to restore it as
+    the job's domain (see :mod:`glite_vm.vm.save_image`)."""
+    dom = ET.fromstring(saved)  # noqa: S314 - libvirt's output of a template we made
+    job = ET.fromstring(job_xml)  # noqa: S314 - made by restored_domain_xml
+    for tag in ("name", "uuid", "genid"):
+        _set_text(dom, tag, job.findtext(tag) or "")
+    for mine, theirs in zip(
+        dom.iterfind("devices/interface/mac"), job.iterfind("devices/interface/mac"), strict=True
+    ):
+        mine.attrib = dict(theirs.attrib)
+    return ET.tostring(dom, encoding="unicode")

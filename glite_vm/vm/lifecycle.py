@@ -18,6 +18,7 @@ hands the kept files to the job's owner.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 import secrets
 import shutil
@@ -32,8 +33,9 @@ import libvirt
 
 from glite_vm.config import Settings
 from glite_vm.errors import AgentError, HypervisorError, RequestError
+from glite_vm.qemu_img import qemu_img
 from glite_vm.request import VMRequest
-from glite_vm.vm import transfer
+from glite_vm.vm import shell_port, transfer
 from glite_vm.vm.agent import GuestAgent
 from glite_vm.vm.boot_watch import watch_boot
 from glite_vm.vm.domain_xml import (
@@ -60,12 +62,16 @@ from glite_vm.vm.record import JobRecord, Timings, VmFiles
 from glite_vm.vm.vm_dir import (
     copy_private,
     create_overlay,
-    create_private,
     create_sparse,
     give_to_owner,
+    link_private,
     lock_vm_dir,
     make_vm_dir,
+    write_private,
 )
+from glite_vm.vm.warm import TemplateFiles, new_mac, refresh_clone, restore_clone, warm_boot_log
+
+log = logging.getLogger(__name__)
 
 
 class BaseImage(Protocol):
@@ -119,10 +125,17 @@ class VmHost:
         scratch_dir: Path | None = None,
         fetch_seconds: float | None = None,
         base_chain: tuple[tuple[Path, str], ...] = (),
+        with_shell: bool = True,
+        template: TemplateFiles | None = None,
+        genid: bool = False,
     ) -> Vm:
         """Create the overlay, define and start the domain. Call :meth:`Vm.wait_ready` next.
+        ``with_shell``: the domain gets the shell's serial port (:mod:`glite_vm.vm.shell_port`).
 
-        On any failure everything created so far is removed again.
+        With ``template`` (a warm start, :mod:`glite_vm.vm.warm`) the domain is restored from
+        the template's saved state instead of booted, on an overlay over the template's disk
+        layer; ``genid`` gives a booted VM a generation ID device (what templates are made
+        with). On any failure everything created so far is removed again.
         """
         t0 = time.monotonic()
         token = secrets.token_hex(3)
@@ -130,6 +143,7 @@ class VmHost:
         vm_dir = make_vm_dir(self.settings.effective_snapshot_dir, name)
         vm = Vm(self, name, vm_dir, request, image, owner_uid=owner_uid)
         vm.timings.fetch = fetch_seconds
+        vm.template = template
         # Until the domain exists the directory is locked: a sweeper of half-made VM
         # directories (what a crash between mkdir and define leaves) must not take this one.
         held = lock_vm_dir(vm_dir, blocking=True)
@@ -137,7 +151,12 @@ class VmHost:
         try:
             t1 = time.monotonic()
             size = max(image.virtual_size, request.disk_bytes)
-            create_overlay(image.path, image.format, vm.overlay, size)
+            if template is None:
+                create_overlay(image.path, image.format, vm.overlay, size)
+            else:
+                link_private(template.layer, vm.files.template_layer)
+                create_overlay(vm.files.template_layer, "qcow2", vm.overlay, size)
+                warm_boot_log(template, vm.boot_log)
             vm.timings.overlay = time.monotonic() - t1
             create_sparse(vm.xfer, request.disk_bytes)
             # libvirt hands kernel and initrd to QEMU's user while the VM runs; per-VM copies
@@ -150,6 +169,9 @@ class VmHost:
             bases = [image.path, *dict(base_chain)]
             cache_blobs = self.settings.effective_cache_dir / "blobs"
             let_qemu_read(self.conn, self.hypervisor.kind, bases, cache_blobs=cache_blobs)
+            domain_uuid = str(uuid.uuid4())
+            if with_shell:
+                vm.shell_socket = shell_port.prepare_socket(self.settings, domain_uuid)
             metadata = JobMetadata(
                 job_id=request.job_id,
                 owner=request.owner,
@@ -164,7 +186,7 @@ class VmHost:
             )
             spec = DomainSpec(
                 name=name,
-                uuid=str(uuid.uuid4()),
+                uuid=domain_uuid,
                 domain_type=self.hypervisor.kind,
                 emulator=self.hypervisor.emulator,
                 cpus=request.cpus,
@@ -180,15 +202,20 @@ class VmHost:
                 cmdline=image.cmdline,
                 network=request.network,
                 base_chain=base_chain,
+                shell_socket=vm.shell_socket,
+                genid=genid,
             )
-            xml = build_domain_xml(spec)
-            with os.fdopen(create_private(vm.files.domain_xml), "w") as f:
-                f.write(xml)
-            try:
-                vm.domain = self.conn.defineXML(xml)
-                vm.domain.create()
-            except libvirt.libvirtError as exc:
-                raise HypervisorError(f"libvirt could not start {name}: {exc}") from exc
+            if template is None:
+                xml = build_domain_xml(spec)
+                write_private(vm.files.domain_xml, xml)
+                try:
+                    vm.domain = self.conn.defineXML(xml)
+                    vm.domain.create()
+                except libvirt.libvirtError as exc:
+                    raise HypervisorError(f"libvirt could not start {name}: {exc}") from exc
+            else:
+                vm.mac = new_mac() if request.network != "none" else None
+                vm.domain = restore_clone(self.conn, template, spec, vm.files, vm.mac)
             vm.timings.boot = time.monotonic() - t0
         except BaseException:
             vm.teardown(failed=True, keep_override=False)
@@ -238,12 +265,17 @@ class Vm:
         self.snapshot = self.files.snapshot
         self.record = self.files.record
         self.domain: libvirt.virDomain | None = None
+        # the host's end of the shell's serial port (glite_vm.vm.shell_port); None: not known
+        # (a VM rebuilt after a restart: its domain's XML says)
+        self.shell_socket: Path | None = None
         self.timings = Timings()
         self.exec_result: ExecResult | None = None
         self.torn_down: TeardownResult | None = None
         self._started = time.monotonic()
         self._lock = threading.Lock()
         self._dir_lock: int | None = None  # the VM directory's flock while start holds it
+        self.template: TemplateFiles | None = None  # a warm start's template
+        self.mac: str | None = None  # a warm start's new MAC address (when it has a network)
 
     # -- readiness ---------------------------------------------------------------------------
 
@@ -280,6 +312,8 @@ class Vm:
             agent_timeout=settings.agent_timeout,
             cancel=cancel,
         )
+        if self.template is not None:  # before anything of the job's runs in the guest
+            refresh_clone(self.domain, mac=self.mac)
         if not self.request.root:  # an ordinary job's account: made if missing, never root
             ensure_guest_user(self.agent, self.guest_user)
         self.timings.ready = time.monotonic() - start
@@ -400,17 +434,23 @@ class Vm:
                 dom = self.host.conn.lookupByName(self.name)
             except libvirt.libvirtError:
                 dom = None
+        socket_path = self.shell_socket
         if dom is not None:
+            socket_path = socket_path or shell_port.socket_of_domain(self.host.settings, dom)
             destroy_domain(dom)
+        shell_port.remove_socket(socket_path)
         keep = self.request.keep_snapshot.keeps(failed) if keep_override is None else keep_override
-        for scratch in (self.xfer, self.files.kernel, self.files.initrd):
+        for scratch in (self.xfer, self.files.kernel, self.files.initrd, self.files.saved_state):
             scratch.unlink(missing_ok=True)
         snapshot: Path | None = None
         if keep and self.overlay.exists():
+            if self.files.template_layer.exists():
+                self._merge_template_layer()
             self.overlay.rename(self.snapshot)
             snapshot = self.snapshot
         else:
             self.overlay.unlink(missing_ok=True)
+            self.files.template_layer.unlink(missing_ok=True)
         self.timings.teardown = time.monotonic() - t0
         self._write_record(failed, snapshot)
         give_to_owner(
@@ -418,6 +458,20 @@ class Vm:
         )
         self.torn_down = TeardownResult(snapshot, self.boot_log, self.record, self.timings.teardown)
         return self.torn_down
+
+    def _merge_template_layer(self) -> None:
+        """A warm start's kept disk gets what its template's layer holds and backs onto the
+        base image alone, as any kept snapshot does (``glite-vm snapshots boot`` and export
+        know that chain); the link to the layer goes. If that fails the chain stays as it is
+        (base <- template layer <- snapshot) and the record names the layer."""
+        base = self.image.path
+        argv = ["rebase", "-q", "-f", "qcow2", "-b", str(base), "-F", self.image.format]
+        try:
+            qemu_img([*argv, str(self.overlay)], "merging the template layer", umask=0o077)
+        except HypervisorError as exc:
+            log.warning("%s keeps its template layer: %s", self.name, exc)
+            return
+        self.files.template_layer.unlink(missing_ok=True)
 
     def _write_record(self, failed: bool, snapshot: Path | None) -> None:
         r = self.exec_result
@@ -444,6 +498,11 @@ class Vm:
             boot_log=str(self.boot_log),
             timings=self.timings.as_dict(),
             finished=time.time(),
+            template_layer=(
+                str(self.files.template_layer)
+                if snapshot and self.files.template_layer.exists()
+                else None
+            ),
         ).write(self.record)
 
 

@@ -7,6 +7,9 @@ A VM lives in ``<snapshot_dir>/<domain>/`` (:class:`VmFiles`)::
     xfer.img         the transfer disk (glite_vm.vm.transfer) while the VM runs
     vmlinuz          private copies of a direct-boot image's kernel and initrd, while it runs
     initrd.img
+    template-layer.qcow2  a warm-started VM's link to its template's frozen disk layer (the
+                     overlay's backing file; kept with the snapshot, root's and read-only)
+    state.sav        a warm start's copy of its template's saved state, until the restore
     domain.xml       the domain as it was defined; its metadata names the job
     boot.log         the serial console, from the first byte
     snapshot.qcow2   the overlay, kept after teardown when the job's policy says so
@@ -36,6 +39,8 @@ INITRD: Final = "initrd.img"
 DOMAIN_XML: Final = "domain.xml"
 BOOT_LOG: Final = "boot.log"
 SNAPSHOT: Final = "snapshot.qcow2"
+TEMPLATE_LAYER: Final = "template-layer.qcow2"
+SAVED_STATE: Final = "state.sav"
 RECORD: Final = "record.json"
 #: Bytes of a record read back; a larger file is not a record of ours.
 MAX_RECORD_BYTES: Final = 1 << 20
@@ -63,6 +68,14 @@ class VmFiles:
     @property
     def initrd(self) -> Path:
         return self.directory / INITRD
+
+    @property
+    def saved_state(self) -> Path:
+        return self.directory / SAVED_STATE
+
+    @property
+    def template_layer(self) -> Path:
+        return self.directory / TEMPLATE_LAYER
 
     @property
     def domain_xml(self) -> Path:
@@ -120,6 +133,8 @@ class JobRecord:
     boot_log: str
     timings: Mapping[str, float | None]  # seconds by phase (Timings), None: did not happen
     finished: float  # when the teardown ended (seconds since the epoch)
+    # a warm start's template disk layer (between the snapshot and base_image), else None
+    template_layer: str | None = None
 
     def to_json(self) -> str:
         data = dataclasses.asdict(self)
@@ -176,6 +191,7 @@ class JobRecord:
             boot_log=text(data.get("boot_log"), ""),
             timings=timings,
             finished=finite(data.get("finished")) or 0.0,
+            template_layer=_path_or_none(data.get("template_layer")),
         )
 
 
@@ -212,14 +228,27 @@ ATTRIBUTES: Final = (
     Attribute("GliteVmTimeTransferOut", "seconds copying the output files out"),
     Attribute("GliteVmTimeTeardown", "seconds tearing the VM down"),
     Attribute("GliteVmPayloadSignal", "the signal that ended the program, if one did"),
+    Attribute(
+        "GliteVmDebugUntil",
+        "while the VM is kept after a failed payload (`GliteVmDebugHold`): when the hold ends, "
+        "in seconds since the epoch",
+    ),
+    Attribute(
+        "GliteVmDebugHoldNote",
+        "what became of `GliteVmDebugHold`: not granted here, cut to the site's maximum, how "
+        "the hold ended",
+    ),
     Attribute("GliteVmLauncherError", "why glite-vm could not finish running the job"),
     Attribute("GliteVmHostFailures", "the reasons of earlier attempts that failed on hosts"),
     Attribute("GliteVmBootAttempts", "how many boots the VM took on this host"),
+    Attribute("GliteVmWarmStart", "`true` when the VM was restored from a template"),
 )
 NAMES: Final = frozenset(a.name for a in ATTRIBUTES)
 PAYLOAD_SIGNAL: Final = "GliteVmPayloadSignal"
 LAUNCHER_ERROR: Final = "GliteVmLauncherError"
 HOST_FAILURES: Final = "GliteVmHostFailures"
+DEBUG_UNTIL: Final = "GliteVmDebugUntil"
+DEBUG_HOLD_NOTE: Final = "GliteVmDebugHoldNote"
 
 AdValue = str | bool | int | float
 
@@ -245,6 +274,7 @@ def ad_attributes(
     snapshot: Path | str | None = None,
     record: Path | str | None = None,
     boot_attempts: int | None = None,
+    warm_start: bool | None = None,
     timings: Mapping[str, float | None] | None = None,
 ) -> dict[str, AdValue]:
     """The ``GliteVm*`` attributes of what is known of a job's VM; unknown facts (``None``)
@@ -263,6 +293,7 @@ def ad_attributes(
         "GliteVmSnapshotPath": snapshot,
         "GliteVmRecordPath": record,
         "GliteVmBootAttempts": boot_attempts,
+        "GliteVmWarmStart": warm_start,
     }
     out: dict[str, AdValue] = {
         name: str(value) if isinstance(value, Path) else value

@@ -49,6 +49,12 @@ def create_private(path: Path) -> int:
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
 
 
+def write_private(path: Path, text: str) -> None:
+    """A new private file at ``path`` holding ``text``."""
+    with os.fdopen(create_private(path), "w") as f:
+        f.write(text)
+
+
 def create_sparse(path: Path, size: int) -> None:
     """A new private file of ``size`` bytes, all holes (the transfer disk)."""
     with os.fdopen(create_private(path), "wb") as f:
@@ -59,6 +65,21 @@ def copy_private(src: Path, dest: Path) -> Path:
     """Copy ``src`` to a new private file ``dest``; ``dest``."""
     with src.open("rb") as fin, os.fdopen(create_private(dest), "wb") as fout:
         shutil.copyfileobj(fin, fout, 1 << 20)
+    return dest
+
+
+def link_private(src: Path, dest: Path) -> Path:
+    """``dest`` as a new name of the file ``src`` (a template's read-only disk layer: the VM
+    keeps it when the template is evicted), or a private copy where no hard link can be made
+    (another file system)."""
+    try:
+        os.link(src, dest, follow_symlinks=False)
+    except OSError as exc:
+        log.debug("copying %s: no hard link (%s)", src, exc)
+        copy_private(src, dest)
+        st = src.stat()  # QEMU reads it as it reads the template's (its group, read-only)
+        os.chown(dest, -1, st.st_gid, follow_symlinks=False)
+        os.chmod(dest, st.st_mode & 0o440)
     return dest
 
 

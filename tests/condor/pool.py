@@ -120,8 +120,11 @@ def wait_until(what: str, probe: Callable[[], Any], timeout: float, interval: fl
 class PersonalPool:
     """One personal pool under ``prefix`` (an unpacked release); see the module docstring."""
 
-    def __init__(self, prefix: Path, user: pwd.struct_passwd) -> None:
+    def __init__(
+        self, prefix: Path, user: pwd.struct_passwd, *, standard_devpts: bool = False
+    ) -> None:
         self.prefix = prefix
+        self.standard_devpts = standard_devpts
         self.local_dir = prefix / "local"
         self.user = user
         self.port = 0
@@ -164,9 +167,12 @@ class PersonalPool:
         env = dict(self.env, CONDOR_PORT=str(self.port), CONDOR_EXTRA_CONFIG=str(extra))
         if ready is not None:
             env["CONDOR_NO_START"] = "1"
+        command = ["bash", str(script), str(self.prefix), str(self.local_dir)]
+        if self.standard_devpts:
+            command = [*STANDARD_DEVPTS, *command]
         try:
             subprocess.run(
-                ["bash", str(script), str(self.prefix), str(self.local_dir)],
+                command,
                 env=env,
                 check=True,
                 capture_output=True,
@@ -174,8 +180,11 @@ class PersonalPool:
                 timeout=timeout,
             )
             if ready is not None:
+                master = [str(self.prefix / "sbin" / "condor_master")]
+                if self.standard_devpts:
+                    master = [*STANDARD_DEVPTS, *master]
                 subprocess.run(
-                    [str(self.prefix / "sbin" / "condor_master")],
+                    master,
                     env=self.env,
                     check=True,
                     capture_output=True,
@@ -305,11 +314,30 @@ class PersonalPool:
         self.port = 0
 
 
+#: Runs a command (the pool's daemons) in a mount namespace of its own with a terminal
+#: filesystem mounted as a standard host mounts it (new terminals belong to group tty, mode
+#: 0620). The test machine's /dev/pts gives a new terminal its user's group, and the sshd that
+#: condor_starter runs as the job's owner for condor_ssh_to_job must then hand the terminal to
+#: group tty, which only root may (measured: OpenSSH's pty_setowner fails, the connection
+#: closes as soon as the client asks for a terminal).
+STANDARD_DEVPTS = [
+    "unshare",
+    "--mount",
+    "--propagation",
+    "private",
+    "sh",
+    "-c",
+    "mount -t devpts -o newinstance,gid=5,mode=620,ptmxmode=0666 devpts /dev/pts"
+    ' && mount --bind /dev/pts/ptmx /dev/ptmx && exec "$@"',
+    "standard-devpts",
+]
+
+
 @contextlib.contextmanager
 def running_pool(
-    prefix: Path, extra_config: str, user: pwd.struct_passwd
+    prefix: Path, extra_config: str, user: pwd.struct_passwd, *, standard_devpts: bool = False
 ) -> Iterator[PersonalPool]:
-    pool = PersonalPool(prefix, user)
+    pool = PersonalPool(prefix, user, standard_devpts=standard_devpts)
     pool.start(extra_config)
     try:
         yield pool
@@ -324,13 +352,16 @@ def glite_vm_pool(
     user: pwd.struct_passwd,
     *,
     extra_config: Callable[[Path], str] | None = None,
+    standard_devpts: bool = False,
     **host: Any,
 ) -> Iterator[PersonalPool]:
     """The pool of glite-vm's end-to-end tests: a personal pool under ``root/htcondor`` whose
     execute host runs glite-vm's hooks (as ``glite-vm hook install`` and ``glite-vm config``
     make them) against ``service``. ``host`` are further :class:`ExecuteHostConfig` fields
     (``layout``, periods, ...); ``extra_config(hooks_dir)`` adds lines to the configuration.
-    Every job is removed before the daemons stop."""
+    ``standard_devpts``: the daemons see terminals as a standard host makes them
+    (:data:`STANDARD_DEVPTS`; interactive ``condor_ssh_to_job`` needs it here). Every job is
+    removed before the daemons stop."""
     prefix = root / "htcondor"
     hooks, config = glite_vm_execute_host(
         prefix,
@@ -340,7 +371,7 @@ def glite_vm_pool(
     )
     if extra_config is not None:
         config += extra_config(hooks)
-    with running_pool(prefix, config, user) as pool:
+    with running_pool(prefix, config, user, standard_devpts=standard_devpts) as pool:
         try:
             yield pool
         finally:

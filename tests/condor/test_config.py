@@ -83,6 +83,7 @@ def test_condor_config_val_reads_the_snippet_as_intended(
     assert values["SLOT_TYPE_2_GLITEVMROOTENABLED"] == "True"
     assert "GliteVmRootEnabled" in values["STARTD_ATTRS"].split()
     assert values["GLITE_VM_MAX_HOST_FAILURES"] == "3"
+    assert values["GLITE_VM_MAX_DEBUG_HOLD"] == "0"  # debug holds off unless the admin says
     assert set(CRON_JOBS) <= set(values["STARTD_CRON_JOBLIST"].split())
     for job, command in CRON_JOBS.items():
         assert values[f"STARTD_CRON_{job}_EXECUTABLE"] == str(GLITE_VM)
@@ -104,6 +105,19 @@ def test_a_custom_layout_and_policy_come_through(htcondor_release: Path, tmp_pat
     assert values["NUM_CPUS"] == "8"
     assert values["GLITE_VM_DEFAULT_IMAGE"] == "debian-12"
     assert values["GLITE_VM_ROOT_USERS"] == "alice, bob"
+
+
+def test_the_debug_hold_maximum_reaches_the_service_through_htcondors_configuration(
+    htcondor_release: Path, tmp_path: Path
+) -> None:
+    settings = Settings(max_debug_hold=1800.0)
+    cfg = ExecuteHostConfig.from_settings(
+        settings, hooks_dir=HOOKS, glite_vm=GLITE_VM, layout=SlotLayout()
+    )
+    values = read_config(htcondor_release, tmp_path, render_execute_config(cfg))
+    assert values["GLITE_VM_MAX_DEBUG_HOLD"] == "1800"
+    read_back = Settings.from_strings({"max_debug_hold": values["GLITE_VM_MAX_DEBUG_HOLD"]})
+    assert read_back.max_debug_hold == 1800.0
 
 
 # --- the START and RANK policy ----------------------------------------------------------------

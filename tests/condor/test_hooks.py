@@ -13,6 +13,7 @@ import dataclasses
 import io
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -46,6 +47,8 @@ from glite_vm.config import Settings
 from glite_vm.errors import AgentError, BootError, RequestError, UnknownImageError
 from glite_vm.request import JobRequest
 from glite_vm.service.api import (
+    DebugHold,
+    DebugHoldEnd,
     ExecOutcome,
     OutputSink,
     PrepareResult,
@@ -85,6 +88,13 @@ class ScriptedService:
     execs: list[tuple[str, list[str], dict[str, str]]] = dataclasses.field(default_factory=list)
     pulls: list[tuple[str, str | None]] = dataclasses.field(default_factory=list)
     teardowns: list[tuple[str, bool]] = dataclasses.field(default_factory=list)
+    # the debug hold: held for this many seconds (None: not held), with this note; a wait
+    # ends for debug_end (after debug_wait_action, if any), or raises debug_error
+    debug_seconds: float | None = None
+    debug_note: str = ""
+    debug_end: str = "expired"
+    debug_wait_action: Callable[[], None] | None = None
+    debug_error: BaseException | None = None
 
     def prepare(
         self,
@@ -153,6 +163,23 @@ class ScriptedService:
             record_path=f"/var/lib/glite-vm/records/{vm}.json",
             ad_attributes={"GliteVmTimeTeardown": 0.4},
         )
+
+    def debug_hold(self, vm: str) -> DebugHold:
+        self.calls.append(("debug_hold", vm))
+        if self.debug_error is not None:
+            raise self.debug_error
+        until = None if self.debug_seconds is None else time.time() + self.debug_seconds
+        return DebugHold(vm=vm, until=until, note=self.debug_note)
+
+    def debug_wait(self, vm: str) -> DebugHoldEnd:
+        self.calls.append(("debug_wait", vm))
+        if self.debug_wait_action is not None:
+            self.debug_wait_action()
+        return DebugHoldEnd(vm=vm, reason=self.debug_end)
+
+    def debug_release(self, vm: str) -> DebugHoldEnd:
+        self.calls.append(("debug_release", vm))
+        return DebugHoldEnd(vm=vm, reason="released")
 
     def list_vms(self) -> list[VmSummary]:
         self.calls.append(("list_vms", None))
@@ -538,6 +565,110 @@ def test_the_launcher_runs_the_payload_in_the_guest_and_brings_files_back(runnin
     assert b"_condor_stdout" in stderr  # the user is told what did not come back
     assert chirp.attributes["GliteVmTimePayload"] == 2.5
     assert service.teardowns == []  # JOB_EXIT's job
+
+
+def _failing_service(**debug: object) -> ScriptedService:
+    return ScriptedService(
+        exec_output=[("stdout", b"partial\n"), ("stderr", b"boom\n")],
+        exec_outcome=ExecOutcome(exit_code=3, signal=None, seconds=1.0),
+        guest_files={"result.txt": b"made before the failure\n"},
+        **debug,  # type: ignore[arg-type]
+    )
+
+
+def asks_for_a_hold(scratch: Path, seconds: int = 60) -> None:
+    with (scratch / ".job.ad").open("a") as ad:
+        ad.write(f"GliteVmDebugHold = {seconds}\n")
+
+
+def _sandbox(scratch: Path) -> dict[str, bytes]:
+    return {
+        str(p.relative_to(scratch)): p.read_bytes()
+        for p in sorted(scratch.rglob("*"))
+        if p.is_file()
+    }
+
+
+def test_a_debug_hold_keeps_the_job_running_and_then_ends_it_as_without(
+    running: Path, tmp_path: Path
+) -> None:
+    """The same failing job, held and not: the same exit status, output and sandbox; the held
+    one waited for the hold, and its ad says until when and how the hold ended."""
+    plain_dir = tmp_path / "plain"
+    shutil.copytree(running, plain_dir)
+    plain = _failing_service(debug_seconds=60)
+    plain_code, plain_out, plain_err = launch(plain_dir, plain, RecordingChirp())
+    assert not [c for c, _ in plain.calls if c.startswith("debug")]  # the job asked for none
+
+    asks_for_a_hold(running)
+
+    waited = threading.Event()
+    held = _failing_service(debug_seconds=60, debug_end="released", debug_wait_action=waited.set)
+    chirp = RecordingChirp()
+    before = time.time()
+    code, out, err = launch(running, held, chirp)
+    assert waited.is_set()
+    assert [c for c, _ in held.calls][-3:] == ["pull", "debug_hold", "debug_wait"]
+    assert (code, out, err) == (plain_code, plain_out, plain_err) == (3, b"partial\n", b"boom\n")
+    assert _sandbox(running) == {
+        **_sandbox(plain_dir),
+        ".job.ad": (running / ".job.ad").read_bytes(),
+    }
+    # the end of the hold as it happened (released early), and why
+    until = chirp.attributes["GliteVmDebugUntil"]
+    assert isinstance(until, int)  # epoch seconds, as condor_q -af shows them
+    assert before - 1 <= until <= time.time() + 1
+    assert chirp.attributes["GliteVmDebugHoldNote"] == "the debug hold ended: released"
+    assert held.teardowns == []  # JOB_EXIT's job, as without a hold
+
+
+def test_a_debug_hold_puts_its_end_into_the_ad_before_waiting(running: Path) -> None:
+    asks_for_a_hold(running)
+    seen: dict[str, AdValue] = {}
+    chirp = RecordingChirp()
+    service = _failing_service(
+        debug_seconds=600,
+        debug_note="GliteVmDebugHold = 3600 was cut to 600 s",
+        debug_wait_action=lambda: seen.update(chirp.attributes),
+    )
+    before = time.time()
+    launch(running, service, chirp)
+    until = seen["GliteVmDebugUntil"]
+    assert isinstance(until, int)
+    assert before + 599 <= until <= time.time() + 601
+    assert seen["GliteVmDebugHoldNote"] == "GliteVmDebugHold = 3600 was cut to 600 s"
+
+
+def test_a_payload_that_succeeded_is_never_held(running: Path) -> None:
+    asks_for_a_hold(running)
+    service = ScriptedService(debug_seconds=60)
+    chirp = RecordingChirp()
+    code, _out, _err = launch(running, service, chirp)
+    assert code == 0
+    assert not [c for c, _ in service.calls if c.startswith("debug")]
+    assert "GliteVmDebugUntil" not in chirp.attributes
+
+
+def test_a_hold_the_site_did_not_grant_is_a_note_in_the_ad_not_a_wait(running: Path) -> None:
+    asks_for_a_hold(running)
+    note = "GliteVmDebugHold = 600 was not granted: debug holds are off on this host"
+    service = _failing_service(debug_note=note)
+    chirp = RecordingChirp()
+    code, _out, err = launch(running, service, chirp)
+    assert code == 3
+    assert err == b"boom\n"  # not in the job's error file: that stays the payload's
+    assert chirp.attributes["GliteVmDebugHoldNote"] == note
+    assert "GliteVmDebugUntil" not in chirp.attributes
+    assert ("debug_wait", VM) not in service.calls
+
+
+def test_a_debug_hold_that_fails_leaves_the_jobs_end_alone(running: Path) -> None:
+    asks_for_a_hold(running)
+    service = _failing_service(debug_error=AgentError("the service went away"))
+    chirp = RecordingChirp()
+    code, out, err = launch(running, service, chirp)
+    assert (code, out, err) == (3, b"partial\n", b"boom\n")
+    assert "the service went away" in str(chirp.attributes["GliteVmDebugHoldNote"])
 
 
 def test_a_failure_of_glite_vm_is_not_the_payloads_exit_code(running: Path) -> None:

@@ -260,6 +260,12 @@ def test_root_must_be_a_literal_boolean(text: str) -> None:
         ({"ClusterId": None}, "ClusterId"),
         ({"ClusterId": -1}, "ClusterId"),
         ({"ProcId": "0"}, "ProcId"),
+        ({"GliteVmDebugHold": -1}, "GliteVmDebugHold"),
+        ({"GliteVmDebugHold": 1.5}, "GliteVmDebugHold"),
+        ({"GliteVmDebugHold": "600"}, "GliteVmDebugHold"),
+        ({"GliteVmDebugHold": True}, "GliteVmDebugHold"),
+        ({"GliteVmDebugHold": 10**12}, "GliteVmDebugHold"),
+        ({"GliteVmDebugHold": classad2.ExprTree("60 * 10")}, "GliteVmDebugHold"),
     ],
 )
 def test_hostile_values_hold_and_name_the_field(attrs: dict[str, object], field: str) -> None:
@@ -562,3 +568,17 @@ def test_ad_safe_text_is_one_line_without_control_characters() -> None:
 @given(st.lists(st.text(st.characters(blacklist_characters="\x00"))))
 def test_v2_quoting_round_trips_through_the_launchers_reader(words: list[str]) -> None:
     assert split_v2_arguments(v2_quote(words)) == words
+
+
+def test_a_debug_hold_is_read_from_the_ad_in_seconds_and_travels_to_the_service() -> None:
+    from glite_vm.condor.jobad import request_from_job_ad  # noqa: PLC0415
+
+    request = request_from_job_ad(job(GliteVmDebugHold=1800), SETTINGS, site_policy=False)
+    assert request.debug_hold == 1800
+    # the service reads it back from the wire, and a job without one sends nothing new
+    assert JobRequest.from_wire(request.to_wire(), SETTINGS).debug_hold == 1800
+    plain = request_from_job_ad(job(), SETTINGS, site_policy=False)
+    assert plain.debug_hold is None
+    assert "debug_hold" not in plain.to_wire()
+    zero = request_from_job_ad(job(GliteVmDebugHold=0), SETTINGS, site_policy=False)
+    assert zero.debug_hold is None

@@ -131,10 +131,13 @@ def check_nothing_left(svc: ServiceProcess, state: Path, owners: tuple[str, ...]
     domains = our_domains(owners)
     overlays = list((state / "snapshots").glob("*/overlay.qcow2"))
     leases = list((state / "cache" / "leases").rglob("*.json"))
+    shells = state / "run" / "shells"
+    sockets = os.listdir(shells) if shells.is_dir() else []
     assert not leftovers, f"tests left VMs running: {leftovers}"
     assert not domains, f"domains left behind: {domains}"
     assert not overlays, f"overlays left behind: {overlays}"
     assert not leases, f"cache leases left behind: {leases}"
+    assert not sockets, f"shell sockets left behind: {sockets}"
     log = svc.log()
     assert "Traceback" not in log, f"the service hit an unexpected error:\n{log[-5000:]}"
 

@@ -16,10 +16,14 @@ import os
 import socket
 import sys
 import time
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from glite_vm.condor.jobad import request_from_job_ad
+from glite_vm.condor.jobad import AdValue, request_from_job_ad
+from glite_vm.condor.launcher import LauncherArgs, LauncherContext
+from glite_vm.condor.launcher import run as run_launcher
+from glite_vm.condor.under_starter import raise_on_stop_signals
 from glite_vm.config import Settings
 from glite_vm.errors import GliteVmError
 from glite_vm.request import JobRequest
@@ -38,6 +42,8 @@ def main(request: dict[str, Any]) -> dict[str, Any]:
         return {"ok": True, "result": base64.b64encode(data).decode()}
     if op == "raw":
         return raw(request["socket"], Path(request["line_file"]).read_bytes())
+    if op == "launch":
+        return {"ok": True, "result": launch(request)}
     client = ServiceClient(
         request.get("socket") or None,
         connect_timeout=float(request.get("connect_timeout", 5.0)),
@@ -84,6 +90,47 @@ def raw(path: str, line: bytes) -> dict[str, Any]:
                     "disposition": error["disposition"],
                     "message": error["message"],
                 }
+
+
+class FileChirp:
+    """Chirp into a JSON file (``condor_chirp set_job_attr`` without a starter): what the
+    launcher puts into the job ad, readable by the test while the launcher still runs."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def set_attributes(self, attributes: Mapping[str, AdValue]) -> None:
+        data = json.loads(self.path.read_text()) if self.path.exists() else {}
+        data.update(attributes)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(json.dumps(data))
+        tmp.replace(self.path)
+
+
+def launch(r: dict[str, Any]) -> dict[str, Any]:
+    """The real launcher for the VM ``r["vm"]``, as the starter runs it in the job's scratch
+    directory (``$_CONDOR_JOB_AD`` in it); its chirps go to ``r["chirp_file"]``. A stop signal
+    tears the VM down and kills this process by it, as it does the launcher."""
+    scratch = Path(r["scratch_dir"])
+    raise_on_stop_signals()
+    out, err = bytearray(), bytearray()
+    ctx = LauncherContext(
+        settings=Settings(socket_path=Path(r["socket"])),
+        environ={"_CONDOR_SCRATCH_DIR": str(scratch), "_CONDOR_JOB_AD": str(scratch / ".job.ad")},
+        chirp=FileChirp(Path(r["chirp_file"])),
+        stdout=out.extend,
+        stderr=err.extend,
+    )
+    started = time.monotonic()
+    status = run_launcher(
+        ctx, LauncherArgs(vm=r["vm"], inputs=tuple(r["inputs"]), socket_path=None)
+    )
+    return {
+        "status": status,
+        "stdout": out.decode(errors="replace"),
+        "stderr": err.decode(errors="replace"),
+        "seconds": time.monotonic() - started,
+    }
 
 
 def request_of(r: dict[str, Any]) -> JobRequest:
@@ -147,6 +194,10 @@ def call(client: ServiceClient, op: str, r: dict[str, Any]) -> Any:
             "snapshot_path": done.snapshot_path,
             "seconds": {"prepare": t1 - t0, "exec": t2 - t1, "teardown": time.monotonic() - t2},
         }
+    if op == "debug_hold":
+        return dataclasses.asdict(client.debug_hold(r["vm"]))
+    if op == "debug_release":
+        return dataclasses.asdict(client.debug_release(r["vm"]))
     if op == "list_vms":
         return [dataclasses.asdict(v) for v in client.list_vms()]
     if op == "reap":

@@ -584,6 +584,9 @@ def stopped(vm: str) -> Callable[[], bool]:
     return lambda: not domain_running(vm)
 
 
+LIFETIME = 40
+
+
 def test_vms_started_outside_htcondor_are_capped_per_user_and_in_lifetime(
     svc_root: Path, guest_dir: Path, hypervisor_probe: Path, alice: Account, bob: Account
 ) -> None:
@@ -597,7 +600,9 @@ def test_vms_started_outside_htcondor_are_capped_per_user_and_in_lifetime(
         {
             **SLOT_ENV,
             "GLITE_VM_MAX_UNMANAGED_VMS_PER_USER": "2",
-            "GLITE_VM_UNMANAGED_VM_LIFETIME": "15",
+            # long enough for three boots on a loaded host (at 15 s the first VM was reaped
+            # before the third prepare, which then found room), short for the reaper's wait
+            "GLITE_VM_UNMANAGED_VM_LIFETIME": str(LIFETIME),
         },
     )
     svc = ServiceProcess(Path(env["GLITE_VM_SOCKET_PATH"]), env, root / "service.log")
@@ -614,7 +619,7 @@ def test_vms_started_outside_htcondor_are_capped_per_user_and_in_lifetime(
         bobs = prepare(svc, bob, make_scratch(root, bob, "b1"))["vm"]
         # Past their lifetime the reaper takes them, and says why.
         for name in (first, second):
-            wait_for(f"{name} reaped", stopped(name), 15 + 60)
+            wait_for(f"{name} reaped", stopped(name), LIFETIME + 60)
         assert "outside HTCondor" in svc.log()
         for name, who in ((first, alice), (second, alice), (bobs, bob)):
             call(svc, who, "teardown", vm=name, failed=False)

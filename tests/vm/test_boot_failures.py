@@ -25,7 +25,14 @@ from glite_vm.vm import libvirt_events
 from glite_vm.vm.libvirt_events import DomainEvents
 from glite_vm.vm.lifecycle import VmHost
 from tests.pressure import Meddler
-from tests.support import BROKEN_GUESTS, LocalImage, domains_under, guest_catalogue, truncated_copy
+from tests.support import (
+    BROKEN_GUESTS,
+    LocalImage,
+    domains_under,
+    guest_catalogue,
+    shell_sockets_left,
+    truncated_copy,
+)
 from tests.vm.test_lifecycle import make_request
 
 pytestmark = pytest.mark.vm
@@ -49,6 +56,7 @@ def run_root(state_dir: Path, request: pytest.FixtureRequest) -> Iterator[Path]:
     assert domains_under(root) == []
     assert list(root.glob("snapshots/*/overlay.qcow2")) == []
     assert list(root.glob("cache/leases/**/*.json")) == []
+    assert shell_sockets_left(root) == []
 
 
 class Run:

@@ -1,0 +1,242 @@
+"""Warm start, the VM side: saving a template of a booted guest, and making each VM restored from
+one a guest of its own.
+
+A *template* is a guest booted once through the ordinary start (:meth:`VmHost.start`, with a
+``<genid/>``), saved at agent-ready by ``virDomainSave`` after a ``sync``: its frozen disk
+layer (the overlay it booted on) and its memory state (a libvirt save image) together with its
+boot log. Where templates are kept, keyed and evicted is the image cache's business
+(:mod:`glite_vm.images.templates`); this module only makes and uses the files.
+
+A VM restored from a template (:meth:`VmHost.start` with ``template=``) gets its own overlay on
+the template's layer, its own copy of the save image whose header names the job's domain (libvirt
+refuses any other name or UUID than the saved one, :mod:`glite_vm.vm.save_image`), and right
+after the restore (:func:`refresh_clone`), before anything of the job runs:
+
+* the clock is set to the host's (a restored guest wakes with the clock of the save);
+* fresh host bytes are mixed into the guest kernel's entropy pool and its CRNG is reseeded at
+  once with ``RNDRESEEDCRNG`` (a restored guest's CRNG state is every clone's: without the
+  reseed two jobs would read the same "random" bytes; the VM generation ID changes too, but
+  kernels without CONFIG_VMGENID ignore it);
+* a network interface takes the job's MAC address and renews its DHCP lease.
+
+Hostname, certificates and the job's account are applied afterwards as after a cold boot.
+
+``TEMPLATE_FORMAT`` is part of every template's key: change it whenever what a template holds or
+how a clone is refreshed changes, and every old template is rebuilt.
+"""
+
+from __future__ import annotations
+
+import base64
+import logging
+import os
+import secrets
+import shutil
+import time
+import uuid
+from pathlib import Path
+from typing import Protocol
+
+import libvirt
+
+from glite_vm.errors import AgentError, HypervisorError
+from glite_vm.vm.agent import GuestAgent
+from glite_vm.vm.domain_xml import DomainSpec, renamed_domain_xml, restored_domain_xml
+from glite_vm.vm.record import VmFiles
+from glite_vm.vm.save_image import read_header, rewrite_header
+from glite_vm.vm.vm_dir import copy_private, write_private
+
+log = logging.getLogger(__name__)
+
+#: Bump whenever what a template holds, or how a clone of one is refreshed, changes.
+TEMPLATE_FORMAT = 1
+REFRESH_TIMEOUT = 60.0
+ENTROPY_BYTES = 64
+
+# A static x86-64 program, 392 bytes: open("/dev/urandom", O_WRONLY), ioctl(fd, RNDRESEEDCRNG),
+# exit with the errno (0: reseeded). Made with GNU as and ld -static -nostdlib -N -s from:
+#   mov $2,%eax; lea path(%rip),%rdi; mov $1,%esi; xor %edx,%edx; syscall
+#   mov %eax,%edi; mov $16,%eax; mov $0x5207,%esi; xor %edx,%edx; syscall
+#   mov %eax,%edi; neg %edi; mov $60,%eax; syscall;  path: .asciz "/dev/urandom"
+# Guests carry no tool that makes this ioctl; writing to /dev/urandom alone only mixes bytes
+# into the input pool, which the CRNG reads at its next scheduled reseed (up to a minute later).
+RESEED_PROGRAM = base64.b64decode(
+    "f0VMRgIBAQAAAAAAAAAAAAIAPgABAAAAeABAAAAAAABAAAAAAAAAAMgAAAAAAAAAAAAAAEAAOAABAEAAAwACAAEA"
+    "AAAHAAAAeAAAAAAAAAB4AEAAAAAAAHgAQAAAAAAAPQAAAAAAAAA9AAAAAAAAAAEAAAAAAAAAuAIAAABIjT0kAAAA"
+    "vgEAAAAx0g8Fice4EAAAAL4HUgAAMdIPBYnH99+4PAAAAA8FL2Rldi91cmFuZG9tAAAuc2hzdHJ0YWIALnRleHQA"
+    "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAACwAA"
+    "AAEAAAAHAAAAAAAAAHgAQAAAAAAAeAAAAAAAAAA9AAAAAAAAAAAAAAAAAAAAAQAAAAAAAAAAAAAAAAAAAAEAAAAD"
+    "AAAAAAAAAAAAAAAAAAAAAAAAALUAAAAAAAAAEQAAAAAAAAAAAAAAAAAAAAEAAAAAAAAAAAAAAAAAAAA="
+)
+
+# $1: the job's MAC address (or "-"), $2: the host's time (or "-"). Sets the clock; installs
+# the reseed program from stdin in a private directory that allows execution, runs it, and
+# removes it; gives the guest a machine id of its own where it has one (the template's is
+# every clone's); then gives the first network
+# interface the job's MAC and renews its lease with whichever DHCP client the image has.
+_REFRESH = r"""
+set -u
+# the host's clock, first, to the millisecond (coreutils' date; a date that takes whole
+# seconds only would be up to a second off: exit 5 and the host sets it through the agent)
+[ "$2" = - ] || date -u -s "@$2" >/dev/null 2>&1 || exit 5
+for dir in /run /dev/shm /tmp; do
+    d=$(umask 077 && mktemp -d "$dir/glite-vm-reseed.XXXXXX" 2>/dev/null) || continue
+    cat > "$d/reseed" && chmod 0700 "$d/reseed"
+    "$d/reseed"; rc=$?
+    rm -rf "$d"
+    [ "$rc" -eq 0 ] && break
+done
+[ "${rc:-1}" -eq 0 ] || { echo "cannot reseed the kernel's random number generator" >&2; exit 3; }
+if [ -s /etc/machine-id ] && [ ! -L /etc/machine-id ]; then  # the template's: one of its own
+    id=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
+    printf '%s\n' "$id" > /etc/machine-id.glite-vm && mv /etc/machine-id.glite-vm /etc/machine-id
+fi
+[ "$1" = - ] && exit 0
+for path in /sys/class/net/*; do
+    nic=${path##*/}
+    [ "$nic" = lo ] && continue
+    { ip link set dev "$nic" down && ip link set dev "$nic" address "$1" \
+        && ip link set dev "$nic" up; } || { echo "cannot give $nic the address $1" >&2; exit 4; }
+    if command -v networkctl >/dev/null && networkctl renew "$nic" 2>/dev/null; then :
+    elif command -v dhclient >/dev/null; then dhclient -r "$nic" 2>/dev/null; dhclient "$nic"
+    elif command -v udhcpc >/dev/null; then udhcpc -n -q -i "$nic" >/dev/null 2>&1
+    fi
+    break
+done
+exit 0
+"""
+
+
+class TemplateFiles(Protocol):
+    """A template as the VM layer needs it (``glite_vm.images.templates.Template``)."""
+
+    @property
+    def key(self) -> str: ...
+    @property
+    def layer(self) -> Path: ...
+    @property
+    def state(self) -> Path: ...
+    @property
+    def boot_log(self) -> Path: ...
+
+
+def restore_clone(
+    conn: libvirt.virConnect,
+    template: TemplateFiles,
+    spec: DomainSpec,
+    files: VmFiles,
+    mac: str | None,
+) -> libvirt.virDomain:
+    """Restore the job's domain ``spec`` from ``template`` (see the module docstring); the
+    running domain, persistent like a booted one. Raises HypervisorError when libvirt refuses
+    (the caller falls back to a cold boot) and ``ValueError`` for a save image it cannot use."""
+    copy_private(template.state, files.saved_state)
+    try:
+        header = read_header(files.saved_state)
+        genid = str(uuid.uuid4())
+        xml = restored_domain_xml(
+            header.xml, spec, files.template_layer, genid=genid, mac=mac or new_mac()
+        )
+        # The header gets the job's identity only; libvirt checks the job's whole XML against
+        # it (the saved machine's ABI) as it restores.
+        rewrite_header(files.saved_state, header, renamed_domain_xml(header.xml, xml))
+        write_private(files.domain_xml, xml)
+        try:
+            conn.restoreFlags(str(files.saved_state), xml, libvirt.VIR_DOMAIN_SAVE_RUNNING)
+            domain = conn.lookupByName(spec.name)
+            conn.defineXML(xml)  # persistent, as a booted VM's domain is
+        except libvirt.libvirtError as exc:
+            raise HypervisorError(f"libvirt could not restore {spec.name}: {exc}") from exc
+    finally:
+        files.saved_state.unlink(missing_ok=True)
+    return domain
+
+
+def refresh_clone(domain: libvirt.virDomain, *, mac: str | None) -> None:
+    """Make a just-restored guest its own (see the module docstring); AgentError on failure."""
+    agent = GuestAgent(domain)
+    handle = agent.open("/dev/urandom", "w")
+    try:
+        agent.write(handle, secrets.token_bytes(ENTROPY_BYTES))
+    finally:
+        agent.close(handle)
+    st = agent.run(
+        ["/bin/sh", "-c", _REFRESH, "glite-vm-refresh", mac or "-", f"{time.time():.3f}"],
+        timeout=REFRESH_TIMEOUT,
+        input_data=RESEED_PROGRAM,
+    )
+    if st.exitcode == 5 and st.signal is None:  # no date that sets the clock: the agent's way
+        _set_clock(agent)
+        st = agent.run(
+            ["/bin/sh", "-c", _REFRESH, "glite-vm-refresh", mac or "-", "-"],
+            timeout=REFRESH_TIMEOUT,
+            input_data=RESEED_PROGRAM,
+        )
+    if st.exitcode != 0 or st.signal is not None:
+        detail = st.stderr.decode("utf-8", "replace").strip()[:500]
+        raise AgentError(f"refreshing the restored guest failed (status {st.exitcode}): {detail}")
+
+
+def _set_clock(agent: GuestAgent) -> None:
+    """The host's time in the guest through the agent (``guest-set-time``, which also writes
+    the hardware clock with ``hwclock``: slower than ``date``, the refresh script's way)."""
+    agent.command("guest-set-time", {"time": time.time_ns()}, timeout=10)
+
+
+def save_template(
+    domain: libvirt.virDomain, overlay: Path, boot_log: Path, dest: Path, *, qemu_gid: int | None
+) -> None:
+    """Save the running, agent-ready ``domain`` into the new directory ``dest``: its disk
+    ``overlay`` becomes ``dest/layer.qcow2`` (read-only; readable by QEMU's group
+    ``qemu_gid`` where QEMU runs as a user of its own), its memory ``dest/state.sav``, its boot
+    log ``dest/boot.log``. The domain is stopped afterwards (libvirt's save stops it)."""
+    agent = GuestAgent(domain)
+    # sync: the layer holds all the boot wrote; dropping clean caches shrinks the saved state
+    # (every restore reads it) by what the boot read from disk
+    quiesce = "sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null; true"
+    st = agent.run(["/bin/sh", "-c", quiesce], timeout=REFRESH_TIMEOUT)
+    if st.exitcode != 0:
+        raise AgentError("sync in the template's guest failed")
+    state = dest / "state.sav"
+    try:
+        domain.save(str(state))
+    except libvirt.libvirtError as exc:
+        raise HypervisorError(f"libvirt could not save the template: {exc}") from exc
+    os.chmod(state, 0o600)
+    layer = dest / "layer.qcow2"
+    shutil.move(overlay, layer)
+    if qemu_gid is not None:
+        os.chown(layer, 0, qemu_gid, follow_symlinks=False)
+    os.chmod(layer, 0o440 if qemu_gid is not None else 0o400)
+    shutil.copyfile(boot_log, dest / "boot.log")
+    os.chmod(dest / "boot.log", 0o600)
+
+
+def warm_boot_log(template: TemplateFiles, boot_log: Path) -> None:
+    """A warm-started VM's boot log starts by saying so, with the template's boot log; the
+    restored console appends to it."""
+    fd = os.open(
+        boot_log, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+    )
+    with os.fdopen(fd, "wb") as out:
+        out.write(f"glite-vm: warm start from template {template.key}; its boot log:\n".encode())
+        with open(template.boot_log, "rb") as src:
+            shutil.copyfileobj(src, out, 1 << 20)
+        stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+        out.write(f"\nglite-vm: restored from the template at {stamp}\n".encode())
+
+
+def new_mac() -> str:
+    """A random locally administered MAC address in QEMU's range."""
+    return "52:54:00:" + ":".join(f"{b:02x}" for b in secrets.token_bytes(3))
+
+
+__all__ = [
+    "TEMPLATE_FORMAT",
+    "TemplateFiles",
+    "new_mac",
+    "refresh_clone",
+    "restore_clone",
+    "save_template",
+    "warm_boot_log",
+]
