@@ -80,6 +80,73 @@ class Retention:
         return ",".join(parts) or "none"
 
 
+@dataclasses.dataclass(frozen=True)
+class Prefetch:
+    """The warm set an execute host's service keeps in its cache (``GLITE_VM_PREFETCH``,
+    docs/images.md, "Pre-staging").
+
+    Text: catalogue names and at most one ``top:N`` (the ``N`` catalogue images this host's
+    jobs used most), separated by commas or blanks: ``"debian-12, sl6"``, ``"top:5"``,
+    ``"debian-12 top:3"``; empty or ``"none"``: nothing. Whether a name is in the catalogue is
+    the catalogue's to say (the service logs names it does not list).
+    """
+
+    names: tuple[str, ...] = ()
+    top: int = 0
+
+    @classmethod
+    def parse(cls, text: str) -> Prefetch:
+        items = [p for p in text.replace(",", " ").split() if p]
+        if [i.lower() for i in items] in ([], ["none"]):
+            return cls()
+        names: list[str] = []
+        top: int | None = None
+        example = "write catalogue names and/or 'top:N', e.g. 'debian-12, sl6' or 'top:5'"
+        for item in items:
+            if item.lower().startswith("top:"):
+                count = item[4:]
+                if not count.isdigit() or int(count) < 1:
+                    raise ValueError(
+                        f"{item!r}: top:N needs a whole number N of at least 1 "
+                        f"(the N most used images); {example}"
+                    )
+                if top is not None:
+                    raise ValueError(f"top:N given twice ({text!r}); {example}")
+                top = int(count)
+            elif "/" in item or ":" in item or item.startswith(("-", ".")):
+                raise ValueError(
+                    f"{item!r} is not a catalogue name (pre-staging takes no URLs or paths: "
+                    f"custom images are their owners'); {example}"
+                )
+            elif item not in names:
+                names.append(item)
+        return cls(tuple(names), top or 0)
+
+    def __bool__(self) -> bool:
+        return bool(self.names or self.top)
+
+    def __str__(self) -> str:
+        return " ".join([*self.names, *([f"top:{self.top}"] if self.top else [])]) or "none"
+
+
+def _rate(text: str) -> int | None:
+    """Bytes per second of ``GLITE_VM_PREFETCH_RATE``: a size per second (``20MB/s``,
+    ``500KiB/s``); ``unlimited`` (or empty) for no cap."""
+    value = text.strip()
+    if value.lower() in ("", "unlimited", "none"):
+        return None
+    size, slash, per = value.replace(" ", "").rpartition("/")
+    if not slash or per.lower() not in ("s", "sec"):
+        raise ValueError(
+            f"{value!r} is not a rate; write a size per second, e.g. '20MB/s' or '500KiB/s', "
+            "or 'unlimited'"
+        )
+    rate = parse_size(size, "rate")
+    if rate < 1024:
+        raise ValueError(f"{value!r} is below 1KiB/s; write e.g. '20MB/s', or 'unlimited'")
+    return rate
+
+
 def _bool(v: str) -> bool:
     s = v.strip().lower()
     if s in ("1", "true", "yes", "on"):
@@ -230,6 +297,11 @@ class Settings:
     max_image_virtual_bytes: int = _size(64 * GIB)
     max_image_file_bytes: int = _size(32 * GIB)
     download_timeout: float = _seconds(60.0)  # without progress before a download fails
+    # pre-staging (docs/images.md): the warm set the service fetches in the background, at
+    # most this many bytes a second, checked at start and every prefetch_interval
+    prefetch: Prefetch = dataclasses.field(default_factory=Prefetch)
+    prefetch_rate: int | None = dataclasses.field(default=20 * MIB, metadata={"parse": _rate})
+    prefetch_interval: float = _seconds(600.0)
     lock_timeout: float = _seconds(1800.0)  # a job waits for another job's download
     # VM sizing bounds and defaults (the site's historical VM: 1 core / 2 GB / 30 GB)
     default_cpus: int = _count(1, 1)
@@ -416,6 +488,7 @@ _PARSERS: dict[object, Callable[[str], Any]] = {
     "bool": _bool,
     "tuple[str, ...]": _list,
     "Retention": Retention.parse,
+    "Prefetch": Prefetch.parse,
 }
 
 

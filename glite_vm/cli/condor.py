@@ -19,6 +19,7 @@ from glite_vm.condor.config import (
     ExecuteHostConfig,
     hook_script,
     render_execute_config,
+    render_negotiator_config,
 )
 from glite_vm.config import Settings
 from glite_vm.errors import UserError
@@ -77,6 +78,12 @@ def register(subparsers: argparse._SubParsersAction[argparse.ArgumentParser]) ->
         default=None,
         help="VM disk per slot, with a unit (default: GLITE_VM_SLOT_DISK_BYTES, 30GiB)",
     )
+    p.add_argument(
+        "--central-manager",
+        action="store_true",
+        help="print the central manager's snippet instead: a NEGOTIATOR_PRE_JOB_RANK that "
+        "sends jobs to idle slots whose host already holds their image (docs/condor.md)",
+    )
     p.add_argument("-o", "--output", type=Path, help="write the snippet here instead of stdout")
     p.set_defaults(handler=handle_config)
 
@@ -127,6 +134,8 @@ def _running_glite_vm() -> Path:
 
 
 def handle_config(args: argparse.Namespace, settings: Settings) -> int:
+    if args.central_manager:
+        return _write_snippet(args.output, render_negotiator_config())
     # The options override the settings' layout, which the snippet then carries for the
     # service (GLITE_VM_SLOTS, ...): both read the same slots.
     base = SlotLayout.from_settings(settings)
@@ -145,11 +154,14 @@ def handle_config(args: argparse.Namespace, settings: Settings) -> int:
         glite_vm=(args.glite_vm or _running_glite_vm()).absolute(),
         layout=layout,
     )
-    text = render_execute_config(cfg)
-    if args.output is None:
+    return _write_snippet(args.output, render_execute_config(cfg))
+
+
+def _write_snippet(output: Path | None, text: str) -> int:
+    if output is None:
         sys.stdout.write(text)
     else:
-        args.output.write_text(text)
+        output.write_text(text)
     return 0
 
 

@@ -98,6 +98,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from prometheus_client import disable_created_metrics  # noqa: PLC0415
 
     from glite_vm.service.metrics import ServiceMetrics  # noqa: PLC0415
+    from glite_vm.service.prefetch import Prefetcher  # noqa: PLC0415
     from glite_vm.service.registry import VmRegistry  # noqa: PLC0415 - libvirt: only here
     from glite_vm.service.server import ServiceServer  # noqa: PLC0415
     from glite_vm.vm import libvirt_events  # noqa: PLC0415
@@ -147,7 +148,12 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
             len(registry.active()),
             socket_path,
         )
-        server.serve(stop)
+        prefetcher = Prefetcher(settings, registry.metrics)
+        prefetcher.start()  # the warm set, in the background (GLITE_VM_PREFETCH)
+        try:
+            server.serve(stop)
+        finally:
+            prefetcher.stop()
     finally:
         host.conn.close()
         libvirt_events.stop()  # after the connection: it answers libvirt's keepalives

@@ -7,11 +7,16 @@ The startd runs it every ``STARTD_CRON_GLITE_VM_ADVERTISE_PERIOD`` as the ``cond
     GliteVmCachedImages = "debian-12,..." # images the local cache holds (catalogue names, URLs)
     GliteVmCacheFreeBytes = 12345         # bytes a new image may still take in the cache
     GliteVmNetworks = "none,user"         # networks a job may ask for (GliteVmNetwork)
+    GliteVmServiceUp = true               # the service answered a ping just now
 
 so a submit file can ``rank = stringListMember(GliteVmImage, GliteVmCachedImages)``. The
 networks are ``GLITE_VM_NETWORK`` (the default, first) and ``GLITE_VM_JOB_NETWORKS``; the START
 expression of ``glite-vm config`` already keeps jobs off hosts that do not offer theirs, from the
-same knobs.
+same knobs. ``GliteVmServiceUp = false`` keeps new jobs away while the host's service does not
+answer (the START expression of ``glite-vm config`` reads it; an unknown value counts as up, so a
+host is not shut out before its first report); jobs already running there end with the
+launcher's error and, with ``max_retries``/``retry_until`` as the templates show, run again
+elsewhere.
 ``GliteVmRootEnabled`` is not here: it is per slot, from the configuration (``glite-vm config``).
 
 It must be cheap and bounded: it reads the cache's files and the *remembered* hypervisor
@@ -48,6 +53,7 @@ class HostFacts:
     cache_free_bytes: int | None
     problems: tuple[str, ...] = ()
     networks: tuple[str, ...] = ()
+    service_up: bool | None = None
 
     def ad_attributes(self) -> dict[str, AdValue]:
         out: dict[str, AdValue] = {}
@@ -59,6 +65,8 @@ class HostFacts:
             out["GliteVmCacheFreeBytes"] = self.cache_free_bytes
         if self.networks:
             out["GliteVmNetworks"] = ",".join(self.networks)
+        if self.service_up is not None:
+            out["GliteVmServiceUp"] = self.service_up
         return out
 
 
@@ -115,6 +123,28 @@ def _free_bytes_at(path: Path) -> int:
     return 0
 
 
+#: Bounds of the advertiser's ping: a service this slow to answer is no use to a new job either.
+PING_CONNECT_TIMEOUT: Final = 2.0
+PING_IDLE_TIMEOUT: Final = 5.0
+
+
+def service_answers(settings: Settings) -> tuple[bool, str]:
+    """Whether the service at ``settings.socket_path`` answers a ping, and why not."""
+    from glite_vm.errors import GliteVmError  # noqa: PLC0415
+    from glite_vm.service.client import ServiceClient  # noqa: PLC0415 - only the advertiser
+
+    client = ServiceClient(
+        settings.socket_path,
+        connect_timeout=PING_CONNECT_TIMEOUT,
+        idle_timeout=PING_IDLE_TIMEOUT,
+    )
+    try:
+        client.ping()
+    except (GliteVmError, OSError) as exc:
+        return False, f"the service at {settings.socket_path} does not answer: {exc}"
+    return True, ""
+
+
 def collect(settings: Settings) -> HostFacts:
     problems: list[str] = []
     images: tuple[str, ...] | None = None
@@ -126,7 +156,12 @@ def collect(settings: Settings) -> HostFacts:
     hvs = hypervisors(settings)
     if hvs is None:
         problems.append("no QEMU found: GliteVmHypervisors not advertised")
-    return HostFacts(hvs, images, free, tuple(problems), networks=settings.allowed_networks)
+    up, why = service_answers(settings)
+    if not up:
+        problems.append(why + "; GliteVmServiceUp = false keeps new jobs away")
+    return HostFacts(
+        hvs, images, free, tuple(problems), networks=settings.allowed_networks, service_up=up
+    )
 
 
 def render(facts: HostFacts) -> str:

@@ -14,6 +14,12 @@ Knob names and behaviour were checked against HTCondor 25.0.13 (docs/condor.md):
 * The negotiator's default ``NEGOTIATOR_PRE_JOB_RANK`` starts with ``10000000 * My.Rank``, so
   a slot ``RANK`` that is higher on user slots makes ordinary jobs prefer them; the ``RANK``
   is constant per slot, so it never preempts a running job.
+* Cache-aware matching lives in the central manager's ``NEGOTIATOR_PRE_JOB_RANK``
+  (:func:`render_negotiator_config`), not in the slot's ``RANK``: a slot ``RANK`` that depends
+  on the job makes a job whose image the host holds a candidate for *Rank preemption* of a
+  running job that does not (the negotiator sorts candidates by the pre-job rank, then the
+  job's ``RANK``, then ``NEGOTIATOR_POST_JOB_RANK``; a slot whose ``RANK`` for a new job beats
+  its running job's is a preemption candidate even with ``PREEMPT = False``).
 """
 
 from __future__ import annotations
@@ -172,6 +178,36 @@ class ExecuteHostConfig:
         )
 
 
+#: HTCondor 25.0's default ``NEGOTIATOR_PRE_JOB_RANK`` (``condor_config_val`` of the release).
+DEFAULT_PRE_JOB_RANK: Final = (
+    "(10000000 * My.Rank) + (1000000 * (RemoteOwner =?= UNDEFINED)) - (100000 * Cpus) - Memory"
+)
+#: The weight of "this slot's host holds the job's image" in the pre-job rank: below the slot's
+#: own RANK (user slots before root slots) and below "the slot is idle" (never preempt for a
+#: cache hit), above the default's size terms for slots of up to 4 CPUs and 400 GiB.
+CACHED_IMAGE_WEIGHT: Final = 500000
+
+
+def render_negotiator_config() -> str:
+    """The central manager's snippet (``glite-vm config --central-manager``): the default
+    pre-job rank plus a term for slots whose host advertises the job's image in
+    ``GliteVmCachedImages`` (docs/condor.md, "Cache-aware matching")."""
+    lines = [
+        f"# glite-vm {__version__}: central-manager configuration, written by "
+        "`glite-vm config --central-manager`.",
+        "# Regenerate rather than edit; `condor_reconfig` the negotiator after a change.",
+        "",
+        "# --- cache-aware matching: prefer an idle slot whose host already holds the job's",
+        "# image (GliteVmImage in GliteVmCachedImages, from `glite-vm advertise`) ---",
+        "GLITE_VM_HAS_IMAGE = "
+        "(stringListMember(TARGET.GliteVmImage, MY.GliteVmCachedImages) =?= True)",
+        "NEGOTIATOR_PRE_JOB_RANK = (10000000 * My.Rank) + "
+        "(1000000 * (RemoteOwner =?= UNDEFINED)) + "
+        f"({CACHED_IMAGE_WEIGHT} * $(GLITE_VM_HAS_IMAGE)) - (100000 * Cpus) - Memory",
+    ]
+    return "\n".join(lines) + "\n"
+
+
 def _slot_type(n: int, count: int, layout: SlotLayout) -> list[str]:
     return [
         f"SLOT_TYPE_{n} = cpus={layout.cpus}, memory={layout.memory_mib}, disk=1/{layout.slots}",
@@ -254,7 +290,10 @@ def render_execute_config(cfg: ExecuteHostConfig) -> str:
         "GLITE_VM_NETWORK_OK = (TARGET.GliteVmNetwork =?= undefined || "
         'stringListsIntersect(TARGET.GliteVmNetwork, "$(GLITE_VM_NETWORK), '
         '$(GLITE_VM_JOB_NETWORKS)", ", "))',
-        "GLITE_VM_START = $(GLITE_VM_IMAGE_OK) && $(GLITE_VM_NETWORK_OK) && "
+        "# no new jobs while the host's service does not answer (`glite-vm advertise`)",
+        "GLITE_VM_SERVICE_OK = (MY.GliteVmServiceUp =!= False)",
+        "GLITE_VM_START = $(GLITE_VM_SERVICE_OK) && $(GLITE_VM_IMAGE_OK) && "
+        "$(GLITE_VM_NETWORK_OK) && "
         "ifThenElse($(GLITE_VM_ROOT_JOB), "
         "MY.GliteVmRootEnabled =?= True && $(GLITE_VM_ROOT_USER_OK), True)",
         "START = ($(START)) && $(GLITE_VM_START)",

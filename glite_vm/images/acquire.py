@@ -25,6 +25,7 @@ from glite_vm.images.catalogue import CatalogueEntry, FileRef, load_catalogue
 from glite_vm.images.download import Progress
 from glite_vm.images.leases import LeaseRecord
 from glite_vm.images.sources import check_sha256, classify_ref, file_prefixes
+from glite_vm.images.usage import record_use
 
 log = logging.getLogger(__name__)
 
@@ -117,6 +118,7 @@ def acquire_image(
     session: requests.Session | None = None,
     reader: Reader | None = None,
     observer: CacheObserver | None = None,
+    count_use: bool = True,
 ) -> ImageLease:
     """Resolve ``ref`` to a verified, leased image in the local cache, fetching it if needed.
 
@@ -129,7 +131,9 @@ def acquire_image(
     caller: uid, gid, groups; default this process's): a job gets no file its owner could not
     read, and only a file that, opened, really lies under an allowed ``file://`` prefix.
     ``observer`` hears of the downloads and evictions this makes
-    (:mod:`glite_vm.images.cache_observer`).
+    (:mod:`glite_vm.images.cache_observer`). A catalogue image's use is counted
+    (:mod:`glite_vm.images.usage`, what pre-staging's ``top:N`` reads) unless ``count_use`` is
+    false (pre-staging itself).
 
     Raises hold-class errors (RequestError, UnknownImageError, ChecksumMismatchError,
     ImageRefusedError, ImageNotFoundError) when the request must change, requeue-class errors
@@ -177,6 +181,8 @@ def acquire_image(
     finally:
         if own_session:
             session.close()
+    if entry is not None and count_use:
+        record_use(cache, entry.name)
     disk = acquired[0].entry
     image = ResolvedImage(
         name=parsed.label,

@@ -142,7 +142,20 @@ class PersonalPool:
     def libexec(self) -> Path:
         return self.prefix / "libexec"
 
-    def start(self, extra_config: str, timeout: float = 90.0) -> None:
+    def start(
+        self,
+        extra_config: str,
+        timeout: float = 90.0,
+        *,
+        collector_port: int | None = None,
+        ready: Callable[[PersonalPool], object] | None = None,
+    ) -> None:
+        """Write the configuration with ``personal-pool.sh`` and start ``condor_master``.
+
+        By default this machine is a whole pool and is up once a slot shows. A machine of a
+        larger pool (tests/condor/site.py) names the ``collector_port`` of its central manager
+        and says with ``ready(pool)`` when it is up (its own daemons are in ``extra_config``'s
+        ``DAEMON_LIST``)."""
         script = find_tarball().parent / "personal-pool.sh"
         extra = self.prefix / "extra.conf"
         # A starter whose PREPARE_JOB just failed ignores a fast shutdown until the startd
@@ -150,8 +163,10 @@ class PersonalPool:
         # HTCondor 25 gives each job private /tmp and /var/tmp (MOUNT_UNDER_SCRATCH): a
         # checkout, and with it the launcher's Python, under /tmp would vanish for the job.
         extra.write_text("KILLING_TIMEOUT = 5\nMOUNT_UNDER_SCRATCH =\n" + extra_config)
-        self.port = free_port()
+        self.port = collector_port or free_port()
         env = dict(self.env, CONDOR_PORT=str(self.port), CONDOR_EXTRA_CONFIG=str(extra))
+        if ready is not None:
+            env["CONDOR_NO_START"] = "1"
         command = ["bash", str(script), str(self.prefix), str(self.local_dir)]
         if self.standard_devpts:
             command = [*STANDARD_DEVPTS, *command]
@@ -164,12 +179,28 @@ class PersonalPool:
                 text=True,
                 timeout=timeout,
             )
+            if ready is not None:
+                master = [str(self.prefix / "sbin" / "condor_master")]
+                if self.standard_devpts:
+                    master = [*STANDARD_DEVPTS, *master]
+                subprocess.run(
+                    master,
+                    env=self.env,
+                    check=True,
+                    capture_output=True,
+                    text=True,
+                    timeout=30,
+                )
+                wait_until(f"the daemons of {self.prefix}", lambda: ready(self), timeout)
         except subprocess.CalledProcessError as exc:
             self.stop()
             raise PoolError(f"personal-pool.sh failed: {exc.stdout}{exc.stderr}") from None
         except subprocess.TimeoutExpired:
             self.stop()
             raise PoolError(f"personal-pool.sh did not finish within {timeout:.0f} s") from None
+        except PoolError:
+            self.stop()
+            raise
 
     # -- running tools ----------------------------------------------------------------------
 

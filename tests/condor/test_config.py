@@ -10,10 +10,13 @@ import pytest
 
 from glite_vm.cli.main import main
 from glite_vm.condor.config import (
+    CACHED_IMAGE_WEIGHT,
     CRON_JOBS,
+    DEFAULT_PRE_JOB_RANK,
     HOOK_FILES,
     ExecuteHostConfig,
     render_execute_config,
+    render_negotiator_config,
 )
 from glite_vm.config import Settings
 from glite_vm.slots import SlotLayout
@@ -153,6 +156,14 @@ def test_root_jobs_match_only_root_slots(htcondor_release: Path, tmp_path: Path)
     assert evaluate(start, USER_SLOT, user_job(GliteVmRoot=False)) is True
 
 
+def test_a_host_whose_service_is_down_takes_no_jobs(htcondor_release: Path, tmp_path: Path) -> None:
+    start, _ = policy(htcondor_release, tmp_path, snippet())
+    down = {**USER_SLOT, "GliteVmServiceUp": False}
+    assert evaluate(start, down, user_job()) is False
+    assert evaluate(start, {**USER_SLOT, "GliteVmServiceUp": True}, user_job()) is True
+    assert evaluate(start, USER_SLOT, user_job()) is True  # not reported yet: counts as up
+
+
 def test_root_users_narrow_who_matches_root_slots(htcondor_release: Path, tmp_path: Path) -> None:
     start, _ = policy(htcondor_release, tmp_path, snippet(root_users=("alice", "bob")))
     assert evaluate(start, ROOT_SLOT, root_job(Owner="bob")) is True
@@ -286,3 +297,23 @@ def test_the_command_prints_the_snippet(
     assert main(["config", "--memory", "lots"]) == 125
     assert main(["config", "--memory", "2048"]) == 125  # MiB? bytes? the unit is required
     assert "--memory: '2048' has no unit; write e.g. '2048MiB'" in capsys.readouterr().err
+
+
+def test_the_central_managers_rank_is_the_default_plus_the_cached_image_term(
+    htcondor_release: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    default = read_config(htcondor_release, tmp_path / "a", "# nothing\n")
+    assert default["NEGOTIATOR_PRE_JOB_RANK"] == DEFAULT_PRE_JOB_RANK
+    assert main(["config", "--central-manager"]) == 0
+    printed = capsys.readouterr().out
+    assert printed == render_negotiator_config()
+    ours = read_config(htcondor_release, tmp_path / "b", printed)["NEGOTIATOR_PRE_JOB_RANK"]
+    term = (
+        f" + ({CACHED_IMAGE_WEIGHT} * "
+        "(stringListMember(TARGET.GliteVmImage, MY.GliteVmCachedImages) =?= True))"
+    )
+    # the default's terms, in order, with ours between "idle first" and the size terms: the
+    # slot's own RANK and an idle slot still count for more than a cached image
+    head, sep, tail = DEFAULT_PRE_JOB_RANK.partition(" - (100000 * Cpus)")
+    assert ours == head + term + sep + tail
+    assert 1000000 > CACHED_IMAGE_WEIGHT > 4 * 100000
