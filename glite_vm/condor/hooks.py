@@ -187,7 +187,7 @@ def input_names(scratch: Path) -> list[str]:
 
 
 def launcher_arguments(socket_path: Path, vm: str, inputs: Sequence[str]) -> list[str]:
-    """What the launcher is called with (see :func:`glite_vm.condor.launcher.parse_arguments`).
+    """What the launcher is called with (see :func:`glite_vm.condor.payload.parse_arguments`).
 
     The socket path travels along because the job's environment has no ``CONDOR_CONFIG``: the
     launcher may not see the knob that set it.

@@ -440,7 +440,7 @@ def v2_quote(words: Iterable[str]) -> str:
     """HTCondor's V2 syntax of the job ad's ``Arguments`` and ``Environment``: every word in
     single quotes, a single quote doubled (``'a b' 'it''s'``).
 
-    :func:`glite_vm.condor.launcher.split_v2_arguments` reads it back. A submit file wraps it in
+    :func:`glite_vm.condor.payload.split_v2_arguments` reads it back. A submit file wraps it in
     double quotes and doubles those too (:func:`glite_vm.api.submit_language.submit_words`).
     """
     return " ".join("'" + w.replace("'", "''") + "'" for w in words)

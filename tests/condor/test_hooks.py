@@ -35,14 +35,8 @@ from glite_vm.condor.config import (
 )
 from glite_vm.condor.hooks import HookContext, job_exit, prepare_job
 from glite_vm.condor.jobad import HOST_FAILURES_ATTR, HOST_FAILURES_HOLD_CODE, AdValue
-from glite_vm.condor.launcher import (
-    LAUNCHER_FAILURE_EXIT,
-    LauncherArgs,
-    LauncherContext,
-    parse_environment,
-    payload_from_job_ad,
-    split_v2_arguments,
-)
+from glite_vm.condor.launcher import LAUNCHER_FAILURE_EXIT, LauncherArgs, LauncherContext
+from glite_vm.condor.payload import parse_environment, payload_from_job_ad, split_v2_arguments
 from glite_vm.config import Settings
 from glite_vm.errors import AgentError, BootError, RequestError, UnknownImageError
 from glite_vm.request import JobRequest

@@ -27,7 +27,7 @@ from glite_vm.condor.jobad import (
     status_code,
     v2_quote,
 )
-from glite_vm.condor.launcher import split_v2_arguments
+from glite_vm.condor.payload import split_v2_arguments
 from glite_vm.config import Settings
 from glite_vm.errors import (
     BootError,

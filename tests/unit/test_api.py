@@ -37,7 +37,7 @@ from glite_vm.api.pool import (
 )
 from glite_vm.api.results import JobHandle, JobState, Result, result_from_ad
 from glite_vm.api.vmjob import VmJob
-from glite_vm.condor.launcher import parse_arguments, parse_environment, split_v2_arguments
+from glite_vm.condor.payload import parse_arguments, parse_environment, split_v2_arguments
 from glite_vm.config import Settings
 from glite_vm.errors import Disposition, RequestError
 from glite_vm.request import KeepSnapshot

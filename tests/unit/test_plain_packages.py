@@ -28,6 +28,7 @@ HOOK_MODULES = {
     "glite_vm.condor.hooks",
     "glite_vm.condor.jobad",  # job ad -> request
     "glite_vm.condor.launcher",
+    "glite_vm.condor.payload",  # what the job runs, from its ad
     "glite_vm.condor.under_starter",  # what hooks and launcher share: service, chirp, signals
     "glite_vm.config",
     "glite_vm.errors",
