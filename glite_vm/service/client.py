@@ -333,14 +333,10 @@ class ShellSession:
         wait = timeout
         while self.outcome is None:
             try:
-                line = self._lines.next(wait)
+                line = self._next_line(wait)
             except TimeoutError:
                 break
-            except OSError as exc:
-                raise self._client._unavailable(f"connection lost during shell: {exc}") from exc
             wait = 0.0
-            if line is None:
-                raise self._client._unavailable("the service closed the connection during shell")
             self._heard = time.monotonic()
             message = protocol.decode(line)
             if message.get("beat") or message.get("ready"):
@@ -369,6 +365,19 @@ class ShellSession:
     def __exit__(self, *_exc: object) -> None:
         self.close()
 
+    def _next_line(self, wait: float) -> bytes:
+        """The service's next line within ``wait`` seconds (TimeoutError: none yet); a lost or
+        closed connection is ServiceUnavailableError."""
+        try:
+            line = self._lines.next(wait)
+        except TimeoutError:  # an OSError too, but only a quiet moment
+            raise
+        except OSError as exc:
+            raise self._client._unavailable(f"connection lost during shell: {exc}") from exc
+        if line is None:
+            raise self._client._unavailable("the service closed the connection during shell")
+        return line
+
     def _wait_ready(self, timeout: float) -> None:
         deadline = time.monotonic() + timeout
         while True:
@@ -376,13 +385,9 @@ class ShellSession:
             if left <= 0:
                 raise self._client._unavailable(f"the shell did not start within {timeout:g} s")
             try:
-                line = self._lines.next(left)
+                line = self._next_line(left)
             except TimeoutError:
                 continue
-            except OSError as exc:
-                raise self._client._unavailable(f"connection lost during shell: {exc}") from exc
-            if line is None:
-                raise self._client._unavailable("the service closed the connection during shell")
             message = protocol.decode(line)
             if message.get("ready"):
                 self._heard = time.monotonic()
