@@ -44,7 +44,10 @@ _TERM_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,63}")
 # the next session), wait up to two seconds for them to go, then kill what is left; never
 # PID 1 or this script. /proc/PID/stat's seventh field is the controlling terminal's device
 # number (the second field, the command name, may hold spaces and parentheses: the fields are
-# read after the last ")"); zombies are gone already.
+# read after the last ")"); zombies are gone already. Holders are found by the kernel's
+# descriptors themselves (`-ef`: the same device node), never by parsing `ls -l`, whose output
+# a guest user shapes with file names (a line break and a fake "/proc/PID/fd:" would make root
+# kill any process).
 _HANGUP_FUNCTION = r"""
 tty_pids() {
     for p in /proc/[0-9]*; do
@@ -53,11 +56,10 @@ tty_pids() {
         set -- $s
         [ "$5" = "$nr" ] && [ "$1" != Z ] && echo "${p#/proc/}"
     done
-    ls -l /proc/[0-9]*/fd 2>/dev/null | while read -r line; do
-        case $line in
-            /proc/*/fd:) pid=${line#/proc/}; pid=${pid%/fd:} ;;
-            *" -> $tty") echo "$pid" ;;
-        esac
+    for p in /proc/[0-9]*; do
+        for f in "$p"/fd/*; do
+            [ "$f" -ef "$tty" ] && { echo "${p#/proc/}"; break; }
+        done
     done
 }
 signal_tty() {

@@ -6,6 +6,7 @@ flood of shells)."""
 
 from __future__ import annotations
 
+import select
 import subprocess
 import sys
 import time
@@ -194,3 +195,65 @@ def test_a_root_jobs_shell_is_root_and_an_ordinary_jobs_is_not(
             ok(starter.call(alice, "teardown", vm=vm, failed=False))
     finally:
         starter.stop()
+
+
+def _rss_kib(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise AssertionError(f"no VmRSS for {pid}")
+
+
+def test_a_client_that_stops_reading_a_flood_of_output_costs_the_service_nothing(
+    service: ServiceProcess, svc_root: Path, alice: Account
+) -> None:
+    """alice's guest writes without end to the shell's terminal while her client reads
+    nothing (its own output goes to a pipe nobody reads): the service must neither buffer the
+    flood nor keep the session's slot, thread and VM terminal forever (it gives a client
+    ``SEND_TIMEOUT`` to read)."""
+    scratch = make_scratch(svc_root, alice, "shell-stall")
+    vm = prepare(service, alice, scratch)["vm"]
+    before = _rss_kib(service.pid)
+    stalled = subprocess.Popen(
+        [
+            *as_user(alice),
+            sys.executable,
+            "-m",
+            "glite_vm",
+            "shell",
+            vm,
+            "--",
+            "sh",
+            "-c",
+            "while :; do cat /bin/busybox; done",
+        ],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,  # never read
+        stderr=subprocess.DEVNULL,
+        env=cli_env(service),
+        cwd="/",
+    )
+    try:
+        # the flood reaches the client (whose pipe then fills): the session is open
+        assert stalled.stdout is not None
+        ready, _, _ = select.select([stalled.stdout], [], [], 120)
+        assert ready and stalled.poll() is None
+        busy = cli(service, alice, "shell", vm, "--", "true")
+        assert busy.returncode == 125 and "already has a shell open" in busy.stderr, busy.stderr
+        # the session is dropped by the service, so the next one may start
+        wait_for(
+            "a new shell while the stalled client still lives",
+            lambda: cli(service, alice, "shell", vm, "--", "true").returncode == 0,
+            timeout=240,  # the service waits SEND_TIMEOUT (120 s) for a client to read
+            step=5.0,
+        )
+        assert stalled.poll() is None  # it never read: the service let go, not the client
+        grown = _rss_kib(service.pid) - before
+        assert grown < 64 << 10, f"the service grew by {grown} KiB"
+        # the flood in the guest was hung up with its session
+        left = cli(service, alice, "shell", vm, "--", "sh", "-c", "ps | grep -c '[c]at /bin'")
+        assert left.stdout.strip() == "0", left.stdout
+    finally:
+        stalled.kill()
+        stalled.wait()
+        ok(call(service, alice, "teardown", vm=vm, failed=False))

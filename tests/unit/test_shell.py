@@ -394,6 +394,40 @@ def test_hanging_up_ends_every_process_of_that_terminal_and_no_other(
             os.close(fd)
 
 
+def test_file_names_shaped_by_a_guest_user_never_choose_whom_the_hangup_kills(
+    tools: tuple[str, str], tmp_path: Path
+) -> None:
+    """A guest user opens a file named "b<LF>/proc/PID/fd:<LF>x -> /dev/ttyS1" (directories
+    make the slashes) and keeps it open in a process of its own: GNU ls prints names as they
+    are, so a holder list parsed from `ls -l` names PID, and root (the hangup runs as root)
+    kills a process that never touched the terminal: the guest agent, sshd, anything."""
+    sh, path = tools
+    master, slave = os.openpty()
+    tty_path = os.ttyname(slave)
+    os.close(slave)
+    victim = subprocess.Popen(["sleep", "300"], stdin=subprocess.DEVNULL)
+    bait_dir = tmp_path / f"b\n/proc/{victim.pid}/fd:\nx -> {os.path.dirname(tty_path)}"
+    bait_dir.mkdir(parents=True)
+    bait_file = bait_dir / os.path.basename(tty_path)
+    bait_file.touch()
+    with open(bait_file, "rb") as held:
+        holder = subprocess.Popen(["sleep", "300"], stdin=held)
+    try:
+        subprocess.run(
+            [sh, "-c", guest_shell.GUEST_HANGUP, "glite-vm", tty_path],
+            env={"PATH": path, "LC_ALL": "C"},
+            check=True,
+            timeout=120,  # a bound for a stuck script, not a speed target
+        )
+        assert victim.poll() is None, "the hangup killed a process named by a file name"
+        assert holder.poll() is None
+    finally:
+        for proc in (victim, holder):
+            proc.kill()
+            proc.wait()
+        os.close(master)
+
+
 def alive(pid: int) -> bool:
     try:
         stat = Path(f"/proc/{pid}/stat").read_text()
