@@ -270,3 +270,58 @@ def test_a_service_killed_in_a_warm_restore_leaves_nothing(
         ok(again.call(alice, "teardown", vm=prepared["vm"], failed=False))
     finally:
         again.stop()
+
+
+def test_a_warm_start_cut_short_by_a_crash_is_never_served(
+    warm_service: ServiceProcess, svc_root: Path, alice: Account, fake_starter: Path
+) -> None:
+    """SIGKILL after the restored VM was recorded but before its preparation ended (the
+    refresh that gives it its own clock, random numbers and machine id; its account and
+    identity): the next start adopts it for teardown only. Its owner cannot run anything in a
+    guest that may still hold the template's random state."""
+    svc = warm_service
+    starter = FakeStarter(fake_starter, svc, "slot1", slot_type=1)
+    answer: dict[str, Any] = {}
+    try:
+        scratch = make_scratch(svc_root / "warm-restart", alice, "unfinished")
+
+        def run() -> None:
+            answer.update(starter.call(alice, "prepare", job_ad=job_ad(), scratch_dir=str(scratch)))
+
+        caller = threading.Thread(target=run, daemon=True)
+        caller.start()
+        vm = recorded_unprepared(svc, caller)
+        assert svc.proc is not None
+        svc.proc.kill()
+        svc.proc.wait(timeout=30)
+        caller.join(timeout=120)
+        assert answer and not answer["ok"], answer
+        svc.start()  # its starter still runs: the VM is not reaped at once
+        try:
+            assert f"adopted {vm}" in svc.log()
+            refused = call(svc, alice, "exec", vm=vm, argv=["cat", "/proc/sys/kernel/random/uuid"])
+            assert not refused["ok"], refused
+            assert refused["type"] == "HostError", refused
+            assert "can only be torn down" in refused["message"]
+        finally:
+            ok(starter.call(alice, "teardown", vm=vm, failed=True))
+    finally:
+        starter.stop()
+    assert not domains_of(alice)
+
+
+def recorded_unprepared(svc: ServiceProcess, caller: threading.Thread) -> str:
+    """Wait until one of alice's VMs has a state file but no ad attributes yet (recorded, not
+    prepared); its name."""
+    vms = state_dir(svc) / "service" / "vms"
+    deadline = time.monotonic() + 120
+    while time.monotonic() < deadline and caller.is_alive():
+        for path in vms.glob("glite-vm-gvm-alice-*.json"):
+            try:
+                state = json.loads(path.read_text())
+            except (OSError, ValueError):
+                continue
+            if not state.get("ad_attributes") and not state.get("finished"):
+                return str(state["vm"])
+        time.sleep(0.002)
+    raise AssertionError("no VM was seen between its record and its preparation")
