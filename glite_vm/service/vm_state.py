@@ -118,7 +118,9 @@ class VmRecord:
         self.lease_job_id = lease_job_id
         self.created = created
         self.lease = lease
-        self.state_lost = state_lost  # adopted without a state file: teardown and reaping only
+        # adopted without a state file, or before its preparation ended: teardown and reaping
+        # only (nothing runs in a guest whose refresh, account or identity may be missing)
+        self.state_lost = state_lost
         self.adopted = adopted
         self.managed = managed  # started for a HTCondor job (else: capped per user, and in age)
         self.ad_attributes: dict[str, object] = {}
@@ -212,6 +214,9 @@ def record_from_state(
     vm.domain = dom
     timings = state.get("timings") or {}
     vm.timings = Timings(**{k: timings.get(k) for k in Timings.__dataclass_fields__})
+    # Ad attributes are written once the VM is ready: a state without them is of a VM whose
+    # preparation the service did not finish (a warm start perhaps not yet refreshed).
+    prepared = bool(state.get("ad_attributes"))
     record = VmRecord(
         vm,
         owner_uid=int(state["owner_uid"]),
@@ -220,7 +225,7 @@ def record_from_state(
         starter_start=state.get("starter_start"),
         lease_job_id=state.get("lease_job_id"),
         created=float(state["created"]),
-        state_lost=bool(state.get("state_lost")),
+        state_lost=bool(state.get("state_lost")) or not prepared,
         adopted=True,
         managed=state.get("managed") is not False,
     )
