@@ -146,6 +146,9 @@ def at_the_moment(
 def test_a_restarted_service_adopts_a_warm_started_vm(
     warm_service: ServiceProcess, svc_root: Path, alice: Account, fake_starter: Path
 ) -> None:
+    """A HTCondor job's warm-started VM (its starter lives on) across ``glite-vm serve``'s
+    stop and start: the new service knows it as the job's and tears it down on request, its
+    kept snapshot merged onto the cached image; nothing of it is left."""
     svc = warm_service
     starter = FakeStarter(fake_starter, svc, "slot1", slot_type=1)
     try:
@@ -193,7 +196,7 @@ def test_a_restarted_service_adopts_a_warm_started_vm(
     assert (booted.returncode, booted.stdout) == (0, "before\n"), booted.stderr
     (meta,) = templates(svc)
     assert lock_free(svc, meta.parent.name)
-    assert not [p for p in leases_in(state_dir(svc)) if vm in p.read_text()]
+    assert not leases_of(svc, f"{ad['ClusterId']}.0/")
 
 
 @pytest.mark.parametrize("moment", ["copying the state", "libvirt restoring"])
