@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import threading
 import time
@@ -37,7 +38,7 @@ from tests.service.svc_support import (
     stdout_of,
     wait_for,
 )
-from tests.support import traversable
+from tests.support import domains_under, traversable
 
 pytestmark = pytest.mark.vm
 TEMPLATE_WAIT = 300.0  # seconds the template made at the service's start may take, loaded
@@ -328,3 +329,31 @@ def recorded_unprepared(svc: ServiceProcess, caller: threading.Thread) -> str:
                 return str(state["vm"])
         time.sleep(0.002)
     raise AssertionError("no VM was seen between its record and its preparation")
+
+
+def test_a_template_build_cut_short_by_a_crash_leaves_no_vm(warm_service: ServiceProcess) -> None:
+    """The service builds a template again at its start (here: it was removed, as eviction
+    would) and is killed while the template's VM boots. The next start takes that VM down
+    (its builder is gone), removes the half-made build and builds the template again."""
+    svc = warm_service
+    (meta,) = templates(svc)
+    svc.stop()
+    shutil.rmtree(meta.parent)
+    svc.start()
+
+    def building() -> list[str]:
+        return [d for d in domains_under(state_dir(svc)) if "-warm-template-" in d]
+
+    wait_for("the template's VM", lambda: len(building()) == 1, 120, 0.05)
+    (vm,) = building()
+    wait_for("the template's VM runs", lambda: domain_running(vm), 60, 0.05)
+    assert svc.proc is not None
+    svc.proc.kill()
+    svc.proc.wait(timeout=30)
+    svc.start()
+    wait_for("the killed build's VM goes", lambda: vm not in building(), SETTLE, 0.5)
+    wait_for("the template is made again", lambda: len(templates(svc)) == 1, TEMPLATE_WAIT)
+    wait_for("no build's VM is left", lambda: not building(), 60, 0.5)
+    assert not list((state_dir(svc) / "cache" / "templates").glob(".build-*"))
+    left = sorted(os.listdir(vm_dirs(svc) / vm)) if (vm_dirs(svc) / vm).exists() else []
+    assert set(left) <= {"boot.log", "domain.xml", "record.json"}, left
