@@ -346,7 +346,8 @@ class LocalService:
             raise HostError(f"the VM {name} was already torn down{why}")
         if entry.state_lost:
             raise HostError(
-                f"the service restarted without the state of {name}; it can only be torn down"
+                f"the service restarted without the state of {name}, or before {name} was "
+                "ready; it can only be torn down"
             )
         return entry
 

@@ -364,7 +364,7 @@ class VmRegistry:
                 name,
                 record.vm.request.job_id,
                 record.owner_uid,
-                ": state lost, teardown only" if record.state_lost else "",
+                ": state lost or not ready, teardown only" if record.state_lost else "",
             )
         for name, state in states.items():
             if orphans_only and owner_alive(state.get("starter_pid"), state.get("starter_start")):

@@ -35,7 +35,7 @@ from glite_vm.service.api import TeardownOutcome
 from glite_vm.service.debug_hold import DebugHoldState
 from glite_vm.vm.domain_xml import JobMetadata
 from glite_vm.vm.lifecycle import BaseImage, Vm, VmHost
-from glite_vm.vm.record import Timings
+from glite_vm.vm.record import Timings, VmFiles
 
 log = logging.getLogger(__name__)
 
@@ -118,7 +118,9 @@ class VmRecord:
         self.lease_job_id = lease_job_id
         self.created = created
         self.lease = lease
-        self.state_lost = state_lost  # adopted without a state file: teardown and reaping only
+        # adopted without a state file, or before its preparation ended: teardown and reaping
+        # only (nothing runs in a guest whose refresh, account or identity may be missing)
+        self.state_lost = state_lost
         self.adopted = adopted
         self.managed = managed  # started for a HTCondor job (else: capped per user, and in age)
         self.ad_attributes: dict[str, object] = {}
@@ -212,6 +214,9 @@ def record_from_state(
     vm.domain = dom
     timings = state.get("timings") or {}
     vm.timings = Timings(**{k: timings.get(k) for k in Timings.__dataclass_fields__})
+    # Ad attributes are written once the VM is ready: a state without them is of a VM whose
+    # preparation the service did not finish (a warm start perhaps not yet refreshed).
+    prepared = bool(state.get("ad_attributes"))
     record = VmRecord(
         vm,
         owner_uid=int(state["owner_uid"]),
@@ -220,7 +225,7 @@ def record_from_state(
         starter_start=state.get("starter_start"),
         lease_job_id=state.get("lease_job_id"),
         created=float(state["created"]),
-        state_lost=bool(state.get("state_lost")),
+        state_lost=bool(state.get("state_lost")) or not prepared,
         adopted=True,
         managed=state.get("managed") is not False,
     )
@@ -235,7 +240,7 @@ def record_from_state(
 def record_from_metadata(host: VmHost, dom: libvirt.virDomain, meta: JobMetadata) -> VmRecord:
     """A domain without a state file (the service died between its start and the state
     file): enough to reap and tear it down, not to run anything in it."""
-    base_path, base_format = _base_image(dom.XMLDesc(0))
+    base_path, base_format = _base_image(dom.XMLDesc(0), VmFiles(Path(meta.vm_dir)))
     request = VMRequest(
         image=meta.image,
         cpus=1,
@@ -312,16 +317,22 @@ def _finished_state(finished: FinishedVm) -> dict[str, Any]:
     }
 
 
-def _base_image(domain_xml: str) -> tuple[Path, str]:
-    """The first backing store of the root disk: the cached base image and its format."""
+def _base_image(domain_xml: str, files: VmFiles) -> tuple[Path, str]:
+    """The cached base image of the root disk and its format: the first backing store, or for
+    a warm-started VM the one under its template layer (``files.template_layer``), which a
+    kept snapshot is merged onto at teardown."""
     root = ET.fromstring(domain_xml)  # noqa: S314 - libvirt's own output
-    backing = root.find("./devices/disk/backingStore")
-    if backing is None:
-        return Path("/nonexistent"), "qcow2"
-    source = backing.find("source")
-    fmt = backing.find("format")
-    path = source.get("file") if source is not None else None
-    return Path(path or "/nonexistent"), (fmt.get("type") if fmt is not None else None) or "qcow2"
+    parent = root.find("./devices/disk")
+    backing = parent.find("backingStore") if parent is not None else None
+    while backing is not None:
+        source = backing.find("source")
+        path = source.get("file") if source is not None else None
+        if path is None or Path(path) != files.template_layer:
+            fmt = backing.find("format")
+            kind = (fmt.get("type") if fmt is not None else None) or "qcow2"
+            return Path(path or "/nonexistent"), kind
+        backing = backing.find("backingStore")
+    return Path("/nonexistent"), "qcow2"
 
 
 __all__ = [

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import os
 import shutil
 import threading
 
@@ -104,7 +105,9 @@ def build_template(
             return store.load(digest)
         reserve(cache, digest, estimate, cache.part_path(digest), f"template of {image.name}")
         try:
-            vm = host.start(shape, image, genid=True)
+            # The building process stands as the VM's starter: if it dies before the save,
+            # the service's next start adopts the VM and reaps it (its "starter" is gone).
+            vm = host.start(shape, image, genid=True, starter_pid=os.getpid())
             try:
                 vm.wait_ready()
                 assert vm.domain is not None

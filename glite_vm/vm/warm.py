@@ -50,7 +50,7 @@ from glite_vm.vm.vm_dir import copy_private, write_private
 log = logging.getLogger(__name__)
 
 #: Bump whenever what a template holds, or how a clone of one is refreshed, changes.
-TEMPLATE_FORMAT = 2  # 2: the VM has glite-vm shell's serial port
+TEMPLATE_FORMAT = 3  # 2: the shell's serial port; 3: a machine id mounted from /run renewed
 REFRESH_TIMEOUT = 60.0
 ENTROPY_BYTES = 64
 
@@ -90,7 +90,15 @@ done
 [ "${rc:-1}" -eq 0 ] || { echo "cannot reseed the kernel's random number generator" >&2; exit 3; }
 if [ -s /etc/machine-id ] && [ ! -L /etc/machine-id ]; then  # the template's: one of its own
     id=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
-    printf '%s\n' "$id" > /etc/machine-id.glite-vm && mv /etc/machine-id.glite-vm /etc/machine-id
+    if grep -q '^[^ ]* [^ ]* [^ ]* [^ ]* /etc/machine-id ' /proc/self/mountinfo 2>/dev/null; then
+        # systemd's id it could not commit to /etc: /run/machine-id mounted over it (perhaps
+        # read-only), which no rename can replace; it is renewed where it lives
+        where=/etc/machine-id; [ -f /run/machine-id ] && where=/run/machine-id
+        printf '%s\n' "$id" > "$where" || echo "cannot renew $where" >&2
+    elif printf '%s\n' "$id" > /etc/machine-id.glite-vm; then
+        mv /etc/machine-id.glite-vm /etc/machine-id \
+            || { rm -f /etc/machine-id.glite-vm; echo "cannot renew /etc/machine-id" >&2; }
+    fi
 fi
 [ "$1" = - ] && exit 0
 for path in /sys/class/net/*; do
