@@ -239,10 +239,17 @@ def cmd_events(args: argparse.Namespace, settings: Settings) -> int:
             )
             if x
         )
-        print(f"{e.time}  {e.event:<9}  {e.vm}  {who}{'  ' + extra if extra else ''}".rstrip())
+        line = f"{e.time}  {e.event:<9}  {e.vm}  {who}{'  ' + extra if extra else ''}".rstrip()
+        print(_printable(line))
     if not found and not args.json:
         print("no events" + ("" if path.exists() else f" ({path} does not exist yet)"))
     return 0
+
+
+def _printable(text: str) -> str:
+    """An event line as a terminal may be given it: a reason can quote a guest or an image
+    (terminal escapes, line breaks), so whatever is not printable shows as ``?``."""
+    return "".join(c if c.isprintable() else "?" for c in text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -42,6 +42,7 @@ import libvirt
 from glite_vm.errors import AgentError, HypervisorError
 from glite_vm.qemu_img import qemu_img
 from glite_vm.vm.agent import GuestAgent
+from glite_vm.vm.boot_watch import clean_line
 from glite_vm.vm.domain_xml import DomainSpec, renamed_domain_xml, restored_domain_xml
 from glite_vm.vm.record import VmFiles
 from glite_vm.vm.save_image import read_header, rewrite_header
@@ -52,6 +53,7 @@ log = logging.getLogger(__name__)
 #: Bump whenever what a template holds, or how a clone of one is refreshed, changes.
 TEMPLATE_FORMAT = 2  # 2: the VM has glite-vm shell's serial port
 REFRESH_TIMEOUT = 60.0
+GUEST_TEXT_LIMIT = 500  # characters of a guest's stderr quoted in an error
 ENTROPY_BYTES = 64
 
 # A static x86-64 program, 392 bytes: open("/dev/urandom", O_WRONLY), ioctl(fd, RNDRESEEDCRNG),
@@ -167,8 +169,14 @@ def merge_template_layer(overlay: Path, layer: Path, base: Path, base_format: st
     layer.unlink(missing_ok=True)
 
 
-def refresh_clone(domain: libvirt.virDomain, *, mac: str | None) -> None:
-    """Make a just-restored guest its own (see the module docstring); AgentError on failure."""
+def refresh_clone(
+    domain: libvirt.virDomain, *, mac: str | None, timeout: float = REFRESH_TIMEOUT
+) -> None:
+    """Make a just-restored guest its own (see the module docstring) within ``timeout``
+    seconds (at most :data:`REFRESH_TIMEOUT`); AgentError on failure, whose message quotes
+    what the guest said as one printable line (:func:`guest_text`): the guest is the image's,
+    and its words go to logs, the event log and admins' terminals."""
+    deadline = time.monotonic() + min(timeout, REFRESH_TIMEOUT)
     agent = GuestAgent(domain)
     handle = agent.open("/dev/urandom", "w")
     try:
@@ -177,19 +185,34 @@ def refresh_clone(domain: libvirt.virDomain, *, mac: str | None) -> None:
         agent.close(handle)
     st = agent.run(
         ["/bin/sh", "-c", _REFRESH, "glite-vm-refresh", mac or "-", f"{time.time():.3f}"],
-        timeout=REFRESH_TIMEOUT,
+        timeout=_left(deadline),
         input_data=RESEED_PROGRAM,
     )
     if st.exitcode == 5 and st.signal is None:  # no date that sets the clock: the agent's way
         _set_clock(agent)
         st = agent.run(
             ["/bin/sh", "-c", _REFRESH, "glite-vm-refresh", mac or "-", "-"],
-            timeout=REFRESH_TIMEOUT,
+            timeout=_left(deadline),
             input_data=RESEED_PROGRAM,
         )
     if st.exitcode != 0 or st.signal is not None:
-        detail = st.stderr.decode("utf-8", "replace").strip()[:500]
+        detail = guest_text(st.stderr)
         raise AgentError(f"refreshing the restored guest failed (status {st.exitcode}): {detail}")
+
+
+def _left(deadline: float) -> float:
+    return max(1.0, round(deadline - time.monotonic(), 1))
+
+
+def guest_text(data: bytes, limit: int = GUEST_TEXT_LIMIT) -> str:
+    """What a guest wrote, as one line any reader may be shown: terminal escapes and carriage
+    returns removed, line breaks `` | ``, other characters that are not printable (C0 and C1
+    controls, invalid UTF-8) ``?``, at most ``limit`` characters ending in ``...``."""
+    text = data[: 8 * limit].decode("utf-8", "replace")
+    lines = (clean_line(line).strip() for line in text.splitlines())
+    flat = " | ".join(line for line in lines if line)
+    safe = "".join(c if c.isprintable() else "?" for c in flat)
+    return safe if len(safe) <= limit else safe[: limit - 3] + "..."
 
 
 def _set_clock(agent: GuestAgent) -> None:
@@ -249,6 +272,7 @@ def new_mac() -> str:
 __all__ = [
     "TEMPLATE_FORMAT",
     "TemplateFiles",
+    "guest_text",
     "new_mac",
     "refresh_clone",
     "restore_clone",
