@@ -10,6 +10,7 @@ from __future__ import annotations
 import gzip
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -198,3 +199,24 @@ def test_a_guest_that_fails_its_refresh_with_junk_reaches_no_reader_raw(
         assert not unsafe(message), message[:2000]
         assert len(message) <= 2000, message[:2000]
 
+
+def test_a_guest_that_never_answers_its_refresh_boots_cold_in_bounded_time(
+    hostile: LocalService, svc_root: Path
+) -> None:
+    scratch = svc_root / "refresh-hang"
+    prepared = template_then_restore(hostile, scratch, HANG)
+    try:
+        assert prepared.ad_attributes["GliteVmWarmStart"] is False
+        assert hostile.exec(prepared.vm, ["true"]).exit_code == 0
+    finally:
+        hostile.teardown(prepared.vm, failed=False)
+    log_path = events.event_log_path(hostile.settings.state_dir)
+    (fallback,) = [
+        e
+        for e in events.read_events(log_path)
+        if e.event == events.WARM_FALLBACK and e.job == "77.1"
+    ]
+    waited = re.search(r"did not finish within ([0-9.]+) s", fallback.reason or "")
+    assert waited is not None, fallback
+    # the refresh counts in the warm start's grace (twice the agent's timeout), not beyond
+    assert float(waited[1]) <= 2 * AGENT_TIMEOUT, fallback
