@@ -42,8 +42,8 @@ import libvirt
 from glite_vm.errors import AgentError, HypervisorError
 from glite_vm.qemu_img import qemu_img
 from glite_vm.vm.agent import GuestAgent
-from glite_vm.vm.boot_watch import clean_line
 from glite_vm.vm.domain_xml import DomainSpec, renamed_domain_xml, restored_domain_xml
+from glite_vm.vm.guest_text import guest_text
 from glite_vm.vm.record import VmFiles
 from glite_vm.vm.save_image import read_header, rewrite_header
 from glite_vm.vm.vm_dir import copy_private, write_private
@@ -53,7 +53,6 @@ log = logging.getLogger(__name__)
 #: Bump whenever what a template holds, or how a clone of one is refreshed, changes.
 TEMPLATE_FORMAT = 2  # 2: the VM has glite-vm shell's serial port
 REFRESH_TIMEOUT = 60.0
-GUEST_TEXT_LIMIT = 500  # characters of a guest's stderr quoted in an error
 ENTROPY_BYTES = 64
 
 # A static x86-64 program, 392 bytes: open("/dev/urandom", O_WRONLY), ioctl(fd, RNDRESEEDCRNG),
@@ -204,17 +203,6 @@ def _left(deadline: float) -> float:
     return max(1.0, round(deadline - time.monotonic(), 1))
 
 
-def guest_text(data: bytes, limit: int = GUEST_TEXT_LIMIT) -> str:
-    """What a guest wrote, as one line any reader may be shown: terminal escapes and carriage
-    returns removed, line breaks `` | ``, other characters that are not printable (C0 and C1
-    controls, invalid UTF-8) ``?``, at most ``limit`` characters ending in ``...``."""
-    text = data[: 8 * limit].decode("utf-8", "replace")
-    lines = (clean_line(line).strip() for line in text.splitlines())
-    flat = " | ".join(line for line in lines if line)
-    safe = "".join(c if c.isprintable() else "?" for c in flat)
-    return safe if len(safe) <= limit else safe[: limit - 3] + "..."
-
-
 def _set_clock(agent: GuestAgent) -> None:
     """The host's time in the guest through the agent (``guest-set-time``, which also writes
     the hardware clock with ``hwclock``: slower than ``date``, the refresh script's way)."""
@@ -272,7 +260,6 @@ def new_mac() -> str:
 __all__ = [
     "TEMPLATE_FORMAT",
     "TemplateFiles",
-    "guest_text",
     "new_mac",
     "refresh_clone",
     "restore_clone",
