@@ -22,6 +22,8 @@ from typing import Any
 import pytest
 
 from glite_vm.config import Settings
+from glite_vm.images.cache import ImageCache
+from glite_vm.images.templates import TemplateStore
 from glite_vm.request import JobRequest
 from glite_vm.service import events
 from glite_vm.service.api import PrepareResult
@@ -29,7 +31,7 @@ from glite_vm.service.local import LocalService
 from glite_vm.slots import SlotFacts
 from glite_vm.vm.connect import open_host
 from tests.service.conftest import new_state_dir
-from tests.service.test_warm_start import template_keys, wait_for_builds
+from tests.service.test_warm_start import wait_for_builds
 from tests.support import GuestVariant, domains_under, guest_catalogue
 
 pytestmark = pytest.mark.vm
@@ -132,17 +134,27 @@ def prepare(service: LocalService, scratch: Path, image: str, n: int) -> Prepare
     )
 
 
-def template_then_restore(service: LocalService, scratch: Path, image: str) -> PrepareResult:
+def template_then_restore(
+    service: LocalService, scratch: Path, image: str
+) -> tuple[float, PrepareResult]:
     """A cold boot that has the image's template built, then a job restored from it (whose
-    refresh the guest sabotages); the second job's prepare result."""
+    refresh the guest sabotages); when the template was made, and the second job's result."""
     first = prepare(service, scratch, image, 0)
     try:
         assert first.ad_attributes["GliteVmWarmStart"] is False
     finally:
         service.teardown(first.vm, failed=False)
     wait_for_builds(service.host)
-    assert len(template_keys(service)) == 1
-    return prepare(service, scratch, image, 1)
+    made = template_created(service)
+    assert made > 0
+    return made, prepare(service, scratch, image, 1)
+
+
+def template_created(service: LocalService) -> float:
+    """When the one template of the image was made (0: there is none)."""
+    found = TemplateStore(ImageCache(service.settings)).entries()
+    assert len(found) <= 1
+    return found[0].created if found else 0.0
 
 
 def unsafe(text: str) -> list[str]:
@@ -171,7 +183,7 @@ def test_a_guest_that_fails_its_refresh_with_junk_reaches_no_reader_raw(
 ) -> None:
     scratch = svc_root / "refresh-junk"
     with caplog.at_level(logging.INFO, logger="glite_vm"):
-        prepared = template_then_restore(hostile, scratch, JUNK)
+        failed_template, prepared = template_then_restore(hostile, scratch, JUNK)
     try:
         assert prepared.ad_attributes["GliteVmWarmStart"] is False  # booted cold
         out = bytearray()
@@ -198,13 +210,16 @@ def test_a_guest_that_fails_its_refresh_with_junk_reaches_no_reader_raw(
         message = record.getMessage()
         assert not unsafe(message), message[:2000]
         assert len(message) <= 2000, message[:2000]
+    # the template whose clone failed was dropped, and a new one built behind the cold boot
+    wait_for_builds(hostile.host)
+    assert template_created(hostile) > failed_template
 
 
 def test_a_guest_that_never_answers_its_refresh_boots_cold_in_bounded_time(
     hostile: LocalService, svc_root: Path
 ) -> None:
     scratch = svc_root / "refresh-hang"
-    prepared = template_then_restore(hostile, scratch, HANG)
+    _, prepared = template_then_restore(hostile, scratch, HANG)
     try:
         assert prepared.ad_attributes["GliteVmWarmStart"] is False
         assert hostile.exec(prepared.vm, ["true"]).exit_code == 0
