@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from typing import NoReturn
@@ -71,6 +72,11 @@ def dispatch(args: argparse.Namespace) -> int:
     (:func:`glite_vm.cli.common.report_error`) and exit status 125; ``-vv`` adds the traceback
     of an unexpected one.
     """
+    if os.geteuid() == 0:
+        # root's files (the image cache, templates, VM directories, the event log) are never
+        # made writable by others, whatever umask an admin's shell or service manager gave:
+        # a writable cache directory would let any local user plant blobs, locks or links
+        os.umask(os.umask(0o022) | 0o022)
     logging.basicConfig(
         level=logging.WARNING - 10 * min(args.verbose, 2),
         format="glite-vm: %(levelname)s: %(message)s",

@@ -101,6 +101,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
     from glite_vm.service.prefetch import Prefetcher  # noqa: PLC0415
     from glite_vm.service.registry import VmRegistry  # noqa: PLC0415 - libvirt: only here
     from glite_vm.service.server import ServiceServer  # noqa: PLC0415
+    from glite_vm.service.service_dirs import claim_service_dirs  # noqa: PLC0415
     from glite_vm.vm import libvirt_events  # noqa: PLC0415
     from glite_vm.vm.connect import hypervisor_for, open_host  # noqa: PLC0415
     from glite_vm.vm.hypervisor import HYPERVISOR_CACHE  # noqa: PLC0415
@@ -126,6 +127,7 @@ def cmd_serve(args: argparse.Namespace, settings: Settings) -> int:
         settings.effective_libvirt_uri,
     )
     started = time.monotonic()
+    claim_service_dirs(settings)  # nothing of another user's is trusted as the service's own
     hypervisor = hypervisor_for(settings)
     log.info("accelerator: %s (%s)", hypervisor.kind, hypervisor.reason)
     host = open_host(settings, hypervisor)
@@ -239,10 +241,17 @@ def cmd_events(args: argparse.Namespace, settings: Settings) -> int:
             )
             if x
         )
-        print(f"{e.time}  {e.event:<9}  {e.vm}  {who}{'  ' + extra if extra else ''}".rstrip())
+        line = f"{e.time}  {e.event:<9}  {e.vm}  {who}{'  ' + extra if extra else ''}".rstrip()
+        print(_printable(line))
     if not found and not args.json:
         print("no events" + ("" if path.exists() else f" ({path} does not exist yet)"))
     return 0
+
+
+def _printable(text: str) -> str:
+    """An event line as a terminal may be given it: a reason can quote a guest or an image
+    (terminal escapes, line breaks), so whatever is not printable shows as ``?``."""
+    return "".join(c if c.isprintable() else "?" for c in text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

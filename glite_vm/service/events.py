@@ -136,7 +136,11 @@ def read_events(path: Path) -> Iterator[Event]:
             text = p.read_text(encoding="utf-8", errors="replace")
         except FileNotFoundError:
             continue
-        for raw in text.splitlines():
+        # "\n" alone ends a line: str.splitlines would also split inside a reason's U+2028,
+        # or U+0085 (JSON leaves them raw), and the event would be lost
+        for raw in text.split("\n"):
+            if not raw.strip():
+                continue
             try:
                 data = json.loads(raw)
                 if isinstance(data, dict) and isinstance(data.get("event"), str):

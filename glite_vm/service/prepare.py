@@ -387,6 +387,12 @@ class VmPreparer:
         """The job's scratch directory, normalised; and the uid the VM will belong to."""
         if not isinstance(scratch_dir, str) or not os.path.isabs(scratch_dir):
             raise RequestError("scratch_dir", f"{scratch_dir!r} is not an absolute path")
+        if not scratch_dir.isprintable():  # it is named in logs, the event log, domain XML
+            raise RequestError(
+                "scratch_dir",
+                f"{scratch_dir!a} contains control characters (line breaks, escapes, ...); "
+                "give a directory whose name has none",
+            )
         path = Path(os.path.normpath(scratch_dir))
         try:
             st = os.lstat(path)

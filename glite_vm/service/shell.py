@@ -33,6 +33,7 @@ import libvirt
 from glite_vm.errors import AgentError, HostError, RequestError, ServiceUnavailableError
 from glite_vm.service.api import ShellOutcome, ShellTerminal
 from glite_vm.vm import guest_shell, shell_port
+from glite_vm.vm.guest_text import guest_text
 from glite_vm.vm.lifecycle import Vm
 
 log = logging.getLogger(__name__)
@@ -223,8 +224,7 @@ def _relay(
                 if status.stderr.strip():  # the start script's complaint; the session's
                     # own stderr went to its terminal
                     raise AgentError(
-                        "the shell could not start in the guest: "
-                        + status.stderr.decode(errors="replace").strip()[:500]
+                        "the shell could not start in the guest: " + guest_text(status.stderr)
                     )
                 if status.signal is not None:
                     return 128 + status.signal

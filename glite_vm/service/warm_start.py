@@ -39,8 +39,9 @@ log = logging.getLogger(__name__)
 
 TEMPLATE_JOB = "warm-template"  # the job id of a template's VM (in its domain's name)
 TEMPLATE_OWNER = "glite-vm"
-_BUILDING: set[str] = set()  # keys being built by a thread of this process
-_BUILDING_LOCK = threading.Lock()
+# One template build at a time in this process: each is a VM that no slot, no per-user cap and
+# no job counts, and with GLITE_VM_WARM_IMAGES = * any job's image gets one after its boot.
+_BUILDER = threading.Lock()
 
 
 def template_key(host: VmHost, request: VMRequest, image: ResolvedImage) -> TemplateKey:
@@ -148,7 +149,10 @@ def build_ahead(settings: Settings, host: VmHost) -> threading.Thread | None:
         for name in names:
             try:
                 request = shape_request(settings, name)
-                with acquire_image(settings, name, job_id=f"{TEMPLATE_JOB}/ahead") as lease:
+                with (
+                    _BUILDER,
+                    acquire_image(settings, name, job_id=f"{TEMPLATE_JOB}/ahead") as lease,
+                ):
                     build_template(settings, host, request, lease.image)
             except Exception as exc:
                 log.warning("building the warm-start template of %s failed: %s", name, exc)
@@ -162,17 +166,16 @@ def build_in_background(
     settings: Settings, host: VmHost, request: VMRequest, image_name: str, sha256: str
 ) -> threading.Thread | None:
     """Build the template for ``request`` in a thread of its own (with its own lease on the
-    image) unless this process builds it already; the thread, or None."""
-    marker = f"{sha256}:{request.cpus}:{request.memory_mib}:{request.disk_bytes}"
-    with _BUILDING_LOCK:
-        if marker in _BUILDING:
-            return None
-        _BUILDING.add(marker)
+    image) unless this process builds a template now (then none is queued: the image's next
+    cold boot asks again); the thread, or None."""
+    if not _BUILDER.acquire(blocking=False):
+        log.info("a warm-start template is being built; %s's waits for its next cold boot", sha256)
+        return None
 
     def run() -> None:
         try:
             lease = acquire_image(
-                settings, image_name, sha256=sha256, job_id=f"{TEMPLATE_JOB}/{marker[:16]}"
+                settings, image_name, sha256=sha256, job_id=f"{TEMPLATE_JOB}/{sha256[:16]}"
             )
             try:
                 build_template(settings, host, request, lease.image)
@@ -181,11 +184,14 @@ def build_in_background(
         except Exception as exc:
             log.warning("building a warm-start template of %s failed: %s", image_name, exc)
         finally:
-            with _BUILDING_LOCK:
-                _BUILDING.discard(marker)
+            _BUILDER.release()
 
     thread = threading.Thread(target=run, name=f"warm-template {image_name}", daemon=True)
-    thread.start()
+    try:
+        thread.start()
+    except BaseException:
+        _BUILDER.release()
+        raise
     return thread
 
 

@@ -116,9 +116,14 @@ class BootFailure:
 def clean_line(raw: str) -> str:
     """A console line as a person reads it: no terminal escapes, carriage returns or other
     control characters, at most :data:`MAX_LINE` characters."""
-    text = _CONTROL.sub("", _ESCAPES.sub("", raw.replace("\r", ""))).replace("\t", " ")
-    text = text.rstrip()
+    text = without_escapes(raw).rstrip()
     return text if len(text) <= MAX_LINE else text[: MAX_LINE - 3] + "..."
+
+
+def without_escapes(raw: str) -> str:
+    """``raw`` without terminal escapes, carriage returns and other C0 controls (tabs become
+    blanks; line breaks stay)."""
+    return _CONTROL.sub("", _ESCAPES.sub("", raw.replace("\r", ""))).replace("\t", " ")
 
 
 class BootLogScanner:
@@ -434,4 +439,5 @@ __all__ = [
     "scan",
     "stopped_error",
     "watch_boot",
+    "without_escapes",
 ]

@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from glite_vm.errors import AgentError, PayloadTimeoutError
 from glite_vm.vm import transfer
 from glite_vm.vm.agent import GUEST_PATH, GuestAgent
+from glite_vm.vm.guest_text import guest_text
 
 GUEST_WORKDIR = "/var/tmp/glite-vm-job"
 GUEST_STATE = "/run/glite-vm"
@@ -90,7 +91,7 @@ def run_root_script(agent: GuestAgent, script: str, args: list[str], what: str) 
     ``what`` failed, with the guest's complaint, unless it exits 0."""
     st = agent.run(["/bin/sh", "-c", script, "glite-vm", *args], timeout=600)
     if st.exitcode != 0 or st.signal is not None:
-        detail = st.stderr.decode(errors="replace").strip() or f"status {st.exitcode}"
+        detail = guest_text(st.stderr) or f"status {st.exitcode}"
         raise AgentError(f"{what} failed in the guest: {detail}")
 
 

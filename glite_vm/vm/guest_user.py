@@ -25,6 +25,7 @@ import re
 
 from glite_vm.errors import AgentError, GuestUserError
 from glite_vm.vm.agent import GuestAgent
+from glite_vm.vm.guest_text import guest_text
 
 PREFERRED_UID = 1000
 PASSWD_LIMIT = 1 << 20  # bytes of the guest's /etc/passwd read at most
@@ -122,9 +123,8 @@ def ensure_guest_user(agent: GuestAgent, user: str, timeout: float = 120.0) -> i
             return int(status.stdout.decode().strip().splitlines()[-1])
         except (ValueError, IndexError):
             raise GuestUserError(user, "the guest printed no uid for it") from None
-    detail = status.stderr.decode(errors="replace").strip()
-    lines = [line for line in detail.splitlines() if line.strip()][-3:]
-    why = " | ".join(lines) or f"exit status {status.exitcode}"
+    lines = [line for line in status.stderr.splitlines() if line.strip()][-3:]
+    why = guest_text(b"\n".join(lines)) or f"exit status {status.exitcode}"
     raise GuestUserError(user, why)
 
 

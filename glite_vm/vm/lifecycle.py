@@ -319,7 +319,9 @@ class Vm:
             cancel=cancel,
         )
         if self.template is not None:  # before anything of the job's runs in the guest
-            refresh_clone(self.domain, mac=self.mac)
+            # in the same time: a guest that never answers its refresh costs no more
+            whole = settings.boot_timeout if timeout is None else timeout
+            refresh_clone(self.domain, mac=self.mac, timeout=whole - (time.monotonic() - start))
         if not self.request.root:  # an ordinary job's account: made if missing, never root
             ensure_guest_user(self.agent, self.guest_user)
         self.timings.ready = time.monotonic() - start

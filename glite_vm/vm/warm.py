@@ -43,6 +43,7 @@ from glite_vm.errors import AgentError, HypervisorError
 from glite_vm.qemu_img import qemu_img
 from glite_vm.vm.agent import GuestAgent
 from glite_vm.vm.domain_xml import DomainSpec, renamed_domain_xml, restored_domain_xml
+from glite_vm.vm.guest_text import guest_text
 from glite_vm.vm.record import VmFiles
 from glite_vm.vm.save_image import read_header, rewrite_header
 from glite_vm.vm.vm_dir import copy_private, write_private
@@ -175,8 +176,14 @@ def merge_template_layer(overlay: Path, layer: Path, base: Path, base_format: st
     layer.unlink(missing_ok=True)
 
 
-def refresh_clone(domain: libvirt.virDomain, *, mac: str | None) -> None:
-    """Make a just-restored guest its own (see the module docstring); AgentError on failure."""
+def refresh_clone(
+    domain: libvirt.virDomain, *, mac: str | None, timeout: float = REFRESH_TIMEOUT
+) -> None:
+    """Make a just-restored guest its own (see the module docstring) within ``timeout``
+    seconds (at most :data:`REFRESH_TIMEOUT`); AgentError on failure, whose message quotes
+    what the guest said as one printable line (:func:`guest_text`): the guest is the image's,
+    and its words go to logs, the event log and admins' terminals."""
+    deadline = time.monotonic() + min(timeout, REFRESH_TIMEOUT)
     agent = GuestAgent(domain)
     handle = agent.open("/dev/urandom", "w")
     try:
@@ -185,19 +192,23 @@ def refresh_clone(domain: libvirt.virDomain, *, mac: str | None) -> None:
         agent.close(handle)
     st = agent.run(
         ["/bin/sh", "-c", _REFRESH, "glite-vm-refresh", mac or "-", f"{time.time():.3f}"],
-        timeout=REFRESH_TIMEOUT,
+        timeout=_left(deadline),
         input_data=RESEED_PROGRAM,
     )
     if st.exitcode == 5 and st.signal is None:  # no date that sets the clock: the agent's way
         _set_clock(agent)
         st = agent.run(
             ["/bin/sh", "-c", _REFRESH, "glite-vm-refresh", mac or "-", "-"],
-            timeout=REFRESH_TIMEOUT,
+            timeout=_left(deadline),
             input_data=RESEED_PROGRAM,
         )
     if st.exitcode != 0 or st.signal is not None:
-        detail = st.stderr.decode("utf-8", "replace").strip()[:500]
+        detail = guest_text(st.stderr)
         raise AgentError(f"refreshing the restored guest failed (status {st.exitcode}): {detail}")
+
+
+def _left(deadline: float) -> float:
+    return max(1.0, round(deadline - time.monotonic(), 1))
 
 
 def _set_clock(agent: GuestAgent) -> None:

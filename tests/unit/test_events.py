@@ -128,6 +128,20 @@ def test_glite_vm_events_filters_by_vm_job_and_kind(
     assert len(capsys.readouterr().out.splitlines()) == 4
 
 
+def test_glite_vm_events_shows_no_terminal_escapes_from_a_reason(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A reason can quote a guest (what a hostile image wrote) or a line written before that
+    text was made safe: what the admin's terminal gets is printable, one line per event."""
+    monkeypatch.setenv("GLITE_VM_STATE_DIR", str(tmp_path))
+    hostile = "\x1b]0;owned\x07\x1b[2J\x9b31m\x7f HoldReason = 1\nforged\r\u2028line"
+    _log(tmp_path).record(ABANDONED, "vm-\x1b[31m", job="3.0\x1b[0m", uid=1, reason=hostile)
+    assert glite_vm(["events"]) == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    assert [c for c in line if not c.isprintable()] == []
+    assert "HoldReason = 1?forged?" in line
+
+
 def test_glite_vm_events_says_what_is_wrong(
     state: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:
