@@ -3,9 +3,9 @@
 A VM is reaped (:func:`reap_reason`) when it was started outside HTCondor longer ago than such a
 VM may live, its starter process is gone (pid plus the process's start time, so a recycled pid
 does not keep it alive; a zombie counts as gone), its scratch directory is gone or no longer the
-owner's directory, or its domain disappeared or stopped running; and at once when it is a
-warm-start template's VM (a registry holds one only after adopting it at a restart: the build it
-belonged to died with the service). Nothing here tears anything
+owner's directory, or its domain disappeared or stopped running (a warm-start template's VM
+has its building process as its starter: a build that died with the service is reaped at the
+next start, one that a live ``glite-vm images warm`` runs is not). Nothing here tears anything
 down: :class:`~glite_vm.service.registry.VmRegistry` does, by these rules.
 
 A VM directory is swept (:func:`sweep_half_made`) only when no domain has its name, it holds no
@@ -32,7 +32,6 @@ from glite_vm.config import Settings
 from glite_vm.images.leases import process_alive
 from glite_vm.service import events
 from glite_vm.service.vm_state import VmRecord
-from glite_vm.service.warm_start import TEMPLATE_JOB, TEMPLATE_OWNER
 from glite_vm.vm.domain_xml import DOMAIN_PREFIX
 from glite_vm.vm.record import VmFiles
 from glite_vm.vm.vm_dir import lock_vm_dir
@@ -61,7 +60,6 @@ REAP_KINDS = (
     "domain_stopped",
     "domain_gone",
     "gone_while_down",
-    "template_interrupted",
 )
 
 
@@ -69,16 +67,6 @@ def reap_reason(
     settings: Settings, conn: libvirt.virConnect, record: VmRecord, now: float | None = None
 ) -> Reap | None:
     """Why ``record``'s job is gone, or ``None`` while it may still need its VM."""
-    request = record.vm.request
-    if (request.job_id, request.owner, record.owner_uid) == (
-        TEMPLATE_JOB,
-        TEMPLATE_OWNER,
-        os.getuid(),
-    ):  # a template's VM is never the registry's own: one here was adopted at a restart
-        return Reap(
-            "template_interrupted",
-            "it was a warm-start template being built when the service stopped",
-        )
     lifetime = settings.unmanaged_vm_lifetime
     age = (time.time() if now is None else now) - record.created
     if not record.managed and lifetime > 0 and age > lifetime:
