@@ -16,7 +16,7 @@ Guest: the direct-kernel test guest (tests/guest/build.sh), ``--memory`` MiB, 1 
 ``--debian DIR``: the Debian 12 systemd guest bench/debian_guest.sh makes in DIR (its stock boot
 takes 10-20 s under TCG, the case warm start is for).
 
-Usage: python bench/warm.py [--runs 3] [--jobs 16] [--memory 256] [--debian DIR]
+Usage: python bench/warm.py [--runs 3] [--jobs 16] [--memory 256] [--debian DIR] [--batch KIND]
        (needs scripts/dev setup; --debian needs bench/debian_guest.sh DIR first)
 """
 
@@ -158,6 +158,12 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=16)
     parser.add_argument("--memory", type=int, default=256, help="MiB per VM")
     parser.add_argument("--debian", type=Path, help="the guest of bench/debian_guest.sh DIR")
+    parser.add_argument(
+        "--batch",
+        choices=("both", "warm", "none"),
+        default="both",
+        help="which kinds run JOBS at once (warm: skip the long cold batch while tuning)",
+    )
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="glite-vm-bench-warm-", dir="/var/tmp"))
     root.chmod(0o711)
@@ -211,8 +217,9 @@ def run(args: argparse.Namespace, root: Path, host: VmHost, warm: Settings, cold
             alone[kind].append(timing)
             print(f"alone {kind}: {timing}", file=sys.stderr)
     together = {}
+    kinds = {"both": ("cold", "warm"), "warm": ("warm",), "none": ()}[args.batch]
     for kind in ("cold", "warm"):
-        together[kind] = summary(batch(services[kind], scratch, args.jobs))
+        together[kind] = summary(batch(services[kind], scratch, args.jobs if kind in kinds else 0))
         print(f"{args.jobs} at once, {kind}: {together[kind]}", file=sys.stderr)
     one = {kind: summary(timings) for kind, timings in alone.items()}
     result = {
