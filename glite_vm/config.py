@@ -138,6 +138,9 @@ class Settings:
     # the images whose templates the service builds ahead of time and after a cold boot ("*": all)
     warm_start: bool = True
     warm_images: tuple[str, ...] = ()
+    # restores under way at once (each loads a memory state: on a busy host, queued ones finish
+    # sooner than all at once); 0: as many as the host has cores
+    max_parallel_restores: int = _count(0, 0)
     snapshot_dir: Path | None = None  # default: state_dir/snapshots
     # kept snapshots: age and/or total bytes, e.g. "7d", "7d,50GB", "none" (docs/snapshots.md)
     snapshot_retention: Retention = dataclasses.field(default_factory=Retention)

@@ -32,6 +32,7 @@ import logging
 import os
 import secrets
 import shutil
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -152,6 +153,34 @@ class TemplateFiles(Protocol):
     def state(self) -> Path: ...
     @property
     def boot_log(self) -> Path: ...
+
+
+class RestoreQueue:
+    """Warm starts take turns: at most ``size`` VMs go from their restore to a refreshed guest
+    at once. A restore loads a whole memory state and the woken guest then runs its refresh;
+    sixteen of them sharing two cores all finish late, while in turns half are ready in half
+    the time (bench/warm.py). A turn is given up by :meth:`RestoreTurn.end` (idempotent) when
+    the clone is refreshed or has failed; nobody waits longer than ``patience`` seconds for one
+    (then it goes ahead anyway), so a guest that hangs delays the others by that at most."""
+
+    def __init__(self, size: int, patience: float) -> None:
+        self._slots = threading.BoundedSemaphore(size)
+        self._patience = patience
+
+    def turn(self) -> RestoreTurn:
+        return RestoreTurn(self._slots if self._slots.acquire(timeout=self._patience) else None)
+
+
+class RestoreTurn:
+    def __init__(self, slot: threading.BoundedSemaphore | None) -> None:
+        self._slot = slot
+        self._lock = threading.Lock()
+
+    def end(self) -> None:
+        with self._lock:
+            slot, self._slot = self._slot, None
+        if slot is not None:
+            slot.release()
 
 
 def restore_clone(
@@ -284,6 +313,8 @@ def new_mac() -> str:
 
 __all__ = [
     "TEMPLATE_FORMAT",
+    "RestoreQueue",
+    "RestoreTurn",
     "TemplateFiles",
     "new_mac",
     "refresh_clone",
