@@ -243,6 +243,7 @@ def run(args: argparse.Namespace, root: Path, host: VmHost, warm: Settings, cold
     result: dict[str, Any] = {
         "guest": "debian" if args.debian else "test-direct",
         "memory_mib": args.memory,
+        "accelerator": "KVM" if host.hypervisor.kind == "kvm" else "QEMU TCG",
         "template_build_seconds": round(build_seconds, 3),
         "template_bytes": template.size,
         "alone": one,
@@ -325,7 +326,7 @@ def draw_timeline(result: dict[str, Any], png: Path) -> None:
         )
     fig.suptitle(
         f"{result['jobs']} jobs at once, {result['guest']} guest, 1 vCPU / "
-        f"{result['memory_mib']} MiB each, {os.cpu_count()} host cores, QEMU TCG",
+        f"{result['memory_mib']} MiB each, {os.cpu_count()} host cores, {result['accelerator']}",
         fontsize=10,
     )
     fig.legend(

@@ -77,14 +77,20 @@ RESEED_PROGRAM = base64.b64decode(
 RESEED_DIRS = ("/run/glite-vm", "/dev/shm/glite-vm")
 
 # $1: one of RESEED_DIRS. Makes it (never one that exists: another's), installs the reseed
-# program from stdin, runs it once; removes it again and exits 1 where that fails.
+# program from stdin and runs it once; removes it again and exits 1 where it cannot be run
+# (126, 127: the shell's "cannot execute"; the program's own status, an errno, is fine here:
+# a guest just booted may not have initialised its CRNG yet, ENODATA, and clones run it later).
 _INSTALL = r"""
 set -u
 umask 077
 d=$1
 mkdir "$d" 2>/dev/null || exit 1
-{ cat > "$d/reseed" && chmod 0700 "$d/reseed" && "$d/reseed"; } 2>/dev/null \
-    || { rm -rf "$d"; exit 1; }
+if cat > "$d/reseed" && chmod 0700 "$d/reseed"; then
+    "$d/reseed" 2>/dev/null
+    case $? in 126|127) ;; *) exit 0 ;; esac
+fi
+rm -rf "$d"
+exit 1
 """
 
 # $1: the job's MAC address (or "-"), $2: the host's time (or "-"), $3: a new machine id,

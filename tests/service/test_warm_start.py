@@ -458,7 +458,11 @@ def test_clones_reseed_with_the_templates_program_or_install_their_own(
         assert gone.exitcode == 0
         refresh_clone(vm.domain, mac=None)  # the clone's own way; raises if it cannot reseed
         left = vm.agent.run(
-            ["/bin/sh", "-c", "ls -d /run/glite-vm* /dev/shm/glite-vm* /tmp/glite-vm*"]
+            [
+                "/bin/sh",
+                "-c",
+                "ls -d /run/glite-vm-reseed.* /dev/shm/glite-vm-reseed.* /tmp/glite-vm-reseed.*",
+            ]
         )
         assert left.stdout == b"", left  # the private directory went again
         seen = probe(warm, prepared.vm)
