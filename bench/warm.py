@@ -16,7 +16,8 @@ Guest: the direct-kernel test guest (tests/guest/build.sh), ``--memory`` MiB, 1 
 ``--debian DIR``: the Debian 12 systemd guest bench/debian_guest.sh makes in DIR (its stock boot
 takes 10-20 s under TCG, the case warm start is for).
 
-Usage: python bench/warm.py [--runs 3] [--jobs 16] [--memory 256] [--debian DIR]
+Usage: python bench/warm.py [--runs 3] [--jobs 16] [--memory 256] [--debian DIR] [--batch KIND]
+                            [--parallel-restores N] [--png PATH]
        (needs scripts/dev setup; --debian needs bench/debian_guest.sh DIR first)
 """
 
@@ -33,6 +34,7 @@ import tempfile
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -44,6 +46,7 @@ from glite_vm.images.inspect import Limits  # noqa: E402
 from glite_vm.request import JobRequest, vm_request  # noqa: E402
 from glite_vm.service.local import LocalService  # noqa: E402
 from glite_vm.service.registry import VmRegistry  # noqa: E402
+from glite_vm.service.vm_state import VmRecord  # noqa: E402
 from glite_vm.service.warm_start import build_template  # noqa: E402
 from glite_vm.slots import SlotFacts  # noqa: E402
 from glite_vm.vm.connect import open_host  # noqa: E402
@@ -61,6 +64,8 @@ class Timing:
     first_output: float | None = None  # the payload's first byte
     warm: bool | None = None
     error: str | None = None
+    boot: float | None = None  # of ready: starting the domain (a restore: queue and restore)
+    guest: float | None = None  # of ready: agent, refresh of a clone, the account
 
 
 def one_job(service: LocalService, scratch: Path, n: int, t0: float | None = None) -> Timing:
@@ -77,6 +82,9 @@ def one_job(service: LocalService, scratch: Path, n: int, t0: float | None = Non
         vm = prepared.vm
         timing.ready = time.monotonic() - start
         timing.warm = bool(prepared.ad_attributes.get("GliteVmWarmStart"))
+        record = service.registry.get(vm)
+        if isinstance(record, VmRecord):
+            timing.boot, timing.guest = record.vm.timings.boot, record.vm.timings.ready
 
         def heard(data: bytes) -> None:
             if timing.first_output is None and data:
@@ -158,6 +166,19 @@ def main() -> int:
     parser.add_argument("--jobs", type=int, default=16)
     parser.add_argument("--memory", type=int, default=256, help="MiB per VM")
     parser.add_argument("--debian", type=Path, help="the guest of bench/debian_guest.sh DIR")
+    parser.add_argument(
+        "--parallel-restores",
+        type=int,
+        default=0,
+        help="GLITE_VM_MAX_PARALLEL_RESTORES for the warm service (0: the host's cores)",
+    )
+    parser.add_argument("--png", type=Path, help="draw the batches' phases as a timeline here")
+    parser.add_argument(
+        "--batch",
+        choices=("both", "warm", "none"),
+        default="both",
+        help="which kinds run JOBS at once (warm: skip the long cold batch while tuning)",
+    )
     args = parser.parse_args()
     root = Path(tempfile.mkdtemp(prefix="glite-vm-bench-warm-", dir="/var/tmp"))
     root.chmod(0o711)
@@ -174,6 +195,7 @@ def main() -> int:
             default_disk_bytes=1 << 30,
             cache_min_free_bytes=0,
             max_unmanaged_vms_per_user=max(4, args.jobs),
+            max_parallel_restores=args.parallel_restores,
         )
         cold = dataclasses.replace(warm, warm_start=False)
         (root / "state").mkdir(mode=0o711)
@@ -211,13 +233,17 @@ def run(args: argparse.Namespace, root: Path, host: VmHost, warm: Settings, cold
             alone[kind].append(timing)
             print(f"alone {kind}: {timing}", file=sys.stderr)
     together = {}
+    kinds = {"both": ("cold", "warm"), "warm": ("warm",), "none": ()}[args.batch]
+    batches: dict[str, list[Timing]] = {}
     for kind in ("cold", "warm"):
-        together[kind] = summary(batch(services[kind], scratch, args.jobs))
+        batches[kind] = batch(services[kind], scratch, args.jobs if kind in kinds else 0)
+        together[kind] = summary(batches[kind])
         print(f"{args.jobs} at once, {kind}: {together[kind]}", file=sys.stderr)
     one = {kind: summary(timings) for kind, timings in alone.items()}
-    result = {
+    result: dict[str, Any] = {
         "guest": "debian" if args.debian else "test-direct",
         "memory_mib": args.memory,
+        "accelerator": "KVM" if host.hypervisor.kind == "kvm" else "QEMU TCG",
         "template_build_seconds": round(build_seconds, 3),
         "template_bytes": template.size,
         "alone": one,
@@ -234,9 +260,85 @@ def run(args: argparse.Namespace, root: Path, host: VmHost, warm: Settings, cold
             together["warm"]["first_output_median"], together["cold"]["first_output_median"]
         ),
     }
+    result["batches"] = {
+        kind: [dataclasses.asdict(t) for t in timings] for kind, timings in batches.items()
+    }
+    if args.png is not None:
+        draw_timeline(result, args.png)
     print(json.dumps(result))
     failed = sum(int(s["failed"] or 0) for s in (*one.values(), *together.values()))
     return 1 if failed else 0
+
+
+PHASES = (
+    ("before", "lease, template lookup", "#bbbbbb"),
+    ("boot", "cold: boot until running / warm: restore (queued)", "#4c72b0"),
+    ("guest", "agent answers, clone refreshed, account", "#dd8452"),
+    ("output", "payload started, first output", "#55a868"),
+)
+
+
+def phases(t: Timing) -> dict[str, tuple[float, float]]:
+    """Each phase of a job as (begin, end) seconds after its release."""
+    if t.ready is None or t.boot is None or t.guest is None:
+        return {}
+    began = max(t.ready - t.guest - t.boot, 0.0)
+    out = {
+        "before": (0.0, began),
+        "boot": (began, began + t.boot),
+        "guest": (t.ready - t.guest, t.ready),
+    }
+    if t.first_output is not None:
+        out["output"] = (t.ready, t.first_output)
+    return out
+
+
+def draw_timeline(result: dict[str, Any], png: Path) -> None:
+    """One panel per batch (cold, warm), a row per job, a bar per phase."""
+    import matplotlib  # noqa: PLC0415 - only when a picture is asked for
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt  # noqa: PLC0415
+    from matplotlib.patches import Patch  # noqa: PLC0415
+
+    kinds = [k for k in ("cold", "warm") if result["batches"].get(k)]
+    fig, axes = plt.subplots(
+        1, len(kinds), figsize=(6 * len(kinds), 0.28 * result["jobs"] + 2.2), dpi=110, squeeze=False
+    )
+    colours = {key: colour for key, _, colour in PHASES}
+    for ax, kind in zip(axes[0], kinds, strict=True):
+        jobs = [Timing(**t) for t in result["batches"][kind]]
+        jobs.sort(key=lambda t: t.ready or 0.0)
+        for y, job in enumerate(jobs):
+            for key, (begin, end) in phases(job).items():
+                ax.broken_barh(
+                    [(begin, max(end - begin, 0.01))], (y - 0.4, 0.8), color=colours[key]
+                )
+        ax.set_yticks(range(len(jobs)), [f"job {i + 1}" for i in range(len(jobs))], fontsize=7)
+        ax.invert_yaxis()
+        ax.set_xlim(left=0)
+        ax.grid(axis="x", alpha=0.3)
+        ax.set_xlabel("seconds after the jobs were released")
+        s = result["together"][kind]
+        ax.set_title(
+            f"{kind}: ready median {s['ready_median']:.1f} s, max {s['ready_max']:.1f} s",
+            fontsize=9,
+        )
+    fig.suptitle(
+        f"{result['jobs']} jobs at once, {result['guest']} guest, 1 vCPU / "
+        f"{result['memory_mib']} MiB each, {os.cpu_count()} host cores, {result['accelerator']}",
+        fontsize=10,
+    )
+    fig.legend(
+        handles=[Patch(color=c, label=label) for _, label, c in PHASES],
+        loc="lower center",
+        ncol=len(PHASES),
+        fontsize=8,
+    )
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    png.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(png)
+    plt.close(fig)
 
 
 if __name__ == "__main__":

@@ -19,9 +19,10 @@ import enum
 import re
 from collections.abc import Mapping
 
-from glite_vm.config import Settings, check_network_name
+from glite_vm.config import Settings
 from glite_vm.errors import RequestError, RootNotPermittedError
 from glite_vm.identity.hostname import resolve_hostname, validate_hostname
+from glite_vm.knob_values import check_network_name
 from glite_vm.slots import SlotFacts
 from glite_vm.units import KIB, MIB, format_size, parse_size
 

@@ -25,8 +25,8 @@ from glite_vm.api.jobdir import (
     write_script,
 )
 from glite_vm.api.submit_language import ad_string, check_submit_text, submit_text, submit_words
-from glite_vm.config import check_network_name
 from glite_vm.errors import RequestError
+from glite_vm.knob_values import check_network_name
 from glite_vm.request import KeepSnapshot
 from glite_vm.units import KIB, MIB, format_size, parse_size
 

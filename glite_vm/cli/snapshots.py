@@ -18,9 +18,10 @@ from types import FrameType
 import libvirt
 
 from glite_vm.cli.common import EXIT_PROBLEMS, confirm, print_table
-from glite_vm.config import Retention, Settings
+from glite_vm.config import Settings
 from glite_vm.errors import GliteVmError, UserError
 from glite_vm.images.catalogue import format_age
+from glite_vm.knob_values import Retention
 from glite_vm.snapshots.boot import SnapshotBoot, boot_snapshot, reap_abandoned_boots
 from glite_vm.snapshots.console import ConsoleBridge
 from glite_vm.snapshots.entry import SnapshotEntry, boot_log_text

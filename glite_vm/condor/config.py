@@ -31,8 +31,9 @@ from pathlib import Path
 from typing import Final
 
 from glite_vm import __version__
-from glite_vm.config import Settings, check_network_name
+from glite_vm.config import Settings
 from glite_vm.errors import RequestError
+from glite_vm.knob_values import check_network_name
 from glite_vm.slots import ROOT_SLOT_TYPE, USER_SLOT_TYPE, SlotLayout
 from glite_vm.units import KIB, MIB, format_size
 

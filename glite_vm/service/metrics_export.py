@@ -35,8 +35,9 @@ from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 from prometheus_client.exposition import make_wsgi_app
 
-from glite_vm.config import MetricsAddress, Settings
+from glite_vm.config import Settings
 from glite_vm.errors import HostError
+from glite_vm.knob_values import MetricsAddress
 from glite_vm.service.metrics import ServiceMetrics
 
 log = logging.getLogger(__name__)

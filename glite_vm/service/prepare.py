@@ -26,7 +26,6 @@ import functools
 import logging
 import os
 import secrets
-import socket
 import stat
 import threading
 import time
@@ -50,6 +49,7 @@ from glite_vm.service import events, warm_start
 from glite_vm.service.api import PrepareResult
 from glite_vm.service.caller import Caller
 from glite_vm.service.claims import process_uids
+from glite_vm.service.job_identity import apply_identity
 from glite_vm.service.registry import Admission, VmRegistry
 from glite_vm.service.vm_state import VmRecord
 from glite_vm.slots import SlotFacts, SlotLayout
@@ -188,7 +188,7 @@ class VmPreparer:
         assert record.lease is not None  # every boot attempt leases its image
         image = record.lease.image
         try:
-            hostname = self._apply_identity(vm, request, place.slot_name)
+            hostname = apply_identity(self.settings, vm, request, place.slot_name)
         except BaseException as exc:
             self._abandon(record, exc, cancel)
             raise
@@ -415,34 +415,6 @@ class VmPreparer:
         # Root acts for the directory's owner, whose VM it then is.
         return path, (st.st_uid if self.caller.is_root else self.caller.uid)
 
-    def _apply_identity(self, vm: Vm, request: VMRequest, slot_name: str) -> str | None:
-        s = self.settings
-        wanted = (
-            s.guest_identity
-            or request.hostname is not None
-            or any(p is not None for p in (s.host_cert_dir, s.ca_cert, s.ca_key))
-        )
-        if not wanted:
-            return None
-        from glite_vm.identity.guest import prepare_guest_identity  # noqa: PLC0415
-        from glite_vm.vm.guest_setup import apply_guest_setup  # noqa: PLC0415
-
-        setup = prepare_guest_identity(
-            s,
-            host=socket.gethostname(),
-            slot=slot_name,
-            job_id=request.job_id,
-            requested=request.hostname,
-        )
-        if not request.root and _custom_image(request, s):
-            # Whoever made a custom image is root in its guest, whatever the job may be: the
-            # host key goes only where root is the site's (its catalogue's images) or the job's
-            # by the site's policy (a root job on a root-enabled slot).
-            log.info("%s: a custom image of a job that is not root gets no host key", vm.name)
-            setup = setup.without_secrets()
-        apply_guest_setup(vm, setup)
-        return setup.hostname
-
 
 # -- helpers -------------------------------------------------------------------------------
 
@@ -469,13 +441,6 @@ class _Place:
     starter_start: int | None
     managed: bool
     debug: DebugHoldGrant  # how long the VM may be kept after its payload failed
-
-
-def _custom_image(request: VMRequest, settings: Settings) -> bool:
-    """Is the job's image a custom one (a URL or a path), rather than one of the site's
-    catalogue? (Only classified here: prepare applied the policy on it already.)"""
-    ref = classify_ref(request.image, sources=settings.custom_image_sources, allow_local=True)
-    return ref.kind == "url"
 
 
 def _check_starter(pid: int | None) -> int | None:

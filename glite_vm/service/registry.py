@@ -51,8 +51,8 @@ from glite_vm.service.vm_state import (
     record_from_state,
 )
 from glite_vm.vm.domains import destroy_domain, qemu_pid
-from glite_vm.vm.lifecycle import TeardownResult, VmHost
-from glite_vm.vm.record import ad_attributes
+from glite_vm.vm.lifecycle import VmHost
+from glite_vm.vm.record import TeardownResult, ad_attributes
 from glite_vm.vm.shell_port import sweep_sockets
 
 log = logging.getLogger(__name__)

@@ -28,8 +28,9 @@ from collections.abc import Collection, Iterator
 from typing import TYPE_CHECKING
 
 from glite_vm import _dirfd
-from glite_vm.config import Retention, Settings
+from glite_vm.config import Settings
 from glite_vm.errors import AccessDeniedError, RequestError, UserError
+from glite_vm.knob_values import Retention
 from glite_vm.snapshots.entry import (
     SnapshotEntry,
     incomplete_entry,

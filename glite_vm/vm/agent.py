@@ -118,8 +118,10 @@ class GuestAgent:
         timeout: float = 60.0,
         env: list[str] | None = None,
         input_data: bytes | None = None,
+        max_poll: float = 0.1,
     ) -> ExecStatus:
-        """Run a short command to completion and return its captured output."""
+        """Run a short command to completion and return its captured output; its status is
+        asked for at growing intervals of up to ``max_poll`` seconds."""
         pid = self.spawn(argv[0], argv[1:], env=env, capture=True, input_data=input_data)
         deadline = time.monotonic() + timeout
         delay = 0.005
@@ -130,7 +132,7 @@ class GuestAgent:
             if time.monotonic() > deadline:
                 raise AgentError(f"guest command {argv[0]} did not finish within {timeout:g} s")
             time.sleep(delay)
-            delay = min(delay * 2, 0.1)
+            delay = min(delay * 2, max_poll)
 
     # -- files (small ones: configuration, certificates, the payload's output streams) ------
 

@@ -1,4 +1,4 @@
-"""Ending one of this tool's libvirt domains, and finding the QEMU process behind one.
+"""Finding this tool's libvirt domains, ending one, and finding the QEMU process behind one.
 
 Invariants. Ending a domain is idempotent: a domain that is already gone (stopped, undefined,
 or both, by us or anyone) is not an error, and nothing here raises for it; other libvirt
@@ -11,11 +11,27 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 import libvirt
 
+from glite_vm.vm.domain_xml import DOMAIN_PREFIX, METADATA_NS, JobMetadata
+
 log = logging.getLogger(__name__)
+
+
+def our_domains(conn: libvirt.virConnect) -> Iterator[tuple[libvirt.virDomain, JobMetadata | None]]:
+    """Every domain this tool made, with its job metadata when readable."""
+    for dom in conn.listAllDomains(0):
+        if not dom.name().startswith(DOMAIN_PREFIX):
+            continue
+        try:
+            text = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, METADATA_NS)
+            meta: JobMetadata | None = JobMetadata.from_xml(text)
+        except (libvirt.libvirtError, KeyError, ValueError):
+            meta = None
+        yield dom, meta
 
 
 def qemu_pid(name: str) -> int | None:

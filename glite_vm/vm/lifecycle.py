@@ -17,7 +17,6 @@ hands the kept files to the job's owner.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import os
 import secrets
@@ -38,14 +37,12 @@ from glite_vm.vm import shell_port, transfer
 from glite_vm.vm.agent import GuestAgent
 from glite_vm.vm.boot_watch import watch_boot
 from glite_vm.vm.domain_xml import (
-    DOMAIN_PREFIX,
-    METADATA_NS,
     DomainSpec,
     JobMetadata,
     build_domain_xml,
     domain_name,
 )
-from glite_vm.vm.domains import destroy_domain
+from glite_vm.vm.domains import destroy_domain, our_domains
 from glite_vm.vm.guest_run import (
     GUEST_PREPARE,
     GUEST_WORKDIR,
@@ -57,7 +54,7 @@ from glite_vm.vm.guest_run import (
 from glite_vm.vm.guest_user import ensure_guest_user
 from glite_vm.vm.hypervisor import HypervisorInfo
 from glite_vm.vm.qemu_user import let_qemu_read
-from glite_vm.vm.record import JobRecord, Timings, VmFiles
+from glite_vm.vm.record import JobRecord, TeardownResult, Timings, VmFiles
 from glite_vm.vm.vm_dir import (
     copy_private,
     create_overlay,
@@ -69,6 +66,8 @@ from glite_vm.vm.vm_dir import (
     write_private,
 )
 from glite_vm.vm.warm import (
+    RestoreQueue,
+    RestoreTurn,
     TemplateFiles,
     merge_template_layer,
     new_mac,
@@ -103,14 +102,6 @@ class BaseImage(Protocol):
     def guest_user(self) -> str | None: ...
 
 
-@dataclasses.dataclass(frozen=True)
-class TeardownResult:
-    snapshot_path: Path | None
-    boot_log_path: Path
-    record_path: Path
-    seconds: float
-
-
 class VmHost:
     """Creates and finds this tool's VMs on one libvirt connection."""
 
@@ -120,6 +111,8 @@ class VmHost:
         self.conn = conn
         self.settings = settings
         self.hypervisor = hypervisor
+        n = settings.max_parallel_restores or os.cpu_count() or 1
+        self.restores = RestoreQueue(n, patience=settings.agent_timeout)
 
     def start(
         self,
@@ -221,6 +214,7 @@ class VmHost:
                     raise HypervisorError(f"libvirt could not start {name}: {exc}") from exc
             else:
                 vm.mac = new_mac() if request.network != "none" else None
+                vm.restore_turn = self.restores.turn()  # ended once the clone is refreshed
                 vm.domain = restore_clone(self.conn, template, spec, vm.files, vm.mac)
             vm.timings.boot = time.monotonic() - t0
         except BaseException:
@@ -234,15 +228,7 @@ class VmHost:
 
     def our_domains(self) -> Iterator[tuple[libvirt.virDomain, JobMetadata | None]]:
         """Every domain this tool made, with its job metadata when readable."""
-        for dom in self.conn.listAllDomains(0):
-            if not dom.name().startswith(DOMAIN_PREFIX):
-                continue
-            try:
-                text = dom.metadata(libvirt.VIR_DOMAIN_METADATA_ELEMENT, METADATA_NS)
-                meta: JobMetadata | None = JobMetadata.from_xml(text)
-            except (libvirt.libvirtError, KeyError, ValueError):
-                meta = None
-            yield dom, meta
+        return our_domains(self.conn)
 
 
 class Vm:
@@ -282,6 +268,7 @@ class Vm:
         self._dir_lock: int | None = None  # the VM directory's flock while start holds it
         self.template: TemplateFiles | None = None  # a warm start's template
         self.mac: str | None = None  # a warm start's new MAC address (when it has a network)
+        self.restore_turn = RestoreTurn(None)
 
     # -- readiness ---------------------------------------------------------------------------
 
@@ -310,18 +297,22 @@ class Vm:
             raise AgentError(f"{self.name} has no domain")
         settings = self.host.settings
         start = time.monotonic()
-        watch_boot(
-            self.domain,
-            self.boot_log,
-            name=self.name,
-            timeout=settings.boot_timeout if timeout is None else timeout,
-            agent_timeout=settings.agent_timeout,
-            cancel=cancel,
-        )
-        if self.template is not None:  # before anything of the job's runs in the guest
-            # in the same time: a guest that never answers its refresh costs no more
-            whole = settings.boot_timeout if timeout is None else timeout
-            refresh_clone(self.domain, mac=self.mac, timeout=whole - (time.monotonic() - start))
+        try:
+            watch_boot(
+                self.domain,
+                self.boot_log,
+                name=self.name,
+                timeout=settings.boot_timeout if timeout is None else timeout,
+                agent_timeout=settings.agent_timeout,
+                cancel=cancel,
+            )
+            if self.template is not None:  # before anything of the job's runs in the guest
+                # in the same time: a guest that never answers its refresh costs no more
+                whole = settings.boot_timeout if timeout is None else timeout
+                left = whole - (time.monotonic() - start)
+                refresh_clone(self.domain, mac=self.mac, timeout=left)
+        finally:
+            self.restore_turn.end()
         if not self.request.root:  # an ordinary job's account: made if missing, never root
             ensure_guest_user(self.agent, self.guest_user)
         self.timings.ready = time.monotonic() - start
@@ -419,6 +410,7 @@ class Vm:
 
         Idempotent and never raises for a domain that is already gone.
         """
+        self.restore_turn.end()
         with self._lock:
             if self.torn_down is not None:
                 return self.torn_down

@@ -48,6 +48,16 @@ _TEXT_LIMIT = 256
 
 
 @dataclasses.dataclass(frozen=True)
+class TeardownResult:
+    """What a VM's teardown left: the kept snapshot (if any), the boot log and the record."""
+
+    snapshot_path: Path | None
+    boot_log_path: Path
+    record_path: Path
+    seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
 class VmFiles:
     """The files of one VM's directory (see the module docstring)."""
 

@@ -32,6 +32,7 @@ import logging
 import os
 import secrets
 import shutil
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -51,7 +52,7 @@ from glite_vm.vm.vm_dir import copy_private, write_private
 log = logging.getLogger(__name__)
 
 #: Bump whenever what a template holds, or how a clone of one is refreshed, changes.
-TEMPLATE_FORMAT = 3  # 2: the shell's serial port; 3: a machine id mounted from /run renewed
+TEMPLATE_FORMAT = 4  # 2: the shell's serial port; 3: /run/machine-id; 4: the kept reseed program
 REFRESH_TIMEOUT = 60.0
 ENTROPY_BYTES = 64
 
@@ -71,42 +72,71 @@ RESEED_PROGRAM = base64.b64decode(
     "AAAAAAAAAAAAAAAAAAAAAAAAALUAAAAAAAAAEQAAAAAAAAAAAAAAAAAAAAEAAAAAAAAAAAAAAAAAAAA="
 )
 
-# $1: the job's MAC address (or "-"), $2: the host's time (or "-"). Sets the clock; installs
-# the reseed program from stdin in a private directory that allows execution, runs it, and
-# removes it; gives the guest a machine id of its own where it has one (the template's is
-# every clone's); then gives the first network
-# interface the job's MAC and renews its lease with whichever DHCP client the image has.
+# Where a template's guest keeps the reseed program (installed once, before the save, so every
+# clone has it in its restored memory): the first of these tmpfs places that allows execution
+# (Debian mounts /run noexec) gets a directory only root can write.
+RESEED_DIRS = ("/run/glite-vm", "/dev/shm/glite-vm")
+
+# $1: one of RESEED_DIRS. Makes it (never one that exists: another's), installs the reseed
+# program from stdin and runs it once; removes it again and exits 1 where it cannot be run
+# (126, 127: the shell's "cannot execute"; the program's own status, an errno, is fine here:
+# a guest just booted may not have initialised its CRNG yet, ENODATA, and clones run it later).
+_INSTALL = r"""
+set -u
+umask 077
+d=$1
+mkdir "$d" 2>/dev/null || exit 1
+if cat > "$d/reseed" && chmod 0700 "$d/reseed"; then
+    "$d/reseed" 2>/dev/null
+    case $? in 126|127) ;; *) exit 0 ;; esac
+fi
+rm -rf "$d"
+exit 1
+"""
+
+# $1: the job's MAC address (or "-"), $2: the host's time (or "-"), $3: a new machine id,
+# $4: fresh host bytes for the guest's entropy pool, written as printf's octal escapes.
+# Few processes, as each one costs a just-woken guest tens of milliseconds: sets the clock;
+# runs the template's reseed program (or, where the template has none, installs it from stdin
+# in a private directory that allows execution, runs it and removes it); gives the guest the
+# machine id $3 where it has one (the template's is every clone's); then gives the first
+# network interface the job's MAC and renews its lease with whichever DHCP client the image has.
 _REFRESH = r"""
 set -u
 # the host's clock, first, to the millisecond (coreutils' date; a date that takes whole
 # seconds only would be up to a second off: exit 5 and the host sets it through the agent)
 [ "$2" = - ] || date -u -s "@$2" >/dev/null 2>&1 || exit 5
-for dir in /run /dev/shm /tmp; do
-    d=$(umask 077 && mktemp -d "$dir/glite-vm-reseed.XXXXXX" 2>/dev/null) || continue
-    cat > "$d/reseed" && chmod 0700 "$d/reseed"
-    "$d/reseed"; rc=$?
-    rm -rf "$d"
-    [ "$rc" -eq 0 ] && break
-done
-[ "${rc:-1}" -eq 0 ] || { echo "cannot reseed the kernel's random number generator" >&2; exit 3; }
-if [ -s /etc/machine-id ] && [ ! -L /etc/machine-id ]; then  # the template's: one of its own
-    id=$(od -An -N16 -tx1 /dev/urandom | tr -d ' \n')
-    if grep -q '^[^ ]* [^ ]* [^ ]* [^ ]* /etc/machine-id ' /proc/self/mountinfo 2>/dev/null; then
-        # systemd's id it could not commit to /etc: /run/machine-id mounted over it (perhaps
-        # read-only), which no rename can replace; it is renewed where it lives
-        where=/etc/machine-id; [ -f /run/machine-id ] && where=/run/machine-id
-        printf '%s\n' "$id" > "$where" || echo "cannot renew $where" >&2
-    elif printf '%s\n' "$id" > /etc/machine-id.glite-vm; then
-        mv /etc/machine-id.glite-vm /etc/machine-id \
-            || { rm -f /etc/machine-id.glite-vm; echo "cannot renew /etc/machine-id" >&2; }
+printf "$4" > /dev/urandom  # mixed into the input pool; the reseed below makes the CRNG use it
+for r in @RESEED_DIRS@; do  # root's own directory, made for the template
+    if [ -d "$r" ] && [ ! -L "$r" ] && [ -O "$r" ] && [ -x "$r/reseed" ]; then
+        "$r/reseed"; rc=$?
+        break
     fi
+done
+if [ "${rc:-1}" -ne 0 ]; then
+    for dir in /run /dev/shm /tmp; do
+        d=$(umask 077 && mktemp -d "$dir/glite-vm-reseed.XXXXXX" 2>/dev/null) || continue
+        cat > "$d/reseed" && chmod 0700 "$d/reseed"
+        "$d/reseed"; rc=$?
+        rm -rf "$d"
+        [ "$rc" -eq 0 ] && break
+    done
+fi
+[ "${rc:-1}" -eq 0 ] || { echo "cannot reseed the guest kernel's RNG" >&2; exit 3; }
+if [ -s /etc/machine-id ] && [ ! -L /etc/machine-id ]; then  # the template's: one of its own
+    # written in place (no temporary file, no rename): also where systemd mounted the id it
+    # could not commit to /etc (/run/machine-id) over it; where that mount is read-only, the
+    # id is renewed in /run/machine-id itself
+    printf '%s\n' "$3" 2>/dev/null > /etc/machine-id \
+        || { [ -f /run/machine-id ] && printf '%s\n' "$3" > /run/machine-id; } \
+        || echo "cannot renew /etc/machine-id" >&2
 fi
 [ "$1" = - ] && exit 0
 for path in /sys/class/net/*; do
     nic=${path##*/}
     [ "$nic" = lo ] && continue
     { ip link set dev "$nic" down && ip link set dev "$nic" address "$1" \
-        && ip link set dev "$nic" up; } || { echo "cannot give $nic the address $1" >&2; exit 4; }
+        && ip link set dev "$nic" up; } || { echo "cannot give $nic the MAC $1" >&2; exit 4; }
     if command -v networkctl >/dev/null && networkctl renew "$nic" 2>/dev/null; then :
     elif command -v dhclient >/dev/null; then dhclient -r "$nic" 2>/dev/null; dhclient "$nic"
     elif command -v udhcpc >/dev/null; then udhcpc -n -q -i "$nic" >/dev/null 2>&1
@@ -114,7 +144,14 @@ for path in /sys/class/net/*; do
     break
 done
 exit 0
-"""
+""".replace("@RESEED_DIRS@", " ".join(RESEED_DIRS))
+
+
+# Loads what a clone's refresh, account check and first payload steps execute into the page
+# cache of the template's guest (a program missing from an image is skipped).
+_WARM_UP = (
+    "for p in date id setpriv mkdir chown chmod rm cat; do $p --version >/dev/null 2>&1; done; true"
+)
 
 
 class TemplateFiles(Protocol):
@@ -128,6 +165,34 @@ class TemplateFiles(Protocol):
     def state(self) -> Path: ...
     @property
     def boot_log(self) -> Path: ...
+
+
+class RestoreQueue:
+    """Warm starts take turns: at most ``size`` VMs go from their restore to a refreshed guest
+    at once. A restore loads a whole memory state and the woken guest then runs its refresh;
+    sixteen of them sharing two cores all finish late, while in turns half are ready in half
+    the time (bench/warm.py). A turn is given up by :meth:`RestoreTurn.end` (idempotent) when
+    the clone is refreshed or has failed; nobody waits longer than ``patience`` seconds for one
+    (then it goes ahead anyway), so a guest that hangs delays the others by that at most."""
+
+    def __init__(self, size: int, patience: float) -> None:
+        self._slots = threading.BoundedSemaphore(size)
+        self._patience = patience
+
+    def turn(self) -> RestoreTurn:
+        return RestoreTurn(self._slots if self._slots.acquire(timeout=self._patience) else None)
+
+
+class RestoreTurn:
+    def __init__(self, slot: threading.BoundedSemaphore | None) -> None:
+        self._slot = slot
+        self._lock = threading.Lock()
+
+    def end(self) -> None:
+        with self._lock:
+            slot, self._slot = self._slot, None
+        if slot is not None:
+            slot.release()
 
 
 def restore_clone(
@@ -185,20 +250,20 @@ def refresh_clone(
     and its words go to logs, the event log and admins' terminals."""
     deadline = time.monotonic() + min(timeout, REFRESH_TIMEOUT)
     agent = GuestAgent(domain)
-    handle = agent.open("/dev/urandom", "w")
-    try:
-        agent.write(handle, secrets.token_bytes(ENTROPY_BYTES))
-    finally:
-        agent.close(handle)
+    machine_id = secrets.token_hex(16)
+    # fresh host bytes as printf's octal escapes (no % to read as a directive, no NUL argument)
+    entropy = "".join(f"\\{b:03o}" for b in secrets.token_bytes(ENTROPY_BYTES))
+    argv = ["/bin/sh", "-c", _REFRESH, "glite-vm-refresh", mac or "-"]
     st = agent.run(
-        ["/bin/sh", "-c", _REFRESH, "glite-vm-refresh", mac or "-", f"{time.time():.3f}"],
+        [*argv, f"{time.time():.3f}", machine_id, entropy],
         timeout=_left(deadline),
         input_data=RESEED_PROGRAM,
+        max_poll=0.02,
     )
     if st.exitcode == 5 and st.signal is None:  # no date that sets the clock: the agent's way
         _set_clock(agent)
         st = agent.run(
-            ["/bin/sh", "-c", _REFRESH, "glite-vm-refresh", mac or "-", "-"],
+            [*argv, "-", machine_id, entropy],
             timeout=_left(deadline),
             input_data=RESEED_PROGRAM,
         )
@@ -225,9 +290,15 @@ def save_template(
     ``qemu_gid`` where QEMU runs as a user of its own), its memory ``dest/state.sav``, its boot
     log ``dest/boot.log``. The domain is stopped afterwards (libvirt's save stops it)."""
     agent = GuestAgent(domain)
+    # the reseed program every clone runs first (where no place allows it, clones install it)
+    for place in RESEED_DIRS:
+        argv = ["/bin/sh", "-c", _INSTALL, "glite-vm-install", place]
+        if agent.run(argv, timeout=REFRESH_TIMEOUT, input_data=RESEED_PROGRAM).exitcode == 0:
+            break
     # sync: the layer holds all the boot wrote; dropping clean caches shrinks the saved state
-    # (every restore reads it) by what the boot read from disk
-    quiesce = "sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null; true"
+    # (every restore reads it) by what the boot read from disk; then the few programs every
+    # job's first steps run are read back in, so that a clone does not wait for its disk
+    quiesce = "sync; echo 3 > /proc/sys/vm/drop_caches 2>/dev/null; " + _WARM_UP
     st = agent.run(["/bin/sh", "-c", quiesce], timeout=REFRESH_TIMEOUT)
     if st.exitcode != 0:
         raise AgentError("sync in the template's guest failed")
@@ -267,6 +338,8 @@ def new_mac() -> str:
 
 __all__ = [
     "TEMPLATE_FORMAT",
+    "RestoreQueue",
+    "RestoreTurn",
     "TemplateFiles",
     "new_mac",
     "refresh_clone",

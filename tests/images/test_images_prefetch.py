@@ -5,10 +5,11 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from glite_vm.config import Prefetch, Settings
+from glite_vm.config import Settings
 from glite_vm.images.acquire import acquire_image
 from glite_vm.images.cache import ImageCache
 from glite_vm.images.usage import most_used, read_counts
+from glite_vm.knob_values import Prefetch
 from glite_vm.service.prefetch import prefetch_once, warm_set
 from glite_vm.units import KIB, MIB
 from tests.images.images_helpers import Repo, random_bytes

@@ -13,10 +13,11 @@ from pathlib import Path
 
 import pytest
 
-from glite_vm.config import Prefetch, Settings
+from glite_vm.config import Settings
 from glite_vm.images.acquire import acquire_image
 from glite_vm.images.cache import ImageCache
 from glite_vm.images.usage import MAX_NAMES, USAGE_FILE, most_used, read_counts
+from glite_vm.knob_values import Prefetch
 from glite_vm.service.prefetch import prefetch_once
 from glite_vm.units import KIB, MIB
 from tests.images.images_helpers import Repo, random_bytes

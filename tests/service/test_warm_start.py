@@ -27,12 +27,14 @@ from glite_vm.request import JobRequest, vm_request
 from glite_vm.service import events
 from glite_vm.service.api import PrepareResult
 from glite_vm.service.local import LocalService
+from glite_vm.service.vm_state import VmRecord
 from glite_vm.service.warm_start import template_key
 from glite_vm.slots import SlotFacts
 from glite_vm.vm.connect import open_host
 from glite_vm.vm.guest_run import GUEST_WORKDIR
 from glite_vm.vm.lifecycle import VmHost
 from glite_vm.vm.save_image import HEADER_SIZE, read_header
+from glite_vm.vm.warm import RESEED_DIRS, refresh_clone
 from tests.service.conftest import new_state_dir
 from tests.support import domains_under
 
@@ -432,3 +434,45 @@ def test_a_warm_start_on_a_network_gets_its_own_mac_address(
         finally:
             service.teardown(prepared.vm, failed=False)
     assert seen[0] != seen[1]
+
+
+def test_clones_reseed_with_the_templates_program_or_install_their_own(
+    warm: LocalService, svc_root: Path
+) -> None:
+    """The template's guest keeps the reseed program in a root-only tmpfs directory, so a
+    clone's refresh just runs it; a clone that lost that directory installs one of its own,
+    runs it, and leaves nothing behind."""
+    scratch = svc_root / "warm-reseed"
+    cold_then_template(warm, scratch)
+    prepared = prepare(warm, scratch, 1)
+    try:
+        record = warm.registry.get(prepared.vm)
+        assert isinstance(record, VmRecord)
+        vm = record.vm
+        assert vm.domain is not None
+        kept = vm.agent.run(["/bin/sh", "-c", KEPT_RESEED])
+        assert kept.exitcode == 0, kept
+        place, owner, mode = kept.stdout.decode().split()
+        assert place in RESEED_DIRS and (owner, mode) == ("root", "700")
+        gone = vm.agent.run(["/bin/sh", "-c", f"rm -rf {' '.join(RESEED_DIRS)}"])
+        assert gone.exitcode == 0
+        refresh_clone(vm.domain, mac=None)  # the clone's own way; raises if it cannot reseed
+        left = vm.agent.run(
+            [
+                "/bin/sh",
+                "-c",
+                "ls -d /run/glite-vm-reseed.* /dev/shm/glite-vm-reseed.* /tmp/glite-vm-reseed.*",
+            ]
+        )
+        assert left.stdout == b"", left  # the private directory went again
+        seen = probe(warm, prepared.vm)
+        assert seen.before - 1 <= seen.clock <= seen.after + 1
+    finally:
+        warm.teardown(prepared.vm, failed=False)
+
+
+# where the template's reseed program is, its directory's owner and mode
+KEPT_RESEED = (
+    "for d in " + " ".join(RESEED_DIRS) + "; do "
+    '[ -x "$d/reseed" ] && exec stat -c "%n %U %a" "$d"; done; exit 1'
+)

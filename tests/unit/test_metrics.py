@@ -27,7 +27,7 @@ import prometheus_client
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from glite_vm.config import MetricsAddress, Settings
+from glite_vm.config import Settings
 from glite_vm.errors import (
     ChecksumMismatchError,
     DownloadError,
@@ -37,6 +37,7 @@ from glite_vm.errors import (
     TransientBootError,
     UserError,
 )
+from glite_vm.knob_values import MetricsAddress
 from glite_vm.service.metrics import (
     OWNER_CLASSES,
     VM_STATES,

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from glite_vm.config import Prefetch, Settings
+from glite_vm.config import Settings
 from glite_vm.images.throttle import RateLimit
+from glite_vm.knob_values import Prefetch
 from glite_vm.units import MIB
 
 

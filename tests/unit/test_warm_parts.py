@@ -7,6 +7,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import struct
+import threading
 import time
 import xml.etree.ElementTree as ET
 from pathlib import Path
@@ -26,6 +27,7 @@ from glite_vm.vm.domain_xml import (
     restored_domain_xml,
 )
 from glite_vm.vm.save_image import HEADER_SIZE, MAGIC, read_header, rewrite_header
+from glite_vm.vm.warm import RestoreQueue
 
 STREAM = b"QEVM\x00\x00\x00\x03" + os.urandom(4096)  # stands in for QEMU's migration stream
 
@@ -281,3 +283,56 @@ def test_templates_count_in_the_budget_and_are_evicted_least_recently_used_first
     report = cache.prune(4000)
     assert [e.sha256 for e in report.removed] == [old.digest]
     assert store.load(old.digest) is None and store.load(new.digest) is not None
+
+
+def test_warm_starts_take_turns_and_a_turn_ends_once() -> None:
+    queue = RestoreQueue(2, patience=60.0)
+    inside = 0
+    most = 0
+    lock = threading.Lock()
+    go = threading.Event()
+    errors: list[BaseException] = []
+
+    def warm_start() -> None:
+        try:
+            one_turn()
+        except BaseException as exc:  # a second end that gave back too much raises here
+            errors.append(exc)
+
+    def one_turn() -> None:
+        nonlocal inside, most
+        turn = queue.turn()
+        with lock:
+            inside += 1
+            most = max(most, inside)
+        go.wait(5)
+        with lock:
+            inside -= 1
+        turn.end()
+        turn.end()  # a teardown after the refresh ends it again: nothing more is given back
+
+    threads = [threading.Thread(target=warm_start) for _ in range(6)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 10
+    while most < 2 and time.monotonic() < deadline:
+        time.sleep(0.01)
+    go.set()
+    for t in threads:
+        t.join(10)
+    assert most == 2  # never more than the queue's size at once
+    assert errors == []
+    # all turns were given back exactly once: the queue's two places are free again
+    first, second = queue.turn(), queue.turn()
+    first.end()
+    second.end()
+
+
+def test_a_turn_that_does_not_come_in_time_goes_ahead_anyway() -> None:
+    queue = RestoreQueue(1, patience=0.2)
+    held = queue.turn()
+    late = queue.turn()  # the place is taken: after its patience it goes ahead without one
+    late.end()  # and gives back nothing it did not take (a bounded semaphore would refuse)
+    held.end()
+    again = queue.turn()
+    again.end()

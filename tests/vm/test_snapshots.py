@@ -27,10 +27,11 @@ from typing import Any
 
 import pytest
 
-from glite_vm.config import Retention, Settings
+from glite_vm.config import Settings
 from glite_vm.images.acquire import acquire_image
 from glite_vm.images.build import build_catalogue, write_catalogue
 from glite_vm.images.inspect import Limits
+from glite_vm.knob_values import Retention
 from glite_vm.request import VMRequest
 from glite_vm.snapshots.boot import boots_root
 from glite_vm.snapshots.boot_files import resolve_boot_files

@@ -39,7 +39,8 @@ RACE_ROUNDS = 3000
 LIBRARY = r"""
 import json, sys
 from pathlib import Path
-from glite_vm.config import Retention, Settings
+from glite_vm.config import Settings
+from glite_vm.knob_values import Retention
 from glite_vm.snapshots.boot_files import resolve_boot_files
 from glite_vm.snapshots.disk import SnapshotUnusableError
 from glite_vm.snapshots.store import SnapshotStore

@@ -21,7 +21,8 @@ from pathlib import Path
 
 import pytest
 
-from glite_vm.config import Retention, Settings
+from glite_vm.config import Settings
+from glite_vm.knob_values import Retention
 from glite_vm.snapshots.store import SnapshotStore
 from glite_vm.vm.vm_dir import lock_vm_dir
 from tests.support import domains_under, our_domain_names
