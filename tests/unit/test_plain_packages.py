@@ -31,6 +31,7 @@ HOOK_MODULES = {
     "glite_vm.condor.payload",  # what the job runs, from its ad
     "glite_vm.condor.under_starter",  # what hooks and launcher share: service, chirp, signals
     "glite_vm.config",
+    "glite_vm.knob_values",  # what settings are made of
     "glite_vm.errors",
     "glite_vm.identity",
     "glite_vm.identity.errors",
