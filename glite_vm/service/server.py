@@ -153,6 +153,7 @@ class ServiceServer:
         finally:
             self.close()
             self._wind_down()
+            warm_start.stop_builds()  # a template's VM is nobody's: it does not outlive us
             reaper.join(timeout=SHUTDOWN_GRACE)
             self.exports.write()  # the last word: what the calls that finished did
 

@@ -31,7 +31,7 @@ from glite_vm.images.cache_budget import release_reservation, reserve
 from glite_vm.images.templates import Template, TemplateKey, TemplateStore
 from glite_vm.request import JobRequest, KeepSnapshot, VMRequest, vm_request
 from glite_vm.slots import SlotFacts, SlotLayout
-from glite_vm.vm.lifecycle import VmHost
+from glite_vm.vm.lifecycle import Vm, VmHost
 from glite_vm.vm.qemu_user import qemu_ids
 from glite_vm.vm.warm import TEMPLATE_FORMAT, save_template
 
@@ -42,6 +42,8 @@ TEMPLATE_OWNER = "glite-vm"
 # One template build at a time in this process: each is a VM that no slot, no per-user cap and
 # no job counts, and with GLITE_VM_WARM_IMAGES = * any job's image gets one after its boot.
 _BUILDER = threading.Lock()
+_BUILDING: set[Vm] = set()  # the template VMs this process is building now (stop_builds)
+_BUILDING_LOCK = threading.Lock()
 
 
 def template_key(host: VmHost, request: VMRequest, image: ResolvedImage) -> TemplateKey:
@@ -109,6 +111,8 @@ def build_template(
             # The building process stands as the VM's starter: if it dies before the save,
             # the service's next start adopts the VM and reaps it (its "starter" is gone).
             vm = host.start(shape, image, genid=True, starter_pid=os.getpid())
+            with _BUILDING_LOCK:
+                _BUILDING.add(vm)
             try:
                 vm.wait_ready()
                 assert vm.domain is not None
@@ -117,11 +121,24 @@ def build_template(
                     vm.domain, vm.overlay, vm.boot_log, build, qemu_gid=ids[1] if ids else None
                 )
             finally:
+                with _BUILDING_LOCK:
+                    _BUILDING.discard(vm)
                 vm.teardown(failed=False, keep_override=False)
                 shutil.rmtree(vm.dir, ignore_errors=True)
         finally:
             release_reservation(cache, digest)
     return store.load(digest)
+
+
+def stop_builds() -> None:
+    """Take down the VMs of the template builds under way in this process (the service stops:
+    a build's VM is nobody's job, and the next start would only reap it). Each build then
+    fails and leaves no template; the image's next cold boot asks for one again."""
+    with _BUILDING_LOCK:
+        building = list(_BUILDING)
+    for vm in building:
+        log.info("stopping: the warm-start template build of %s ends", vm.name)
+        vm.teardown(failed=False, keep_override=False)
 
 
 def shape_request(
@@ -207,6 +224,7 @@ __all__ = [
     "discard_template",
     "find_template",
     "shape_request",
+    "stop_builds",
     "template_key",
     "wanted",
 ]

@@ -357,3 +357,25 @@ def test_a_template_build_cut_short_by_a_crash_leaves_no_vm(warm_service: Servic
     assert not list((state_dir(svc) / "cache" / "templates").glob(".build-*"))
     left = sorted(os.listdir(vm_dirs(svc) / vm)) if (vm_dirs(svc) / vm).exists() else []
     assert set(left) <= {"boot.log", "domain.xml", "record.json"}, left
+
+
+def test_a_template_build_ends_when_the_service_stops(warm_service: ServiceProcess) -> None:
+    """A template's VM is nobody's job: a service stopped (SIGTERM) while it builds one takes
+    that VM down before it exits, rather than leaving it running until the next start."""
+    svc = warm_service
+    (meta,) = templates(svc)
+    svc.stop()
+    shutil.rmtree(meta.parent)
+    svc.start()
+
+    def building() -> list[str]:
+        return [d for d in domains_under(state_dir(svc)) if "-warm-template-" in d]
+
+    wait_for("the template's VM", lambda: len(building()) == 1, 120, 0.05)
+    (vm,) = building()
+    wait_for("the template's VM runs", lambda: domain_running(vm), 60, 0.05)
+    assert svc.stop() == 0
+    assert building() == []  # gone when the service has exited, not at its next start
+    assert not (state_dir(svc) / "cache" / "templates" / meta.parent.name).exists()
+    svc.start()
+    wait_for("the template is made again", lambda: len(templates(svc)) == 1, TEMPLATE_WAIT)
