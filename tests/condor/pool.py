@@ -24,7 +24,9 @@ from typing import Any
 
 from glite_vm.cli.main import main as glite_vm_cli
 from glite_vm.condor.config import ExecuteHostConfig, render_execute_config
-from tests.service.svc_support import ServiceProcess
+from glite_vm.slots import SlotLayout
+from tests.service.svc_support import ServiceProcess, running_service
+from tests.support import GuestVariant, guest_catalogue
 
 REPO = Path(__file__).resolve().parents[2]
 TARBALL_ENV = "GLITE_VM_HTCONDOR_TARBALL"
@@ -353,6 +355,25 @@ def running_pool(
         yield pool
     finally:
         pool.stop()
+
+
+@contextlib.contextmanager
+def pool_service(
+    root: Path,
+    guest_dir: Path,
+    layout: SlotLayout,
+    extra: Mapping[str, str] | None = None,
+    *,
+    variants: Mapping[str, GuestVariant] | None = None,
+) -> Iterator[ServiceProcess]:
+    """The glite-vm service of a one-host pool under ``root``: a repository in ``root/repo``
+    of the direct test guest (``test-direct``) and ``variants``, the pool's slots as
+    ``glite-vm config`` writes them for ``layout``, and the ``extra`` settings."""
+    catalogue = guest_catalogue(
+        guest_dir, root / "repo", direct={"test-direct": ""}, variants=variants
+    )
+    with running_service(root, catalogue, {**(extra or {}), **layout.knobs()}) as svc:
+        yield svc
 
 
 @contextlib.contextmanager
