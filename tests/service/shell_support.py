@@ -25,6 +25,7 @@ from tests.service.svc_support import (
     ok,
     prepare,
 )
+from tests.support import virsh
 
 GUEST_UID = "1000"  # the test guests' job account (tests/guest/build.sh)
 
@@ -126,13 +127,7 @@ class Terminal:
 
 def socket_of(state: Path, vm: str) -> Path:
     """The VM's shell socket, named after its domain's UUID (glite_vm.vm.shell_port)."""
-    uuid = subprocess.run(
-        ["virsh", "-c", "qemu:///system", "domuuid", vm],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    ).stdout.strip()
+    uuid = virsh("domuuid", vm).stdout.strip()
     return shell_dir(state) / uuid.replace("-", "")
 
 

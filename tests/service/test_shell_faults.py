@@ -27,18 +27,13 @@ from tests.service.svc_support import (
     prepare,
     wait_for,
 )
+from tests.support import virsh
 
 pytestmark = pytest.mark.vm
 
 
 def libvirtd_answers() -> bool:
-    done = subprocess.run(
-        ["virsh", "-c", "qemu:///system", "list", "--name"],
-        capture_output=True,
-        timeout=60,
-        check=False,
-    )
-    return done.returncode == 0
+    return virsh("list", "--name", check=False).returncode == 0
 
 
 def count_in_guest(pattern: str) -> str:
@@ -66,7 +61,7 @@ def test_a_vm_destroyed_from_outside_under_a_shell_ends_it_and_is_reaped(
 ) -> None:
     with open_shell(service, svc_root, alice, "shell-destroyed") as (vm, path, term):
         # an administrator (or a crash) ends the VM behind the service's back
-        subprocess.run(["virsh", "-c", "qemu:///system", "destroy", vm], check=True, timeout=60)
+        virsh("destroy", vm)
         assert term.wait(timeout=60) == 125
         assert b"stopped during the shell session" in term.screen, term.screen
         assert libvirtd_answers()
@@ -76,14 +71,7 @@ def test_a_vm_destroyed_from_outside_under_a_shell_ends_it_and_is_reaped(
 
 
 def domains_named(name: str) -> list[str]:
-    listed = subprocess.run(
-        ["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    )
-    return [n for n in listed.stdout.split() if n == name]
+    return [n for n in virsh("list", "--all", "--name").stdout.split() if n == name]
 
 
 def test_the_shell_socket_is_out_of_every_local_users_reach(
