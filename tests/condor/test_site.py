@@ -225,8 +225,9 @@ def test_cached_images_keep_jobs_running_while_the_repository_is_down(site: Site
 def test_a_stopped_service_sends_its_jobs_to_the_other_host(site: Site) -> None:
     hostb = site.hosts["hostb"]
     # 90 s on hostb, long enough to be running still when its service stops; 1 s when run
-    # again on hosta (``$$([...])`` is evaluated at each match, against the job's ad)
-    seconds = "$$([ifThenElse((TARGET.NumJobStarts ?: 0) > 0, 1, 90)])"
+    # again on hosta (``$$([...])`` is evaluated at each match; NumJobStarts, unscoped, is
+    # the job's: as TARGET.NumJobStarts it was undefined, so every run slept 90 s)
+    seconds = "$$([ifThenElse((NumJobStarts ?: 0) > 0, 1, 90)])"
     cluster = submit(site, "svc-stop", "img-b", 2, seconds, *REQUEUE_ON_GLITE_VM_FAILURE)
     running_on(site, cluster, "hostb", 2)
     assert hostb.service.stop() == 0
