@@ -173,6 +173,8 @@ class Settings:
     max_debug_hold: float = _seconds(0.0, zero_ok=True)
     service_connect_timeout: float = _seconds(5.0)  # a client waits to connect to the service
     service_idle_timeout: float = _seconds(30.0)  # a client waits for any sign of life mid-call
+    # the service waits this long for a client that reads nothing of a reply (then drops it)
+    service_send_timeout: float = _seconds(120.0)
     # Prometheus metrics of the service (docs/admin.md, "Metrics"): an HTTP endpoint on a
     # literal IP and port (loopback unless metrics_allow_remote), and/or a node_exporter textfile
     # rewritten every reap_interval; both off by default

@@ -72,17 +72,21 @@ def sized(ad: object, slot: object, settings: object) -> Any:
     return vm_request(request_from_job_ad(ad, settings), slot, settings)  # type: ignore[arg-type]
 
 
+def virsh(*args: str, check: bool = True, timeout: float = 60) -> subprocess.CompletedProcess[str]:
+    """``virsh -c qemu:///system ARGS``, its output captured as text."""
+    return subprocess.run(
+        ["virsh", "-c", "qemu:///system", *args],
+        capture_output=True,
+        text=True,
+        check=check,
+        timeout=timeout,
+    )
+
+
 def domain_names(*, inactive: bool = True) -> list[str]:
     """The names of all libvirt domains on ``qemu:///system`` (only running ones without
     ``inactive``)."""
-    out = subprocess.run(
-        ["virsh", "-c", "qemu:///system", "list", *(["--all"] if inactive else []), "--name"],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=30,
-    ).stdout
-    return out.split()
+    return virsh("list", *(["--all"] if inactive else []), "--name", timeout=30).stdout.split()
 
 
 def our_domain_names() -> list[str]:

@@ -47,7 +47,6 @@ from glite_vm.vm.lifecycle import VmHost
 
 log = logging.getLogger(__name__)
 
-SEND_TIMEOUT = 120.0  # seconds one reply line may wait for a client that does not read
 SHUTDOWN_GRACE = 10.0  # seconds running calls get to finish when the service stops
 MAX_CONNECTIONS = 512  # calls served at once; beyond that a caller is told the service is busy
 # and each local user but root has at most settings.max_calls_per_user of them, so that one
@@ -231,7 +230,7 @@ class ServiceServer:
                         protocol.encode({"ok": False, "error": protocol.error_to_wire(exc)})
                     )
                 return
-            conn.settimeout(SEND_TIMEOUT)
+            conn.settimeout(self.settings.service_send_timeout)
             call = Call(conn, rest)
             name = account_name(peer.uid)
             groups = peer.groups

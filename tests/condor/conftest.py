@@ -21,6 +21,7 @@ from glite_vm.condor.config import ExecuteHostConfig, render_execute_config
 from glite_vm.slots import SlotLayout
 from glite_vm.units import MIB
 from tests.condor.pool import PersonalPool, ensure_user, find_tarball, running_pool, unpack_release
+from tests.support import scratch_root
 
 #: The pool's slots: 4 user slots and the last one root-enabled, small enough for any host.
 POOL_LAYOUT = SlotLayout(slots=5, root_slots=1, cpus=1, memory_mib=256, disk_bytes=1024 * MIB)
@@ -47,6 +48,16 @@ def htcondor_release() -> Iterator[Path]:
         yield unpack_release(tarball, prefix)
     finally:
         shutil.rmtree(prefix, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def root(request: pytest.FixtureRequest) -> Iterator[Path]:
+    """The scratch directory of a module's own pool, service and jobs (``glite-vm-<module>-``).
+    QEMU's user, the condor user and the test user traverse it; nobody lists it.
+    ``GLITE_VM_KEEP_E2E`` keeps it for a post-mortem: logs, ads, snapshots."""
+    name = request.module.__name__.rpartition(".")[2].removeprefix("test_")
+    with scratch_root(f"glite-vm-{name}-", "GLITE_VM_KEEP_E2E") as path:
+        yield path
 
 
 @pytest.fixture(scope="session")

@@ -24,7 +24,9 @@ from typing import Any
 
 from glite_vm.cli.main import main as glite_vm_cli
 from glite_vm.condor.config import ExecuteHostConfig, render_execute_config
-from tests.service.svc_support import ServiceProcess
+from glite_vm.slots import SlotLayout
+from tests.service.svc_support import ServiceProcess, running_service
+from tests.support import GuestVariant, guest_catalogue
 
 REPO = Path(__file__).resolve().parents[2]
 TARBALL_ENV = "GLITE_VM_HTCONDOR_TARBALL"
@@ -117,6 +119,13 @@ def wait_until(what: str, probe: Callable[[], Any], timeout: float, interval: fl
         time.sleep(interval)
 
 
+#: Before every pool's extra configuration. A starter whose PREPARE_JOB just failed ignores a
+#: fast shutdown until the startd kills it after KILLING_TIMEOUT (default 30 s); tests need not
+#: wait that long. HTCondor 25 gives each job private /tmp and /var/tmp (MOUNT_UNDER_SCRATCH):
+#: a checkout, and with it the launcher's Python, under /tmp would vanish for the job.
+_BASE_CONFIG = "KILLING_TIMEOUT = 5\nMOUNT_UNDER_SCRATCH =\n"
+
+
 class PersonalPool:
     """One personal pool under ``prefix`` (an unpacked release); see the module docstring."""
 
@@ -158,11 +167,7 @@ class PersonalPool:
         ``DAEMON_LIST``)."""
         script = find_tarball().parent / "personal-pool.sh"
         extra = self.prefix / "extra.conf"
-        # A starter whose PREPARE_JOB just failed ignores a fast shutdown until the startd
-        # kills it after KILLING_TIMEOUT (default 30 s); tests need not wait that long.
-        # HTCondor 25 gives each job private /tmp and /var/tmp (MOUNT_UNDER_SCRATCH): a
-        # checkout, and with it the launcher's Python, under /tmp would vanish for the job.
-        extra.write_text("KILLING_TIMEOUT = 5\nMOUNT_UNDER_SCRATCH =\n" + extra_config)
+        extra.write_text(_BASE_CONFIG + extra_config)
         self.port = collector_port or free_port()
         env = dict(self.env, CONDOR_PORT=str(self.port), CONDOR_EXTRA_CONFIG=str(extra))
         if ready is not None:
@@ -201,6 +206,13 @@ class PersonalPool:
         except PoolError:
             self.stop()
             raise
+
+    def reconfigure(self, extra_config: str) -> None:
+        """Replace the extra configuration :meth:`start` installed with ``extra_config`` and
+        ``condor_reconfig`` the running daemons (what an admin does after editing a file)."""
+        installed = self.local_dir / "config.d" / "50-extra.conf"
+        installed.write_text(_BASE_CONFIG + extra_config)
+        self.run(["condor_reconfig"])
 
     # -- running tools ----------------------------------------------------------------------
 
@@ -343,6 +355,25 @@ def running_pool(
         yield pool
     finally:
         pool.stop()
+
+
+@contextlib.contextmanager
+def pool_service(
+    root: Path,
+    guest_dir: Path,
+    layout: SlotLayout,
+    extra: Mapping[str, str] | None = None,
+    *,
+    variants: Mapping[str, GuestVariant] | None = None,
+) -> Iterator[ServiceProcess]:
+    """The glite-vm service of a one-host pool under ``root``: a repository in ``root/repo``
+    of the direct test guest (``test-direct``) and ``variants``, the pool's slots as
+    ``glite-vm config`` writes them for ``layout``, and the ``extra`` settings."""
+    catalogue = guest_catalogue(
+        guest_dir, root / "repo", direct={"test-direct": ""}, variants=variants
+    )
+    with running_service(root, catalogue, {**(extra or {}), **layout.knobs()}) as svc:
+        yield svc
 
 
 @contextlib.contextmanager

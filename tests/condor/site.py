@@ -230,6 +230,7 @@ class Site:
         self.repository = repository
         self.cm = PersonalPool(root / "cm", user)
         self.hosts: dict[str, ExecuteHost] = {}
+        self._cm_config = ("", "")  # glite-vm's snippet, the test's own lines
 
     # -- building ---------------------------------------------------------------------------
 
@@ -245,10 +246,34 @@ class Site:
             out = pool.run(["condor_status", "-schedd", "-af", "Name"], check=False)
             return out.returncode == 0 and bool(out.stdout.strip())
 
-        self.cm.start(
-            "DAEMON_LIST = MASTER COLLECTOR NEGOTIATOR SCHEDD\n" + cm_snippet + extra_config,
-            ready=schedd_up,
+        self._cm_config = (cm_snippet, extra_config)
+        self.cm.start(self._central_manager_config(cache_rank), ready=schedd_up)
+
+    def _central_manager_config(self, cache_rank: bool) -> str:
+        cm_snippet, extra_config = self._cm_config
+        return (
+            "DAEMON_LIST = MASTER COLLECTOR NEGOTIATOR SCHEDD\n"
+            + (cm_snippet if cache_rank else "")
+            + extra_config
         )
+
+    def use_cache_rank(self, enabled: bool) -> None:
+        """Put the snippet of ``glite-vm config --central-manager`` into the central manager's
+        configuration or take it out (HTCondor's default pre-job rank), as its admin would,
+        and return once the running negotiator uses the change."""
+        if not self._cm_config[0]:
+            raise PoolError("the central manager was started without the snippet")
+        self.cm.reconfigure(self._central_manager_config(enabled))
+
+        def negotiator_rank() -> bool:
+            out = self.cm.run(
+                ["condor_config_val", "-negotiator", "NEGOTIATOR_PRE_JOB_RANK"], check=False
+            )
+            # the macro's name, or what it expands to
+            ours = any(mark in out.stdout for mark in ("GLITE_VM_HAS_IMAGE", "GliteVmCachedImages"))
+            return out.returncode == 0 and ours == enabled
+
+        wait_until("the negotiator to take its new configuration", negotiator_rank, 60)
 
     def add_host(
         self,

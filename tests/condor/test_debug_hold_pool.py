@@ -22,12 +22,13 @@ from tests.condor.pool import (
     JobAd,
     PersonalPool,
     glite_vm_pool,
+    pool_service,
     submit_with_files,
     vm_job_description,
     wait_until,
 )
-from tests.service.svc_support import ServiceProcess, domain_running, running_service
-from tests.support import domains_under, guest_catalogue, scratch_root
+from tests.service.svc_support import ServiceProcess, domain_running
+from tests.support import domains_under
 
 pytestmark = [pytest.mark.condor, pytest.mark.vm]
 
@@ -43,16 +44,8 @@ exit 3
 
 
 @pytest.fixture(scope="module")
-def root() -> Iterator[Path]:
-    with scratch_root("glite-vm-debughold-", "GLITE_VM_KEEP_E2E") as path:
-        yield path
-
-
-@pytest.fixture(scope="module")
 def service(root: Path, guest_dir: Path) -> Iterator[ServiceProcess]:
-    catalogue = guest_catalogue(guest_dir, root / "repo", direct={"test-direct": ""})
-    extra = {"GLITE_VM_MAX_DEBUG_HOLD": str(MAX_HOLD), **LAYOUT.knobs()}
-    with running_service(root, catalogue, extra) as svc:
+    with pool_service(root, guest_dir, LAYOUT, {"GLITE_VM_MAX_DEBUG_HOLD": str(MAX_HOLD)}) as svc:
         yield svc
 
 

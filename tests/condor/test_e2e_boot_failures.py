@@ -24,10 +24,16 @@ import pytest
 from glite_vm.condor.jobad import HOST_FAILURES_ATTR, HOST_FAILURES_HOLD_CODE
 from glite_vm.slots import SlotLayout
 from glite_vm.units import GIB
-from tests.condor.pool import PersonalPool, glite_vm_pool, submit_with_files, vm_job_description
+from tests.condor.pool import (
+    PersonalPool,
+    glite_vm_pool,
+    pool_service,
+    submit_with_files,
+    vm_job_description,
+)
 from tests.pressure import Meddler
-from tests.service.svc_support import ServiceProcess, running_service
-from tests.support import BROKEN_GUESTS, domains_under, guest_catalogue, scratch_root
+from tests.service.svc_support import ServiceProcess
+from tests.support import BROKEN_GUESTS, domains_under
 
 pytestmark = [pytest.mark.condor, pytest.mark.vm]
 
@@ -42,23 +48,13 @@ FAST_HOLD = 120.0
 
 
 @pytest.fixture(scope="module")
-def root() -> Iterator[Path]:
-    with scratch_root("glite-vm-e2e-boot-", "GLITE_VM_KEEP_E2E") as path:
-        yield path
-
-
-@pytest.fixture(scope="module")
 def service(root: Path, guest_dir: Path) -> Iterator[ServiceProcess]:
-    catalogue = guest_catalogue(
-        guest_dir, root / "repo", direct={"test-direct": ""}, variants=BROKEN_GUESTS
-    )
     extra = {
         "GLITE_VM_REAP_INTERVAL": "5",
         "GLITE_VM_BOOT_TIMEOUT": str(BOOT_TIMEOUT),
         "GLITE_VM_BOOT_ATTEMPTS": str(BOOT_ATTEMPTS),
-        **LAYOUT.knobs(),  # the service knows the pool's slots as glite-vm config wrote them
     }
-    with running_service(root, catalogue, extra) as svc:
+    with pool_service(root, guest_dir, LAYOUT, extra, variants=BROKEN_GUESTS) as svc:
         yield svc
 
 

@@ -22,12 +22,13 @@ from glite_vm.units import GIB
 from tests.condor.pool import (
     PersonalPool,
     glite_vm_pool,
+    pool_service,
     submit_with_files,
     vm_job_description,
     wait_until,
 )
-from tests.service.svc_support import ServiceProcess, running_service
-from tests.support import domain_names, guest_catalogue, scratch_root
+from tests.service.svc_support import ServiceProcess
+from tests.support import domain_names
 
 pytestmark = [pytest.mark.condor, pytest.mark.vm]
 
@@ -37,16 +38,8 @@ TIME_LIMIT = 20  # seconds: allowed_execute_duration of the job that sleeps far 
 
 
 @pytest.fixture(scope="module")
-def root() -> Iterator[Path]:
-    with scratch_root("glite-vm-requests-", "GLITE_VM_KEEP_E2E") as path:
-        yield path
-
-
-@pytest.fixture(scope="module")
 def service(root: Path, guest_dir: Path) -> Iterator[ServiceProcess]:
-    catalogue = guest_catalogue(guest_dir, root / "repo", direct={"test-direct": ""})
-    extra = {"GLITE_VM_JOB_NETWORKS": "user", **LAYOUT.knobs()}
-    with running_service(root, catalogue, extra) as svc:
+    with pool_service(root, guest_dir, LAYOUT, {"GLITE_VM_JOB_NETWORKS": "user"}) as svc:
         yield svc
 
 

@@ -29,12 +29,12 @@ from glite_vm.vm.guest_run import GUEST_WORKDIR
 from tests.condor.pool import (
     PersonalPool,
     glite_vm_pool,
+    pool_service,
     submit_with_files,
     vm_job_description,
     wait_until,
 )
-from tests.service.svc_support import ServiceProcess, as_user, ensure_account, running_service
-from tests.support import guest_catalogue, scratch_root
+from tests.service.svc_support import ServiceProcess, as_user, ensure_account
 
 pytestmark = [pytest.mark.condor, pytest.mark.vm]
 
@@ -50,16 +50,8 @@ sleep 900
 
 
 @pytest.fixture(scope="module")
-def root() -> Iterator[Path]:
-    with scratch_root("glite-vm-sshjob-", "GLITE_VM_KEEP_E2E") as path:
-        yield path
-
-
-@pytest.fixture(scope="module")
 def service(root: Path, guest_dir: Path) -> Iterator[ServiceProcess]:
-    catalogue = guest_catalogue(guest_dir, root / "repo", direct={"test-direct": ""})
-    extra = {"GLITE_VM_GUEST_IDENTITY": "true", **LAYOUT.knobs()}
-    with running_service(root, catalogue, extra) as svc:
+    with pool_service(root, guest_dir, LAYOUT, {"GLITE_VM_GUEST_IDENTITY": "true"}) as svc:
         yield svc
 
 

@@ -131,7 +131,7 @@ def test_the_command_is_cheap_and_reads_htcondors_knobs(tmp_path: Path) -> None:
         "GliteVmServiceUp",
     }
     # no service listens at the configured socket: new jobs must stay away, and the StartLog
-    # says why (tests/condor/test_site_faults.py stops a real one)
+    # says why (tests/condor/test_site.py stops a real one)
     assert ad["GliteVmServiceUp"] is False
     assert "does not answer" in result.stderr
     assert ad["GliteVmNetworks"] == "none"  # the default network, and no others for jobs

@@ -31,6 +31,11 @@ from tests.support import BROKEN_GUESTS, guest_catalogue
 from tests.support import service_env as support_service_env
 
 REAP_INTERVAL = 2.0
+#: GLITE_VM_SERVICE_SEND_TIMEOUT of the session's service (default 120 s): how long it waits for
+#: a client that reads nothing before dropping it; short, so that the test of such a client
+#: does not wait two minutes (clients that read are never near it: the service only blocks on
+#: a full socket buffer)
+SEND_TIMEOUT = 20
 USERS = ("gvm-alice", "gvm-bob")
 
 
@@ -147,8 +152,11 @@ def service(
     svc_root: Path, catalogue: Path, hypervisor_probe: Path, alice: Account, bob: Account
 ) -> Iterator[ServiceProcess]:
     state = new_state_dir(svc_root / "state", hypervisor_probe)
-    sources = {"GLITE_VM_CUSTOM_IMAGE_SOURCES": (svc_root / "custom").as_uri() + "/"}
-    env = service_env(svc_root, catalogue, sources)
+    extra = {
+        "GLITE_VM_CUSTOM_IMAGE_SOURCES": (svc_root / "custom").as_uri() + "/",
+        "GLITE_VM_SERVICE_SEND_TIMEOUT": str(SEND_TIMEOUT),
+    }
+    env = service_env(svc_root, catalogue, extra)
     svc = ServiceProcess(Path(env["GLITE_VM_SOCKET_PATH"]), env, svc_root / "service.log")
     svc.start()
     try:

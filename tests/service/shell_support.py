@@ -3,6 +3,7 @@ with input from /dev/null (:func:`cli`) or on a terminal of its own (:class:`Ter
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import select
@@ -11,9 +12,20 @@ import subprocess
 import sys
 import termios
 import time
+from collections.abc import Iterator
 from pathlib import Path
+from typing import NamedTuple
 
-from tests.service.svc_support import Account, ServiceProcess, as_user
+from tests.service.svc_support import (
+    Account,
+    ServiceProcess,
+    as_user,
+    call,
+    make_scratch,
+    ok,
+    prepare,
+)
+from tests.support import virsh
 
 GUEST_UID = "1000"  # the test guests' job account (tests/guest/build.sh)
 
@@ -111,3 +123,36 @@ class Terminal:
             self.proc.kill()
             self.proc.wait(timeout=10)
         os.close(self.master)
+
+
+def socket_of(state: Path, vm: str) -> Path:
+    """The VM's shell socket, named after its domain's UUID (glite_vm.vm.shell_port)."""
+    uuid = virsh("domuuid", vm).stdout.strip()
+    return shell_dir(state) / uuid.replace("-", "")
+
+
+class OpenShell(NamedTuple):
+    vm: str
+    socket: Path  # the VM's shell socket on the host
+    terminal: Terminal  # `glite-vm shell VM` on it, at the guest's prompt
+
+
+@contextlib.contextmanager
+def open_shell(service: ServiceProcess, root: Path, who: Account, name: str) -> Iterator[OpenShell]:
+    """A VM of ``who`` (scratch directory ``root/name``) with ``glite-vm shell`` open on it at
+    the guest's prompt. Afterwards the terminal is closed, the service runs again if the test
+    stopped it, and the VM is torn down unless the test (or the reaper) already ended it: that
+    teardown must succeed."""
+    vm = prepare(service, who, make_scratch(root, who, name))["vm"]
+    path = socket_of(Path(service.env["GLITE_VM_STATE_DIR"]), vm)
+    term = Terminal(service, who, "shell", vm, cwd="/")
+    try:
+        term.expect(b"$ ")
+        yield OpenShell(vm, path, term)
+    finally:
+        if term.proc.poll() is None:
+            term.close()
+        if service.proc is None or service.proc.poll() is not None:
+            service.start()
+        if vm in (v.vm for v in service.client().list_vms()):
+            ok(call(service, who, "teardown", vm=vm, failed=False))

@@ -22,7 +22,7 @@ from glite_vm.service.client import ServiceClient
 from glite_vm.service.events import Event, event_log_path, read_events
 from glite_vm.slots import SlotLayout
 from glite_vm.units import MIB as MIB_BYTES
-from tests.support import domain_names, domains_under, service_env, traversable
+from tests.support import domain_names, domains_under, service_env, traversable, virsh
 
 DRIVER = Path(__file__).resolve().parent / "driver.py"
 CALL_TIMEOUT = 120.0  # bound on any one client run (a boot under TCG takes ~5 s)
@@ -197,13 +197,7 @@ def our_domains(owner_names: tuple[str, ...]) -> list[str]:
 
 
 def domain_running(name: str) -> bool:
-    out = subprocess.run(
-        ["virsh", "-c", "qemu:///system", "domstate", name],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=30,
-    )
+    out = virsh("domstate", name, check=False, timeout=30)
     return out.returncode == 0 and out.stdout.strip() == "running"
 
 

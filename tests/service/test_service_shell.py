@@ -14,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.service.conftest import SEND_TIMEOUT
 from tests.service.shell_support import GUEST_UID, Terminal, cli, cli_env
 from tests.service.svc_support import (
     ROOT_SLOT,
@@ -210,7 +211,8 @@ def test_a_client_that_stops_reading_a_flood_of_output_costs_the_service_nothing
     """alice's guest writes without end to the shell's terminal while her client reads
     nothing (its own output goes to a pipe nobody reads): the service must neither buffer the
     flood nor keep the session's slot, thread and VM terminal forever (it gives a client
-    ``SEND_TIMEOUT`` to read)."""
+    ``GLITE_VM_SERVICE_SEND_TIMEOUT`` to read: :data:`SEND_TIMEOUT` here, not the default 120 s,
+    which the wait below stays short of, so the setting is shown to count)."""
     scratch = make_scratch(svc_root, alice, "shell-stall")
     vm = prepare(service, alice, scratch)["vm"]
     before = _rss_kib(service.pid)
@@ -244,7 +246,7 @@ def test_a_client_that_stops_reading_a_flood_of_output_costs_the_service_nothing
         wait_for(
             "a new shell while the stalled client still lives",
             lambda: cli(service, alice, "shell", vm, "--", "true").returncode == 0,
-            timeout=240,  # the service waits SEND_TIMEOUT (120 s) for a client to read
+            timeout=SEND_TIMEOUT + 80,  # under the default 120 s: the setting is what let go
             step=5.0,
         )
         assert stalled.poll() is None  # it never read: the service let go, not the client

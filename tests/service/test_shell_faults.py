@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.service.shell_support import Terminal, cli, shell_dir
+from tests.service.shell_support import cli, open_shell, socket_of
 from tests.service.svc_support import (
     Account,
     ServiceProcess,
@@ -27,30 +27,13 @@ from tests.service.svc_support import (
     prepare,
     wait_for,
 )
+from tests.support import virsh
 
 pytestmark = pytest.mark.vm
 
 
-def socket_of(state: Path, vm: str) -> Path:
-    """The VM's shell socket, named after its domain's UUID (glite_vm.vm.shell_port)."""
-    uuid = subprocess.run(
-        ["virsh", "-c", "qemu:///system", "domuuid", vm],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    ).stdout.strip()
-    return shell_dir(state) / uuid.replace("-", "")
-
-
 def libvirtd_answers() -> bool:
-    done = subprocess.run(
-        ["virsh", "-c", "qemu:///system", "list", "--name"],
-        capture_output=True,
-        timeout=60,
-        check=False,
-    )
-    return done.returncode == 0
+    return virsh("list", "--name", check=False).returncode == 0
 
 
 def count_in_guest(pattern: str) -> str:
@@ -61,12 +44,7 @@ def count_in_guest(pattern: str) -> str:
 def test_a_vm_torn_down_under_a_shell_ends_it_with_a_clear_error(
     service: ServiceProcess, svc_root: Path, alice: Account
 ) -> None:
-    scratch = make_scratch(svc_root, alice, "shell-teardown")
-    vm = prepare(service, alice, scratch)["vm"]
-    path = socket_of(svc_root / "state", vm)
-    term = Terminal(service, alice, "shell", vm, cwd="/")
-    try:
-        term.expect(b"$ ")
+    with open_shell(service, svc_root, alice, "shell-teardown") as (vm, path, term):
         assert stat.S_ISSOCK(os.lstat(path).st_mode)
         ok(call(service, alice, "teardown", vm=vm, failed=False))
         assert term.wait(timeout=60) == 125
@@ -76,43 +54,24 @@ def test_a_vm_torn_down_under_a_shell_ends_it_with_a_clear_error(
         # the socket went with its domain
         assert libvirtd_answers()
         assert not path.exists()
-    finally:
-        if term.proc.poll() is None:
-            term.close()
 
 
 def test_a_vm_destroyed_from_outside_under_a_shell_ends_it_and_is_reaped(
     service: ServiceProcess, svc_root: Path, alice: Account
 ) -> None:
-    scratch = make_scratch(svc_root, alice, "shell-destroyed")
-    vm = prepare(service, alice, scratch)["vm"]
-    path = socket_of(svc_root / "state", vm)
-    term = Terminal(service, alice, "shell", vm, cwd="/")
-    try:
-        term.expect(b"$ ")
+    with open_shell(service, svc_root, alice, "shell-destroyed") as (vm, path, term):
         # an administrator (or a crash) ends the VM behind the service's back
-        subprocess.run(["virsh", "-c", "qemu:///system", "destroy", vm], check=True, timeout=60)
+        virsh("destroy", vm)
         assert term.wait(timeout=60) == 125
         assert b"stopped during the shell session" in term.screen, term.screen
         assert libvirtd_answers()
         # the reaper finishes it: no domain, no socket
         wait_for("the reaper tears it down", lambda: not domains_named(vm), timeout=120)
         assert not path.exists()
-    finally:
-        if term.proc.poll() is None:
-            term.close()
-        call(service, alice, "teardown", vm=vm, failed=True)
 
 
 def domains_named(name: str) -> list[str]:
-    listed = subprocess.run(
-        ["virsh", "-c", "qemu:///system", "list", "--all", "--name"],
-        capture_output=True,
-        text=True,
-        check=True,
-        timeout=60,
-    )
-    return [n for n in listed.stdout.split() if n == name]
+    return [n for n in virsh("list", "--all", "--name").stdout.split() if n == name]
 
 
 def test_the_shell_socket_is_out_of_every_local_users_reach(
@@ -155,11 +114,7 @@ except OSError as exc:
 def test_a_killed_client_ends_its_session_and_the_vm_takes_the_next_shell(
     service: ServiceProcess, svc_root: Path, alice: Account
 ) -> None:
-    scratch = make_scratch(svc_root, alice, "shell-killed")
-    vm = prepare(service, alice, scratch)["vm"]
-    term = Terminal(service, alice, "shell", vm, cwd="/")
-    try:
-        term.expect(b"$ ")
+    with open_shell(service, svc_root, alice, "shell-killed") as (vm, _, term):
         term.type(b"sh -c 'echo sleeping; exec sleep 4321'\r")
         term.expect(b"sleeping\r\n")
         term.proc.send_signal(signal.SIGKILL)
@@ -172,21 +127,12 @@ def test_a_killed_client_ends_its_session_and_the_vm_takes_the_next_shell(
             timeout=60,
             step=2.0,
         )
-    finally:
-        if term.proc.poll() is None:
-            term.close()
-        ok(call(service, alice, "teardown", vm=vm, failed=False))
 
 
 def test_a_stopped_service_ends_the_session_clearly_and_leaves_nothing(
     service: ServiceProcess, svc_root: Path, alice: Account
 ) -> None:
-    scratch = make_scratch(svc_root, alice, "shell-stop")
-    vm = prepare(service, alice, scratch)["vm"]
-    path = socket_of(svc_root / "state", vm)
-    term = Terminal(service, alice, "shell", vm, cwd="/")
-    try:
-        term.expect(b"$ ")
+    with open_shell(service, svc_root, alice, "shell-stop") as (vm, path, term):
         assert service.stop() == 0
         assert term.wait(timeout=60) == 125
         assert b"the glite-vm service is stopping: the shell session was ended" in term.screen
@@ -194,12 +140,6 @@ def test_a_stopped_service_ends_the_session_clearly_and_leaves_nothing(
         # the VM was adopted with its shell port: a new shell works, then the teardown
         done = cli(service, alice, "shell", vm, "--", "true")
         assert done.returncode == 0, done.stderr
-    finally:
-        if term.proc.poll() is None:
-            term.close()
-        if service.proc is None or service.proc.poll() is not None:
-            service.start()
-        ok(call(service, alice, "teardown", vm=vm, failed=False))
     assert not path.exists()
     assert libvirtd_answers()
 
@@ -207,12 +147,7 @@ def test_a_stopped_service_ends_the_session_clearly_and_leaves_nothing(
 def test_a_crashed_services_sockets_are_swept_and_its_vm_serves_shells_again(
     service: ServiceProcess, svc_root: Path, alice: Account
 ) -> None:
-    scratch = make_scratch(svc_root, alice, "shell-crash")
-    vm = prepare(service, alice, scratch)["vm"]
-    path = socket_of(svc_root / "state", vm)
-    term = Terminal(service, alice, "shell", vm, cwd="/")
-    try:
-        term.expect(b"$ ")
+    with open_shell(service, svc_root, alice, "shell-crash") as (vm, path, term):
         assert service.proc is not None
         service.proc.send_signal(signal.SIGKILL)
         service.proc.wait(timeout=30)
@@ -228,10 +163,4 @@ def test_a_crashed_services_sockets_are_swept_and_its_vm_serves_shells_again(
         assert path.exists()  # the live VM's socket is left alone, and serves the next shell
         done = cli(service, alice, "shell", vm, "--", "true")
         assert done.returncode == 0, done.stderr
-    finally:
-        if term.proc.poll() is None:
-            term.close()
-        if service.proc is None or service.proc.poll() is not None:
-            service.start()
-        ok(call(service, alice, "teardown", vm=vm, failed=False))
     assert not path.exists()

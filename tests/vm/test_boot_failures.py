@@ -215,6 +215,12 @@ def test_a_qemu_that_dies_while_booting_is_booted_again(run_root: Path, catalogu
     assert run.result["boot_attempts"] == 2
     assert "glite-vm: booted at attempt 2" in run.stderr
     assert run.result["domain"] != killer.done[0]
+    # the test guests' kernel command line (tests/guest/build.sh) skips the timer check that
+    # panics on a crowded TCG host (the soak's test_no_timer_check_... shows it under load)
+    booted = Path(str(run.result["boot_log_path"])).read_text(errors="replace")
+    assert "no_timer_check" in next(
+        line for line in booted.splitlines() if "Kernel command line:" in line
+    )
 
 
 def test_boots_are_retried_a_bounded_number_of_times_then_the_host_is_blamed(
@@ -228,6 +234,13 @@ def test_boots_are_retried_a_bounded_number_of_times_then_the_host_is_blamed(
     assert "(boot attempt 2 of at most 2 on this host)" in run.stderr
 
 
+# A vCPU starved to 3 % boots for minutes: these two belong to the soak (`scripts/dev soak`).
+# Every suite run still shows their parts: the timer check's panic classified as transient
+# (tests/unit/test_boot_watch.py), a transient boot failure booted again and the test guests'
+# no_timer_check (test_a_qemu_that_dies_while_booting_is_booted_again).
+
+
+@pytest.mark.soak
 def test_the_timer_check_panic_is_booted_again(run_root: Path, catalogue: Path) -> None:
     """A starved vCPU fails the timer check nearly always, not always (a loaded host shifts
     when the quota bites): up to three runs, each starving only its first boot, until one
@@ -246,6 +259,7 @@ def test_the_timer_check_panic_is_booted_again(run_root: Path, catalogue: Path) 
     pytest.fail("three starved boots all passed their timer check")
 
 
+@pytest.mark.soak
 def test_no_timer_check_avoids_the_panic_on_a_starved_vcpu(run_root: Path, catalogue: Path) -> None:
     with Meddler(run_root, "starve", count=1) as starver:
         run = glite_vm_run(run_root, catalogue, "test-direct", "echo", "ran")
