@@ -15,9 +15,8 @@ from glite_vm.request import JobRequest
 from glite_vm.service.local import LocalService
 from glite_vm.service.warm_start import TEMPLATE_JOB
 from glite_vm.slots import SlotFacts
-from tests.service.conftest import check_nothing_left, new_state_dir, service_env
-from tests.service.svc_support import ServiceProcess, wait_for
-from tests.service.test_warm_start import ca, template_keys, wait_for_builds, warm  # noqa: F401
+from tests.service.test_warm_start import ca, template_keys, warm  # noqa: F401
+from tests.service.warm_support import wait_for_builds
 from tests.support import domains_under
 
 pytestmark = pytest.mark.vm
@@ -63,54 +62,9 @@ def test_template_builds_are_one_at_a_time(warm: LocalService, svc_root: Path) -
         for vm in vms:
             warm.teardown(vm, failed=False)
         assert len(vms) == len(SHAPES), [f.exception() for f in futures]
-        wait_for_builds(warm.host)
+        wait_for_builds()
     finally:
         stop.set()
         watcher.join(10)
     assert max(seen) == 1, f"template VMs at once: {max(seen)}"
     assert 1 <= len(template_keys(warm)) <= len(SHAPES)
-
-
-def test_a_crash_during_a_template_build_leaves_no_vm_and_no_half_made_template(
-    svc_root: Path, catalogue: Path, hypervisor_probe: Path
-) -> None:
-    """The service is killed (SIGKILL) while it builds a template ahead of time: its restart
-    finds the template's VM still running and the build directory (with the guest's memory,
-    maybe) in the cache. Neither may outlive the restart for long, and the template is then
-    built whole."""
-    root = svc_root / "template-crash"
-    root.mkdir(mode=0o711)
-    state = new_state_dir(root / "state", hypervisor_probe)
-    templates = state / "cache" / "templates"
-    env = service_env(root, catalogue, {"GLITE_VM_WARM_IMAGES": "test-direct"})
-    svc = ServiceProcess(Path(env["GLITE_VM_SOCKET_PATH"]), env, root / "service.log")
-    svc.start()
-    try:
-        wait_for(
-            "the template's VM",
-            lambda: any(TEMPLATE_JOB in n for n in domains_under(state)),
-            BUILD_WAIT,
-        )
-        assert svc.proc is not None
-        svc.proc.kill()
-        svc.proc.wait(30)
-        (left,) = [n for n in domains_under(state) if TEMPLATE_JOB in n]
-        (killed_build,) = [p for p in templates.iterdir() if p.name.startswith(".build-")]
-        svc.start()
-        wait_for("the interrupted build's VM gone", lambda: left not in domains_under(state), 60)
-        wait_for(
-            "a whole template",
-            lambda: any(templates.glob("*/template.json")),
-            BUILD_WAIT,
-            step=1.0,
-        )
-        wait_for(
-            "no template VM",
-            lambda: not any(TEMPLATE_JOB in n for n in domains_under(state)),
-            60,
-        )
-        # the killed build's directory went with the next build (the cache's budget pass)
-        assert not killed_build.exists()
-    finally:
-        check_nothing_left(svc, state)
-    assert domains_under(state) == []

@@ -11,15 +11,12 @@ from __future__ import annotations
 import re
 import secrets
 import subprocess
-import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from glite_vm.config import Settings
 from glite_vm.images.cache import ImageCache
 from glite_vm.images.templates import TemplateStore
 from glite_vm.request import JobRequest
@@ -27,10 +24,9 @@ from glite_vm.service.api import PrepareResult
 from glite_vm.service.local import LocalService
 from glite_vm.slots import SlotFacts
 from glite_vm.vm.agent import GuestAgent
-from glite_vm.vm.connect import open_host
 from glite_vm.vm.warm import refresh_clone
-from tests.service.conftest import new_state_dir
-from tests.support import GuestVariant, domains_under, guest_catalogue
+from tests.service.warm_support import wait_for_builds, warm_local_service
+from tests.support import GuestVariant, guest_catalogue
 
 pytestmark = pytest.mark.vm
 IMAGE = "test-machine-id"
@@ -73,19 +69,9 @@ def warm(
     catalogue = guest_catalogue(
         guest_dir, root / "repo", variants={IMAGE: GuestVariant(initrd=initrd)}
     )
-    state = new_state_dir(root / "state", hypervisor_probe)
-    settings = Settings(
-        state_dir=state,
-        catalogue=str(catalogue),
-        boot_timeout=180.0,
-        default_memory_mib=512,
-        default_disk_bytes=1 << 30,
-        cache_min_free_bytes=0,
-        warm_images=(IMAGE,),
-    )
-    host = open_host(settings)
-    try:
-        service = LocalService.for_this_user(settings, host)
+    with warm_local_service(
+        root / "state", catalogue, hypervisor_probe, warm_images=(IMAGE,)
+    ) as service:
         first = prepare(service, root, 0)
         try:
             assert first.ad_attributes["GliteVmWarmStart"] is False
@@ -94,22 +80,8 @@ def warm(
         finally:
             service.teardown(first.vm, failed=False)
         wait_for_builds()
-        assert len(TemplateStore(ImageCache(settings)).entries()) == 1
+        assert len(TemplateStore(ImageCache(service.settings)).entries()) == 1
         yield service
-    finally:
-        wait_for_builds()
-        host.conn.close()
-    assert domains_under(state) == []
-    assert not list((state / "snapshots").glob("*/overlay.qcow2"))
-    assert not list((state / "snapshots").glob("*/state.sav"))
-    assert not list((state / "cache" / "leases").rglob("*.json"))
-
-
-def wait_for_builds() -> None:
-    deadline = time.monotonic() + BUILD_WAIT
-    while any(t.name.startswith("warm-template") for t in threading.enumerate()):
-        assert time.monotonic() < deadline, "a template build did not end"
-        time.sleep(0.5)
 
 
 def prepare(service: LocalService, root: Path, n: int) -> PrepareResult:

@@ -21,7 +21,6 @@ from typing import Any
 
 import pytest
 
-from glite_vm.config import Settings
 from glite_vm.images.cache import ImageCache
 from glite_vm.images.templates import TemplateStore
 from glite_vm.request import JobRequest
@@ -29,10 +28,8 @@ from glite_vm.service import events
 from glite_vm.service.api import PrepareResult
 from glite_vm.service.local import LocalService
 from glite_vm.slots import SlotFacts
-from glite_vm.vm.connect import open_host
-from tests.service.conftest import new_state_dir
-from tests.service.test_warm_start import wait_for_builds
-from tests.support import GuestVariant, domains_under, guest_catalogue
+from tests.service.warm_support import wait_for_builds, warm_local_service
+from tests.support import GuestVariant, guest_catalogue
 
 pytestmark = pytest.mark.vm
 JUNK, HANG = "test-refresh-junk", "test-refresh-hang"
@@ -101,26 +98,15 @@ def hostile(
     hypervisor_probe: Path,
     request: pytest.FixtureRequest,
 ) -> Iterator[LocalService]:
-    state = new_state_dir(svc_root / f"refresh-{request.node.name[:40]}", hypervisor_probe)
-    settings = Settings(
-        state_dir=state,
-        catalogue=str(hostile_catalogue),
+    with warm_local_service(
+        svc_root / f"refresh-{request.node.name[:40]}",
+        hostile_catalogue,
+        hypervisor_probe,
         boot_timeout=240.0,
         agent_timeout=AGENT_TIMEOUT,
-        default_memory_mib=512,
-        default_disk_bytes=1 << 30,
-        cache_min_free_bytes=0,
         warm_images=(JUNK, HANG),
-    )
-    host = open_host(settings)
-    try:
-        yield LocalService.for_this_user(settings, host)
-    finally:
-        wait_for_builds(host)
-        host.conn.close()
-    assert domains_under(state) == []
-    assert not list((state / "snapshots").glob("*/overlay.qcow2"))
-    assert not list((state / "cache" / "leases").rglob("*.json"))
+    ) as service:
+        yield service
 
 
 def prepare(service: LocalService, scratch: Path, image: str, n: int) -> PrepareResult:
@@ -144,7 +130,7 @@ def template_then_restore(
         assert first.ad_attributes["GliteVmWarmStart"] is False
     finally:
         service.teardown(first.vm, failed=False)
-    wait_for_builds(service.host)
+    wait_for_builds()
     made = template_created(service)
     assert made > 0
     return made, prepare(service, scratch, image, 1)
@@ -211,7 +197,7 @@ def test_a_guest_that_fails_its_refresh_with_junk_reaches_no_reader_raw(
         assert not unsafe(message), message[:2000]
         assert len(message) <= 2000, message[:2000]
     # the template whose clone failed was dropped, and a new one built behind the cold boot
-    wait_for_builds(hostile.host)
+    wait_for_builds()
     assert template_created(hostile) > failed_template
 
 

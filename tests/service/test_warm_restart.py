@@ -331,29 +331,37 @@ def recorded_unprepared(svc: ServiceProcess, caller: threading.Thread) -> str:
     raise AssertionError("no VM was seen between its record and its preparation")
 
 
+def building(svc: ServiceProcess) -> list[str]:
+    """The domains of template builds under way in ``svc``'s state directory."""
+    return [d for d in domains_under(state_dir(svc)) if "-warm-template-" in d]
+
+
+def restarted_into_a_build(svc: ServiceProcess) -> tuple[Path, str]:
+    """Stop ``svc``, remove its template (as eviction would) and start it again: it builds the
+    template again at its start. The removed template's directory and the running build's VM."""
+    (meta,) = templates(svc)
+    svc.stop()
+    shutil.rmtree(meta.parent)
+    svc.start()
+    wait_for("the template's VM", lambda: len(building(svc)) == 1, 120, 0.05)
+    (vm,) = building(svc)
+    wait_for("the template's VM runs", lambda: domain_running(vm), 60, 0.05)
+    return meta.parent, vm
+
+
 def test_a_template_build_cut_short_by_a_crash_leaves_no_vm(warm_service: ServiceProcess) -> None:
     """The service builds a template again at its start (here: it was removed, as eviction
     would) and is killed while the template's VM boots. The next start takes that VM down
     (its builder is gone), removes the half-made build and builds the template again."""
     svc = warm_service
-    (meta,) = templates(svc)
-    svc.stop()
-    shutil.rmtree(meta.parent)
-    svc.start()
-
-    def building() -> list[str]:
-        return [d for d in domains_under(state_dir(svc)) if "-warm-template-" in d]
-
-    wait_for("the template's VM", lambda: len(building()) == 1, 120, 0.05)
-    (vm,) = building()
-    wait_for("the template's VM runs", lambda: domain_running(vm), 60, 0.05)
+    _, vm = restarted_into_a_build(svc)
     assert svc.proc is not None
     svc.proc.kill()
     svc.proc.wait(timeout=30)
     svc.start()
-    wait_for("the killed build's VM goes", lambda: vm not in building(), SETTLE, 0.5)
+    wait_for("the killed build's VM goes", lambda: vm not in building(svc), SETTLE, 0.5)
     wait_for("the template is made again", lambda: len(templates(svc)) == 1, TEMPLATE_WAIT)
-    wait_for("no build's VM is left", lambda: not building(), 60, 0.5)
+    wait_for("no build's VM is left", lambda: not building(svc), 60, 0.5)
     assert not list((state_dir(svc) / "cache" / "templates").glob(".build-*"))
     left = sorted(os.listdir(vm_dirs(svc) / vm)) if (vm_dirs(svc) / vm).exists() else []
     assert set(left) <= {"boot.log", "domain.xml", "record.json"}, left
@@ -363,19 +371,9 @@ def test_a_template_build_ends_when_the_service_stops(warm_service: ServiceProce
     """A template's VM is nobody's job: a service stopped (SIGTERM) while it builds one takes
     that VM down before it exits, rather than leaving it running until the next start."""
     svc = warm_service
-    (meta,) = templates(svc)
-    svc.stop()
-    shutil.rmtree(meta.parent)
-    svc.start()
-
-    def building() -> list[str]:
-        return [d for d in domains_under(state_dir(svc)) if "-warm-template-" in d]
-
-    wait_for("the template's VM", lambda: len(building()) == 1, 120, 0.05)
-    (vm,) = building()
-    wait_for("the template's VM runs", lambda: domain_running(vm), 60, 0.05)
+    removed, _ = restarted_into_a_build(svc)
     assert svc.stop() == 0
-    assert building() == []  # gone when the service has exited, not at its next start
-    assert not (state_dir(svc) / "cache" / "templates" / meta.parent.name).exists()
+    assert building(svc) == []  # gone when the service has exited, not at its next start
+    assert not removed.exists()
     svc.start()
     wait_for("the template is made again", lambda: len(templates(svc)) == 1, TEMPLATE_WAIT)

@@ -10,7 +10,6 @@ import json
 import os
 import subprocess
 import sys
-import threading
 import time
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
@@ -18,7 +17,6 @@ from pathlib import Path
 
 import pytest
 
-from glite_vm.config import Settings
 from glite_vm.identity.ca_files import CaFiles, init_ca
 from glite_vm.images.acquire import acquire_image
 from glite_vm.images.cache import ImageCache
@@ -30,17 +28,13 @@ from glite_vm.service.local import LocalService
 from glite_vm.service.vm_state import VmRecord
 from glite_vm.service.warm_start import template_key
 from glite_vm.slots import SlotFacts
-from glite_vm.vm.connect import open_host
 from glite_vm.vm.guest_run import GUEST_WORKDIR
-from glite_vm.vm.lifecycle import VmHost
 from glite_vm.vm.save_image import HEADER_SIZE, read_header
 from glite_vm.vm.warm import RESEED_DIRS, refresh_clone
-from tests.service.conftest import new_state_dir
-from tests.support import domains_under
+from tests.service.warm_support import wait_for_builds, warm_local_service
 
 pytestmark = pytest.mark.vm
 IMAGE = "test-direct"
-BUILD_WAIT = 240.0  # seconds a background template build may take on a loaded host
 # One shell line, so that the host's clock brackets the guest's: epoch seconds, 32 random
 # bytes, hostname, the host certificate's digest, the kernel's boot id, then what other jobs
 # left in the places a job can write to.
@@ -78,40 +72,16 @@ def warm(
     ca: CaFiles,
     request: pytest.FixtureRequest,
 ) -> Iterator[LocalService]:
-    state = new_state_dir(svc_root / f"warm-{request.node.name[:40]}", hypervisor_probe)
-    settings = Settings(
-        state_dir=state,
-        catalogue=str(catalogue),
-        boot_timeout=180.0,
-        default_memory_mib=512,
-        default_disk_bytes=1 << 30,
-        cache_min_free_bytes=0,
+    with warm_local_service(
+        svc_root / f"warm-{request.node.name[:40]}",
+        catalogue,
+        hypervisor_probe,
         warm_images=(IMAGE,),
         ca_cert=ca.cert_path,
         ca_key=ca.key_path,
         hostname_pattern="{slot}.warm.example.org",
-    )
-    host = open_host(settings)
-    try:
-        yield LocalService.for_this_user(settings, host)
-    finally:
-        wait_for_builds(host)
-        host.conn.close()
-    assert domains_under(state) == []
-    assert not list((state / "snapshots").glob("*/overlay.qcow2"))
-    assert not list((state / "cache" / "leases").rglob("*.json"))
-
-
-def wait_for_builds(host: VmHost) -> None:
-    """Background template builds of this test must end before its checks."""
-    deadline = time.monotonic() + BUILD_WAIT
-    while any(t.name.startswith("warm-template") for t in _threads()):
-        assert time.monotonic() < deadline, "a template build did not end"
-        time.sleep(0.5)
-
-
-def _threads() -> list[threading.Thread]:
-    return list(threading.enumerate())
+    ) as service:
+        yield service
 
 
 def templates(service: LocalService) -> TemplateStore:
@@ -202,7 +172,7 @@ def cold_then_template(service: LocalService, scratch: Path) -> None:
         assert first.ad_attributes["GliteVmWarmStart"] is False
     finally:
         service.teardown(first.vm, failed=False)
-    wait_for_builds(service.host)
+    wait_for_builds()
     assert len(template_keys(service)) == 1
 
 
@@ -270,7 +240,7 @@ def test_a_corrupted_template_boots_cold_and_is_rebuilt(warm: LocalService, svc_
     assert f"warm start from template {old.sha256} failed, booting cold" in (
         fallbacks[0].reason or ""
     )
-    wait_for_builds(warm.host)
+    wait_for_builds()
     (new,) = templates(warm).entries()
     assert new.sha256 == old.sha256 and new.created > old.created
     again = prepare(warm, scratch, 2)
@@ -291,7 +261,7 @@ def test_a_changed_key_is_another_template(warm: LocalService, svc_root: Path) -
         assert other.ad_attributes["GliteVmWarmStart"] is False
     finally:
         warm.teardown(other.vm, failed=False)
-    wait_for_builds(warm.host)
+    wait_for_builds()
     keys = template_keys(warm)
     assert first in keys and len(keys) == 2
     with acquire_image(warm.settings, IMAGE, job_id="t/1") as lease:
@@ -340,7 +310,7 @@ def test_a_template_whose_files_changed_boots_cold(warm: LocalService, svc_root:
     log = events.event_log_path(warm.settings.state_dir)
     (fallback,) = [e for e in events.read_events(log) if e.event == events.WARM_FALLBACK]
     assert f"template {old.sha256} was incomplete or changed; removed" in (fallback.reason or "")
-    wait_for_builds(warm.host)
+    wait_for_builds()
     assert template_keys(warm) == {old.sha256}
 
 
