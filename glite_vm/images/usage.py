@@ -43,6 +43,9 @@ def record_use(store: CacheStore, name: str) -> None:
     """Count one use of catalogue image ``name``; never raises (a lost count costs nothing)."""
     try:
         with filelock.FileLock(store.locks / "usage.lock", timeout=_LOCK_WAIT):
+            # every writer holds this lock: a temporary file here is one whose writer died
+            for stale in store.root.glob(f".{USAGE_FILE}.*.tmp"):
+                stale.unlink(missing_ok=True)
             counts = read_counts(store)
             counts[name] = counts.get(name, 0) + 1
             if len(counts) > MAX_NAMES:

@@ -129,3 +129,23 @@ def test_names_that_are_no_catalogue_name_are_never_fetched_nor_logged_raw(
     assert counts["alpha"] == 3 and counts["beta"] == 3
     assert "beta\n" not in counts
     assert not any("/" in n or "\n" in n or "\x1b" in n or len(n) > 1000 for n in counts)
+
+
+def test_what_a_writer_killed_mid_write_left_goes_with_the_next_count(
+    repo: Repo, settings_for: Callable[..., Settings]
+) -> None:
+    """A job's count is written to a temporary file and renamed; a process killed in between
+    leaves that file in the cache's root. The next count (under the same lock) removes it."""
+    repo.publish("alpha", random_bytes(64 * KIB, 3))
+    settings = settings_for()
+    cache = ImageCache(settings)
+    cache.make_dirs()
+    root = settings.effective_cache_dir
+    left = [root / f".{USAGE_FILE}.{pid}.deadbeef.tmp" for pid in (4242, 4243)]
+    for path in left:
+        path.write_bytes(b'{"alpha": 1')  # cut short
+    with acquire_image(settings, "alpha", job_id="job-1"):
+        pass
+    assert not any(p.exists() for p in left)
+    assert sorted(p.name for p in root.glob(f".{USAGE_FILE}*")) == []
+    assert read_counts(cache) == {"alpha": 1}
