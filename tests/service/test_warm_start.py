@@ -426,7 +426,13 @@ def test_clones_reseed_with_the_templates_program_or_install_their_own(
         assert place in RESEED_DIRS and (owner, mode) == ("root", "700")
         gone = vm.agent.run(["/bin/sh", "-c", f"rm -rf {' '.join(RESEED_DIRS)}"])
         assert gone.exitcode == 0
+        # a guest user's directory in a reseed place (/dev/shm is world-writable) is not
+        # root's: its "reseed" is never run by the root refresh
+        planted = vm.agent.run(["/bin/sh", "-c", PLANT_RESEED])
+        assert planted.exitcode == 0, planted
         refresh_clone(vm.domain, mac=None)  # the clone's own way; raises if it cannot reseed
+        ran = vm.agent.run(["/bin/sh", "-c", "ls /glite-vm-planted-ran"])
+        assert ran.exitcode != 0, "root ran a guest user's reseed program"
         left = vm.agent.run(
             [
                 "/bin/sh",
@@ -440,6 +446,12 @@ def test_clones_reseed_with_the_templates_program_or_install_their_own(
     finally:
         warm.teardown(prepared.vm, failed=False)
 
+
+# a reseed place taken by the guest's uid 1000, holding a program that leaves a mark if run
+PLANT_RESEED = (
+    f"d={RESEED_DIRS[-1]}; mkdir $d && printf '#!/bin/sh\\ntouch /glite-vm-planted-ran\\n' "
+    "> $d/reseed && chmod 755 $d/reseed && chown -R 1000 $d && rm -f /glite-vm-planted-ran"
+)
 
 # where the template's reseed program is, its directory's owner and mode
 KEPT_RESEED = (
