@@ -297,18 +297,18 @@ class Vm:
             raise AgentError(f"{self.name} has no domain")
         settings = self.host.settings
         start = time.monotonic()
+        whole = settings.boot_timeout if timeout is None else timeout
         try:
             watch_boot(
                 self.domain,
                 self.boot_log,
                 name=self.name,
-                timeout=settings.boot_timeout if timeout is None else timeout,
+                timeout=whole,
                 agent_timeout=settings.agent_timeout,
                 cancel=cancel,
             )
             if self.template is not None:  # before anything of the job's runs in the guest
                 # in the same time: a guest that never answers its refresh costs no more
-                whole = settings.boot_timeout if timeout is None else timeout
                 left = whole - (time.monotonic() - start)
                 refresh_clone(self.domain, mac=self.mac, timeout=left)
         finally:
