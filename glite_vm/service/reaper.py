@@ -3,7 +3,8 @@
 A VM is reaped (:func:`reap_reason`) when it was started outside HTCondor longer ago than such a
 VM may live, its starter process is gone (pid plus the process's start time, so a recycled pid
 does not keep it alive; a zombie counts as gone), its scratch directory is gone or no longer the
-owner's directory, or its domain disappeared or stopped running (a warm-start template's VM
+owner's directory, or its domain disappeared or stopped running (not while this process's prepare
+still waits for it to boot: that prepare ends it, saying why; a warm-start template's VM
 has its building process as its starter: a build that died with the service is reaped at the
 next start, one that a live ``glite-vm images warm`` runs is not). Nothing here tears anything
 down: :class:`~glite_vm.service.registry.VmRegistry` does, by these rules.
@@ -89,6 +90,10 @@ def reap_reason(
             return Reap(
                 "scratch_replaced", f"its scratch directory {record.scratch_dir} was replaced"
             )
+    if record.booting:
+        # its prepare sees the domain stop, says why (a crash is booted again, a panic is the
+        # image's fault) and tears it down: a reap now would take that from it
+        return None
     try:
         dom = conn.lookupByName(record.name)
         if not dom.isActive():

@@ -132,6 +132,12 @@ class VmRecord:
         return self.vm.name
 
     @property
+    def booting(self) -> bool:
+        """Is this process's prepare still waiting for the VM (its ad attributes, written when
+        it is ready, are not there yet)? That prepare watches the domain and ends it itself."""
+        return not self.adopted and not self.ad_attributes
+
+    @property
     def owner(self) -> str:
         return self.vm.request.owner
 

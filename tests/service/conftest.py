@@ -147,6 +147,23 @@ def check_nothing_left(svc: ServiceProcess, state: Path, owners: tuple[str, ...]
     assert "Traceback" not in log, f"the service hit an unexpected error:\n{log[-5000:]}"
 
 
+@pytest.fixture(autouse=True)
+def no_vm_outlives_its_test(request: pytest.FixtureRequest) -> Iterator[None]:
+    """A test of the session's service that left a VM running fails on its own, with the VM
+    torn down, instead of failing every later test that counts the users' domains."""
+    yield
+    if "service" not in request.fixturenames:
+        return
+    svc: ServiceProcess = request.getfixturevalue("service")
+    if svc.proc is None or svc.proc.poll() is not None:
+        return
+    client = svc.client()
+    left = [v.vm for v in client.list_vms()]
+    for name in left:
+        client.teardown(name, failed=False)
+    assert not left, f"the test left VMs running (torn down now): {left}"
+
+
 @pytest.fixture(scope="session")
 def service(
     svc_root: Path, catalogue: Path, hypervisor_probe: Path, alice: Account, bob: Account

@@ -128,9 +128,12 @@ def test_a_crashed_qemu_is_booted_again_and_the_ad_says_so(
     with Meddler(svc_root / "state", "kill", count=1, match=f"-{alice.name}-") as killer:
         answer = prepare_answer(service, svc_root, alice, "test-direct", "retried")
     prepared = ok(answer)
-    assert prepared["ad_attributes"]["GliteVmBootAttempts"] == 2
+    assert killer.done and not killer.errors, (killer.done, killer.errors)
     (killed,) = killer.done
     assert prepared["vm"] != killed
+    assert prepared["ad_attributes"]["GliteVmBootAttempts"] == 2, events_of(
+        svc_root / "state", killed
+    )
     started, abandoned = events_of(svc_root / "state", killed)
     assert (started.event, abandoned.event) == ("started", "abandoned")
     assert "boot attempt 1 failed: QEMU stopped unexpectedly" in (abandoned.reason or "")
@@ -143,7 +146,7 @@ def test_boot_attempts_are_bounded_then_the_job_is_requeued(
 ) -> None:
     with Meddler(svc_root / "state", "kill", count=9, match=f"-{alice.name}-") as killer:
         answer = prepare_answer(service, svc_root, alice, "test-direct", "exhausted")
-    assert len(killer.done) == 3  # GLITE_VM_BOOT_ATTEMPTS' default
+    assert len(killer.done) == 3, (killer.done, killer.errors, answer)  # the default attempts
     assert (answer["type"], answer["disposition"]) == ("TransientBootError", "requeue"), answer
     assert "(boot attempt 3 of at most 3 on this host)" in answer["message"]
     assert_nothing_left(svc_root, alice)
