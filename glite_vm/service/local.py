@@ -228,7 +228,7 @@ class LocalService:
 
     def console(self, vm: str) -> ConsoleInfo:
         """Where the running VM's serial console is recorded, for its owner to follow."""
-        record = self._usable(vm)
+        record = self._usable(vm, booting=True)
         return ConsoleInfo(
             vm=record.name, boot_log_path=str(record.vm.boot_log), running=record.running()
         )
@@ -338,7 +338,9 @@ class LocalService:
             )
         return entry
 
-    def _usable(self, name: str) -> VmRecord:
+    def _usable(self, name: str, *, booting: bool = False) -> VmRecord:
+        """The caller's live VM ``name``, ready for use (``booting``: or still being prepared,
+        for the console that shows its boot)."""
         self.registry.ensure_connection()
         entry = self._own(name)
         if isinstance(entry, FinishedVm):
@@ -348,6 +350,13 @@ class LocalService:
             raise HostError(
                 f"the service restarted without the state of {name}, or before {name} was "
                 "ready; it can only be torn down"
+            )
+        if entry.booting and not booting:
+            # Nothing of the owner's runs before the guest is set up: a warm-started clone is
+            # not yet refreshed (the template's clock, machine id and RNG), the account may
+            # not exist yet.
+            raise HostError(
+                f"the VM {name} is still being prepared; use it once its prepare has returned"
             )
         return entry
 

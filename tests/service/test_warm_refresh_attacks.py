@@ -15,7 +15,9 @@ import shutil
 import subprocess
 import sys
 import tempfile
-from collections.abc import Iterator
+import threading
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -121,10 +123,14 @@ def prepare(service: LocalService, scratch: Path, image: str, n: int) -> Prepare
 
 
 def template_then_restore(
-    service: LocalService, scratch: Path, image: str
+    service: LocalService,
+    scratch: Path,
+    image: str,
+    meanwhile: Callable[[], object] | None = None,
 ) -> tuple[float, PrepareResult]:
     """A cold boot that has the image's template built, then a job restored from it (whose
-    refresh the guest sabotages); when the template was made, and the second job's result."""
+    refresh the guest sabotages; ``meanwhile`` runs in a thread as long as its prepare does);
+    when the template was made, and the second job's result."""
     first = prepare(service, scratch, image, 0)
     try:
         assert first.ad_attributes["GliteVmWarmStart"] is False
@@ -133,7 +139,37 @@ def template_then_restore(
     wait_for_builds()
     made = template_created(service)
     assert made > 0
-    return made, prepare(service, scratch, image, 1)
+    thread = threading.Thread(target=meanwhile or (lambda: None), daemon=True)
+    thread.start()
+    try:
+        return made, prepare(service, scratch, image, 1)
+    finally:
+        thread.join(60)
+
+
+def use_while_preparing(service: LocalService, job: str, said: dict[str, str]) -> None:
+    """Find ``job``'s VM while its prepare still runs (within 60 s) and use it as its owner
+    may: ``said`` gets what exec, push, pull and console answered."""
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        found = [r for r in service.registry.active() if r.vm.request.job_id == job]
+        if found and found[0].booting and found[0].vm.template is not None:
+            name = found[0].name
+            break
+        time.sleep(0.05)
+    else:
+        return
+    calls: dict[str, Callable[[], object]] = {
+        "exec": lambda: service.exec(name, ["sh", "-c", "echo ran early"]).exit_code,
+        "push": lambda: service.push(name, "/nonexistent"),
+        "pull": lambda: service.pull(name, "/nonexistent"),
+        "console": lambda: service.console(name).running,
+    }
+    for op, run in calls.items():
+        try:
+            said[op] = f"ok: {run()!r}"
+        except Exception as exc:
+            said[op] = f"{type(exc).__name__}: {exc}"
 
 
 def template_created(service: LocalService) -> float:
@@ -205,8 +241,17 @@ def test_a_guest_that_never_answers_its_refresh_boots_cold_in_bounded_time(
     hostile: LocalService, svc_root: Path
 ) -> None:
     scratch = svc_root / "refresh-hang"
-    _, prepared = template_then_restore(hostile, scratch, HANG)
+    said: dict[str, str] = {}
+    _, prepared = template_then_restore(
+        hostile, scratch, HANG, lambda: use_while_preparing(hostile, "77.1", said)
+    )
     try:
+        # While the restored clone hung in its refresh (the template's clock, machine id and
+        # RNG still), its owner could run nothing in it; the console showed its boot.
+        assert said, "the restored VM was never seen while its prepare ran"
+        for op in ("exec", "push", "pull"):
+            assert said[op].startswith("HostError: ") and "still being prepared" in said[op], said
+        assert said["console"] == "ok: True", said
         assert prepared.ad_attributes["GliteVmWarmStart"] is False
         assert hostile.exec(prepared.vm, ["true"]).exit_code == 0
     finally:
