@@ -147,9 +147,12 @@ def template_then_restore(
         thread.join(60)
 
 
-def use_while_preparing(service: LocalService, job: str, said: dict[str, str]) -> None:
+def use_while_preparing(
+    service: LocalService, job: str, scratch: Path, said: dict[str, str]
+) -> None:
     """Find ``job``'s VM while its prepare still runs (within 60 s) and use it as its owner
-    may: ``said`` gets what exec, push, pull and console answered."""
+    may (files from and to ``scratch``): ``said`` gets what exec, push, pull and console
+    answered."""
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
         found = [r for r in service.registry.active() if r.vm.request.job_id == job]
@@ -161,8 +164,8 @@ def use_while_preparing(service: LocalService, job: str, said: dict[str, str]) -
         return
     calls: dict[str, Callable[[], object]] = {
         "exec": lambda: service.exec(name, ["sh", "-c", "echo ran early"]).exit_code,
-        "push": lambda: service.push(name, "/nonexistent"),
-        "pull": lambda: service.pull(name, "/nonexistent"),
+        "push": lambda: service.push(name, str(scratch / "job1")),
+        "pull": lambda: service.pull(name, str(scratch / "early-out")),
         "console": lambda: service.console(name).running,
     }
     for op, run in calls.items():
@@ -243,7 +246,7 @@ def test_a_guest_that_never_answers_its_refresh_boots_cold_in_bounded_time(
     scratch = svc_root / "refresh-hang"
     said: dict[str, str] = {}
     _, prepared = template_then_restore(
-        hostile, scratch, HANG, lambda: use_while_preparing(hostile, "77.1", said)
+        hostile, scratch, HANG, lambda: use_while_preparing(hostile, "77.1", scratch, said)
     )
     try:
         # While the restored clone hung in its refresh (the template's clock, machine id and
