@@ -88,6 +88,15 @@ def describe_error(exc: BaseException) -> str:
     return f"{type(exc).__name__}: {exc} (a bug in glite-vm; -vv shows where)"
 
 
+def signalled(exc: BaseException) -> BaseException:
+    """What a signal handler raised, also when it ran inside a C function's callback (libvirt
+    calls its error handler in Python, where a pending handler runs), which Python reports as
+    a SystemError caused by it; else ``exc`` itself."""
+    if isinstance(exc, SystemError) and exc.__cause__ is not None:
+        return exc.__cause__
+    return exc
+
+
 def report_error(exc: BaseException, context: str = "") -> None:
     """``glite-vm: [context: ]<class> error: <message>`` on stderr."""
     prefix = f"glite-vm: {context}: " if context else "glite-vm: "

@@ -17,7 +17,7 @@ from types import FrameType
 
 import libvirt
 
-from glite_vm.cli.common import EXIT_PROBLEMS, confirm, print_table
+from glite_vm.cli.common import EXIT_PROBLEMS, confirm, print_table, signalled
 from glite_vm.config import Settings
 from glite_vm.errors import GliteVmError, UserError
 from glite_vm.images.catalogue import format_age
@@ -245,8 +245,11 @@ def cmd_boot(args: argparse.Namespace, settings: Settings) -> int:
                         status = _run_command(boot, cmd)
                     else:
                         status = _attach_console(host.conn, boot, flag)
-        except _Terminated as exc:
-            print(f"glite-vm: stopped by {exc}", file=sys.stderr)
+        except (_Terminated, SystemError) as exc:
+            stop = signalled(exc)  # raised by the handler in whatever ran, a libvirt call too
+            if not isinstance(stop, _Terminated):
+                raise
+            print(f"glite-vm: stopped by {stop}", file=sys.stderr)
             status = 143
         if flag.pending and status == 0:
             print(f"glite-vm: stopped by {flag.pending}", file=sys.stderr)

@@ -22,6 +22,7 @@ from glite_vm.cli.common import (
     error_class,
     local_ref,
     report_error,
+    signalled,
 )
 from glite_vm.cli.progress import ProgressBar
 from glite_vm.config import Settings
@@ -223,14 +224,17 @@ def cmd_run(args: argparse.Namespace, settings: Settings) -> int:
             cancel=threading.Event(),
             report=report,
         )
-    except _Terminated as exc:
+    except (_Terminated, KeyboardInterrupt, SystemError) as raised:
         bar.close()
-        print(f"glite-vm run: stopped by {exc}", file=sys.stderr)
-        return _failed(args, report, None, 143)
-    except KeyboardInterrupt:
-        bar.close()
-        print("glite-vm run: interrupted", file=sys.stderr)
-        return _failed(args, report, None, 130)
+        stop = signalled(raised)  # raised by a handler in whatever ran, a libvirt call too
+        if isinstance(stop, _Terminated):
+            print(f"glite-vm run: stopped by {stop}", file=sys.stderr)
+            return _failed(args, report, None, 143)
+        if isinstance(stop, KeyboardInterrupt):
+            print("glite-vm run: interrupted", file=sys.stderr)
+            return _failed(args, report, None, 130)
+        report_error(raised)
+        return _failed(args, report, raised, EXIT_FAILURE)
     except Exception as exc:
         bar.close()
         if isinstance(exc, PayloadTimeoutError):

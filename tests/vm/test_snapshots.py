@@ -365,8 +365,9 @@ def test_a_killed_boot_is_cleaned_up_by_prune(kept: Kept) -> None:
             proc.wait(timeout=120)
             raise
         proc.send_signal(sig)
-        assert proc.wait(timeout=120) == (143 if sig == signal.SIGTERM else -signal.SIGKILL)
+        code = proc.wait(timeout=120)
         err += proc.stderr.read()
+        assert code == (143 if sig == signal.SIGTERM else -signal.SIGKILL), bytes(err)
         proc.stderr.close()
         if sig == signal.SIGTERM:
             assert b"stopped by SIGTERM" in err and b"stopped and removed" in err, bytes(err)
