@@ -59,7 +59,6 @@ def main() -> int:
         out.mkdir()
         with host.start(req, image) as vm:
             vm.wait_ready()
-            vm.prepare_workdir()
             t = time.monotonic()
             vm.agent.write_file("/var/tmp/agent-copy.bin", payload)
             agent_in = time.monotonic() - t

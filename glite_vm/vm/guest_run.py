@@ -31,37 +31,76 @@ GUEST_STATE = "/run/glite-vm"
 #: Reads per stream and poll (of at most agent.FILE_CHUNK bytes each): a poll is bounded.
 _READS_PER_POLL = 64
 
-# Runs the payload in the guest (as root, through the agent, with the fixed ROOT_ENV): switches
-# to the job's user and working directory and *execs* CMD, so that the payload's exit code or
-# signal is what the agent reports. Arguments: WORKDIR USER CMD [ARGS...], where CMD is
+# Runs the payload in the guest (as root, through the agent, with the fixed ROOT_ENV), in one
+# shell: few processes, as each one costs a guest under emulation tens of milliseconds.
+# Arguments: WORKDIR USER IDS CMD [ARGS...]. IDS is USER's UID:GID where the host knows them
+# (it learnt them making sure the account exists), else "-" (looked up here). CMD is
 # `env -i NAME=VALUE... PAYLOAD...` (see payload_argv): the job's environment reaches the
 # payload only, after the switch; nothing here looks anything up with it.
-GUEST_RUN = r"""
-work=$1; runas=$2; shift 2
-cd "$work" || exit 126
-out=/run/glite-vm/stdout; err=/run/glite-vm/stderr
-if [ "$runas" = root ]; then
-    exec "$@" </dev/null >"$out" 2>"$err"
+# First, as root: the root-only state directory, fresh output files, the working directory
+# (make_workdir). A failure there exits 126 with its reason in STATE/prepare-error, a root-only
+# file a payload of an ordinary job cannot write, so that the host tells it from a payload's
+# own 126. Then switches to USER and *execs* CMD, so that the payload's exit code or signal is
+# what the agent reports. Whether the guest's setpriv can switch users (util-linux's can,
+# busybox's lacks --reuid; then su, which also execs there) is found out once per boot and kept
+# in STATE/setpriv.
+# user_switch UID GID sets $how: "setpriv" where the guest's setpriv switches to UID:GID with
+# their groups, else "su"; found out once per boot (STATE/setpriv, root-only).
+_USER_SWITCH_FUNCTION = r"""
+user_switch() {
+    how=
+    if [ -f STATE/setpriv ]; then read -r how < STATE/setpriv; fi
+    [ -n "$how" ] && return 0
+    how=su
+    setpriv --reuid="$1" --regid="$2" --init-groups true 2>/dev/null && how=setpriv
+    echo "$how" > STATE/setpriv
+}
+""".replace("STATE", GUEST_STATE)
+
+GUEST_RUN = (
+    transfer.GUEST_WORKDIR_FUNCTIONS
+    + _USER_SWITCH_FUNCTION
+    + r"""
+work=$1; runas=$2; ids=$3; shift 3
+st=STATE
+if [ ! -d "$st" ] || [ -L "$st" ] || [ ! -O "$st" ]; then
+    rm -f "$st" 2>/dev/null
+    mkdir -m 0700 "$st" || { echo "cannot make $st" >&2; exit 126; }
 fi
-uid=$(id -u "$runas") && gid=$(id -g "$runas") || exit 125
-# util-linux setpriv execs directly (busybox's lacks --reuid; then su, which also execs there)
-if setpriv --reuid="$uid" --regid="$gid" --init-groups true 2>/dev/null; then
-    exec setpriv --reuid="$uid" --regid="$gid" --init-groups -- "$@" </dev/null >"$out" 2>"$err"
+: > "$st/prepare-error" && : > "$st/stdout" && : > "$st/stderr" || exit 126
+fail() { echo "$*" > "$st/prepare-error"; exit 126; }
+case $ids in
+    *:*) uid=${ids%%:*}; gid=${ids#*:} ;;
+    *) uid=$(id -u "$runas") && gid=$(id -g "$runas") || fail "there is no account $runas" ;;
+esac
+make_workdir "$work" "$runas" "$gid" || fail "cannot make the working directory $work"
+cd "$work" || fail "cannot enter the working directory $work"
+if [ "$runas" = root ]; then
+    exec "$@" </dev/null >"$st/stdout" 2>"$st/stderr"
+fi
+user_switch "$uid" "$gid"
+if [ "$how" = setpriv ]; then
+    exec setpriv --reuid="$uid" --regid="$gid" --init-groups -- "$@" \
+        </dev/null >"$st/stdout" 2>"$st/stderr"
 fi
 # "--" before the user: su must not take the payload's own options ("-l", "-c", ...) for its own
-exec su -s /bin/sh -c 'exec "$0" "$@"' -- "$runas" "$@" </dev/null >"$out" 2>"$err"
-"""
-
-# Before each payload, as root: fresh output files and the working directory $1 for user $2.
-GUEST_PREPARE = (
-    transfer.GUEST_WORKDIR_FUNCTIONS
-    + r"""
-umask 022
-mkdir -p /run/glite-vm && chmod 0700 /run/glite-vm
-: > /run/glite-vm/stdout && : > /run/glite-vm/stderr
-make_workdir "$1" "$2"
-"""
+exec su -s /bin/sh -c 'exec "$0" "$@"' -- "$runas" "$@" </dev/null >"$st/stdout" 2>"$st/stderr"
+""".replace("STATE", GUEST_STATE)
 )
+# As root in a warm-start template's guest before its save: the state directory and how users
+# are switched (GUEST_RUN's first steps), so that no clone of it has to find out again.
+GUEST_RUN_AHEAD = (
+    _USER_SWITCH_FUNCTION
+    + r"""
+st=STATE
+if [ ! -d "$st" ] || [ -L "$st" ] || [ ! -O "$st" ]; then mkdir -m 0700 "$st" || exit 1; fi
+user_switch 0 0
+""".replace("STATE", GUEST_STATE)
+)
+
+#: The exit status of GUEST_RUN when what comes before the payload failed (and the payload's own
+#: when STATE/prepare-error is empty).
+PREPARE_FAILED = 126
 
 OutputSink = Callable[[bytes], None]
 
@@ -100,30 +139,27 @@ def run_payload(
     user: str,
     argv: Sequence[str],
     *,
+    ids: str = "-",
     env: Mapping[str, str] | None = None,
     stdout: OutputSink | None = None,
     stderr: OutputSink | None = None,
     timeout: float | None = None,
     cancel: threading.Event | None = None,
 ) -> ExecResult:
-    """Run ``argv`` through :data:`GUEST_RUN` as ``user`` in the prepared working directory
-    (GUEST_PREPARE ran before), streaming its output to the sinks until it exits."""
+    """Run ``argv`` through :data:`GUEST_RUN` as ``user`` (whose ``UID:GID`` are ``ids``, or
+    "-" when not known) in the working directory, streaming its output to the sinks until it
+    exits. AgentError when what comes before the payload fails in the guest."""
     start = time.monotonic()
-    pid = agent.spawn(
-        "/bin/sh",
-        ["-c", GUEST_RUN, "glite-vm", GUEST_WORKDIR, user, *payload_argv(user, argv, env)],
-    )
-    streams = [
-        (agent.open(f"{GUEST_STATE}/stdout"), stdout),
-        (agent.open(f"{GUEST_STATE}/stderr"), stderr),
-    ]
+    command = payload_argv(user, argv, env)
+    outputs = _Outputs(agent, {"stdout": stdout, "stderr": stderr})
+    pid = agent.spawn("/bin/sh", ["-c", GUEST_RUN, "glite-vm", GUEST_WORKDIR, user, ids, *command])
     delay = 0.02
     try:
         while True:
-            got = _drain(agent, streams)
+            got = outputs.drain()
             status = agent.status(pid)
             if status.exited:
-                _drain(agent, streams)
+                outputs.drain()
                 break
             if cancel is not None and cancel.is_set():
                 raise AgentError("the payload was cancelled")
@@ -132,23 +168,61 @@ def run_payload(
             delay = 0.02 if got else min(delay * 1.5, 0.25)
             time.sleep(delay)
     finally:
-        for handle, _sink in streams:
-            with contextlib.suppress(AgentError):
-                agent.close(handle)
+        outputs.close()
+    if status.exitcode == PREPARE_FAILED and status.signal is None:
+        _check_prepared(agent)
     return ExecResult(status.exitcode, status.signal, time.monotonic() - start)
 
 
-def _drain(agent: GuestAgent, streams: list[tuple[int, OutputSink | None]]) -> bool:
-    got = False
-    for handle, sink in streams:
-        for _ in range(_READS_PER_POLL):
-            data, _eof = agent.read(handle)
-            if not data:
-                break
-            got = True
-            if sink is not None:
-                sink(data)
-    return got
+class _Outputs:
+    """The payload's output files under :data:`GUEST_STATE`, read as GUEST_RUN and the payload
+    write them. Emptied through the agent before GUEST_RUN starts (where they exist), so that a
+    reader never sees an earlier payload's bytes; opened once they exist (GUEST_RUN makes them
+    on a guest's first run)."""
+
+    def __init__(self, agent: GuestAgent, sinks: Mapping[str, OutputSink | None]) -> None:
+        self.agent = agent
+        self.sinks = dict(sinks)
+        self.handles: dict[str, int] = {}
+        for name in self.sinks:
+            with contextlib.suppress(AgentError):  # no state directory yet: nothing old either
+                agent.close(agent.open(f"{GUEST_STATE}/{name}", "w"))
+
+    def drain(self) -> bool:
+        """Read what was written since; whether anything was."""
+        got = False
+        for name, sink in self.sinks.items():
+            handle = self.handles.get(name)
+            if handle is None:
+                try:
+                    handle = self.handles[name] = self.agent.open(f"{GUEST_STATE}/{name}")
+                except AgentError:
+                    continue  # not made yet
+            for _ in range(_READS_PER_POLL):
+                data, _eof = self.agent.read(handle)
+                if not data:
+                    break
+                got = True
+                if sink is not None:
+                    sink(data)
+        return got
+
+    def close(self) -> None:
+        for handle in self.handles.values():
+            with contextlib.suppress(AgentError):
+                self.agent.close(handle)
+
+
+def _check_prepared(agent: GuestAgent) -> None:
+    """After GUEST_RUN exited :data:`PREPARE_FAILED`: AgentError if that was its own steps
+    failing (their reason is in the root-only prepare-error file, or the file is missing), not
+    the payload's exit status."""
+    try:
+        why = agent.read_file(f"{GUEST_STATE}/prepare-error", limit=4096)
+    except AgentError as exc:  # its state directory could not be made, or the file is gone
+        raise AgentError(f"preparing the guest failed in the guest ({exc})") from exc
+    if why.strip():
+        raise AgentError(f"preparing the guest failed in the guest: {guest_text(why)}")
 
 
 def payload_argv(user: str, argv: Sequence[str], env: Mapping[str, str] | None) -> list[str]:

@@ -21,6 +21,7 @@ agent failing to run the script at all (:class:`~glite_vm.errors.AgentError`, re
 
 from __future__ import annotations
 
+import dataclasses
 import re
 
 from glite_vm.errors import AgentError, GuestUserError
@@ -33,7 +34,8 @@ GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #: POSIX-portable account names, as useradd and busybox accept them (no leading "-").
 _NAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
 
-# As root: make sure account $1 exists (uid $2 preferred) and is not root. Prints its uid.
+# As root: make sure account $1 exists (uid $2 preferred) and is not root. Prints its uid and
+# its group's id.
 # Exit codes: 0 ok; 64 the account has uid 0; 65 the account files cannot be written; 66 no
 # free uid; 67 still missing; anything else: useradd's own failure (its message is on stderr).
 GUEST_ENSURE_USER = r"""
@@ -42,7 +44,8 @@ user=$1; want=$2
 check() {
     uid=$(id -u "$user" 2>/dev/null) || return 1
     if [ "$uid" = 0 ]; then echo "the account $user has uid 0 (root)" >&2; exit 64; fi
-    echo "$uid"
+    gid=$(id -g "$user" 2>/dev/null) || return 1
+    echo "$uid $gid"
     return 0
 }
 taken() {  # taken FILE NUMBER: does a line of FILE have NUMBER as its third field?
@@ -97,8 +100,24 @@ def valid_user_name(name: str) -> bool:
     return bool(_NAME.match(name))
 
 
-def ensure_guest_user(agent: GuestAgent, user: str, timeout: float = 120.0) -> int:
-    """Make sure ``user`` exists in the guest and is not root; its uid.
+@dataclasses.dataclass(frozen=True)
+class GuestAccount:
+    """An account in the guest: its uid and its primary group's id."""
+
+    uid: int
+    gid: int
+
+    @property
+    def ids(self) -> str:
+        """``UID:GID``, the form the guest's fixed scripts take (:mod:`glite_vm.vm.guest_run`)."""
+        return f"{self.uid}:{self.gid}"
+
+
+ROOT_ACCOUNT = GuestAccount(0, 0)
+
+
+def ensure_guest_user(agent: GuestAgent, user: str, timeout: float = 120.0) -> GuestAccount:
+    """Make sure ``user`` exists in the guest and is not root; its uid and gid.
 
     The common case, an account in the guest's ``/etc/passwd``, costs one bounded file read
     through the agent (~30 ms under TCG, a third of running the script); anything else (an
@@ -108,11 +127,11 @@ def ensure_guest_user(agent: GuestAgent, user: str, timeout: float = 120.0) -> i
         raise GuestUserError(
             user, "it is not a valid account name (lower-case letters, digits, '_' and '-')"
         )
-    uid = _uid_in_passwd(agent, user)
-    if uid == 0:
+    found = _account_in_passwd(agent, user)
+    if found is not None and found.uid == 0:
         raise GuestUserError(user, f"the account {user} has uid 0 (root)")
-    if uid is not None:
-        return uid
+    if found is not None:
+        return found
     status = agent.run(
         ["/bin/sh", "-c", GUEST_ENSURE_USER, "glite-vm", user, str(PREFERRED_UID)],
         timeout=timeout,
@@ -120,23 +139,26 @@ def ensure_guest_user(agent: GuestAgent, user: str, timeout: float = 120.0) -> i
     )
     if status.exitcode == 0 and status.signal is None:
         try:
-            return int(status.stdout.decode().strip().splitlines()[-1])
+            uid, gid = status.stdout.decode().strip().splitlines()[-1].split()
+            return GuestAccount(int(uid), int(gid))
         except (ValueError, IndexError):
-            raise GuestUserError(user, "the guest printed no uid for it") from None
+            raise GuestUserError(user, "the guest printed no uid and gid for it") from None
     lines = [line for line in status.stderr.splitlines() if line.strip()][-3:]
     why = guest_text(b"\n".join(lines)) or f"exit status {status.exitcode}"
     raise GuestUserError(user, why)
 
 
-def _uid_in_passwd(agent: GuestAgent, user: str) -> int | None:
-    """``user``'s uid from the guest's ``/etc/passwd``, or ``None`` when it is not there (or
-    the file cannot be read: the script decides then)."""
+def _account_in_passwd(agent: GuestAgent, user: str) -> GuestAccount | None:
+    """``user``'s uid and gid from the guest's ``/etc/passwd``, or ``None`` when it is not
+    there, or its line is malformed, or the file cannot be read: the script decides then."""
     try:
         text = agent.read_file("/etc/passwd", limit=PASSWD_LIMIT)
     except AgentError:
         return None
     for line in text.decode(errors="replace").splitlines():
         fields = line.split(":")
-        if len(fields) >= 3 and fields[0] == user:
-            return int(fields[2]) if fields[2].isdigit() else None
+        if len(fields) >= 4 and fields[0] == user:
+            uid, gid = fields[2], fields[3]
+            ok = uid.isascii() and uid.isdigit() and gid.isascii() and gid.isdigit()
+            return GuestAccount(int(uid), int(gid)) if ok else None
     return None

@@ -44,14 +44,13 @@ from glite_vm.vm.domain_xml import (
 )
 from glite_vm.vm.domains import destroy_domain, our_domains
 from glite_vm.vm.guest_run import (
-    GUEST_PREPARE,
     GUEST_WORKDIR,
     ExecResult,
     OutputSink,
     run_payload,
     run_root_script,
 )
-from glite_vm.vm.guest_user import ensure_guest_user
+from glite_vm.vm.guest_user import ROOT_ACCOUNT, GuestAccount, ensure_guest_user
 from glite_vm.vm.hypervisor import HypervisorInfo
 from glite_vm.vm.qemu_user import let_qemu_read
 from glite_vm.vm.record import JobRecord, TeardownResult, Timings, VmFiles
@@ -262,6 +261,8 @@ class Vm:
         self.shell_socket: Path | None = None
         self.timings = Timings()
         self.exec_result: ExecResult | None = None
+        # the job's guest account once the VM is ready (None: adopted, looked up in the guest)
+        self.guest_account: GuestAccount | None = None
         self.torn_down: TeardownResult | None = None
         self._started = time.monotonic()
         self._lock = threading.Lock()
@@ -313,17 +314,14 @@ class Vm:
                 refresh_clone(self.domain, mac=self.mac, timeout=left)
         finally:
             self.restore_turn.end()
-        if not self.request.root:  # an ordinary job's account: made if missing, never root
-            ensure_guest_user(self.agent, self.guest_user)
+        if self.request.root:
+            self.guest_account = ROOT_ACCOUNT
+        else:  # an ordinary job's account: made if missing, never root
+            self.guest_account = ensure_guest_user(self.agent, self.guest_user)
         self.timings.ready = time.monotonic() - start
         return self.timings.ready
 
     # -- running things ----------------------------------------------------------------------
-
-    def prepare_workdir(self) -> None:
-        run_root_script(
-            self.agent, GUEST_PREPARE, [GUEST_WORKDIR, self.guest_user], "preparing the guest"
-        )
 
     def push(self, src: Path) -> int:
         """Copy the contents of host directory ``src`` into the guest's working directory."""
@@ -381,11 +379,12 @@ class Vm:
         """
         if not argv:
             raise RequestError("command", "is empty")
-        self.prepare_workdir()
+        account = self.guest_account
         result = run_payload(
             self.agent,
             self.guest_user,
             argv,
+            ids="-" if account is None else account.ids,
             env=env,
             stdout=stdout,
             stderr=stderr,

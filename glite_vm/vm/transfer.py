@@ -75,11 +75,22 @@ as_user() {  # as_user USER CMD [ARG...]: run CMD as USER (root runs it directly
         su -s /bin/sh -c '"$0" "$@"' -- "$_user" "$@"  # "--": CMD's options are not su's
     fi
 }
-make_workdir() {  # make_workdir DIR USER: DIR is a real directory, root:USER's group, 0770
-    _gid=$(id -g "$2") || return 125
+make_workdir() {  # make_workdir DIR USER [GID]: DIR is a real directory, root:USER's group, 0770
+    # Made so in this boot already (root's note in its own directory names DIR and USER) and
+    # still a directory of root's: only root changes its owner or mode, and no other user can
+    # rename or remove root's entry in a sticky directory such as /var/tmp.
+    if [ -f /run/glite-vm/workdir ] && [ -d "$1" ] && [ ! -L "$1" ] && [ -O "$1" ]; then
+        read -r _made < /run/glite-vm/workdir
+        [ "$_made" = "$1 $2" ] && return 0
+    fi
+    if [ -n "${3-}" ]; then _gid=$3; else _gid=$(id -g "$2") || return 125; fi
     if [ -L "$1" ] || { [ -e "$1" ] && [ ! -d "$1" ]; }; then rm -f "$1" || return 1; fi
     [ -d "$1" ] || mkdir -m 0770 "$1" || return 1
-    [ ! -L "$1" ] && chown -h "0:$_gid" "$1" && chmod 0770 "$1"
+    [ ! -L "$1" ] && chown -h "0:$_gid" "$1" && chmod 0770 "$1" || return 1
+    if [ -d /run/glite-vm ] && [ ! -L /run/glite-vm ] && [ -O /run/glite-vm ]; then
+        echo "$1 $2" > /run/glite-vm/workdir
+    fi
+    return 0
 }
 """
 

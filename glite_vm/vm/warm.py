@@ -44,6 +44,7 @@ from glite_vm.errors import AgentError, HypervisorError
 from glite_vm.qemu_img import qemu_img
 from glite_vm.vm.agent import GuestAgent
 from glite_vm.vm.domain_xml import DomainSpec, renamed_domain_xml, restored_domain_xml
+from glite_vm.vm.guest_run import GUEST_RUN_AHEAD
 from glite_vm.vm.guest_text import guest_text
 from glite_vm.vm.record import VmFiles
 from glite_vm.vm.save_image import read_header, rewrite_header
@@ -52,7 +53,9 @@ from glite_vm.vm.vm_dir import copy_private, write_private
 log = logging.getLogger(__name__)
 
 #: Bump whenever what a template holds, or how a clone of one is refreshed, changes.
-TEMPLATE_FORMAT = 4  # 2: the shell's serial port; 3: /run/machine-id; 4: the kept reseed program
+#: 2: the shell's serial port; 3: /run/machine-id; 4: the kept reseed program; 5: the state
+#: directory and how users are switched, found out ahead (guest_run.GUEST_RUN_AHEAD)
+TEMPLATE_FORMAT = 5
 REFRESH_TIMEOUT = 60.0
 ENTROPY_BYTES = 64
 
@@ -150,7 +153,8 @@ exit 0
 # Loads what a clone's refresh, account check and first payload steps execute into the page
 # cache of the template's guest (a program missing from an image is skipped).
 _WARM_UP = (
-    "for p in date id setpriv mkdir chown chmod rm cat; do $p --version >/dev/null 2>&1; done; true"
+    "for p in date id setpriv env mkdir chown chmod rm cat; do $p --version >/dev/null 2>&1; done; "
+    "true"
 )
 
 
@@ -295,6 +299,8 @@ def save_template(
         argv = ["/bin/sh", "-c", _INSTALL, "glite-vm-install", place]
         if agent.run(argv, timeout=REFRESH_TIMEOUT, input_data=RESEED_PROGRAM).exitcode == 0:
             break
+    # what every job's first run finds out (best effort: without it, each clone finds out)
+    agent.run(["/bin/sh", "-c", GUEST_RUN_AHEAD], timeout=REFRESH_TIMEOUT)
     # sync: the layer holds all the boot wrote; dropping clean caches shrinks the saved state
     # (every restore reads it) by what the boot read from disk; then the few programs every
     # job's first steps run are read back in, so that a clone does not wait for its disk

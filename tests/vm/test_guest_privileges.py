@@ -279,3 +279,52 @@ def test_swapping_the_work_dir_for_a_link_gains_nothing(
     after = payload(vm, "pwd; echo ok > result.txt; cat result.txt")
     assert after.result.exit_code == 0, after.stderr
     assert after.text.split() == [GUEST_WORKDIR, "ok"]
+
+
+# -- what a run keeps between runs, and what says that its preparation failed -------------------
+
+
+def test_a_payload_cannot_forge_a_failed_preparation_nor_what_later_runs_rely_on(
+    guest: Guest,
+) -> None:
+    """The run script's notes (how users are switched, the work dir made) and its failure
+    reason live in root's state directory: the payload writes none of them, and its own exit
+    status 126 is its exit status, not a host error."""
+    notes = [f"{GUEST_STATE}/{name}" for name in ("prepare-error", "setpriv", "workdir")]
+    forged = payload(
+        guest.vm,
+        "; ".join(f"echo forged > {path} 2>/dev/null || echo DENIED" for path in notes)
+        + "; exit 126",
+    )
+    assert forged.result.exit_code == 126  # the payload's own status, no AgentError
+    assert forged.text.split() == ["DENIED"] * len(notes)
+    kept = as_root(guest.vm, f"stat -c '%a %u' {GUEST_STATE}; cat {' '.join(notes[1:])}")
+    assert kept.split("\n")[0] == "700 0"
+    assert "forged" not in kept
+    after = payload(guest.vm, "id -u")  # and the next run goes as before
+    assert after.result.exit_code == 0 and after.text.split() == [str(guest.uid)]
+
+
+def test_no_run_reads_an_earlier_runs_output(guest: Guest) -> None:
+    loud = payload(guest.vm, "echo EARLIER-OUT; echo EARLIER-ERR >&2")
+    assert (loud.stdout, loud.stderr) == (b"EARLIER-OUT\n", b"EARLIER-ERR\n")
+    quiet = payload(guest.vm, "true")
+    assert (quiet.result.exit_code, quiet.stdout, quiet.stderr) == (0, b"", b"")
+
+
+def test_a_work_dir_that_cannot_be_made_is_a_host_error_saying_so(guest: Guest) -> None:
+    """Root's steps before the payload fail (here: /var/tmp read-only, the work dir hidden):
+    the job is told that preparing the guest failed (a host error: requeued), not that its
+    payload exited 126."""
+    as_root(guest.vm, "mount -t tmpfs -o ro tmpfs /var/tmp")
+    try:
+        with pytest.raises(AgentError) as failed:
+            payload(guest.vm, "echo never")
+        assert str(failed.value) == (
+            "preparing the guest failed in the guest: "
+            f"cannot make the working directory {GUEST_WORKDIR}"
+        )
+    finally:
+        as_root(guest.vm, "umount /var/tmp")
+    again = payload(guest.vm, "pwd; echo back > back.txt; cat back.txt")
+    assert again.result.exit_code == 0 and again.text.split() == [GUEST_WORKDIR, "back"]
