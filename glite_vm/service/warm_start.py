@@ -117,8 +117,14 @@ def build_template(
                 vm.wait_ready()
                 assert vm.domain is not None
                 ids = qemu_ids(host.conn, host.hypervisor.kind)
+                made = vm.guest_account  # the account its clones' jobs run as
                 save_template(
-                    vm.domain, vm.overlay, vm.boot_log, build, qemu_gid=ids[1] if ids else None
+                    vm.domain,
+                    vm.overlay,
+                    vm.boot_log,
+                    build,
+                    qemu_gid=ids[1] if ids else None,
+                    account=None if made is None else (vm.guest_user, made.gid),
                 )
             finally:
                 with _BUILDING_LOCK:

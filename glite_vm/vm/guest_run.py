@@ -87,15 +87,19 @@ fi
 exec su -s /bin/sh -c 'exec "$0" "$@"' -- "$runas" "$@" </dev/null >"$st/stdout" 2>"$st/stderr"
 """.replace("STATE", GUEST_STATE)
 )
-# As root in a warm-start template's guest before its save: the state directory and how users
-# are switched (GUEST_RUN's first steps), so that no clone of it has to find out again.
+# As root in a warm-start template's guest before its save: GUEST_RUN's first steps (the state
+# directory, how users are switched, and, with arguments USER GID, USER's working directory), so
+# that no clone of it has to take them again.
 GUEST_RUN_AHEAD = (
-    _USER_SWITCH_FUNCTION
+    transfer.GUEST_WORKDIR_FUNCTIONS
+    + _USER_SWITCH_FUNCTION
     + r"""
 st=STATE
 if [ ! -d "$st" ] || [ -L "$st" ] || [ ! -O "$st" ]; then mkdir -m 0700 "$st" || exit 1; fi
 user_switch 0 0
-""".replace("STATE", GUEST_STATE)
+[ $# -eq 2 ] || exit 0
+make_workdir WORKDIR "$1" "$2"
+""".replace("STATE", GUEST_STATE).replace("WORKDIR", GUEST_WORKDIR)
 )
 
 #: The exit status of GUEST_RUN when what comes before the payload failed (and the payload's own

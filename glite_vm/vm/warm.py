@@ -54,25 +54,37 @@ log = logging.getLogger(__name__)
 
 #: Bump whenever what a template holds, or how a clone of one is refreshed, changes.
 #: 2: the shell's serial port; 3: /run/machine-id; 4: the kept reseed program; 5: the state
-#: directory and how users are switched, found out ahead (guest_run.GUEST_RUN_AHEAD)
-TEMPLATE_FORMAT = 5
+#: directory and how users are switched, found out ahead (guest_run.GUEST_RUN_AHEAD); 6: the
+#: reseed program sets the clock
+TEMPLATE_FORMAT = 6
 REFRESH_TIMEOUT = 60.0
 ENTROPY_BYTES = 64
 
-# A static x86-64 program, 392 bytes: open("/dev/urandom", O_WRONLY), ioctl(fd, RNDRESEEDCRNG),
-# exit with the errno (0: reseeded). Made with GNU as and ld -static -nostdlib -N -s from:
-#   mov $2,%eax; lea path(%rip),%rdi; mov $1,%esi; xor %edx,%edx; syscall
+# A static x86-64 program, 480 bytes: with two arguments SECONDS NANOSECONDS (decimal), sets the
+# clock with clock_settime(CLOCK_REALTIME) and exits 200 if it cannot; then
+# open("/dev/urandom", O_WRONLY), ioctl(fd, RNDRESEEDCRNG), exit with the errno (0: reseeded).
+# Setting the clock here spares a clone's refresh a process (`date`). Made with GNU as and
+# ld -static -nostdlib -N -s from:
+#   mov (%rsp),%rcx; cmp $3,%rcx; jb 1f
+#   mov 16(%rsp),%rsi; call dec; mov %rax,%r8; mov 24(%rsp),%rsi; call dec
+#   push %rax; push %r8; mov $227,%eax; xor %edi,%edi; mov %rsp,%rsi; syscall
+#   test %eax,%eax; jz 1f; mov $200,%edi; jmp 2f
+#   1: mov $2,%eax; lea path(%rip),%rdi; mov $1,%esi; xor %edx,%edx; syscall
 #   mov %eax,%edi; mov $16,%eax; mov $0x5207,%esi; xor %edx,%edx; syscall
-#   mov %eax,%edi; neg %edi; mov $60,%eax; syscall;  path: .asciz "/dev/urandom"
+#   mov %eax,%edi; neg %edi;  2: mov $60,%eax; syscall
+#   dec: xor %eax,%eax;  3: movzbl (%rsi),%edx; sub $48,%edx; cmp $9,%edx; ja 4f
+#   imul $10,%rax; add %rdx,%rax; inc %rsi; jmp 3b;  4: ret;  path: .asciz "/dev/urandom"
 # Guests carry no tool that makes this ioctl; writing to /dev/urandom alone only mixes bytes
 # into the input pool, which the CRNG reads at its next scheduled reseed (up to a minute later).
 RESEED_PROGRAM = base64.b64decode(
-    "f0VMRgIBAQAAAAAAAAAAAAIAPgABAAAAeABAAAAAAABAAAAAAAAAAMgAAAAAAAAAAAAAAEAAOAABAEAAAwACAAEA"
-    "AAAHAAAAeAAAAAAAAAB4AEAAAAAAAHgAQAAAAAAAPQAAAAAAAAA9AAAAAAAAAAEAAAAAAAAAuAIAAABIjT0kAAAA"
-    "vgEAAAAx0g8Fice4EAAAAL4HUgAAMdIPBYnH99+4PAAAAA8FL2Rldi91cmFuZG9tAAAuc2hzdHJ0YWIALnRleHQA"
-    "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAACwAA"
-    "AAEAAAAHAAAAAAAAAHgAQAAAAAAAeAAAAAAAAAA9AAAAAAAAAAAAAAAAAAAAAQAAAAAAAAAAAAAAAAAAAAEAAAAD"
-    "AAAAAAAAAAAAAAAAAAAAAAAAALUAAAAAAAAAEQAAAAAAAAAAAAAAAAAAAAEAAAAAAAAAAAAAAAAAAAA="
+    "f0VMRgIBAQAAAAAAAAAAAAIAPgABAAAAeABAAAAAAABAAAAAAAAAACABAAAAAAAAAAAAAEAAOAABAEAAAwACAAEA"
+    "AAAHAAAAeAAAAAAAAAB4AEAAAAAAAHgAQAAAAAAAkgAAAAAAAACSAAAAAAAAAAEAAAAAAAAASIsMJEiD+QNyMUiL"
+    "dCQQ6FcAAABJicBIi3QkGOhKAAAAUEFQuOMAAAAx/0iJ5g8FhcB0B7/IAAAA6ym4AgAAAEiNPT4AAAC+AQAAADHS"
+    "DwWJx7gQAAAAvgdSAAAx0g8Ficf337g8AAAADwUxwA+2FoPqMIP6CXcMSGvACkgB0Ej/xuvpwy9kZXYvdXJhbmRv"
+    "bQAALnNoc3RydGFiAC50ZXh0AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAAA"
+    "AAAAAAAAAAAAAAAAAAAAAAAAAAAAAAsAAAABAAAABwAAAAAAAAB4AEAAAAAAAHgAAAAAAAAAkgAAAAAAAAAAAAAA"
+    "AAAAAAEAAAAAAAAAAAAAAAAAAAABAAAAAwAAAAAAAAAAAAAAAAAAAAAAAAAKAQAAAAAAABEAAAAAAAAAAAAAAAAA"
+    "AAABAAAAAAAAAAAAAAAAAAAA"
 )
 
 # Where a template's guest keeps the reseed program (installed once, before the save, so every
@@ -97,34 +109,36 @@ rm -rf "$d"
 exit 1
 """
 
-# $1: the job's MAC address (or "-"), $2: the host's time (or "-"), $3: a new machine id,
-# $4: fresh host bytes for the guest's entropy pool, written as printf's octal escapes.
-# Few processes, as each one costs a just-woken guest tens of milliseconds: sets the clock;
-# runs the template's reseed program (or, where the template has none, installs it from stdin
-# in a private directory that allows execution, runs it and removes it); gives the guest the
+# $1: the job's MAC address (or "-"), $2: the host's time as "SECONDS NANOSECONDS" (or "-"),
+# $3: a new machine id, $4: fresh host bytes for the guest's entropy pool, written as printf's
+# octal escapes. Few processes, as each one costs a just-woken guest tens of milliseconds: mixes
+# the bytes in; runs the template's reseed program, which sets the clock and reseeds (or, where
+# the template has none, installs it from stdin in a private directory that allows execution,
+# runs it and removes it; exit 5 where the clock cannot be set: the host sets it through the
+# agent and runs this again with "-"); gives the guest the
 # machine id $3 where it has one (the template's is every clone's); then gives the first
 # network interface the job's MAC and renews its lease with whichever DHCP client the image has.
 _REFRESH = r"""
 set -u
-# the host's clock, first, to the millisecond (coreutils' date; a date that takes whole
-# seconds only would be up to a second off: exit 5 and the host sets it through the agent)
-[ "$2" = - ] || date -u -s "@$2" >/dev/null 2>&1 || exit 5
 printf "$4" > /dev/urandom  # mixed into the input pool; the reseed below makes the CRNG use it
+clock=  # the program's two arguments, split from $2 (digits only, the host's)
+[ "$2" = - ] || clock=$2
 for r in @RESEED_DIRS@; do  # root's own directory, made for the template
     if [ -d "$r" ] && [ ! -L "$r" ] && [ -O "$r" ] && [ -x "$r/reseed" ]; then
-        "$r/reseed"; rc=$?
+        "$r/reseed" $clock; rc=$?
         break
     fi
 done
-if [ "${rc:-1}" -ne 0 ]; then
+if [ "${rc:-1}" -ne 0 ] && [ "${rc:-1}" -ne 200 ]; then
     for dir in /run /dev/shm /tmp; do
         d=$(umask 077 && mktemp -d "$dir/glite-vm-reseed.XXXXXX" 2>/dev/null) || continue
         cat > "$d/reseed" && chmod 0700 "$d/reseed"
-        "$d/reseed"; rc=$?
+        "$d/reseed" $clock; rc=$?
         rm -rf "$d"
-        [ "$rc" -eq 0 ] && break
+        [ "$rc" -eq 0 ] || [ "$rc" -eq 200 ] && break
     done
 fi
+[ "${rc:-1}" -eq 200 ] && exit 5
 [ "${rc:-1}" -eq 0 ] || { echo "cannot reseed the guest kernel's RNG" >&2; exit 3; }
 if [ -s /etc/machine-id ] && [ ! -L /etc/machine-id ]; then  # the template's: one of its own
     # written in place (no temporary file, no rename): also where systemd mounted the id it
@@ -153,8 +167,7 @@ exit 0
 # Loads what a clone's refresh, account check and first payload steps execute into the page
 # cache of the template's guest (a program missing from an image is skipped).
 _WARM_UP = (
-    "for p in date id setpriv env mkdir chown chmod rm cat; do $p --version >/dev/null 2>&1; done; "
-    "true"
+    "for p in id setpriv env mkdir chown chmod rm cat; do $p --version >/dev/null 2>&1; done; true"
 )
 
 
@@ -258,13 +271,14 @@ def refresh_clone(
     # fresh host bytes as printf's octal escapes (no % to read as a directive, no NUL argument)
     entropy = "".join(f"\\{b:03o}" for b in secrets.token_bytes(ENTROPY_BYTES))
     argv = ["/bin/sh", "-c", _REFRESH, "glite-vm-refresh", mac or "-"]
+    seconds, nanoseconds = divmod(time.time_ns(), 1_000_000_000)
     st = agent.run(
-        [*argv, f"{time.time():.3f}", machine_id, entropy],
+        [*argv, f"{seconds} {nanoseconds}", machine_id, entropy],
         timeout=_left(deadline),
         input_data=RESEED_PROGRAM,
         max_poll=0.02,
     )
-    if st.exitcode == 5 and st.signal is None:  # no date that sets the clock: the agent's way
+    if st.exitcode == 5 and st.signal is None:  # the clock could not be set: the agent's way
         _set_clock(agent)
         st = agent.run(
             [*argv, "-", machine_id, entropy],
@@ -282,17 +296,25 @@ def _left(deadline: float) -> float:
 
 def _set_clock(agent: GuestAgent) -> None:
     """The host's time in the guest through the agent (``guest-set-time``, which also writes
-    the hardware clock with ``hwclock``: slower than ``date``, the refresh script's way)."""
+    the hardware clock with ``hwclock``: slower than the reseed program's clock_settime)."""
     agent.command("guest-set-time", {"time": time.time_ns()}, timeout=10)
 
 
 def save_template(
-    domain: libvirt.virDomain, overlay: Path, boot_log: Path, dest: Path, *, qemu_gid: int | None
+    domain: libvirt.virDomain,
+    overlay: Path,
+    boot_log: Path,
+    dest: Path,
+    *,
+    qemu_gid: int | None,
+    account: tuple[str, int] | None = None,
 ) -> None:
     """Save the running, agent-ready ``domain`` into the new directory ``dest``: its disk
     ``overlay`` becomes ``dest/layer.qcow2`` (read-only; readable by QEMU's group
     ``qemu_gid`` where QEMU runs as a user of its own), its memory ``dest/state.sav``, its boot
-    log ``dest/boot.log``. The domain is stopped afterwards (libvirt's save stops it)."""
+    log ``dest/boot.log``. The domain is stopped afterwards (libvirt's save stops it).
+    ``account``: the name and gid of the guest account its clones' jobs run as, whose working
+    directory is made ahead."""
     agent = GuestAgent(domain)
     # the reseed program every clone runs first (where no place allows it, clones install it)
     for place in RESEED_DIRS:
@@ -300,7 +322,8 @@ def save_template(
         if agent.run(argv, timeout=REFRESH_TIMEOUT, input_data=RESEED_PROGRAM).exitcode == 0:
             break
     # what every job's first run finds out (best effort: without it, each clone finds out)
-    agent.run(["/bin/sh", "-c", GUEST_RUN_AHEAD], timeout=REFRESH_TIMEOUT)
+    ahead = [] if account is None else [account[0], str(account[1])]
+    agent.run(["/bin/sh", "-c", GUEST_RUN_AHEAD, "glite-vm", *ahead], timeout=REFRESH_TIMEOUT)
     # sync: the layer holds all the boot wrote; dropping clean caches shrinks the saved state
     # (every restore reads it) by what the boot read from disk; then the few programs every
     # job's first steps run are read back in, so that a clone does not wait for its disk
