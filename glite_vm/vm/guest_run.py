@@ -27,7 +27,7 @@ from glite_vm.vm.agent import GUEST_PATH, GuestAgent
 from glite_vm.vm.guest_text import guest_text
 
 GUEST_WORKDIR = "/var/tmp/glite-vm-job"
-GUEST_STATE = "/run/glite-vm"
+GUEST_STATE = transfer.GUEST_STATE
 #: Reads per stream and poll (of at most agent.FILE_CHUNK bytes each): a poll is bounded.
 _READS_PER_POLL = 64
 
@@ -44,29 +44,12 @@ _READS_PER_POLL = 64
 # what the agent reports. Whether the guest's setpriv can switch users (util-linux's can,
 # busybox's lacks --reuid; then su, which also execs there) is found out once per boot and kept
 # in STATE/setpriv.
-# user_switch UID GID sets $how: "setpriv" where the guest's setpriv switches to UID:GID with
-# their groups, else "su"; found out once per boot (STATE/setpriv, root-only).
-_USER_SWITCH_FUNCTION = r"""
-user_switch() {
-    how=
-    if [ -f STATE/setpriv ]; then read -r how < STATE/setpriv; fi
-    [ -n "$how" ] && return 0
-    how=su
-    setpriv --reuid="$1" --regid="$2" --init-groups true 2>/dev/null && how=setpriv
-    echo "$how" > STATE/setpriv
-}
-""".replace("STATE", GUEST_STATE)
-
 GUEST_RUN = (
     transfer.GUEST_WORKDIR_FUNCTIONS
-    + _USER_SWITCH_FUNCTION
     + r"""
 work=$1; runas=$2; ids=$3; shift 3
 st=STATE
-if [ ! -d "$st" ] || [ -L "$st" ] || [ ! -O "$st" ]; then
-    rm -f "$st" 2>/dev/null
-    mkdir -m 0700 "$st" || { echo "cannot make $st" >&2; exit 126; }
-fi
+state_dir || { echo "cannot make $st" >&2; exit 126; }
 : > "$st/prepare-error" && : > "$st/stdout" && : > "$st/stderr" || exit 126
 fail() { echo "$*" > "$st/prepare-error"; exit 126; }
 case $ids in
@@ -92,10 +75,8 @@ exec su -s /bin/sh -c 'exec "$0" "$@"' -- "$runas" "$@" </dev/null >"$st/stdout"
 # that no clone of it has to take them again.
 GUEST_RUN_AHEAD = (
     transfer.GUEST_WORKDIR_FUNCTIONS
-    + _USER_SWITCH_FUNCTION
     + r"""
-st=STATE
-if [ ! -d "$st" ] || [ -L "$st" ] || [ ! -O "$st" ]; then mkdir -m 0700 "$st" || exit 1; fi
+state_dir || exit 1
 user_switch 0 0
 [ $# -eq 2 ] || exit 0
 make_workdir WORKDIR "$1" "$2"

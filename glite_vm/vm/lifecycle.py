@@ -287,6 +287,12 @@ class Vm:
             else (self.image.guest_user or self.host.settings.guest_user)
         )
 
+    @property
+    def guest_ids(self) -> str:
+        """The job's guest account as the guest's fixed scripts take it: ``UID:GID``, or "-"
+        when not known here (a VM adopted after a restart): the scripts look it up."""
+        return "-" if self.guest_account is None else self.guest_account.ids
+
     def wait_ready(
         self, timeout: float | None = None, *, cancel: threading.Event | None = None
     ) -> float:
@@ -335,7 +341,7 @@ class Vm:
         run_root_script(
             self.agent,
             transfer.GUEST_UNPACK,
-            [GUEST_WORKDIR, self.guest_user, str(written)],
+            [GUEST_WORKDIR, self.guest_user, str(written), self.guest_ids],
             "copying files in",
         )
 
@@ -343,7 +349,10 @@ class Vm:
         """Have the guest write its working directory as a tar stream onto the transfer disk
         (for callers that unpack it themselves)."""
         run_root_script(
-            self.agent, transfer.GUEST_PACK, [GUEST_WORKDIR, self.guest_user], "copying files out"
+            self.agent,
+            transfer.GUEST_PACK,
+            [GUEST_WORKDIR, self.guest_user, self.guest_ids],
+            "copying files out",
         )
 
     def pull(
@@ -379,12 +388,11 @@ class Vm:
         """
         if not argv:
             raise RequestError("command", "is empty")
-        account = self.guest_account
         result = run_payload(
             self.agent,
             self.guest_user,
             argv,
-            ids="-" if account is None else account.ids,
+            ids=self.guest_ids,
             env=env,
             stdout=stdout,
             stderr=stderr,

@@ -43,14 +43,18 @@ MAX_OUTPUT_NAMES = 12 << 20
 #: Refused members named in the answer; the rest are counted.
 MAX_REFUSED_SHOWN = 100
 _ZERO_CHUNK = bytes(1 << 20)
+#: Root's own directory in the guest (0700): the payload's output files and what the fixed
+#: scripts note for later runs of this boot.
+GUEST_STATE = "/run/glite-vm"
 
 # Shell fragment (POSIX sh, run as root in the guest) that sets $dev to the transfer disk.
+# (The shell's own `read`, not `cat`: each process costs a guest under TCG tens of milliseconds.)
 FIND_XFER_DEVICE = r"""
 dev=
 for d in /sys/block/*; do
-    if [ -r "$d/serial" ] && [ "$(cat "$d/serial" 2>/dev/null)" = glitevm-xfer ]; then
-        dev=/dev/${d##*/}
-    fi
+    s=
+    [ -r "$d/serial" ] && read -r s < "$d/serial" 2>/dev/null
+    [ "$s" = glitevm-xfer ] && dev=/dev/${d##*/}
 done
 if [ -z "$dev" ]; then echo "glite-vm: no transfer disk in the guest" >&2; exit 90; fi
 """
@@ -63,13 +67,34 @@ if [ -z "$dev" ]; then echo "glite-vm: no transfer disk in the guest" >&2; exit 
 #   cannot swap it for a link (it lies in the sticky /var/tmp and is not the payload's);
 # * what is *inside* is the payload's, so root never reads or writes it: tar runs as the job's
 #   user, and a link left there leads only where that user could go anyway.
+# * user_switch UID GID sets $how: "setpriv" where the guest's setpriv switches to UID:GID with
+#   their groups (util-linux's; busybox's lacks --reuid), else "su"; found out once per boot and
+#   noted in root's own STATE/setpriv.
 GUEST_WORKDIR_FUNCTIONS = r"""
-as_user() {  # as_user USER CMD [ARG...]: run CMD as USER (root runs it directly)
-    if [ "$1" = root ]; then shift; "$@"; return; fi
-    _user=$1; shift
-    _uid=$(id -u "$_user") && _gid=$(id -g "$_user") || return 125
-    # util-linux setpriv; busybox's lacks --reuid, then su (which keeps the working directory)
-    if setpriv --reuid="$_uid" --regid="$_gid" --init-groups true 2>/dev/null; then
+state_dir() {  # root's own STATE directory (0700), made where missing (/run is root's alone)
+    if [ ! -d STATE ] || [ -L STATE ] || [ ! -O STATE ]; then
+        if [ -e STATE ] || [ -L STATE ]; then rm -f STATE 2>/dev/null; fi
+        mkdir -m 0700 STATE || return 1
+    fi
+}
+user_switch() {
+    how=
+    if [ -f STATE/setpriv ]; then read -r how < STATE/setpriv; fi
+    [ -n "$how" ] && return 0
+    how=su
+    setpriv --reuid="$1" --regid="$2" --init-groups true 2>/dev/null && how=setpriv
+    if [ -d STATE ] && [ ! -L STATE ] && [ -O STATE ]; then echo "$how" > STATE/setpriv; fi
+}
+as_user() {  # as_user USER IDS CMD [ARG...]: run CMD as USER, whose UID:GID are IDS (or "-":
+    # looked up here); root runs it directly
+    if [ "$1" = root ]; then shift 2; "$@"; return; fi
+    _user=$1; _ids=$2; shift 2
+    case $_ids in
+        *:*) _uid=${_ids%%:*}; _gid=${_ids#*:} ;;
+        *) _uid=$(id -u "$_user") && _gid=$(id -g "$_user") || return 125 ;;
+    esac
+    user_switch "$_uid" "$_gid"
+    if [ "$how" = setpriv ]; then
         setpriv --reuid="$_uid" --regid="$_gid" --init-groups -- "$@"
     else
         su -s /bin/sh -c '"$0" "$@"' -- "$_user" "$@"  # "--": CMD's options are not su's
@@ -79,45 +104,46 @@ make_workdir() {  # make_workdir DIR USER [GID]: DIR is a real directory, root:U
     # Made so in this boot already (root's note in its own directory names DIR and USER) and
     # still a directory of root's: only root changes its owner or mode, and no other user can
     # rename or remove root's entry in a sticky directory such as /var/tmp.
-    if [ -f /run/glite-vm/workdir ] && [ -d "$1" ] && [ ! -L "$1" ] && [ -O "$1" ]; then
-        read -r _made < /run/glite-vm/workdir
+    if [ -f STATE/workdir ] && [ -d "$1" ] && [ ! -L "$1" ] && [ -O "$1" ]; then
+        read -r _made < STATE/workdir
         [ "$_made" = "$1 $2" ] && return 0
     fi
     if [ -n "${3-}" ]; then _gid=$3; else _gid=$(id -g "$2") || return 125; fi
     if [ -L "$1" ] || { [ -e "$1" ] && [ ! -d "$1" ]; }; then rm -f "$1" || return 1; fi
     [ -d "$1" ] || mkdir -m 0770 "$1" || return 1
     [ ! -L "$1" ] && chown -h "0:$_gid" "$1" && chmod 0770 "$1" || return 1
-    if [ -d /run/glite-vm ] && [ ! -L /run/glite-vm ] && [ -O /run/glite-vm ]; then
-        echo "$1 $2" > /run/glite-vm/workdir
-    fi
+    if [ -d STATE ] && [ ! -L STATE ] && [ -O STATE ]; then echo "$1 $2" > STATE/workdir; fi
     return 0
 }
-"""
+""".replace("STATE", GUEST_STATE)
 
-# Extract the tar the host wrote onto the transfer disk into $1 as user $2. $3 is the archive's
-# length: some tars (busybox) read on past the end-of-archive marker, through the whole sparse
-# disk, unless the stream ends there.
+# Extract the tar the host wrote onto the transfer disk into $1 as user $2 (UID:GID $4, or "-").
+# $3 is the archive's length: some tars (busybox) read on past the end-of-archive marker,
+# through the whole sparse disk, unless the stream ends there.
 GUEST_UNPACK = (
     FIND_XFER_DEVICE
     + GUEST_WORKDIR_FUNCTIONS
     + r"""
 sync
 echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || blockdev --flushbufs "$dev"
-make_workdir "$1" "$2" || exit 91
+state_dir 2>/dev/null  # where the steps below note what later runs need not do again
+case $4 in *:*) gid=${4#*:} ;; *) gid= ;; esac
+make_workdir "$1" "$2" "$gid" || exit 91
 umask 022
 dd if="$dev" bs=1M count=$(( ($3 + 1048575) / 1048576 )) 2>/dev/null \
-    | as_user "$2" tar -xf - -C "$1" || exit 91
+    | as_user "$2" "$4" tar -xf - -C "$1" || exit 91
 """
 )
 
-# Write everything under $1 as a tar stream onto the transfer disk, read with user $2's rights.
+# Write everything under $1 as a tar stream onto the transfer disk, read with user $2's rights
+# (UID:GID $3, or "-").
 GUEST_PACK = (
     FIND_XFER_DEVICE
     + GUEST_WORKDIR_FUNCTIONS
     + r"""
 sync
 if [ -L "$1" ] || [ ! -d "$1" ]; then echo "glite-vm: $1 is not a directory" >&2; exit 92; fi
-as_user "$2" tar -cf - -C "$1" . > "$dev" || exit 93
+as_user "$2" "$3" tar -cf - -C "$1" . > "$dev" || exit 93
 sync
 """
 )
