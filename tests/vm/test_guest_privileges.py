@@ -451,3 +451,42 @@ def test_a_root_jobs_fifo_as_failure_reason_does_not_hang_the_host(guest: Guest)
         as_root(vm, f"[ -f {holder} ] && kill $(cat {holder}); rm -f {reason} {holder}; true")
     after = root_payload(vm, "id -u")
     assert (after.result.exit_code, after.text) == (0, "0\n")
+
+
+def test_a_root_job_that_removes_or_replaces_the_state_dir_harms_only_its_own_runs(
+    guest: Guest,
+) -> None:
+    """A root job's payload removes root's state directory, or puts a link to a directory of
+    forged files (an output, a failure reason, the notes) in its place: the host neither
+    crashes nor takes the forged failure reason; the next runs remake the directory (root's,
+    0700, no link) and go as before."""
+    vm = guest.vm
+    removed = root_payload(vm, f"rm -rf {GUEST_STATE}; echo gone")
+    assert removed.result.exit_code == 0
+    after = payload(vm, "id -u; pwd")
+    assert after.result.exit_code == 0 and after.text.split() == [str(guest.uid), GUEST_WORKDIR]
+    decoy = "/run/gvm-decoy"
+    try:
+        root_payload(
+            vm,
+            f"mkdir -p {decoy} && for f in stdout stderr prepare-error; do "
+            f"echo FORGED > {decoy}/$f; done && echo '/etc {guest.user}' > {decoy}/workdir && "
+            f"echo setpriv > {decoy}/setpriv && rm -rf {GUEST_STATE} && "
+            f"ln -s {decoy} {GUEST_STATE}",
+        )
+        outcomes = []
+        for _ in range(2):  # the first run may read the decoy's output: the root job's doing
+            try:
+                run = payload(vm, "echo real; exit 126")
+                outcomes.append((run.result.exit_code, run.text))
+            except AgentError as exc:
+                outcomes.append((-1, str(exc)))
+        assert all("FORGED" not in text for _, text in outcomes), outcomes
+        assert outcomes[-1] == (126, "real\n"), outcomes
+        state = as_root(vm, f"stat -c '%F %a %u' {GUEST_STATE}; ls -A /etc")
+        assert state.split("\n")[0] == "directory 700 0", state
+        assert PWNED not in state
+    finally:
+        as_root(vm, f"rm -rf {decoy}")
+    again = payload(vm, "pwd; stat -c '%u %a' .")
+    assert again.text.split("\n")[:2] == [GUEST_WORKDIR, "0 770"], again.text
