@@ -22,6 +22,7 @@ from typing import Any
 import pytest
 
 from tests.service.conftest import REAP_INTERVAL, USERS
+from tests.service.shell_support import cli
 from tests.service.svc_support import (
     Account,
     FakeStarter,
@@ -477,6 +478,50 @@ def test_a_boot_that_fails_leaves_no_vm_and_no_lease(
     vm_dir = svc_root / "state" / "snapshots" / name
     assert not (vm_dir / "overlay.qcow2").exists() and not (vm_dir / "snapshot.qcow2").exists()
     assert (vm_dir / "boot.log").stat().st_uid == alice.uid
+
+
+def test_a_vm_still_being_prepared_serves_its_owner_nothing(
+    service: ServiceProcess, svc_root: Path, alice: Account, bob: Account
+) -> None:
+    """While alice's VM boots (its agent never answers: its prepare keeps waiting), she uses it
+    through the socket as its owner may once it is ready: exec, push, pull, debug hold and a
+    shell are refused, saying why; a reaper pass leaves it to its
+    prepare; bob learns nothing of it. Its prepare then fails as it would have."""
+    scratch = make_scratch(svc_root, alice, "early-use", {"in/early.txt": "early\n"})
+    client = background(
+        service, alice, "prepare", job_ad=job_ad("test-noagent"), scratch_dir=str(scratch)
+    )
+    name = ""
+    try:
+        wait_for("the VM is defined", lambda: bool(domains_of(alice)), 60)
+        (name,) = domains_of(alice)
+        wait_for("the VM runs", lambda: domain_running(name), 60, step=0.05)
+        said = {
+            "exec": call(service, alice, "exec", vm=name, argv=["sh", "-c", "echo ran early"]),
+            "push": call(service, alice, "push", vm=name, src_dir=str(scratch / "in")),
+            "pull": call(service, alice, "pull", vm=name, dest_dir=str(scratch / "out")),
+            "debug_hold": call(service, alice, "debug_hold", vm=name),
+        }
+        shell = cli(service, alice, "shell", name, "--", "sh", "-c", "echo shell early")
+        reaped = ok(call(service, alice, "reap"))
+        by_bob = call(service, bob, "exec", vm=name, argv=["true"])
+        still = domain_running(name)
+    finally:
+        if name:  # the guest dies (its prepare then fails), as in the test above
+            subprocess.run(
+                ["virsh", "-c", "qemu:///system", "destroy", name], capture_output=True, check=False
+            )
+        answer = answer_of(client, timeout=120)
+    for op, refused in said.items():
+        assert not refused["ok"] and refused["type"] == "HostError", (op, refused)
+        assert "still being prepared" in refused["message"], (op, refused)
+    assert shell.returncode != 0 and "still being prepared" in shell.stderr, shell
+    assert "shell early" not in shell.stdout
+    assert reaped == [] and still
+    assert "no VM named" in denied(by_bob)
+    assert answer["type"] == "BootError", answer
+    assert domains_of(alice) == []
+    assert leases_in(svc_root / "state") == []
 
 
 def test_a_caller_that_hangs_up_during_prepare_leaves_no_vm(

@@ -458,3 +458,47 @@ KEPT_RESEED = (
     "for d in " + " ".join(RESEED_DIRS) + "; do "
     '[ -x "$d/reseed" ] && exec stat -c "%n %U %a" "$d"; done; exit 1'
 )
+
+
+def test_a_clones_work_dir_made_ahead_is_roots_and_its_notes_are_out_of_the_jobs_reach(
+    warm: LocalService, svc_root: Path
+) -> None:
+    """The template made the work dir of its clones' account ahead, with root's notes (how
+    users are switched, the work dir made): a clone's job finds it root's with the job's group,
+    and can write none of the notes; a root job's clone of the same template gets a work dir
+    of root's group, not the template account's."""
+    scratch = svc_root / "warm-ahead"
+    cold_then_template(warm, scratch)
+    prepared = prepare(warm, scratch, 1)
+    try:
+        assert prepared.ad_attributes["GliteVmWarmStart"] is True
+        out = bytearray()
+        script = (
+            "pwd; stat -c '%u %g %a' .; id -u; id -g; "
+            "for f in setpriv workdir prepare-error; do "
+            "echo forged > /run/glite-vm/$f 2>/dev/null && echo WROTE-$f; done; true"
+        )
+        assert warm.exec(prepared.vm, ["sh", "-c", script], stdout=out.extend).exit_code == 0
+        where, owner, uid, gid, *wrote = out.decode().split("\n")
+        assert where == GUEST_WORKDIR
+        assert owner == f"0 {gid} 770" and uid != "0" and gid != "0", out
+        assert wrote == [""], wrote
+    finally:
+        warm.teardown(prepared.vm, failed=False)
+    directory = scratch / "root-job"
+    directory.mkdir()
+    request = dataclasses.replace(job(warm, 2), root=True)
+    root_job = warm.prepare(
+        request,
+        scratch_dir=str(directory),
+        starter_pid=None,
+        slot=SlotFacts(name="slot1_2", root_enabled=True),
+    )
+    try:
+        assert root_job.ad_attributes["GliteVmWarmStart"] is True  # the same template
+        out = bytearray()
+        script = "stat -c '%u %g %a' .; id -u"
+        assert warm.exec(root_job.vm, ["sh", "-c", script], stdout=out.extend).exit_code == 0
+        assert out.decode().split("\n")[:2] == ["0 0 770", "0"], out
+    finally:
+        warm.teardown(root_job.vm, failed=False)

@@ -32,12 +32,12 @@ from glite_vm.identity.guest import (
 )
 from glite_vm.request import VMRequest
 from glite_vm.vm.agent import GUEST_PATH
-from glite_vm.vm.guest_run import GUEST_STATE, GUEST_WORKDIR
+from glite_vm.vm.guest_run import GUEST_STATE, GUEST_WORKDIR, run_payload
 from glite_vm.vm.guest_setup import apply_guest_setup
 from glite_vm.vm.lifecycle import Vm, VmHost
 from tests.support import LocalImage
+from tests.vm.guest_calls import Output, payload
 from tests.vm.guest_calls import as_root as root_bytes
-from tests.vm.guest_calls import payload
 
 pytestmark = pytest.mark.vm
 
@@ -328,3 +328,165 @@ def test_a_work_dir_that_cannot_be_made_is_a_host_error_saying_so(guest: Guest) 
         as_root(guest.vm, "umount /var/tmp")
     again = payload(guest.vm, "pwd; echo back > back.txt; cat back.txt")
     assert again.result.exit_code == 0 and again.text.split() == [GUEST_WORKDIR, "back"]
+
+
+# -- attacks on the run script's steps: a payload left running, a root job's forged reason -------
+
+
+def root_payload(vm: Vm, script: str) -> Output:
+    """``script`` as a root job's payload: GUEST_RUN itself, with the guest user root."""
+    out, err = bytearray(), bytearray()
+    argv = ["sh", "-c", script]
+    result = run_payload(
+        vm.agent, "root", argv, ids="0:0", stdout=out.extend, stderr=err.extend, timeout=120
+    )
+    return Output(result, bytes(out), bytes(err))
+
+
+def test_a_payload_left_running_cannot_swap_the_work_dir_between_runs(guest: Guest) -> None:
+    """A payload leaves a process behind that keeps trying, while later runs start, to move
+    the work dir away and put a link to /etc (or a directory of its own) in its place, and to
+    plant root's notes: every later run still starts in root's own work dir, and nothing lands
+    in /etc."""
+    vm = guest.vm
+    left = payload(
+        vm,
+        f"""
+        cd /
+        (
+            i=0
+            while [ $i -lt 400 ]; do
+                mv -f {GUEST_WORKDIR} /var/tmp/gvm-moved 2>/dev/null && echo MOVED
+                rm -rf {GUEST_WORKDIR} 2>/dev/null
+                ln -sfn /etc {GUEST_WORKDIR} 2>/dev/null
+                [ -L {GUEST_WORKDIR} ] && echo LINKED
+                mkdir -p /var/tmp/gvm-own; mv -f /var/tmp/gvm-own {GUEST_WORKDIR} 2>/dev/null
+                [ -O {GUEST_WORKDIR} ] && echo OWN
+                echo "/etc {guest.user}" > {GUEST_STATE}/workdir 2>/dev/null && echo NOTED
+                i=$((i + 1))
+                sleep 0.05
+            done > /var/tmp/gvm-swapper.log 2>&1
+        ) </dev/null >/dev/null 2>&1 &
+        echo $! > /var/tmp/gvm-swapper.pid
+        echo STARTED
+        """,
+    )
+    assert "STARTED" in left.text, left.stderr
+    try:
+        for n in range(5):
+            run = payload(vm, f"pwd; stat -c '%u %a' .; touch {PWNED}-{n}; echo ran")
+            assert run.result.exit_code == 0, run.stderr
+            where, owner, ran = run.text.split("\n")[:3]
+            assert (where, owner, ran) == (GUEST_WORKDIR, "0 770", "ran"), run.text
+        etc = as_root(vm, "ls -A /etc")
+        assert PWNED not in etc, "a run's work dir was /etc"
+        state = as_root(vm, f"stat -c '%F %u %a' {GUEST_WORKDIR}; cat /var/tmp/gvm-swapper.log")
+        assert state.split("\n")[0] == "directory 0 770"
+        assert not {"MOVED", "LINKED", "OWN", "NOTED"} & set(state.split()), state
+    finally:
+        as_root(
+            vm,
+            "kill $(cat /var/tmp/gvm-swapper.pid) 2>/dev/null; "
+            f"rm -rf /var/tmp/gvm-swapper.* /var/tmp/gvm-moved /var/tmp/gvm-own "
+            f"{GUEST_WORKDIR}/{PWNED}-* {GUEST_WORKDIR}/etc {GUEST_WORKDIR}/gvm-own; true",
+        )
+
+
+def test_a_root_jobs_junk_failure_reason_reaches_the_host_bounded_and_quoted(
+    guest: Guest,
+) -> None:
+    """A root job's payload writes terminal escapes, or megabytes, or a link to /dev/zero as
+    root's failure reason and exits 126: the host says the preparation failed (the root job's
+    own guest, its own doing) in one bounded, printable line, and does not read on and on."""
+    vm = guest.vm
+    reason = f"{GUEST_STATE}/prepare-error"
+    forged = {
+        "escapes": f"printf 'BAD\\033]0;title\\007\\033[2J\\r\\nline2\\001%04000d' 0 > {reason}",
+        "megabytes": f"head -c 3000000 /dev/urandom > {reason}",
+        "endless": f"rm -f {reason}; ln -s /dev/zero {reason}",
+    }
+    said = {}
+    try:
+        for name, script in forged.items():
+            with pytest.raises(AgentError) as failed:
+                root_payload(vm, f"{script}; exit 126")
+            said[name] = str(failed.value)
+    finally:
+        as_root(vm, f"rm -f {reason}")
+    for name, message in said.items():
+        assert message.startswith("preparing the guest failed in the guest"), (name, message)
+        assert len(message) < 1024, (name, len(message))
+        assert message.isprintable() and "\033" not in message, (name, message)
+    assert "BAD" in said["escapes"] and "line2" in said["escapes"]
+    assert "larger than" in said["megabytes"] and "larger than" in said["endless"]
+    # and the next run goes as before
+    after = root_payload(vm, "id -u")
+    assert (after.result.exit_code, after.text) == (0, "0\n")
+
+
+def test_a_root_jobs_fifo_as_failure_reason_does_not_hang_the_host(guest: Guest) -> None:
+    """A root job's payload makes root's failure reason a FIFO, with no writer or with an idle
+    one holding it open, and exits 126: the host's read of it comes back (an error, or
+    nothing: the root job's own exit status 126), and the agent answers the next run."""
+    vm = guest.vm
+    reason = f"{GUEST_STATE}/prepare-error"
+    holder = "/var/tmp/gvm-fifo-holder.pid"
+    plants = {
+        "no writer": f"rm -f {reason}; mkfifo {reason} || exit 1",
+        "idle writer": f"rm -f {reason}; mkfifo {reason} || exit 1; "
+        f"(exec 3<>{reason}; exec sleep 600) </dev/null >/dev/null 2>&1 & echo $! > {holder}",
+    }
+    try:
+        for name, plant in plants.items():
+            try:
+                came = root_payload(vm, f"{plant}; exit 126")
+            except AgentError as exc:
+                assert str(exc).startswith("preparing the guest failed in the guest"), (name, exc)
+            else:
+                assert came.result.exit_code == 126, (name, came)
+            assert vm.agent.ping(timeout=10), f"{name}: the agent no longer answers"
+            # (a FIFO left there would block the next run's own steps: the root job's doing)
+            as_root(vm, f"rm -f {reason}")
+    finally:
+        as_root(vm, f"[ -f {holder} ] && kill $(cat {holder}); rm -f {reason} {holder}; true")
+    after = root_payload(vm, "id -u")
+    assert (after.result.exit_code, after.text) == (0, "0\n")
+
+
+def test_a_root_job_that_removes_or_replaces_the_state_dir_harms_only_its_own_runs(
+    guest: Guest,
+) -> None:
+    """A root job's payload removes root's state directory, or puts a link to a directory of
+    forged files (an output, a failure reason, the notes) in its place: the host neither
+    crashes nor takes the forged failure reason; the next runs remake the directory (root's,
+    0700, no link) and go as before."""
+    vm = guest.vm
+    removed = root_payload(vm, f"rm -rf {GUEST_STATE}; echo gone")
+    assert removed.result.exit_code == 0
+    after = payload(vm, "id -u; pwd")
+    assert after.result.exit_code == 0 and after.text.split() == [str(guest.uid), GUEST_WORKDIR]
+    decoy = "/run/gvm-decoy"
+    try:
+        root_payload(
+            vm,
+            f"mkdir -p {decoy} && for f in stdout stderr prepare-error; do "
+            f"echo FORGED > {decoy}/$f; done && echo '/etc {guest.user}' > {decoy}/workdir && "
+            f"echo setpriv > {decoy}/setpriv && rm -rf {GUEST_STATE} && "
+            f"ln -s {decoy} {GUEST_STATE}",
+        )
+        outcomes = []
+        for _ in range(2):  # the first run may read the decoy's output: the root job's doing
+            try:
+                run = payload(vm, "echo real; exit 126")
+                outcomes.append((run.result.exit_code, run.text))
+            except AgentError as exc:
+                outcomes.append((-1, str(exc)))
+        assert all("FORGED" not in text for _, text in outcomes), outcomes
+        assert outcomes[-1] == (126, "real\n"), outcomes
+        state = as_root(vm, f"stat -c '%F %a %u' {GUEST_STATE}; ls -A /etc")
+        assert state.split("\n")[0] == "directory 700 0", state
+        assert PWNED not in state
+    finally:
+        as_root(vm, f"rm -rf {decoy}")
+    again = payload(vm, "pwd; stat -c '%u %a' .")
+    assert again.text.split("\n")[:2] == [GUEST_WORKDIR, "0 770"], again.text
