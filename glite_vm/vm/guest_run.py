@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import secrets
 import shlex
 import threading
 import time
@@ -33,11 +34,14 @@ _READS_PER_POLL = 64
 
 # Runs the payload in the guest (as root, through the agent, with the fixed ROOT_ENV), in one
 # shell: few processes, as each one costs a guest under emulation tens of milliseconds.
-# Arguments: WORKDIR USER IDS CMD [ARGS...]. IDS is USER's UID:GID where the host knows them
-# (it learnt them making sure the account exists), else "-" (looked up here). CMD is
+# Arguments: WORKDIR USER IDS RUN CMD [ARGS...]. IDS is USER's UID:GID where the host knows them
+# (it learnt them making sure the account exists), else "-" (looked up here). RUN names this
+# run's output files, STATE/stdout.RUN and STATE/stderr.RUN (lower-case hex): files of its own,
+# so that a process an earlier payload left behind writes only into the earlier run's, which
+# go (the next run removes the files of the one before). CMD is
 # `env -i NAME=VALUE... PAYLOAD...` (see payload_argv): the job's environment reaches the
 # payload only, after the switch; nothing here looks anything up with it.
-# First, as root: the root-only state directory, fresh output files, the working directory
+# First, as root: the root-only state directory, this run's output files, the working directory
 # (make_workdir). A failure there exits 126 with its reason in STATE/prepare-error, a root-only
 # file a payload of an ordinary job cannot write, so that the host tells it from a payload's
 # own 126. Then switches to USER and *execs* CMD, so that the payload's exit code or signal is
@@ -47,11 +51,18 @@ _READS_PER_POLL = 64
 GUEST_RUN = (
     transfer.GUEST_WORKDIR_FUNCTIONS
     + r"""
-work=$1; runas=$2; ids=$3; shift 3
+work=$1; runas=$2; ids=$3; run=$4; shift 4
 st=STATE
 state_dir || { echo "cannot make $st" >&2; exit 126; }
-: > "$st/prepare-error" && : > "$st/stdout" && : > "$st/stderr" || exit 126
+case $run in ''|*[!0-9a-f]*) echo "bad run name $run" >&2; exit 126 ;; esac
+out=$st/stdout.$run; err=$st/stderr.$run
+: > "$st/prepare-error" && : > "$out" && : > "$err" || exit 126
 fail() { echo "$*" > "$st/prepare-error"; exit 126; }
+if [ -f "$st/last-run" ]; then  # the previous run's files go (a process of it may hold them)
+    read -r last < "$st/last-run"
+    case $last in ''|*[!0-9a-f]*) ;; *) rm -f "$st/stdout.$last" "$st/stderr.$last" ;; esac
+fi
+echo "$run" > "$st/last-run"
 case $ids in
     *:*) uid=${ids%%:*}; gid=${ids#*:} ;;
     *) uid=$(id -u "$runas") && gid=$(id -g "$runas") || fail "there is no account $runas" ;;
@@ -59,15 +70,14 @@ esac
 make_workdir "$work" "$runas" "$gid" || fail "cannot make the working directory $work"
 cd "$work" || fail "cannot enter the working directory $work"
 if [ "$runas" = root ]; then
-    exec "$@" </dev/null >"$st/stdout" 2>"$st/stderr"
+    exec "$@" </dev/null >"$out" 2>"$err"
 fi
 user_switch "$uid" "$gid"
 if [ "$how" = setpriv ]; then
-    exec setpriv --reuid="$uid" --regid="$gid" --init-groups -- "$@" \
-        </dev/null >"$st/stdout" 2>"$st/stderr"
+    exec setpriv --reuid="$uid" --regid="$gid" --init-groups -- "$@" </dev/null >"$out" 2>"$err"
 fi
 # "--" before the user: su must not take the payload's own options ("-l", "-c", ...) for its own
-exec su -s /bin/sh -c 'exec "$0" "$@"' -- "$runas" "$@" </dev/null >"$st/stdout" 2>"$st/stderr"
+exec su -s /bin/sh -c 'exec "$0" "$@"' -- "$runas" "$@" </dev/null >"$out" 2>"$err"
 """.replace("STATE", GUEST_STATE)
 )
 # As root in a warm-start template's guest before its save: GUEST_RUN's first steps (the state
@@ -136,8 +146,11 @@ def run_payload(
     exits. AgentError when what comes before the payload fails in the guest."""
     start = time.monotonic()
     command = payload_argv(user, argv, env)
-    outputs = _Outputs(agent, {"stdout": stdout, "stderr": stderr})
-    pid = agent.spawn("/bin/sh", ["-c", GUEST_RUN, "glite-vm", GUEST_WORKDIR, user, ids, *command])
+    run = secrets.token_hex(8)
+    outputs = _Outputs(agent, {f"stdout.{run}": stdout, f"stderr.{run}": stderr})
+    pid = agent.spawn(
+        "/bin/sh", ["-c", GUEST_RUN, "glite-vm", GUEST_WORKDIR, user, ids, run, *command]
+    )
     delay = 0.02
     try:
         while True:
@@ -160,18 +173,13 @@ def run_payload(
 
 
 class _Outputs:
-    """The payload's output files under :data:`GUEST_STATE`, read as GUEST_RUN and the payload
-    write them. Emptied through the agent before GUEST_RUN starts (where they exist), so that a
-    reader never sees an earlier payload's bytes; opened once they exist (GUEST_RUN makes them
-    on a guest's first run)."""
+    """This run's output files under :data:`GUEST_STATE` (names no other run has), read as
+    GUEST_RUN and the payload write them; opened once GUEST_RUN has made them."""
 
     def __init__(self, agent: GuestAgent, sinks: Mapping[str, OutputSink | None]) -> None:
         self.agent = agent
         self.sinks = dict(sinks)
         self.handles: dict[str, int] = {}
-        for name in self.sinks:
-            with contextlib.suppress(AgentError):  # no state directory yet: nothing old either
-                agent.close(agent.open(f"{GUEST_STATE}/{name}", "w"))
 
     def drain(self) -> bool:
         """Read what was written since; whether anything was."""

@@ -490,3 +490,20 @@ def test_a_root_job_that_removes_or_replaces_the_state_dir_harms_only_its_own_ru
         as_root(vm, f"rm -rf {decoy}")
     again = payload(vm, "pwd; stat -c '%u %a' .")
     assert again.text.split("\n")[:2] == [GUEST_WORKDIR, "0 770"], again.text
+
+
+def test_a_payload_left_writing_to_its_output_cannot_touch_a_later_runs(guest: Guest) -> None:
+    """A background process of an earlier run keeps writing to the output it inherited: the
+    later runs' output is exactly their own (each run writes files of its own)."""
+    started = payload(
+        guest.vm,
+        "(i=0; while [ $i -lt 100000 ]; do echo OLD-$i; echo OLD-$i >&2; i=$((i+1)); done) &"
+        " echo started",
+    )
+    assert started.text.startswith("started\n")
+    try:
+        for n in range(3):
+            later = payload(guest.vm, f"echo RUN-{n}; echo ERR-{n} >&2")
+            assert (later.stdout, later.stderr) == (f"RUN-{n}\n".encode(), f"ERR-{n}\n".encode())
+    finally:
+        payload(guest.vm, "pkill -f 'echo OLD' || true")
