@@ -17,7 +17,7 @@ import pytest
 from glite_vm.request import VMRequest
 from glite_vm.service.reaper import reap_reason
 from glite_vm.service.vm_state import VmRecord
-from glite_vm.vm.lifecycle import VmHost
+from glite_vm.vm.lifecycle import Vm, VmHost
 from tests.support import LocalImage
 
 pytestmark = pytest.mark.vm
@@ -33,15 +33,7 @@ def test_a_vm_still_booting_is_left_to_its_prepare_and_a_ready_one_is_reaped(
     try:
         assert vm.domain is not None
         vm.domain.destroy()  # QEMU gone while the guest boots: its domain stops
-        booting = VmRecord(
-            vm,
-            owner_uid=os.getuid(),
-            scratch_dir=None,
-            starter_pid=None,
-            starter_start=None,
-            lease_job_id=None,
-            created=time.time(),
-        )
+        booting = _record(vm)
         assert booting.booting
         assert reap_reason(vm_host.settings, vm_host.conn, booting) is None
 
@@ -50,18 +42,24 @@ def test_a_vm_still_booting_is_left_to_its_prepare_and_a_ready_one_is_reaped(
         ready = reap_reason(vm_host.settings, vm_host.conn, booting)
         assert ready is not None and ready.kind == "domain_stopped", ready
 
-        adopted = VmRecord(  # found at a restart, its prepare gone with the old service
-            vm,
-            owner_uid=os.getuid(),
-            scratch_dir=None,
-            starter_pid=None,
-            starter_start=None,
-            lease_job_id=None,
-            created=time.time(),
-            adopted=True,
-            state_lost=True,
-        )
+        # found at a restart, its prepare gone with the old service
+        adopted = _record(vm, adopted=True, state_lost=True)
         found = reap_reason(vm_host.settings, vm_host.conn, adopted)
         assert found is not None and found.kind == "domain_stopped", found
     finally:
         vm.teardown(failed=False, keep_override=False)
+
+
+def _record(vm: Vm, *, adopted: bool = False, state_lost: bool = False) -> VmRecord:
+    """The service's record of ``vm``, a VM of no HTCondor job."""
+    return VmRecord(
+        vm,
+        owner_uid=os.getuid(),
+        scratch_dir=None,
+        starter_pid=None,
+        starter_start=None,
+        lease_job_id=None,
+        created=time.time(),
+        adopted=adopted,
+        state_lost=state_lost,
+    )

@@ -16,11 +16,7 @@ from typing import Any
 
 import pytest
 
-from glite_vm.request import JobRequest
-from glite_vm.service.api import PrepareResult
-from glite_vm.service.local import LocalService
-from glite_vm.slots import SlotFacts
-from tests.service.test_warm_refresh_attacks import _cpio_newc
+from tests.service.test_warm_refresh_attacks import _cpio_newc, prepare
 from tests.service.warm_support import wait_for_builds, warm_local_service
 from tests.support import GuestVariant, guest_catalogue
 
@@ -59,11 +55,11 @@ def test_a_clock_the_program_cannot_set_is_set_through_the_agent(
         svc_root / "badclock", bad_clock_catalogue, hypervisor_probe, warm_images=(IMAGE,)
     ) as service:
         scratch = svc_root / "badclock-jobs"
-        first = _prepare(service, scratch, 0)
+        first = prepare(service, scratch, IMAGE, 0)
         service.teardown(first.vm, failed=False)
         wait_for_builds()
         time.sleep(2.5)  # the template's clock falls behind the host's by this much
-        prepared = _prepare(service, scratch, 1)
+        prepared = prepare(service, scratch, IMAGE, 1)
         try:
             assert prepared.ad_attributes["GliteVmWarmStart"] is True
             before = time.time()
@@ -74,14 +70,3 @@ def test_a_clock_the_program_cannot_set_is_set_through_the_agent(
             assert before - 1 <= int(out.decode()) <= after + 1, (before, out, after)
         finally:
             service.teardown(prepared.vm, failed=False)
-
-
-def _prepare(service: LocalService, scratch: Path, n: int) -> PrepareResult:
-    directory = scratch / f"job{n}"
-    directory.mkdir(parents=True)
-    request = JobRequest.create(
-        service.settings, image=IMAGE, job_id=f"78.{n}", owner="root", keep_snapshot="never"
-    )
-    return service.prepare(
-        request, scratch_dir=str(directory), starter_pid=None, slot=SlotFacts(name=f"slot1_{n}")
-    )
