@@ -63,10 +63,7 @@ if [ -f "$st/last-run" ]; then  # the previous run's files go (a process of it m
     case $last in ''|*[!0-9a-f]*) ;; *) rm -f "$st/stdout.$last" "$st/stderr.$last" ;; esac
 fi
 echo "$run" > "$st/last-run"
-case $ids in
-    *:*) uid=${ids%%:*}; gid=${ids#*:} ;;
-    *) uid=$(id -u "$runas") && gid=$(id -g "$runas") || fail "there is no account $runas" ;;
-esac
+account_ids "$runas" "$ids" || fail "there is no account $runas"
 make_workdir "$work" "$runas" "$gid" || fail "cannot make the working directory $work"
 cd "$work" || fail "cannot enter the working directory $work"
 if [ "$runas" = root ]; then

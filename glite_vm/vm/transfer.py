@@ -71,11 +71,20 @@ if [ -z "$dev" ]; then echo "glite-vm: no transfer disk in the guest" >&2; exit 
 #   their groups (util-linux's; busybox's lacks --reuid), else "su"; found out once per boot and
 #   noted in root's own STATE/setpriv.
 GUEST_WORKDIR_FUNCTIONS = r"""
+state_ok() {  # is STATE root's own directory (not a link)?
+    [ -d STATE ] && [ ! -L STATE ] && [ -O STATE ]
+}
 state_dir() {  # root's own STATE directory (0700), made where missing (/run is root's alone)
-    if [ ! -d STATE ] || [ -L STATE ] || [ ! -O STATE ]; then
+    if ! state_ok; then
         if [ -e STATE ] || [ -L STATE ]; then rm -f STATE 2>/dev/null; fi
         mkdir -m 0700 STATE || return 1
     fi
+}
+account_ids() {  # account_ids USER IDS: sets uid and gid from IDS (UID:GID), else looks up USER
+    case $2 in
+        *:*) uid=${2%%:*}; gid=${2#*:} ;;
+        *) uid=$(id -u "$1") && gid=$(id -g "$1") ;;
+    esac
 }
 user_switch() {
     how=
@@ -83,19 +92,17 @@ user_switch() {
     [ -n "$how" ] && return 0
     how=su
     setpriv --reuid="$1" --regid="$2" --init-groups true 2>/dev/null && how=setpriv
-    if [ -d STATE ] && [ ! -L STATE ] && [ -O STATE ]; then echo "$how" > STATE/setpriv; fi
+    if state_ok; then echo "$how" > STATE/setpriv; fi
 }
 as_user() {  # as_user USER IDS CMD [ARG...]: run CMD as USER, whose UID:GID are IDS (or "-":
     # looked up here); root runs it directly
     if [ "$1" = root ]; then shift 2; "$@"; return; fi
-    _user=$1; _ids=$2; shift 2
-    case $_ids in
-        *:*) _uid=${_ids%%:*}; _gid=${_ids#*:} ;;
-        *) _uid=$(id -u "$_user") && _gid=$(id -g "$_user") || return 125 ;;
-    esac
-    user_switch "$_uid" "$_gid"
+    _user=$1
+    account_ids "$1" "$2" || return 125
+    shift 2
+    user_switch "$uid" "$gid"
     if [ "$how" = setpriv ]; then
-        setpriv --reuid="$_uid" --regid="$_gid" --init-groups -- "$@"
+        setpriv --reuid="$uid" --regid="$gid" --init-groups -- "$@"
     else
         su -s /bin/sh -c '"$0" "$@"' -- "$_user" "$@"  # "--": CMD's options are not su's
     fi
@@ -112,7 +119,7 @@ make_workdir() {  # make_workdir DIR USER [GID]: DIR is a real directory, root:U
     if [ -L "$1" ] || { [ -e "$1" ] && [ ! -d "$1" ]; }; then rm -f "$1" || return 1; fi
     [ -d "$1" ] || mkdir -m 0770 "$1" || return 1
     [ ! -L "$1" ] && chown -h "0:$_gid" "$1" && chmod 0770 "$1" || return 1
-    if [ -d STATE ] && [ ! -L STATE ] && [ -O STATE ]; then echo "$1 $2" > STATE/workdir; fi
+    if state_ok; then echo "$1 $2" > STATE/workdir; fi
     return 0
 }
 """.replace("STATE", GUEST_STATE)
@@ -127,11 +134,11 @@ GUEST_UNPACK = (
 sync
 echo 3 > /proc/sys/vm/drop_caches 2>/dev/null || blockdev --flushbufs "$dev"
 state_dir 2>/dev/null  # where the steps below note what later runs need not do again
-case $4 in *:*) gid=${4#*:} ;; *) gid= ;; esac
+account_ids "$2" "$4" || exit 91
 make_workdir "$1" "$2" "$gid" || exit 91
 umask 022
 dd if="$dev" bs=1M count=$(( ($3 + 1048575) / 1048576 )) 2>/dev/null \
-    | as_user "$2" "$4" tar -xf - -C "$1" || exit 91
+    | as_user "$2" "$uid:$gid" tar -xf - -C "$1" || exit 91
 """
 )
 
