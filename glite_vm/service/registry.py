@@ -215,7 +215,7 @@ class VmRegistry:
             if isinstance(done, FinishedVm):
                 return done.outcome
             # A shell never holds up a teardown: its connection is shut, it ends by itself.
-            if SESSIONS.end(record.name):
+            if SESSIONS.end(record.name, reason):
                 log.info("%s: ending its shell session for the teardown", record.name)
             if _handed_over(record):
                 result = _finish_handed_over(record)

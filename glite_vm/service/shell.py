@@ -50,6 +50,7 @@ class _Slot:
 
     def __init__(self) -> None:
         self.ended = threading.Event()  # the VM is being torn down: the session must go
+        self.why: str | None = None  # why, when the service tore it down unasked (reaped)
         self._lock = threading.Lock()
         self._sock: socket.socket | None = None
 
@@ -59,9 +60,12 @@ class _Slot:
         if self.ended.is_set():
             self.end()
 
-    def end(self) -> None:
+    def end(self, why: str | None = None) -> None:
         """End the session without waiting for it: its socket is shut down (the output
-        reader sees end-of-file, a blocked write fails) and the session raises."""
+        reader sees end-of-file, a blocked write fails) and the session raises, saying ``why``
+        when the service tears the VM down unasked."""
+        if why is not None and self.why is None:
+            self.why = why
         self.ended.set()
         with self._lock:
             sock = self._sock
@@ -94,13 +98,13 @@ class _Sessions:
             with self._lock:
                 self._open.pop(vm, None)
 
-    def end(self, vm: str) -> bool:
+    def end(self, vm: str, why: str | None = None) -> bool:
         """End ``vm``'s session, if it has one, without waiting (a teardown calls this before
-        it destroys the domain); whether there was one."""
+        it destroys the domain, with ``why`` when it reaps the VM); whether there was one."""
         with self._lock:
             slot = self._open.get(vm)
         if slot is not None:
-            slot.end()
+            slot.end(why)
         return slot is not None
 
 
@@ -145,7 +149,7 @@ def run_shell(
             exit_code = _relay(vm, pid, sock, terminal, pump, slot=slot, cancel=cancel)
         except (AgentError, HostError) as exc:
             if slot.ended.is_set():
-                raise _torn_down(vm) from exc
+                raise _torn_down(vm, slot) from exc
             raise
         finally:
             if exit_code is None and not slot.ended.is_set():
@@ -164,10 +168,10 @@ def run_shell(
         return ShellOutcome(exit_code=exit_code, seconds=round(time.monotonic() - started, 3))
 
 
-def _torn_down(vm: Vm) -> HostError:
-    return HostError(
-        f"the VM {vm.name} was torn down during the shell session (its job ended or it was reaped)"
-    )
+def _torn_down(vm: Vm, slot: _Slot) -> HostError:
+    if slot.why is not None:  # the reaper's reason: the user learns why, not just that
+        return HostError(f"the VM {vm.name} was torn down during the shell session: {slot.why}")
+    return HostError(f"the VM {vm.name} was torn down during the shell session (its job ended)")
 
 
 def _stopped(vm: Vm) -> HostError:
@@ -196,7 +200,7 @@ def _relay(
 
     while cancel is None or not cancel.is_set():
         if slot.ended.is_set():
-            raise _torn_down(vm)
+            raise _torn_down(vm, slot)
         events = terminal.events(0.1)
         if events is None or pump.gone.is_set():
             return None  # the user hung up

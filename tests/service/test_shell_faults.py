@@ -7,6 +7,7 @@ user can reach (not even the VM's owner) and which is gone after a teardown and 
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import socket
 import stat
@@ -63,10 +64,26 @@ def test_a_vm_destroyed_from_outside_under_a_shell_ends_it_and_is_reaped(
         # an administrator (or a crash) ends the VM behind the service's back
         virsh("destroy", vm)
         assert term.wait(timeout=60) == 125
-        assert b"stopped during the shell session" in term.screen, term.screen
+        # the shell sees the stop itself, or the reaper tears the VM down first and says why
+        said = (b"stopped during the shell session", b"shell session: its domain stopped")
+        assert any(s in term.screen for s in said), term.screen
         assert libvirtd_answers()
         # the reaper finishes it: no domain, no socket
         wait_for("the reaper tears it down", lambda: not domains_named(vm), timeout=120)
+        assert not path.exists()
+
+
+def test_a_vm_reaped_under_a_shell_tells_its_owner_why(
+    service: ServiceProcess, svc_root: Path, alice: Account
+) -> None:
+    with open_shell(service, svc_root, alice, "shell-reaped") as (vm, path, term):
+        # the job's scratch directory goes (its starter cleaned up): the reaper's next pass
+        # tears the VM down, and the open shell says why rather than only that it ended
+        shutil.rmtree(svc_root / "shell-reaped")
+        assert term.wait(timeout=60) == 125
+        assert b"was torn down during the shell session: its scratch directory" in term.screen
+        assert b"is gone" in term.screen, term.screen
+        assert not domains_named(vm)
         assert not path.exists()
 
 
