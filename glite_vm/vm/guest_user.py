@@ -30,6 +30,7 @@ from glite_vm.vm.guest_text import guest_text
 
 PREFERRED_UID = 1000
 PASSWD_LIMIT = 1 << 20  # bytes of the guest's /etc/passwd read at most
+ID_LIMIT = (1 << 32) - 1  # uids and gids are below this ((uid_t) -1 means "no change")
 GUEST_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 #: POSIX-portable account names, as useradd and busybox accept them (no leading "-").
 _NAME = re.compile(r"^[a-z_][a-z0-9_-]{0,31}$")
@@ -128,21 +129,32 @@ def ensure_guest_user(agent: GuestAgent, user: str, timeout: float = 120.0) -> G
             user, "it is not a valid account name (lower-case letters, digits, '_' and '-')"
         )
     found = _account_in_passwd(agent, user)
-    if found is not None and found.uid == 0:
+    if found is None:
+        found = _account_made(agent, user, timeout)
+    if found.uid == 0:  # whatever printed it: a job that is not a root job never runs as root
         raise GuestUserError(user, f"the account {user} has uid 0 (root)")
-    if found is not None:
-        return found
+    return found
+
+
+def _account_made(agent: GuestAgent, user: str, timeout: float) -> GuestAccount:
+    """Run :data:`GUEST_ENSURE_USER` for ``user``; the ids it printed."""
     status = agent.run(
         ["/bin/sh", "-c", GUEST_ENSURE_USER, "glite-vm", user, str(PREFERRED_UID)],
         timeout=timeout,
         env=[f"PATH={GUEST_PATH}"],
     )
     if status.exitcode == 0 and status.signal is None:
-        try:
-            uid, gid = status.stdout.decode().strip().splitlines()[-1].split()
-            return GuestAccount(int(uid), int(gid))
-        except (ValueError, IndexError):
-            raise GuestUserError(user, "the guest printed no uid and gid for it") from None
+        printed = status.stdout.decode(errors="replace").strip().splitlines()
+        words = printed[-1].split() if printed else []
+        made = _ids(*words) if len(words) == 2 else None
+        if made is None:
+            said = guest_text(status.stdout[-200:]) or "nothing"
+            raise GuestUserError(
+                user,
+                f"the guest's ids for it are no plain uid and gid (decimal, below {ID_LIMIT}): "
+                f"it printed {said}",
+            )
+        return made
     lines = [line for line in status.stderr.splitlines() if line.strip()][-3:]
     why = guest_text(b"\n".join(lines)) or f"exit status {status.exitcode}"
     raise GuestUserError(user, why)
@@ -158,7 +170,17 @@ def _account_in_passwd(agent: GuestAgent, user: str) -> GuestAccount | None:
     for line in text.decode(errors="replace").splitlines():
         fields = line.split(":")
         if len(fields) >= 4 and fields[0] == user:
-            uid, gid = fields[2], fields[3]
-            ok = uid.isascii() and uid.isdigit() and gid.isascii() and gid.isdigit()
-            return GuestAccount(int(uid), int(gid)) if ok else None
+            return _ids(fields[2], fields[3])
     return None
+
+
+def _ids(uid: str, gid: str) -> GuestAccount | None:
+    """The account of ``uid`` and ``gid`` as the guest wrote them, or ``None`` unless both are
+    plain decimal ids below 2**32 - 1 (``int`` alone would take "-1", " 0", "+0", "1_000" and
+    other scripts' digits)."""
+    for text in (uid, gid):
+        if not (0 < len(text) <= 10 and text.isascii() and text.isdigit()):
+            return None
+        if int(text) >= ID_LIMIT:
+            return None
+    return GuestAccount(int(uid), int(gid))
