@@ -27,6 +27,21 @@ from tests.support import (
 REPO = Path(__file__).resolve().parent.parent
 GUEST_DIR = Path(os.environ.get("GLITE_VM_TEST_GUESTS", REPO / "tests" / "guest" / "build"))
 
+#: The lane of ``scripts/dev test`` (pytest-xdist's ``--dist loadgroup``, one worker a lane)
+#: each test directory runs in: the HTCondor pools mostly wait on their daemons' cycles, so
+#: they share a lane with the in-process VM tests, and the service's tests take the other.
+#: Both lanes take about as long. Every test already keeps to its own state directory, users'
+#: VMs and ports, as if another run shared the machine; those that restart libvirtd are
+#: marked ``alone`` and run after both lanes.
+LANES = {"condor": "pools", "vm": "pools", "service": "host", "unit": "host", "images": "host"}
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    tests = REPO / "tests"
+    for item in items:
+        top = item.path.relative_to(tests).parts[0] if item.path.is_relative_to(tests) else ""
+        item.add_marker(pytest.mark.xdist_group(LANES.get(top, "host")))
+
 
 @pytest.fixture(scope="session")
 def guest_dir(state_dir: Path) -> Path:

@@ -7,6 +7,7 @@ import dataclasses
 import hashlib
 import json
 import os
+import pwd
 import shutil
 import subprocess
 import tempfile
@@ -353,3 +354,22 @@ def service_env(
         "GLITE_VM_CACHE_MIN_FREE_BYTES": "0B",
         **(extra or {}),
     }
+
+
+def local_account(name: str, *, home: bool = False) -> pwd.struct_passwd:
+    """A real local user (made once and kept), with a home directory when ``home``. Both lanes
+    of ``scripts/dev test`` may ask for one at once: the loser of useradd's race finds it made."""
+    with contextlib.suppress(KeyError):
+        return pwd.getpwnam(name)
+    homedir = "--create-home" if home else "--no-create-home"
+    made = subprocess.run(
+        ["useradd", homedir, "--user-group", "--shell", "/bin/sh", name],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=60,
+    )
+    try:
+        return pwd.getpwnam(name)
+    except KeyError:
+        raise RuntimeError(f"useradd {name} failed: {made.stderr.strip()}") from None

@@ -26,7 +26,7 @@ from glite_vm.cli.main import main as glite_vm_cli
 from glite_vm.condor.config import ExecuteHostConfig, render_execute_config
 from glite_vm.slots import SlotLayout
 from tests.service.svc_support import ServiceProcess, running_service
-from tests.support import GuestVariant, guest_catalogue
+from tests.support import GuestVariant, guest_catalogue, local_account
 
 REPO = Path(__file__).resolve().parents[2]
 TARBALL_ENV = "GLITE_VM_HTCONDOR_TARBALL"
@@ -95,16 +95,7 @@ def free_port() -> int:
 
 def ensure_user(name: str = TEST_USER) -> pwd.struct_passwd:
     """A normal local account to submit jobs as (created once, kept)."""
-    try:
-        return pwd.getpwnam(name)
-    except KeyError:
-        subprocess.run(
-            ["useradd", "--create-home", "--shell", "/bin/sh", name],
-            check=True,
-            capture_output=True,
-            timeout=30,
-        )
-        return pwd.getpwnam(name)
+    return local_account(name, home=True)
 
 
 def wait_until(what: str, probe: Callable[[], Any], timeout: float, interval: float = 1.0) -> Any:

@@ -7,7 +7,6 @@ import dataclasses
 import itertools
 import json
 import os
-import pwd
 import shlex
 import signal
 import subprocess
@@ -22,7 +21,14 @@ from glite_vm.service.client import ServiceClient
 from glite_vm.service.events import Event, event_log_path, read_events
 from glite_vm.slots import SlotLayout
 from glite_vm.units import MIB as MIB_BYTES
-from tests.support import domain_names, domains_under, service_env, traversable, virsh
+from tests.support import (
+    domain_names,
+    domains_under,
+    local_account,
+    service_env,
+    traversable,
+    virsh,
+)
 
 DRIVER = Path(__file__).resolve().parent / "driver.py"
 CALL_TIMEOUT = 120.0  # bound on any one client run (a boot under TCG takes ~5 s)
@@ -44,16 +50,7 @@ class Account:
 
 def ensure_account(name: str) -> Account:
     """A real local user (created once; idempotent)."""
-    try:
-        entry = pwd.getpwnam(name)
-    except KeyError:
-        subprocess.run(
-            ["useradd", "--no-create-home", "--user-group", "--shell", "/bin/sh", name],
-            check=True,
-            capture_output=True,
-            timeout=30,
-        )
-        entry = pwd.getpwnam(name)
+    entry = local_account(name)
     return Account(name, entry.pw_uid, entry.pw_gid)
 
 

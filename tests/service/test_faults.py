@@ -487,6 +487,7 @@ def test_service_killed_during_the_teardown(faulty: Faulty, alice: Account, dela
 # -- libvirtd --------------------------------------------------------------------------------
 
 
+@pytest.mark.alone  # other tests' VMs and connections would lose libvirtd under them
 def test_libvirtd_restarted_under_a_running_job(faulty: Faulty, alice: Account) -> None:
     """The job either completes or fails with a requeue error that says what happened; the
     VM is torn down afterwards either way and nothing leaks."""

@@ -7,7 +7,6 @@ from __future__ import annotations
 import base64
 import json
 import os
-import pwd
 import select
 import shutil
 import signal
@@ -33,6 +32,7 @@ from glite_vm.service.connection import Call, ShellLink, read_request
 from glite_vm.service.terminal import choose_vm, follow_console, terminal_type
 from glite_vm.vm import guest_shell, shell_port
 from glite_vm.vm.domain_xml import build_domain_xml, shell_socket_of, with_serial_console
+from tests.support import local_account
 from tests.unit.test_domain_xml import spec
 
 GUESTS = Path(__file__).resolve().parents[1] / "guest" / "build"
@@ -448,15 +448,7 @@ def test_a_session_starts_as_the_user_on_the_terminal_and_reports_its_status(
 ) -> None:
     sh, path = tools
     user = "gvm-alice"
-    try:
-        entry = pwd.getpwnam(user)
-    except KeyError:
-        subprocess.run(
-            ["useradd", "--no-create-home", "--user-group", "--shell", "/bin/sh", user],
-            check=True,
-            timeout=30,
-        )
-        entry = pwd.getpwnam(user)
+    entry = local_account(user)
     master, slave = os.openpty()
     tty_path = os.ttyname(slave)
     os.close(slave)  # the script opens the terminal itself, as in a guest
