@@ -145,7 +145,9 @@ def test_every_sub_command_has_broken_inputs_below() -> None:
         assert any(c.startswith(command) for c in covered), f"no broken-input case for {command}"
 
 
-@pytest.mark.parametrize(("argv", "env"), CASES, ids=[" ".join(a)[:60] for a, _ in CASES])
+@pytest.mark.parametrize(
+    ("argv", "env"), CASES, ids=[" ".join(a).replace(BAD_URL, "BAD_URL")[:60] for a, _ in CASES]
+)
 def test_broken_input_ends_in_a_classified_error_never_a_traceback(
     argv: list[str], env: dict[str, str], base_env: dict[str, str]
 ) -> None:
