@@ -18,6 +18,7 @@ from types import FrameType
 from glite_vm.cli.main import dispatch
 from glite_vm.config import Settings
 from glite_vm.errors import AccessDeniedError
+from glite_vm.one_line import printable
 from glite_vm.service.api import ReapedVm
 from glite_vm.service.events import EVENTS, event_log_path, read_events
 from glite_vm.units import parse_duration
@@ -242,16 +243,10 @@ def cmd_events(args: argparse.Namespace, settings: Settings) -> int:
             if x
         )
         line = f"{e.time}  {e.event:<9}  {e.vm}  {who}{'  ' + extra if extra else ''}".rstrip()
-        print(_printable(line))
+        print(printable(line))  # a reason can quote a guest or an image
     if not found and not args.json:
         print("no events" + ("" if path.exists() else f" ({path} does not exist yet)"))
     return 0
-
-
-def _printable(text: str) -> str:
-    """An event line as a terminal may be given it: a reason can quote a guest or an image
-    (terminal escapes, line breaks), so whatever is not printable shows as ``?``."""
-    return "".join(c if c.isprintable() else "?" for c in text)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -51,6 +51,7 @@ from glite_vm.errors import (
     UserError,
 )
 from glite_vm.images.sources import classify_ref
+from glite_vm.one_line import one_line
 from glite_vm.request import DEBUG_HOLD_FIELD, JobRequest, KeepSnapshot, check_debug_hold
 from glite_vm.vm.record import HOST_FAILURES
 
@@ -337,21 +338,10 @@ def append_host_failure(history: str, reason: str, limit: int = MAX_HISTORY) -> 
 
 
 def ad_safe_text(text: str, limit: int = MAX_MESSAGE) -> str:
-    """``text`` on one line, as a job ad attribute can carry it to the user.
-
-    Line breaks become `` | ``, tabs blanks, other control characters (C0, DEL, C1: ``\x9b``
-    starts a terminal escape as ``\x1b[`` does) and Unicode's line and paragraph separators
-    ``?``; longer texts are cut to ``limit`` characters ending in ``...``.
-    """
-    lines = [line.strip() for line in text.replace("\r\n", "\n").split("\n") if line.strip()]
-    flat = " | ".join(lines).replace("\t", " ")
-    safe = "".join("?" if _unsafe(c) else c for c in flat)
-    return safe if len(safe) <= limit else safe[: max(limit - 3, 0)] + "..."
-
-
-def _unsafe(c: str) -> bool:
-    code = ord(c)
-    return code < 32 or 127 <= code < 160 or code in (0x2028, 0x2029)
+    """``text`` on one line, as a job ad attribute can carry it to the user
+    (:func:`~glite_vm.one_line.one_line`: line breaks `` | ``, control and other characters that
+    are not printable ``?``: ``\x9b`` starts a terminal escape as ``\x1b[`` does)."""
+    return one_line(text, limit)
 
 
 def status_code(error: BaseException) -> int:

@@ -32,6 +32,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Final
 
+from glite_vm.one_line import printable
+
 OVERLAY: Final = "overlay.qcow2"
 XFER: Final = "xfer.img"
 KERNEL: Final = "vmlinuz"
@@ -402,7 +404,7 @@ def text(value: object, default: str = "?") -> str:
     escapes), no lone surrogates, bounded."""
     if not isinstance(value, str) or not value:
         return default
-    return "".join(c if c.isprintable() else "?" for c in value[:_TEXT_LIMIT])
+    return printable(value[:_TEXT_LIMIT])
 
 
 def finite(value: object) -> float | None:

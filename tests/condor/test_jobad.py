@@ -561,7 +561,10 @@ def test_chirp_literals_carry_the_safe_text(text: str) -> None:
 def test_ad_safe_text_is_one_line_without_control_characters() -> None:
     assert ad_safe_text('a "b"\\c\r\n\n\td\x00é') == 'a "b"\\c | d?é'
     # what a hostile guest's stderr may hold: escapes of 7 and 8 bits, DEL, separators
-    assert ad_safe_text("\x1b[2J\x9b31m\x7f\x85a\u2028b\u00a0c") == "?[2J?31m??a?b\u00a0c"
+    # (NEL and the line separator end lines; a no-break space is no blank a reader can see)
+    assert ad_safe_text("\x1b[2J\x9b31m\x7f\x85a\u2028b\u00a0c") == "?[2J?31m? | a | b?c"
+    # bidi overrides and zero-width characters would make a reason read other than it is
+    assert ad_safe_text("ok\u202egnp.exe\u200b") == "ok?gnp.exe?"
     assert ad_safe_text("x" * 50, 10) == "xxxxxxx..."
     assert chirp_literal(3) == "3"
     assert chirp_literal(Path("/p q")) == '"/p q"'

@@ -32,6 +32,7 @@ HOOK_MODULES = {
     "glite_vm.condor.under_starter",  # what hooks and launcher share: service, chirp, signals
     "glite_vm.config",
     "glite_vm.knob_values",  # what settings are made of
+    "glite_vm.one_line",  # messages made one printable line for the ad
     "glite_vm.errors",
     "glite_vm.identity",
     "glite_vm.identity.errors",
