@@ -32,7 +32,7 @@ GUEST_DIR = Path(os.environ.get("GLITE_VM_TEST_GUESTS", REPO / "tests" / "guest"
 #: they share a lane with the in-process VM tests, and the service's tests take the other.
 #: Both lanes take about as long. Every test already keeps to its own state directory, users'
 #: VMs and ports, as if another run shared the machine; those that restart libvirtd are
-#: marked ``alone`` and run after both lanes.
+#: marked ``alone`` and run before both lanes, by themselves.
 LANES = {"condor": "pools", "vm": "pools", "service": "host", "unit": "host", "images": "host"}
 
 
