@@ -90,7 +90,9 @@ def domain_names(*, inactive: bool = True) -> list[str]:
     return virsh("list", *(["--all"] if inactive else []), "--name", timeout=30).stdout.split()
 
 
-def our_domain_names() -> list[str]:
+def glite_vm_domains() -> list[str]:
+    """Every glite-vm domain on this libvirtd, other runs' (and the other lane's) too: look a
+    name up in it, never compare it whole (:func:`domains_under` gives one run's own)."""
     return [n for n in domain_names() if n.startswith(DOMAIN_PREFIX)]
 
 

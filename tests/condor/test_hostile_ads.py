@@ -34,7 +34,7 @@ from glite_vm.slots import SlotFacts
 from glite_vm.units import GIB
 from glite_vm.vm.connect import open_host
 from glite_vm.vm.hypervisor import HypervisorInfo, find_emulator
-from tests.support import our_domain_names, sized
+from tests.support import glite_vm_domains, sized
 
 SOURCES = ("https://repo.example/vm/",)
 SETTINGS = Settings(
@@ -388,7 +388,7 @@ def test_hostile_ads_leave_no_trace_on_the_host(tmp_path: Path, repository: Coun
             assert repository.connections == 0, (name, repository.paths)
         assert tree(scratch) == ["input.txt"]
         assert not list((state / "cache" / "leases").rglob("*"))
-        assert [d for d in our_domain_names() if d.startswith(ours)] == []
+        assert [d for d in glite_vm_domains() if d.startswith(ours)] == []
         assert not canary.exists()
 
         # The same path does reach the repository for a well-formed ad, so the counts above
@@ -405,6 +405,6 @@ def test_hostile_ads_leave_no_trace_on_the_host(tmp_path: Path, repository: Coun
             service.prepare(request, scratch_dir=str(scratch), starter_pid=None)
         assert "/catalogue.json" in repository.paths
         assert not list((state / "cache" / "leases").rglob("*.json"))
-        assert [d for d in our_domain_names() if d.startswith(ours)] == []
+        assert [d for d in glite_vm_domains() if d.startswith(ours)] == []
     finally:
         host.conn.close()

@@ -35,11 +35,14 @@ from tests.service.warm_support import wait_for_builds, warm_local_service
 
 pytestmark = pytest.mark.vm
 IMAGE = "test-direct"
-# One shell line, so that the host's clock brackets the guest's: epoch seconds, 32 random
-# bytes, hostname, the host certificate's digest, the kernel's boot id, then what other jobs
-# left in the places a job can write to.
+# One shell line, so that the host's clock brackets the guest's: the clock in microseconds
+# (busybox's date has no %N; `date +%s` alone cut up to a second off, so a clone 0.3 s behind
+# the host could read as 1.3 s behind), 32 random bytes, hostname, the host certificate's
+# digest, the kernel's boot id, then what other jobs left in the places a job can write to.
 PROBE = (
-    "date +%s; head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; hostname; "
+    "adjtimex | awk '/time.tv_sec/ {s = $2} /time.tv_usec/ {u = $2} "
+    "END {printf \"%d.%06d\\n\", s, u}'; "
+    "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; hostname; "
     "sha256sum /etc/grid-security/hostcert.pem | cut -c1-64; "
     "cat /proc/sys/kernel/random/boot_id; "
     "ls /tmp /root /var/tmp . 2>/dev/null | grep -c '^left-by-' || true; "
@@ -51,7 +54,7 @@ PROBE = (
 class Seen:
     before: float
     after: float
-    clock: int
+    clock: float
     random: str
     hostname: str
     cert: str
@@ -127,7 +130,7 @@ def probe(service: LocalService, vm: str) -> Seen:
     after = time.time()
     assert outcome.exit_code == 0
     clock, random, hostname, cert, boot_id, leftovers = out.decode().split("\n")[:6]
-    return Seen(before, after, int(clock), random, hostname, cert, boot_id, int(leftovers))
+    return Seen(before, after, float(clock), random, hostname, cert, boot_id, int(leftovers))
 
 
 class Collected:

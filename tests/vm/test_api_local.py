@@ -24,7 +24,7 @@ from glite_vm.api.vmjob import VmJob
 from glite_vm.config import Settings
 from glite_vm.errors import PayloadTimeoutError, RequestError, UnknownImageError
 from tests.conftest import world_traversable_tmpdir
-from tests.support import guest_catalogue, our_domain_names, sha256_of
+from tests.support import glite_vm_domains, guest_catalogue, sha256_of
 
 pytestmark = pytest.mark.vm
 
@@ -108,7 +108,7 @@ def test_run_local_gives_exit_code_streams_outputs_snapshot_and_boot_log(
     assert result.image_digest == sha256_of(guest_dir / "disk-boot.qcow2")
     for phase in ("boot", "ready", "payload", "teardown"):
         assert result.timings[phase] >= 0
-    assert result.domain not in our_domain_names()
+    assert result.domain not in glite_vm_domains()
 
 
 def test_run_local_as_root_brings_back_new_top_level_files_and_keeps_no_snapshot(

@@ -16,7 +16,7 @@ import pytest
 
 from glite_vm.service.events import event_log_path, read_events
 from tests.service.svc_support import ensure_account
-from tests.support import domains_under, our_domain_names
+from tests.support import domains_under, glite_vm_domains
 
 pytestmark = pytest.mark.vm
 GLITE_VM = [sys.executable, "-m", "glite_vm"]
@@ -81,7 +81,7 @@ def test_run_returns_the_exit_status_and_streams_and_paths(
     assert Path(result["snapshot_path"]).is_file()  # on_failure keeps it
     assert (out / "made.txt").read_text() == "cba\n"
     assert not (out / "in.txt").exists()  # unchanged inputs are not copied back
-    assert result["domain"] not in our_domain_names()
+    assert result["domain"] not in glite_vm_domains()
 
 
 def test_second_run_is_a_cache_hit_and_never_keeps_when_asked(
@@ -274,7 +274,7 @@ def test_a_payload_that_outlives_its_timeout_exits_124_and_says_where_its_vm_wen
     assert Path(result["boot_log_path"]).stat().st_size > 0
     assert f"glite-vm: snapshot: {result['snapshot_path']}" in err
     assert Path(result["snapshot_path"]).is_file()  # a stopped payload failed: on_failure keeps
-    assert result["domain"] not in our_domain_names()
+    assert result["domain"] not in glite_vm_domains()
 
 
 def test_a_failure_after_the_payload_still_reports_its_status_snapshot_and_boot_log(
@@ -317,7 +317,7 @@ def test_a_failure_after_the_payload_still_reports_its_status_snapshot_and_boot_
     assert result["exit_code"] == 0 and result["exit_status"] == 125
     assert Path(result["boot_log_path"]).is_file()
     assert Path(result["snapshot_path"]).is_file()  # the run failed: on_failure keeps the disk
-    assert result["domain"] not in our_domain_names()
+    assert result["domain"] not in glite_vm_domains()
 
 
 def test_per_run_network_from_the_sites_list(state_dir: Path, guest_dir: Path) -> None:
@@ -388,23 +388,23 @@ def test_a_killed_run_is_reaped_by_the_next_run_and_by_glite_vm_reap(
     where nothing else runs, `glite-vm reap` does (no service here: its own runs')."""
     image = str(guest_dir / "disk-boot.qcow2")
     killed = start_and_kill(state_dir, image)
-    assert killed in our_domain_names(), "the killed run's VM goes on, for now"
+    assert killed in glite_vm_domains(), "the killed run's VM goes on, for now"
     after = glite_vm(state_dir, "run", "--image", image, "--", "true")
     assert after.returncode == 0, after.stderr.decode()
-    assert killed not in our_domain_names()
+    assert killed not in glite_vm_domains()
     events = read_events(event_log_path(state_dir / "cli"))
     (reaped,) = [e for e in events if e.vm == killed and e.event == "reaped"]
     assert reaped.reason is not None and "starter process" in reaped.reason
 
     again = start_and_kill(state_dir, image)
-    assert again in our_domain_names()
+    assert again in glite_vm_domains()
     env = {**cli_env(state_dir), "GLITE_VM_SOCKET_PATH": str(state_dir / "no-service.sock")}
     reap = subprocess.run(
         [*GLITE_VM, "reap"], capture_output=True, env=env, timeout=300, check=False
     )
     assert (reap.returncode, reap.stdout) == (0, b""), reap.stderr.decode()
     assert f"{again} (uid 0)" in reap.stderr.decode()
-    assert again not in our_domain_names()
+    assert again not in glite_vm_domains()
     assert list((state_dir / "cli" / "runs").iterdir()) == []  # nor their scratch directories
 
 

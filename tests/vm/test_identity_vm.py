@@ -37,7 +37,7 @@ from glite_vm.identity.guest import (
 from glite_vm.request import VMRequest
 from glite_vm.vm.guest_setup import SECRETS_DIR, apply_guest_setup
 from glite_vm.vm.lifecycle import Vm, VmHost
-from tests.support import LocalImage, our_domain_names
+from tests.support import LocalImage, domains_under
 from tests.vm.guest_calls import as_root, payload
 
 pytestmark = pytest.mark.vm
@@ -347,9 +347,9 @@ def test_unusable_preissued_pair_holds_the_job_before_any_vm_boots(
     foreign_key = (cert_dir / OTHER_HOSTNAME / "hostkey.pem").read_bytes()
     break_pair(cert_dir, how)
     settings = dataclasses.replace(vm_settings, host_cert_dir=cert_dir, ca_cert=ca.cert_path)
-    domains_before = our_domain_names()
     snapshots = vm_settings.effective_snapshot_dir
     snapshots.mkdir(parents=True, exist_ok=True)
+    domains_before = domains_under(snapshots)
     vm_dirs_before = set(snapshots.iterdir())
 
     def start_job() -> Vm:
@@ -366,5 +366,5 @@ def test_unusable_preissued_pair_holds_the_job_before_any_vm_boots(
     assert err.disposition is Disposition.HOLD
     assert BROKEN_PAIRS[how] in str(err) and HOSTNAME in str(err)
     assert leaked(str(err), foreign_key) == []
-    assert our_domain_names() == domains_before
+    assert domains_under(snapshots) == domains_before
     assert set(snapshots.iterdir()) == vm_dirs_before

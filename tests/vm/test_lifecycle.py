@@ -19,7 +19,7 @@ from glite_vm.errors import BootError, Disposition
 from glite_vm.request import VMRequest
 from glite_vm.vm.guest_run import ExecResult
 from glite_vm.vm.lifecycle import Vm, VmHost
-from tests.support import LocalImage, our_domain_names, sha256_of
+from tests.support import LocalImage, glite_vm_domains, sha256_of
 
 pytestmark = pytest.mark.vm
 _ids = itertools.count(1)
@@ -233,7 +233,7 @@ def test_snapshot_kept_or_discarded_by_policy(
     assert not vm.overlay.exists()
     assert not vm.xfer.exists()
     assert done.boot_log_path.stat().st_size > 0
-    assert vm.name not in our_domain_names()
+    assert vm.name not in glite_vm_domains()
 
 
 def test_snapshot_is_valid_qcow2_that_boots_again(
@@ -283,7 +283,7 @@ def test_guest_without_agent_is_a_bounded_requeue(
     assert err.disposition is Disposition.REQUEUE
     assert str(vm.boot_log) in str(err)
     assert "Linux version" in err.tail or "glite-guest" in err.tail
-    assert vm.name not in our_domain_names()
+    assert vm.name not in glite_vm_domains()
     assert not vm.overlay.exists()
 
 
@@ -291,7 +291,7 @@ def test_teardown_happens_when_the_caller_fails(vm_host: VmHost, direct_image: L
     vm = boot(vm_host, direct_image, keep_snapshot="on_failure")
     with pytest.raises(RuntimeError), vm:
         raise RuntimeError("the build framework crashed")
-    assert vm.name not in our_domain_names()
+    assert vm.name not in glite_vm_domains()
     assert vm.torn_down is not None and vm.torn_down.snapshot_path is not None  # failure kept
 
 

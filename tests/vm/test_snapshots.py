@@ -43,7 +43,7 @@ from glite_vm.vm.agent import GuestAgent
 from glite_vm.vm.domain_xml import DomainSpec, JobMetadata, build_domain_xml, with_serial_console
 from glite_vm.vm.lifecycle import VmHost
 from tests.service.svc_support import Account, as_user, ensure_account
-from tests.support import LocalImage, domains_under, local_image, our_domain_names, sha256_of
+from tests.support import LocalImage, domains_under, glite_vm_domains, local_image, sha256_of
 
 pytestmark = pytest.mark.vm
 
@@ -371,17 +371,17 @@ def test_a_killed_boot_is_cleaned_up_by_prune(kept: Kept) -> None:
         proc.stderr.close()
         if sig == signal.SIGTERM:
             assert b"stopped by SIGTERM" in err and b"stopped and removed" in err, bytes(err)
-            assert name not in our_domain_names()
-    assert name in our_domain_names()  # the SIGKILLed one
+            assert name not in glite_vm_domains()
+    assert name in glite_vm_domains()  # the SIGKILLed one
 
     dry = kept.cli("prune", "--dry-run")
     assert dry.returncode == 0, lines(dry)
     assert f"would destroy {name}".encode() in dry.stderr
-    assert name in our_domain_names()
+    assert name in glite_vm_domains()
     done = kept.cli("prune")
     assert done.returncode == 0, lines(done)
     assert f"destroyed {name}".encode() in done.stderr
-    assert name not in our_domain_names()
+    assert name not in glite_vm_domains()
     assert not any(boots_root(kept.settings).iterdir())
     assert sha256_of(kept.snapshot) == kept.digest
 

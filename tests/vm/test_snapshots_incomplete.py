@@ -25,7 +25,7 @@ from glite_vm.config import Settings
 from glite_vm.knob_values import Retention
 from glite_vm.snapshots.store import SnapshotStore
 from glite_vm.vm.vm_dir import lock_vm_dir
-from tests.support import domains_under, our_domain_names
+from tests.support import domains_under, glite_vm_domains
 
 pytestmark = pytest.mark.vm
 
@@ -139,7 +139,7 @@ def test_a_killed_and_destroyed_run_is_listed_and_pruned(
 
     destroyed = glite_vm(state, "vms", "destroy", "--yes", name)
     assert destroyed.returncode == 0, destroyed.stderr
-    assert name not in our_domain_names()
+    assert name not in glite_vm_domains()
 
     # Gone from libvirt, the directory stays: listed with what its domain XML tells.
     entry = listed(state)[name]
@@ -161,7 +161,7 @@ def test_a_killed_and_destroyed_run_is_listed_and_pruned(
     assert dry.returncode == 0, dry.stderr
     assert f"would remove {name}".encode() in dry.stdout, dry.stdout
     store = SnapshotStore(Settings(state_dir=state))
-    report = store.prune(Retention.parse("1h"), running=set(our_domain_names()))
+    report = store.prune(Retention.parse("1h"), running=set(glite_vm_domains()))
     assert [d.entry.name for d in report.removed] == [name] and not report.failures
     assert not directory.exists()
     assert name not in listed(state)
