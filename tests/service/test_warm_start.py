@@ -41,7 +41,7 @@ IMAGE = "test-direct"
 # digest, the kernel's boot id, then what other jobs left in the places a job can write to.
 PROBE = (
     "adjtimex | awk '/time.tv_sec/ {s = $2} /time.tv_usec/ {u = $2} "
-    "END {printf \"%d.%06d\\n\", s, u}'; "
+    'END {printf "%d.%06d\\n", s, u}\'; '
     "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; hostname; "
     "sha256sum /etc/grid-security/hostcert.pem | cut -c1-64; "
     "cat /proc/sys/kernel/random/boot_id; "
