@@ -33,7 +33,7 @@ from tests.support import (
     shell_sockets_left,
     truncated_copy,
 )
-from tests.vm.test_lifecycle import make_request
+from tests.vm.guest_calls import vm_request
 
 pytestmark = pytest.mark.vm
 BOOT_TIMEOUT = 300
@@ -276,7 +276,7 @@ def test_domain_events_arrive_and_the_event_loop_stops_cleanly(
     vm_host: VmHost, direct_image: LocalImage
 ) -> None:
     assert libvirt_events.running()  # open_host started it before connecting
-    vm = vm_host.start(make_request(vm_host.settings, keep_snapshot="never"), direct_image)
+    vm = vm_host.start(vm_request(vm_host.settings, keep_snapshot="never"), direct_image)
     assert vm.domain is not None
     with vm, DomainEvents(vm.domain) as events:
         assert events.subscribed

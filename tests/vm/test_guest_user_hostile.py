@@ -8,32 +8,22 @@ as the image's maker did) and asks for the account as a job's start does.
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 
 import pytest
 
 from glite_vm.errors import GuestUserError
-from glite_vm.request import VMRequest
 from glite_vm.vm.guest_user import ID_LIMIT, GuestAccount, ensure_guest_user
 from glite_vm.vm.lifecycle import Vm, VmHost
 from tests.support import LocalImage
-from tests.vm.guest_calls import as_root
+from tests.vm.guest_calls import as_root, boot
 
 pytestmark = pytest.mark.vm
 
 
 @pytest.fixture(scope="module")
 def vm(vm_host: VmHost, direct_image: LocalImage) -> Iterator[Vm]:
-    request = VMRequest.create(
-        vm_host.settings,
-        image="test",
-        job_id=f"{os.getpid()}.78",
-        owner="tester",
-        keep_snapshot="never",
-    )
-    with vm_host.start(request, direct_image) as started:
-        started.wait_ready()
+    with boot(vm_host, direct_image, keep_snapshot="never") as started:
         yield started
 
 

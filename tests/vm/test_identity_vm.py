@@ -5,9 +5,7 @@ from __future__ import annotations
 
 import base64
 import dataclasses
-import itertools
 import logging
-import os
 import shutil
 import subprocess
 from collections.abc import Iterator
@@ -34,11 +32,10 @@ from glite_vm.identity.guest import (
     GuestSetup,
     prepare_guest_identity,
 )
-from glite_vm.request import VMRequest
 from glite_vm.vm.guest_setup import SECRETS_DIR, apply_guest_setup
 from glite_vm.vm.lifecycle import Vm, VmHost
 from tests.support import LocalImage, domains_under
-from tests.vm.guest_calls import as_root, payload
+from tests.vm.guest_calls import as_root, payload, vm_request
 
 pytestmark = pytest.mark.vm
 
@@ -51,21 +48,9 @@ OTHER_SLOT = "slot1_3@node1.example.org"
 OTHER_HOSTNAME = "node1-slot1-3.example.org"
 RUNTIME = timedelta(hours=2)
 IMAGE_HOSTS_LINE = "10.1.2.3\tsite-service.example.org"
-_ids = itertools.count(1)
 
 
 # -- helpers ---------------------------------------------------------------------------------
-
-
-def make_request(settings: Settings, *, root: bool = False) -> VMRequest:
-    return VMRequest.create(
-        settings,
-        image="test",
-        job_id=f"{os.getpid()}.{next(_ids)}",
-        owner="tester",
-        root=root,
-        keep_snapshot="never",
-    )
 
 
 def openssl(*args: str) -> str:
@@ -113,7 +98,7 @@ class Guest:
 
 @pytest.fixture(scope="module")
 def guest(vm_host: VmHost, direct_image: LocalImage) -> Iterator[Guest]:
-    vm = vm_host.start(make_request(vm_host.settings), direct_image)
+    vm = vm_host.start(vm_request(vm_host.settings, keep_snapshot="never"), direct_image)
     with vm:
         vm.wait_ready()
         # an entry of the image's own /etc/hosts, which the setup must keep
@@ -355,7 +340,7 @@ def test_unusable_preissued_pair_holds_the_job_before_any_vm_boots(
     def start_job() -> Vm:
         # the order a job's start follows: its identity first, then the VM
         setup = identity(settings)
-        vm = vm_host.start(make_request(settings), direct_image)
+        vm = vm_host.start(vm_request(settings, keep_snapshot="never"), direct_image)
         vm.wait_ready()
         apply_guest_setup(vm, setup)
         return vm

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
-import itertools
 import os
 import shutil
 import subprocess
@@ -14,35 +13,13 @@ from pathlib import Path
 
 import pytest
 
-from glite_vm.config import Settings
 from glite_vm.errors import BootError, Disposition
-from glite_vm.request import VMRequest
 from glite_vm.vm.guest_run import ExecResult
 from glite_vm.vm.lifecycle import Vm, VmHost
 from tests.support import LocalImage, glite_vm_domains, sha256_of
+from tests.vm.guest_calls import boot, vm_request
 
 pytestmark = pytest.mark.vm
-_ids = itertools.count(1)
-
-
-def make_request(settings: Settings, **kw: object) -> VMRequest:
-    args: dict[str, object] = {
-        "image": "test",
-        "job_id": f"{os.getpid()}.{next(_ids)}",
-        "owner": "tester",
-    }
-    args.update(kw)
-    return VMRequest.create(settings, **args)  # type: ignore[arg-type]
-
-
-def boot(host: VmHost, image: LocalImage, **kw: object) -> Vm:
-    vm = host.start(make_request(host.settings, **kw), image)
-    try:
-        vm.wait_ready()
-    except BaseException:
-        vm.teardown(failed=True)
-        raise
-    return vm
 
 
 class Captured:
@@ -258,7 +235,7 @@ def test_snapshot_is_valid_qcow2_that_boots_again(
         direct_image, name="snapshot", path=copy, format="qcow2", sha256=digest
     )
     vm2 = vm_host.start(
-        make_request(vm_host.settings, root=True, keep_snapshot="never"),
+        vm_request(vm_host.settings, root=True, keep_snapshot="never"),
         again,
         base_chain=((direct_image.path, direct_image.format),),
     )
@@ -274,7 +251,7 @@ def test_guest_without_agent_is_a_bounded_requeue(
     vm_host: VmHost, direct_image: LocalImage
 ) -> None:
     silent = dataclasses.replace(direct_image, cmdline=f"{direct_image.cmdline} glite_noagent")
-    vm = vm_host.start(make_request(vm_host.settings), silent)
+    vm = vm_host.start(vm_request(vm_host.settings), silent)
     start = time.monotonic()
     with pytest.raises(BootError) as info, vm:
         vm.wait_ready(timeout=15)

@@ -7,8 +7,6 @@ Every wait is bounded (``timeout`` in the guest, ``timeout=`` on the payload).""
 from __future__ import annotations
 
 import dataclasses
-import itertools
-import os
 import secrets
 import threading
 import xml.etree.ElementTree as ET
@@ -17,10 +15,10 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-from glite_vm.request import VMRequest
 from glite_vm.vm.guest_run import ExecResult
 from glite_vm.vm.lifecycle import Vm, VmHost
 from tests.support import LocalImage
+from tests.vm.guest_calls import boot
 
 pytestmark = pytest.mark.vm
 
@@ -32,7 +30,6 @@ DHCP = "timeout 30 udhcpc -i eth0 -q -n -t 5 -T 1 -s /usr/share/udhcpc/default.s
 # busybox 1.35's `wget -T` crashes (SIGSEGV) in the test guest: bound it with timeout instead
 WGET = "timeout 20 wget -q -O -"
 PAYLOAD_TIMEOUT = 90.0
-_ids = itertools.count(1)
 
 
 @dataclasses.dataclass
@@ -96,17 +93,7 @@ def file_server() -> Iterator[FileServer]:
 
 
 def boot_root_vm(host: VmHost, image: LocalImage) -> Iterator[Vm]:
-    request = VMRequest.create(
-        host.settings,
-        image="test",
-        job_id=f"{os.getpid()}.{next(_ids)}",
-        owner="tester",
-        root=True,
-        keep_snapshot="never",
-    )
-    vm = host.start(request, image)
-    with vm:
-        vm.wait_ready()
+    with boot(host, image, root=True, keep_snapshot="never") as vm:
         yield vm
 
 
