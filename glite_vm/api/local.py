@@ -62,11 +62,9 @@ def run_local(
     job did not make is listed in ``missing_outputs`` (HTCondor holds such a job); the VM is
     the caller's own, so its ``hostname`` is set whatever the site's policy on job-chosen names.
     Raises the library's errors (hold-class for the job's faults, requeue-class for this
-    host's).
+    host's); a temporary directory of its own (no ``directory`` given) goes with the error,
+    since the caller never learns its path.
     """
-    from glite_vm.session import JobSpec, run_job  # noqa: PLC0415 - needs libvirt
-    from glite_vm.vm.connect import open_host  # noqa: PLC0415 - needs libvirt
-
     if not isinstance(job, VmJob):
         raise RequestError("job", f"must be a VmJob, got {type(job).__name__}")
     if directory is not None and os.path.isdir(directory) and os.listdir(directory):
@@ -76,6 +74,35 @@ def run_local(
     limit = None if timeout is None else parse_timeout(timeout, "timeout")
     the_settings = settings if settings is not None else Settings.load()
     job_dir = job.write_files(base_directory(directory, "glite-vm-local-"))
+    try:
+        return _run_in(
+            job,
+            job_dir,
+            the_settings=the_settings,
+            host=host,
+            download_progress=download_progress,
+            cancel=cancel,
+            limit=limit,
+        )
+    except BaseException:
+        if directory is None:  # a directory of ours whose path the caller never learns
+            shutil.rmtree(job_dir, ignore_errors=True)
+        raise
+
+
+def _run_in(
+    job: VmJob,
+    job_dir: Path,
+    *,
+    the_settings: Settings,
+    host: VmHost | None,
+    download_progress: Progress | None,
+    cancel: threading.Event | None,
+    limit: float | None,
+) -> LocalResult:
+    from glite_vm.session import JobSpec, run_job  # noqa: PLC0415 - needs libvirt
+    from glite_vm.vm.connect import open_host  # noqa: PLC0415 - needs libvirt
+
     staging = Path(tempfile.mkdtemp(prefix=".glite-vm-in-", dir=job_dir))
     pulled = Path(tempfile.mkdtemp(prefix=".glite-vm-out-", dir=job_dir))
     own_host = host is None

@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import shutil
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -205,16 +206,20 @@ def test_a_local_matrix_runs_each_image_and_keeps_results_apart(
 
 
 def test_run_local_names_its_parameters_and_stops_a_payload_at_its_timeout(
-    vm_settings: Settings, guest_dir: Path, tmp_path: Path
+    vm_settings: Settings, guest_dir: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     image = str(guest_dir / "disk-boot.qcow2")
     too_big = small(image=image, script="true", memory="1TiB")
     with pytest.raises(RequestError) as info:
         run_local(too_big, vm_settings, directory=tmp_path / "big")
     assert info.value.field == "memory" and "RequestMemory" not in str(info.value)
+    temp = tmp_path / "tmp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))  # where its own directory would go
     with pytest.raises(RequestError) as info:
         run_local(small(image=image, script="true", network="user"), vm_settings)
     assert info.value.field == "network" and "'none'" in str(info.value)
+    assert list(temp.iterdir()) == []  # a refused run leaves no directory nobody can name
 
     slow = small(image=image, script="echo started; sleep 120", keep_snapshot="on_failure")
     with pytest.raises(PayloadTimeoutError) as stopped:
